@@ -1,0 +1,47 @@
+"""Live round display for the terminal (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from server.loop import Progress
+
+
+def _f(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+class RichProgress(Progress):
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=self.console, transient=False)
+        self.task = None
+
+    def __enter__(self) -> "RichProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def round_started(self, rnd: int, total: int, phase: str) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("rounds", total=total)
+        self.bar.update(self.task, description=f"round {rnd}/{total}: {phase}")
+
+    def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
+        table = Table(title=f"Round {rnd}/{total}", title_justify="left", show_edge=False)
+        for col in ("site", "train loss", "val loss", "val AUC", "test AUC", "examples", "bytes out"):
+            table.add_column(col, justify="left" if col == "site" else "right")
+        for r in rows:
+            style = "bold" if r["site"] == "global" else None
+            table.add_row(r["site"], _f(r.get("train_loss")), _f(r.get("val_loss")), _f(r.get("val_auc")),
+                          _f(r.get("test_auc")), _f(r.get("num_train")), _f(r.get("bytes_from_site")), style=style)
+        self.bar.console.print(table)
+        self.bar.update(self.task, completed=rnd)
+
+    def problem(self, text: str) -> None:
+        self.bar.console.print(f"[yellow]warning:[/] {text}")

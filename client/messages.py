@@ -1,0 +1,60 @@
+"""Schemas of what crosses the wire between server and hospital (besides model arrays).
+
+The server sends a TaskSpec; a hospital replies with TrainMetrics / EvalMetrics, a fixed set
+of aggregate numbers. extra="forbid" on both sides means nothing else can ride along.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import ConfigRecord, MetricRecord
+from pydantic import BaseModel, ConfigDict, Field
+
+from medimaging.config import ModelConfig
+
+from .config import TrainConfig
+
+TASK_KEY = "task"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TaskSpec(Message):
+    """What the server asks a hospital to do in one round."""
+
+    server_round: int = Field(ge=0)
+    seed: int
+    model: ModelConfig
+    train: TrainConfig
+    in_channels: int = Field(ge=1)
+    num_classes: int = Field(ge=2)
+    image_size: int = Field(ge=8)
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({TASK_KEY: self.model_dump_json()})
+
+    @classmethod
+    def from_config(cls, record: ConfigRecord) -> "TaskSpec":
+        return cls.model_validate(json.loads(str(record[TASK_KEY])))
+
+
+class TrainMetrics(Message):
+    num_examples: int = Field(alias="num-examples", ge=1)
+    train_loss: float = Field(alias="train-loss")
+    steps: int = Field(ge=0)
+
+    def record(self) -> MetricRecord:
+        return MetricRecord(self.model_dump(by_alias=True))
+
+
+class EvalMetrics(Message):
+    num_examples: int = Field(alias="num-examples", ge=1)
+    val_loss: float = Field(alias="val-loss")
+    val_accuracy: float = Field(alias="val-accuracy", ge=0, le=1)
+    val_auc: float = Field(alias="val-auc")
+
+    def record(self) -> MetricRecord:
+        return MetricRecord(self.model_dump(by_alias=True))

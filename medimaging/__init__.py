@@ -1,0 +1,1 @@
+"""Shared medical-imaging task code: data, transforms, models, training and metrics."""

@@ -1,0 +1,72 @@
+"""Pydantic schemas for the imaging task: data source and model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MODEL_MIN_SIZE = {"cnn": 16, "resnet18": 16, "densenet121": 32}
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    """The embedded default: lesion present/absent images generated per hospital."""
+
+    samples_per_site: int = Field(400, ge=20, description="mean images per hospital")
+    test_per_site: int = Field(100, ge=10, description="images per hospital in the global test split")
+
+
+class DataConfig(Strict):
+    path: Path | None = Field(None, description="MedMNIST-style .npz; None = synthetic default")
+    image_size: int | None = Field(None, ge=8, le=512, description="side in pixels; None = native")
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("path")
+    @classmethod
+    def _check_npz(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        check_npz(path)
+        return path.resolve()
+
+
+class ModelConfig(Strict):
+    name: Literal["cnn", "resnet18", "densenet121"] = "cnn"
+    norm: Literal["group", "instance", "batch"] = Field(
+        "group", description="normalisation layers of resnet18/densenet121"
+    )
+
+
+NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def check_npz(path: Path) -> None:
+    """Raise ValueError naming the problem if `path` is not a usable 2D MedMNIST file."""
+    try:
+        with np.load(path) as npz:
+            missing = [k for k in NPZ_KEYS if k not in npz.files]
+            if missing:
+                raise ValueError(f"{path.name} lacks arrays {missing}; expected MedMNIST keys {list(NPZ_KEYS)}")
+            images, labels = npz["train_images"], npz["train_labels"]
+    except ValueError:
+        raise
+    except Exception as exc:  # zip/pickle errors: the file is not an npz
+        raise ValueError(f"{path.name} is not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise ValueError(f"{path.name}: train_images shape {images.shape} is not 2D (N,H,W) or (N,H,W,C)")
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise ValueError(
+            f"{path.name} has multi-label targets ({labels.shape[1]} columns); "
+            "multi-label tasks are not supported yet"
+        )

@@ -1,0 +1,107 @@
+"""Deterministic synthetic 'lesion present / absent' images with per-hospital differences.
+
+Each hospital gets a scanner profile (native resolution, contrast, brightness, noise, blur),
+its own class prevalence and its own size, so a simulated federation is non-IID the way a real
+one is. Nothing is downloaded; the same (seed, site index) always gives the same images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE_FACTORS = (1.5, 1.0, 1.25, 0.75, 1.75, 0.6)
+PREVALENCES = (0.35, 0.5, 0.25, 0.45, 0.3, 0.55)
+RESOLUTIONS = (32, 28, 40, 32, 24, 36)
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """How one hospital's images differ from the others'."""
+
+    size_factor: float
+    prevalence: float
+    resolution: int
+    gain: float
+    offset: float
+    noise: float
+    blur: float
+
+
+def site_profile(site_index: int) -> ScannerProfile:
+    """The fixed profile of the i-th simulated hospital (cycles after six, with a twist)."""
+    rng = np.random.default_rng(10_000 + site_index)
+    k = site_index % len(SIZE_FACTORS)
+    return ScannerProfile(
+        size_factor=SIZE_FACTORS[k],
+        prevalence=PREVALENCES[k],
+        resolution=RESOLUTIONS[k],
+        gain=float(rng.uniform(0.75, 1.25)),
+        offset=float(rng.uniform(-0.1, 0.1)),
+        noise=float(rng.uniform(0.03, 0.08)),
+        blur=float(rng.uniform(0.0, 1.0)),
+    )
+
+
+def _smooth(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur along the last two axes (scanner point-spread)."""
+    if sigma < 0.3:
+        return images
+    radius = int(np.ceil(2 * sigma))
+    x = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(x**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    pad = [(0, 0)] * (images.ndim - 2)
+    out = np.pad(images, pad + [(radius, radius), (0, 0)], mode="edge")
+    out = sum(w * out[..., i : i + images.shape[-2], :] for i, w in enumerate(kernel))
+    out = np.pad(out, pad + [(0, 0), (radius, radius)], mode="edge")
+    return sum(w * out[..., i : i + images.shape[-1]] for i, w in enumerate(kernel))
+
+
+def generate(n: int, profile: ScannerProfile, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images (n, 1, R, R) float32 in [0, 1] and labels (n,) int64 (1 = lesion present)."""
+    res = profile.resolution
+    labels = (rng.random(n) < profile.prevalence).astype(np.int64)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, res), np.linspace(-1, 1, res), indexing="ij")
+    yy, xx = yy[None], xx[None]
+
+    def col(values: np.ndarray) -> np.ndarray:
+        return values[:, None, None]
+
+    # Textured background: a few random low-frequency waves.
+    img = np.full((n, res, res), 0.3)
+    for _ in range(3):
+        fx, fy, ph = rng.uniform(1, 4, n), rng.uniform(1, 4, n), rng.uniform(0, 2 * np.pi, n)
+        img += 0.04 * np.cos(col(fx) * np.pi * xx + col(fy) * np.pi * yy + col(ph))
+    # An organ: soft-edged ellipse.
+    cx, cy = rng.uniform(-0.15, 0.15, n), rng.uniform(-0.15, 0.15, n)
+    rx, ry = rng.uniform(0.5, 0.7, n), rng.uniform(0.45, 0.65, n)
+    ellipse = ((xx - col(cx)) / col(rx)) ** 2 + ((yy - col(cy)) / col(ry)) ** 2
+    img += 0.25 / (1 + np.exp((ellipse - 1) * 12))
+
+    def blob(amplitude: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        ang, rad = rng.uniform(0, 2 * np.pi, n), rng.uniform(0, 0.6, n)
+        bx, by = cx + rad * rx * np.cos(ang), cy + rad * ry * np.sin(ang)
+        d2 = (xx - col(bx)) ** 2 + (yy - col(by)) ** 2
+        return col(amplitude) * np.exp(-d2 / (2 * col(sigma) ** 2))
+
+    # Distractor present in every class: a dark cyst. Lesion (label 1): a faint bright nodule.
+    img += blob(-rng.uniform(0.1, 0.25, n), rng.uniform(0.06, 0.12, n))
+    img += blob(labels * rng.uniform(0.2, 0.4, n), rng.uniform(0.07, 0.12, n))
+    # Scanner: blur, contrast/brightness, noise.
+    img = _smooth(img, profile.blur)
+    img = profile.gain * (img - 0.4) + 0.4 + profile.offset
+    img += rng.normal(0, profile.noise, img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)[:, None], labels
+
+
+def site_images(
+    site_index: int, seed: int, samples_per_site: int, test_per_site: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(local images, labels) of one hospital and its share of the global test split."""
+    profile = site_profile(site_index)
+    n_local = max(20, int(round(samples_per_site * profile.size_factor)))
+    local = generate(n_local, profile, np.random.default_rng([seed, site_index, 0]))
+    test = generate(test_per_site, profile, np.random.default_rng([seed, site_index, 1]))
+    return local, test

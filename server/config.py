@@ -1,0 +1,27 @@
+"""Pydantic schema of a federated run as the coordinator configures it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from client.config import TrainConfig
+from medimaging.config import DataConfig, ModelConfig, Strict
+from strategies.config import StrategyConfig
+
+
+class ServerConfig(Strict):
+    rounds: int = Field(8, ge=1, le=10_000)
+    round_timeout_s: float = Field(600.0, gt=0, description="how long a round waits for hospitals' replies")
+    output_dir: Path = Field(Path("runs"), description="run folders are created inside it")
+
+
+class RunConfig(Strict):
+    name: str = Field("aseanfl", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(42, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    server: ServerConfig = ServerConfig()

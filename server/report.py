@@ -1,0 +1,93 @@
+"""report.md with PNG plots, made from a run folder's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .outputs import read_rows  # noqa: E402
+
+
+def _series(rows: list[dict], site: str, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], r[key]) for r in rows if r["site"] == site and r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot_global(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("test_auc", "global test AUC (server)"), ("val_auc", "federated validation AUC")):
+        x, y = _series(rows, "global", key)
+        if x:
+            ax.plot(x, y, marker="o", label=label)
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+    ax.set(xlabel="round", ylabel="AUC", title="Global model AUC per round", ylim=(0.4, 1.0))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_sites(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for site in sorted({r["site"] for r in rows} - {"global"}):
+        x, y = _series(rows, site, "val_auc")
+        if x:
+            ax.plot(x, y, marker=".", label=site)
+    ax.set(xlabel="round", ylabel="validation AUC", title="Per-site validation AUC (global model)", ylim=(0.4, 1.0))
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_distribution(dist: dict, path: Path) -> None:
+    sites = list(dist)
+    num_classes = len(next(iter(dist.values()))["train"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0] * len(sites)
+    for c in range(num_classes):
+        counts = [dist[s]["train"][c] + dist[s]["val"][c] for s in sites]
+        ax.bar(sites, counts, bottom=bottom, label=f"class {c}")
+        bottom = [b + n for b, n in zip(bottom, counts)]
+    ax.set(ylabel="images", title="Data per site and class")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_report(run_dir: Path) -> Path:
+    rows = read_rows(run_dir)
+    _plot_global(rows, run_dir / "global_auc.png")
+    _plot_sites(rows, run_dir / "site_auc.png")
+    lines = [f"# Federated run `{run_dir.name}`", ""]
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        s = json.loads(summary_path.read_text())
+        lines += [f"Rounds: {s['rounds']}; best round by federated validation AUC: {s['best_round']}; "
+                  f"wall time {s['seconds']} s.", ""]
+    last = max(r["round"] for r in rows)
+    cols = ["site", "num_train", "num_val", "train_loss", "val_auc", "val_accuracy", "test_auc", "bytes_from_site"]
+    lines += [f"## Final round ({last})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows if r["round"] == last]
+    lines += ["", "## Global model", "", "![global AUC](global_auc.png)", "",
+              "## Per site", "", "![per-site AUC](site_auc.png)", ""]
+    dist_path = run_dir / "data_distribution.json"
+    if dist_path.exists():
+        _plot_distribution(json.loads(dist_path.read_text()), run_dir / "data_distribution.png")
+        lines += ["## Data per site", "", "![data distribution](data_distribution.png)", ""]
+    lines += ["Files: `config.yaml` (resolved), `metrics.csv`/`metrics.jsonl` (one row per round x site and "
+              "per round `global`), `model.safetensors` (final), `model_best.safetensors`.", ""]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report

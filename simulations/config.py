@@ -1,0 +1,121 @@
+"""Pydantic schema of a simulation: a federated run plus the simulated hospitals and engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from medimaging.config import MODEL_MIN_SIZE, Strict
+from server.config import RunConfig
+
+DEFAULT_SITES = ["nanning", "hanoi", "bangkok", "kuala-lumpur", "jakarta", "manila"]
+
+
+class PartitionConfig(Strict):
+    """How an npz's training images are split across hospitals (the synthetic default is
+    generated per hospital, already non-IID)."""
+
+    scheme: Literal["iid", "dirichlet", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller = more label skew")
+    min_partition_size: int = Field(10, ge=1)
+
+
+class EngineConfig(Strict):
+    """Flower Simulation Engine (Ray) settings."""
+
+    cpus_per_site: float = Field(1.0, gt=0)
+    gpus_per_site: float = Field(0.0, ge=0)
+    ray_address: str | None = Field(None, description="'auto' or host:port to join a running Ray cluster")
+    verbose: bool = False
+
+
+class SimulationConfig(RunConfig):
+    sites: list[str] = Field(default_factory=lambda: list(DEFAULT_SITES), min_length=1)
+    partition: PartitionConfig = PartitionConfig()
+    engine: EngineConfig = EngineConfig()
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites_from_count(cls, value):
+        if isinstance(value, int):  # `sites: 3` = the first three default hospitals (then site-7, ...)
+            if value < 1:
+                raise ValueError("must be at least 1")
+            return [DEFAULT_SITES[i] if i < len(DEFAULT_SITES) else f"site-{i + 1}" for i in range(value)]
+        return value
+
+    @field_validator("sites")
+    @classmethod
+    def _unique(cls, sites: list[str]) -> list[str]:
+        if len(set(sites)) != len(sites):
+            raise ValueError("site names must be unique")
+        return sites
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SimulationConfig":
+        if self.strategy.min_sites > len(self.sites):
+            raise ValueError(
+                f"strategy.min_sites={self.strategy.min_sites} exceeds the {len(self.sites)} simulated sites"
+            )
+        size = self.data.image_size
+        if size is not None and size < MODEL_MIN_SIZE[self.model.name]:
+            raise ValueError(
+                f"data.image_size={size} is too small for model.name={self.model.name} "
+                f"(needs >= {MODEL_MIN_SIZE[self.model.name]})"
+            )
+        return self
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased for the user (one line per problem)."""
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per problem: 'field.path: what is wrong (got value)'."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg, value = err["msg"].removeprefix("Value error, "), err.get("input")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown field")
+            continue
+        got = "" if err["type"] == "missing" or isinstance(value, (dict, list)) else f" (got {str(value)!r})"
+        lines.append(f"{where}: {msg}{got}" if where else msg)
+    return "\n".join(lines)
+
+
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    """tree['a']['b'] = value for 'a.b'."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{key}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: Path | None = None, overrides: dict | None = None) -> SimulationConfig:
+    """YAML file (optional) + dotted overrides -> validated config; ConfigError on any problem."""
+    tree: dict = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key, value)
+    try:
+        return SimulationConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def dump_config(cfg: SimulationConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

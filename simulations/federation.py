@@ -1,0 +1,110 @@
+"""Each simulated hospital's data: synthetic per-site generation, or an npz split across sites
+with flwr-datasets partitioners. Also the global test split for server-side evaluation."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from datasets import Dataset
+from flwr.app import Context
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, LinearPartitioner
+
+from medimaging.config import MODEL_MIN_SIZE
+from medimaging.datasets import SiteData, Split, labels_1d, load_npz, npz_info, split_train_val, to_tensor
+from medimaging.synthetic import site_images
+from server.loop import TaskShape
+
+from .config import SimulationConfig
+
+
+def task_shape(cfg: SimulationConfig) -> TaskShape:
+    """Channels, classes and the image side every site resizes to."""
+    if cfg.data.path is None:
+        channels, native, classes = 1, 32, 2
+    else:
+        channels, native, classes = npz_info(cfg.data.path)
+    size = cfg.data.image_size or max(native, MODEL_MIN_SIZE[cfg.model.name])
+    return TaskShape(in_channels=channels, num_classes=classes, image_size=size)
+
+
+def resolved(cfg: SimulationConfig) -> SimulationConfig:
+    """The config with every default that depends on the data filled in (for config.yaml)."""
+    out = cfg.model_copy(deep=True)
+    out.data.image_size = task_shape(cfg).image_size
+    return out
+
+
+@lru_cache(maxsize=4)
+def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:
+    labels = labels_1d(load_npz(path)["train_labels"])
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_sites)
+    elif scheme == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_sites, partition_by="label", alpha=alpha,
+            min_partition_size=min_size, self_balancing=True, seed=seed,
+        )
+    else:  # quantity skew: site i holds a share proportional to i + 1
+        partitioner = LinearPartitioner(num_partitions=num_sites)
+    partitioner.dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels))})
+    return [np.asarray(partitioner.load_partition(i)["index"]) for i in range(num_sites)]
+
+
+def _local_arrays(cfg: SimulationConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.data.path is None:
+        (x, y), _ = site_images(index, cfg.seed, cfg.data.synthetic.samples_per_site, cfg.data.synthetic.test_per_site)
+        return x, y
+    p = cfg.partition
+    idx = _partitions(str(cfg.data.path), len(cfg.sites), p.scheme, p.alpha, p.min_partition_size, cfg.seed)[index]
+    arrays = load_npz(str(cfg.data.path))
+    return arrays["train_images"][idx], labels_1d(arrays["train_labels"])[idx]
+
+
+def site_data(cfg: SimulationConfig, index: int, image_size: int) -> SiteData:
+    x, y = _local_arrays(cfg, index)
+    train, val = split_train_val(to_tensor(x, image_size), torch.from_numpy(y), cfg.data.val_fraction, cfg.seed + index)
+    return SiteData(name=cfg.sites[index], train=train, val=val, num_classes=task_shape(cfg).num_classes)
+
+
+def global_test(cfg: SimulationConfig) -> Split:
+    size = task_shape(cfg).image_size
+    if cfg.data.path is None:
+        parts = [
+            site_images(i, cfg.seed, cfg.data.synthetic.samples_per_site, cfg.data.synthetic.test_per_site)[1]
+            for i in range(len(cfg.sites))
+        ]
+        return Split(torch.cat([to_tensor(x, size) for x, _ in parts]), torch.from_numpy(np.concatenate([y for _, y in parts])))
+    arrays = load_npz(str(cfg.data.path))
+    return Split(to_tensor(arrays["test_images"], size), torch.from_numpy(labels_1d(arrays["test_labels"])))
+
+
+def distribution(cfg: SimulationConfig) -> dict[str, dict[str, list[int]]]:
+    """Class counts per site and split (computed locally by the researcher, never sent)."""
+    shape = task_shape(cfg)
+    out = {}
+    for i, name in enumerate(cfg.sites):
+        site = site_data(cfg, i, shape.image_size)
+        out[name] = {"train": site.train.class_counts(shape.num_classes), "val": site.val.class_counts(shape.num_classes)}
+    return out
+
+
+_SITE_CACHE: dict[tuple, SiteData] = {}
+
+
+def cached_site(cfg: SimulationConfig, index: int, image_size: int) -> SiteData:
+    """site_data, built once per process (a simulated node is asked every round)."""
+    key = (cfg.model_dump_json(), index, image_size)
+    if key not in _SITE_CACHE:
+        if len(_SITE_CACHE) >= 8:
+            _SITE_CACHE.clear()
+        _SITE_CACHE[key] = site_data(cfg, index, image_size)
+    return _SITE_CACHE[key]
+
+
+def site_from_context(context: Context, image_size: int) -> SiteData:
+    """Data of the simulated hospital behind this node (its partition-id), for `flwr run`."""
+    from .runner import config_from_run_config
+
+    return cached_site(config_from_run_config(context.run_config), int(context.node_config["partition-id"]), image_size)

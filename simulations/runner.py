@@ -1,0 +1,106 @@
+"""Run a simulated federation on Flower's Simulation Engine (Ray)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+for _key, _value in (
+    ("FLWR_TELEMETRY_ENABLED", "0"),
+    ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"),
+    ("RAY_DEDUP_LOGS", "0"),
+):
+    os.environ.setdefault(_key, _value)
+
+from flwr.simulation import run_simulation  # noqa: E402
+
+from client.app import build_client_app  # noqa: E402
+from server.app import build_server_app  # noqa: E402
+from server.loop import Plan, Progress  # noqa: E402
+
+from .config import SimulationConfig, dump_config, load_config  # noqa: E402
+from .federation import cached_site, distribution, global_test, resolved, task_shape  # noqa: E402
+
+
+def config_from_run_config(run_config: dict) -> SimulationConfig:
+    """`flwr run . --run-config "config-file='x.yaml' set='server.rounds=3 model.name=cnn'"`."""
+    path = str(run_config.get("config-file", "") or "")
+    overrides = dict(item.split("=", 1) for item in str(run_config.get("set", "") or "").split())
+    return load_config(Path(path) if path else None, {k: _scalar(v) for k, v in overrides.items()})
+
+
+def _scalar(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan:
+    """Resolve the config, create the run folder with config.yaml and data_distribution.json."""
+    cfg = resolved(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = cfg.server.output_dir / f"{stamp}-{cfg.name}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = cfg.server.output_dir / f"{stamp}-{cfg.name}-{suffix}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
+    return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(), test=global_test(cfg),
+                progress=progress or Progress())
+
+
+def plan_from_run_config(run_config: dict) -> Plan:
+    return prepare_run(config_from_run_config(run_config))
+
+
+def backend_config(cfg: SimulationConfig) -> dict:
+    init_args: dict = {"include_dashboard": False}
+    if cfg.engine.ray_address:
+        init_args["address"] = cfg.engine.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": cfg.engine.cpus_per_site, "num_gpus": cfg.engine.gpus_per_site},
+        "init_args": init_args,
+    }
+
+
+class _HideDeprecation(logging.Filter):
+    """run_simulation is deprecated in favour of `flwr run`; we call it knowingly (in-process
+    ServerApp: live display, no detached SuperLink), so its notice is noise to our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
+    """Run the whole federation; return the run folder (metrics, models, report)."""
+    plan = prepare_run(cfg, progress)
+    site_cfg = plan.config
+
+    def load_site(context, image_size):
+        return cached_site(site_cfg, int(context.node_config["partition-id"]), image_size)
+
+    flwr_log = logging.getLogger("flwr")
+    if not cfg.engine.verbose:
+        flwr_log.setLevel(logging.WARNING)
+    hide = _HideDeprecation()
+    flwr_log.addFilter(hide)
+    try:
+        run_simulation(
+            server_app=build_server_app(lambda _ctx: plan),
+            client_app=build_client_app(load_site),
+            num_supernodes=len(cfg.sites),
+            backend_config=backend_config(cfg),
+            verbose_logging=cfg.engine.verbose,
+        )
+    finally:
+        flwr_log.removeFilter(hide)
+    if not (plan.run_dir / "summary.json").exists():
+        raise RuntimeError(f"the simulation ended before finishing its rounds; partial results in {plan.run_dir}")
+    return plan.run_dir

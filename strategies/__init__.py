@@ -1,0 +1,1 @@
+"""Aggregation strategies: Flower's implementations, chosen and configured from YAML."""

@@ -1,0 +1,43 @@
+"""Build a Flower strategy from a StrategyConfig."""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from .config import StrategyConfig
+
+
+def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of each metric, skipping sites where a metric is NaN (e.g. AUC
+    of a site whose validation split holds one class)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weight_key])
+        for key, value in metrics.items():
+            if key == weight_key or isinstance(value, list) or math.isnan(value):
+                continue
+            sums[key] = sums.get(key, 0.0) + w * float(value)
+            weights[key] = weights.get(key, 0.0) + w
+    total = sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records)
+    out = MetricRecord({k: sums[k] / weights[k] for k in sums})
+    out[weight_key] = int(total)
+    return out
+
+
+def build_strategy(cfg: StrategyConfig) -> Strategy:
+    """Flower's FedAvg, example-weighted (the 'num-examples' each hospital reports)."""
+    return FedAvg(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_sites,
+        min_evaluate_nodes=cfg.min_sites if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=cfg.min_sites,
+        weighted_by_key="num-examples",
+        train_metrics_aggr_fn=weighted_mean,
+        evaluate_metrics_aggr_fn=weighted_mean,
+    )
