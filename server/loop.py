@@ -52,6 +52,9 @@ class Progress:
     def problem(self, text: str) -> None:
         log.warning(text)
 
+    def received(self, rnd: int, phase: str, reply: Message) -> None:
+        """Every reply as it arrived, before any check (audits and tests look here)."""
+
 
 @dataclass
 class Plan:
@@ -87,18 +90,19 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[
     return replies, sent
 
 
-def _checked(replies: list[Message], schema, progress: Progress, phase: str) -> list[Message]:
+def _checked(replies: list[Message], schema, progress: Progress, rnd: int, phase: str) -> list[Message]:
     """Drop error replies and replies whose metrics break the schema; say which site and why."""
     kept = []
     for reply in replies:
+        progress.received(rnd, phase, reply)
         site = _site_name(reply)
         if reply.has_error():
-            progress.problem(f"{phase}: {site} replied with an error: {reply.error.reason}")
+            progress.problem(f"round {rnd} {phase}: {site} replied with an error: {reply.error.reason}")
             continue
         try:
             schema.model_validate(dict(reply.content.metric_records["metrics"]))
         except (KeyError, ValidationError) as exc:
-            progress.problem(f"{phase}: {site} sent metrics that break the schema, ignored: {exc}")
+            progress.problem(f"round {rnd} {phase}: {site} sent metrics that break the schema, ignored: {exc}")
             continue
         kept.append(reply)
     return kept
@@ -127,7 +131,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     recorder = RunRecorder(plan.run_dir)
     arrays = initial_arrays(cfg, shape)
     rounds, timeout = cfg.server.rounds, cfg.server.round_timeout_s
-    best = {"round": None, "val_auc": float("-inf")}
+    best = {"round": None, "score": float("-inf")}
     started = time.time()
 
     if plan.test is not None:
@@ -146,7 +150,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
 
         progress.round_started(rnd, rounds, "training")
         replies, sent = _exchange(grid, strategy.configure_train(rnd, arrays, task.to_config(), grid), timeout)
-        replies = _checked(replies, TrainMetrics, progress, f"round {rnd} training")
+        replies = _checked(replies, TrainMetrics, progress, rnd, "training")
         for reply in replies:
             m, r = _metrics(reply), row(_site_name(reply))
             r.update(train_loss=m["train-loss"], num_train=m["num-examples"])
@@ -160,7 +164,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
 
         progress.round_started(rnd, rounds, "validating")
         replies, sent = _exchange(grid, strategy.configure_evaluate(rnd, arrays, task.to_config(), grid), timeout)
-        replies = _checked(replies, EvalMetrics, progress, f"round {rnd} validation")
+        replies = _checked(replies, EvalMetrics, progress, rnd, "validation")
         for reply in replies:
             m, r = _metrics(reply), row(_site_name(reply))
             r.update(val_loss=m["val-loss"], val_accuracy=m["val-accuracy"], val_auc=m["val-auc"], num_val=m["num-examples"])
@@ -185,8 +189,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         recorder.write_rows(site_rows + [glob])
         recorder.save_model(arrays, "model.safetensors", round=rnd)
         score = glob["val_auc"] if glob["val_auc"] is not None else -(glob["val_loss"] or float("inf"))
-        if score > best["val_auc"]:
-            best = {"round": rnd, "val_auc": score}
+        if score > best["score"]:
+            best = {"round": rnd, "score": score}
             recorder.save_model(arrays, "model_best.safetensors", round=rnd, selected_by="federated val_auc")
         progress.round_finished(rnd, rounds, site_rows + [glob])
 

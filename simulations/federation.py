@@ -48,7 +48,10 @@ def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: 
         )
     else:  # quantity skew: site i holds a share proportional to i + 1
         partitioner = LinearPartitioner(num_partitions=num_sites)
-    partitioner.dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels))})
+    # IidPartitioner and LinearPartitioner shard contiguously: shuffle first so file order
+    # (e.g. sorted by class or by source hospital) cannot leak into the split.
+    dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels))}).shuffle(seed=seed)
+    partitioner.dataset = dataset.flatten_indices()
     return [np.asarray(partitioner.load_partition(i)["index"]) for i in range(num_sites)]
 
 
