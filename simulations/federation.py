@@ -110,4 +110,10 @@ def site_from_context(context: Context, image_size: int) -> SiteData:
     """Data of the simulated hospital behind this node (its partition-id), for `flwr run`."""
     from .runner import config_from_run_config
 
-    return cached_site(config_from_run_config(context.run_config), int(context.node_config["partition-id"]), image_size)
+    cfg, index = config_from_run_config(context.run_config), int(context.node_config["partition-id"])
+    if index >= len(cfg.sites):
+        raise ValueError(
+            f"simulated node partition-id={index} but the config has {len(cfg.sites)} sites; "
+            f"set num-supernodes = {len(cfg.sites)} for this connection in $FLWR_HOME/config.toml"
+        )
+    return cached_site(cfg, index, image_size)
