@@ -50,8 +50,8 @@ def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: 
         partitioner = LinearPartitioner(num_partitions=num_sites)
     # IidPartitioner and LinearPartitioner shard contiguously: shuffle first so file order
     # (e.g. sorted by class or by source hospital) cannot leak into the split.
-    dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels))}).shuffle(seed=seed)
-    partitioner.dataset = dataset.flatten_indices()
+    order = np.random.default_rng(seed).permutation(len(labels))
+    partitioner.dataset = Dataset.from_dict({"label": labels[order], "index": order})
     return [np.asarray(partitioner.load_partition(i)["index"]) for i in range(num_sites)]
 
 

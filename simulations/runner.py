@@ -59,11 +59,10 @@ def plan_from_run_config(run_config: dict) -> Plan:
 
 
 def backend_config(cfg: SimulationConfig) -> dict:
-    init_args: dict = {"include_dashboard": False}
-    if cfg.engine.ray_address:
-        init_args["address"] = cfg.engine.ray_address
+    if cfg.engine.ray_address:  # join a running cluster: it owns its resources and dashboard
+        init_args: dict = {"address": cfg.engine.ray_address}
     else:
-        init_args["num_cpus"] = os.cpu_count() or 1
+        init_args = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
     return {
         "client_resources": {"num_cpus": cfg.engine.cpus_per_site, "num_gpus": cfg.engine.gpus_per_site},
         "init_args": init_args,
