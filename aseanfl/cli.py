@@ -34,6 +34,7 @@ def simulate(
     partition: Optional[str] = typer.Option(None, help="iid | dirichlet | quantity (npz data)"),
     alpha: Optional[float] = typer.Option(None, help="Dirichlet alpha (partition.alpha)"),
     local_epochs: Optional[int] = typer.Option(None, help="train.local_epochs"),
+    epsilon: Optional[float] = typer.Option(None, help="DP-SGD at every hospital, calibrated to this epsilon"),
     seed: Optional[int] = typer.Option(None, help="same seed, same metrics"),
     out: Optional[Path] = typer.Option(None, help="folder for run folders (server.output_dir)"),
     set_: list[str] = typer.Option([], "--set", help="any field, dotted: --set train.lr=0.01"),
@@ -55,6 +56,7 @@ def simulate(
         "model.name": model, "partition.scheme": partition, "partition.alpha": alpha,
         "train.local_epochs": local_epochs, "seed": seed, "server.output_dir": out,
         "engine.verbose": verbose or None,
+        "privacy.enabled": True if epsilon is not None else None, "privacy.target_epsilon": epsilon,
     }
     overrides.update({k: v for k, v in named.items() if v is not None})
     try:
@@ -72,8 +74,11 @@ def simulate(
     console.print(f"[bold]aseanfl simulate[/]: {len(cfg.sites)} hospitals ({', '.join(cfg.sites)}), "
                   f"{cfg.server.rounds} rounds, model {cfg.model.name}, "
                   f"data {cfg.data.path or 'synthetic (embedded default)'}")
-    with RichProgress(console) as progress:
-        run_dir = run(cfg, progress)
+    try:
+        with RichProgress(console) as progress:
+            run_dir = run(cfg, progress)
+    except ConfigError as exc:  # checks that need the data, e.g. a budget below one round
+        _fail(str(exc))
     console.print(f"[green]done[/]: {run_dir}  (report: {run_dir / 'report.md'})")
 
 

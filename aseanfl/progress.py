@@ -10,7 +10,7 @@ from server.loop import Progress
 
 
 def _f(value) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+    return "-" if value is None or value != value else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 class RichProgress(Progress):
@@ -34,14 +34,17 @@ class RichProgress(Progress):
 
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
         table = Table(title=f"Round {rnd}/{total}", title_justify="left", show_edge=False)
-        for col in ("site", "train loss", "val loss", "val AUC", "test AUC", "examples", "bytes out"):
+        for col in ("site", "status", "epsilon", "train loss", "val loss", "val AUC", "test AUC", "examples", "bytes out"):
             table.add_column(col, justify="left" if col == "site" else "right")
         for r in rows:
             style = "bold" if r["site"] == "global" else None
-            table.add_row(r["site"], _f(r.get("train_loss")), _f(r.get("val_loss")), _f(r.get("val_auc")),
+            table.add_row(r["site"], r.get("status", ""), _f(r.get("epsilon")), _f(r.get("train_loss")), _f(r.get("val_loss")), _f(r.get("val_auc")),
                           _f(r.get("test_auc")), _f(r.get("num_train")), _f(r.get("bytes_from_site")), style=style)
         self.bar.console.print(table)
         self.bar.update(self.task, completed=rnd)
+
+    def refused(self, rnd: int, site: str, refusal) -> None:
+        self.bar.console.print(f"[yellow]round {rnd}: {site} refused to train[/] ({refusal.code}): {refusal.reason}")
 
     def problem(self, text: str) -> None:
         self.bar.console.print(f"[yellow]warning:[/] {text}")

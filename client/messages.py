@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 
+import math
+from typing import Literal
+
 from flwr.app import ConfigRecord, MetricRecord
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,13 +28,16 @@ class Message(BaseModel):
 class TaskSpec(Message):
     """What the server asks a hospital to do in one round."""
 
+    run: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run id; names ledger entries")
     server_round: int = Field(ge=0)
+    total_rounds: int = Field(ge=1, description="planned rounds; DP noise is calibrated for them")
     seed: int
     model: ModelConfig
     train: TrainConfig
     in_channels: int = Field(ge=1)
     num_classes: int = Field(ge=2)
     image_size: int = Field(ge=8)
+    private: bool = Field(False, description="the federation trains with DP-SGD: DP-compatible model")
 
     def to_config(self) -> ConfigRecord:
         return ConfigRecord({TASK_KEY: self.model_dump_json()})
@@ -45,6 +51,7 @@ class TrainMetrics(Message):
     num_examples: int = Field(alias="num-examples", ge=1)
     train_loss: float = Field(alias="train-loss")
     steps: int = Field(ge=0)
+    epsilon: float = Field(description="the hospital's total epsilon spent so far; NaN without DP")
 
     def record(self) -> MetricRecord:
         return MetricRecord(self.model_dump(by_alias=True))
@@ -58,3 +65,18 @@ class EvalMetrics(Message):
 
     def record(self) -> MetricRecord:
         return MetricRecord(self.model_dump(by_alias=True))
+
+
+REFUSAL_KEY = "refusal"
+
+
+class Refusal(Message):
+    """A hospital's structured 'no' to a round: it did not train, and says why."""
+
+    code: Literal["privacy-budget", "privacy-ledger"]
+    reason: str
+    epsilon_spent: float = Field(math.nan, alias="epsilon-spent")
+    epsilon_budget: float = Field(math.nan, alias="epsilon-budget")
+
+    def record(self) -> ConfigRecord:
+        return ConfigRecord(self.model_dump(by_alias=True))

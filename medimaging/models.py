@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from monai.networks.nets import Classifier, DenseNet121, resnet18
+from opacus.validators import ModuleValidator
 
 from .config import MODEL_MIN_SIZE, ModelConfig
+
+log = logging.getLogger("aseanfl")
 
 
 def _norm(name: str) -> str | tuple:
@@ -34,8 +39,26 @@ def _enforce(module: torch.nn.Module, norm: str) -> torch.nn.Module:
     return module
 
 
-def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int) -> torch.nn.Module:
-    """A fresh network; `image_size` must be at least MODEL_MIN_SIZE[cfg.name]."""
+_FIXED_LOGGED: set[str] = set()
+
+
+def build_model(
+    cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, private: bool = False
+) -> torch.nn.Module:
+    """A fresh network; `image_size` must be at least MODEL_MIN_SIZE[cfg.name]. With `private`,
+    layers Opacus cannot train (BatchNorm) are replaced by ModuleValidator.fix."""
+    model = _build(cfg, in_channels, num_classes, image_size)
+    if private and not ModuleValidator.is_valid(model):
+        model = ModuleValidator.fix(model)
+        key = f"{cfg.name}/{cfg.norm}"
+        if key not in _FIXED_LOGGED:
+            _FIXED_LOGGED.add(key)
+            log.info("model %s (norm=%s) made DP-compatible: BatchNorm -> GroupNorm (Opacus ModuleValidator.fix)",
+                     cfg.name, cfg.norm)
+    return model
+
+
+def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int) -> torch.nn.Module:
     if image_size < MODEL_MIN_SIZE[cfg.name]:
         raise ValueError(f"model.name={cfg.name} needs images of at least {MODEL_MIN_SIZE[cfg.name]} px")
     if cfg.name == "cnn":

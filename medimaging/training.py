@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 from monai.metrics import compute_roc_auc
@@ -16,19 +17,23 @@ def loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0) -> DataL
     return DataLoader(TensorDataset(split.x, split.y), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-def train_epochs(
-    model: torch.nn.Module, split: Split, epochs: int, batch_size: int, lr: float, optimizer: str, seed: int
+def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def run_epochs(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Callable[[int], Iterable], epochs: int,
+    loss_fn: Callable | None = None,
 ) -> tuple[float, int]:
-    """Train in place; returns (mean training loss over the last epoch, optimisation steps)."""
+    """The training loop; `batches(epoch)` yields (x, y). Returns (mean loss of the last epoch, steps)."""
+    loss_fn = loss_fn or torch.nn.CrossEntropyLoss()
     model.train()
-    opt_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
-    kwargs = {} if optimizer == "adam" else {"momentum": 0.9}
-    opt = opt_cls(model.parameters(), lr=lr, **kwargs)
-    loss_fn = torch.nn.CrossEntropyLoss()
     steps, last_loss = 0, math.nan
     for epoch in range(epochs):
         total, seen = 0.0, 0
-        for x, y in loader(split, batch_size, shuffle=True, seed=seed + epoch):
+        for x, y in batches(epoch):
             opt.zero_grad()
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -38,6 +43,14 @@ def train_epochs(
             seen += len(y)
         last_loss = total / max(seen, 1)
     return last_loss, steps
+
+
+def train_epochs(
+    model: torch.nn.Module, split: Split, epochs: int, batch_size: int, lr: float, optimizer: str, seed: int
+) -> tuple[float, int]:
+    """Plain (non-private) local training, in place; returns (last-epoch loss, steps)."""
+    opt = make_optimizer(model, optimizer, lr)
+    return run_epochs(model, opt, lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch), epochs)
 
 
 def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

@@ -9,9 +9,10 @@ reproduces a run exactly), schema checks naming the site, checkpoints after ever
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from pydantic import ValidationError
 
-from client.messages import EvalMetrics, TaskSpec, TrainMetrics
+from client.messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from medimaging.datasets import Split
 from medimaging.models import build_model
 from medimaging.training import evaluate
@@ -52,6 +53,9 @@ class Progress:
     def problem(self, text: str) -> None:
         log.warning(text)
 
+    def refused(self, rnd: int, site: str, refusal: Refusal) -> None:
+        log.warning("round %d: %s refused to train (%s): %s", rnd, site, refusal.code, refusal.reason)
+
     def received(self, rnd: int, phase: str, reply: Message) -> None:
         """Every reply as it arrived, before any check (audits and tests look here)."""
 
@@ -65,6 +69,7 @@ class Plan:
     run_dir: Path
     test: Split | None = None
     progress: Progress = field(default_factory=Progress)
+    private: bool = False  # some hospital trains with DP-SGD: build DP-compatible models
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -90,14 +95,26 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[
     return replies, sent
 
 
-def _checked(replies: list[Message], schema, progress: Progress, rnd: int, phase: str) -> list[Message]:
-    """Drop error replies and replies whose metrics break the schema; say which site and why."""
+def _checked(
+    replies: list[Message], schema, progress: Progress, rnd: int, phase: str, refusals: dict[str, Refusal]
+) -> list[Message]:
+    """Keep replies fit to aggregate. Error replies, refusals and metrics that break the schema
+    are left out, each reported with the site's name and the reason."""
     kept = []
     for reply in replies:
         progress.received(rnd, phase, reply)
         site = _site_name(reply)
         if reply.has_error():
             progress.problem(f"round {rnd} {phase}: {site} replied with an error: {reply.error.reason}")
+            continue
+        if REFUSAL_KEY in reply.content.config_records:
+            try:
+                refusal = Refusal.model_validate(dict(reply.content.config_records[REFUSAL_KEY]))
+            except ValidationError as exc:
+                progress.problem(f"round {rnd} {phase}: {site} sent a malformed refusal: {exc}")
+                continue
+            refusals[site] = refusal
+            progress.refused(rnd, site, refusal)
             continue
         try:
             schema.model_validate(dict(reply.content.metric_records["metrics"]))
@@ -108,17 +125,31 @@ def _checked(replies: list[Message], schema, progress: Progress, rnd: int, phase
     return kept
 
 
+def _count_traffic(replies: list[Message], sent: dict[str, int], row: Callable[[str], dict]) -> None:
+    """Bytes both ways for every reply, used or not; a failed reply marks its site's row."""
+    for reply in replies:
+        r = row(_site_name(reply))
+        r["bytes_to_site"] += sent[r["site"]]
+        if reply.has_error():
+            r["status"] = "error"
+        else:
+            r["bytes_from_site"] += payload_bytes(reply.content)
+
+
 def _metrics(reply: Message) -> dict:
     return dict(reply.content.metric_records["metrics"])
 
 
-def initial_arrays(cfg: RunConfig, shape: TaskShape) -> ArrayRecord:
+def initial_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> ArrayRecord:
     torch.manual_seed(cfg.seed)
-    return ArrayRecord(build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size).state_dict())
+    model = build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size, private=private)
+    return ArrayRecord(model.state_dict())
 
 
-def server_evaluate(cfg: RunConfig, shape: TaskShape, arrays: ArrayRecord, test: Split) -> dict[str, float]:
-    model = build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size)
+def server_evaluate(
+    cfg: RunConfig, shape: TaskShape, arrays: ArrayRecord, test: Split, private: bool = False
+) -> dict[str, float]:
+    model = build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size, private=private)
     model.load_state_dict(arrays.to_torch_state_dict())
     return evaluate(model, test, shape.num_classes)
 
@@ -129,34 +160,37 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     random.seed(cfg.seed)  # Flower samples nodes with `random`
     strategy = build_strategy(cfg.strategy)
     recorder = RunRecorder(plan.run_dir)
-    arrays = initial_arrays(cfg, shape)
+    arrays = initial_arrays(cfg, shape, plan.private)
     rounds, timeout = cfg.server.rounds, cfg.server.round_timeout_s
     best = {"round": None, "score": float("-inf")}
     started = time.time()
 
     if plan.test is not None:
-        test = server_evaluate(cfg, shape, arrays, plan.test)
+        test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
         recorder.write_rows([{"round": 0, "site": "global", **{f"test_{k}": v for k, v in test.items()}}])
 
     for rnd in range(1, rounds + 1):
         task = TaskSpec(
-            server_round=rnd, seed=cfg.seed, model=cfg.model, train=cfg.train,
+            run=plan.run_dir.name, server_round=rnd, total_rounds=rounds, seed=cfg.seed, private=plan.private,
+            model=cfg.model, train=cfg.train,
             in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
         )
         rows: dict[str, dict] = {}
+        refusals: dict[str, Refusal] = {}
 
         def row(site: str) -> dict:
-            return rows.setdefault(site, {"round": rnd, "site": site, "bytes_to_site": 0, "bytes_from_site": 0})
+            return rows.setdefault(site, {"round": rnd, "site": site, "status": "ok", "bytes_to_site": 0, "bytes_from_site": 0})
 
         progress.round_started(rnd, rounds, "training")
         replies, sent = _exchange(grid, strategy.configure_train(rnd, arrays, task.to_config(), grid), timeout)
-        replies = _checked(replies, TrainMetrics, progress, rnd, "training")
-        for reply in replies:
+        _count_traffic(replies, sent, row)
+        trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals)
+        for site, refusal in refusals.items():
+            row(site).update(status=f"refused:{refusal.code}", epsilon=refusal.epsilon_spent)
+        for reply in trained:
             m, r = _metrics(reply), row(_site_name(reply))
-            r.update(train_loss=m["train-loss"], num_train=m["num-examples"])
-            r["bytes_to_site"] += sent[r["site"]]
-            r["bytes_from_site"] += payload_bytes(reply.content)
-        new_arrays, train_agg = strategy.aggregate_train(rnd, replies) if replies else (None, None)
+            r.update(train_loss=m["train-loss"], num_train=m["num-examples"], epsilon=m["epsilon"])
+        new_arrays, train_agg = strategy.aggregate_train(rnd, trained) if trained else (None, None)
         if new_arrays is None:
             progress.problem(f"round {rnd}: no usable training replies; the global model is unchanged")
         else:
@@ -164,17 +198,18 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
 
         progress.round_started(rnd, rounds, "validating")
         replies, sent = _exchange(grid, strategy.configure_evaluate(rnd, arrays, task.to_config(), grid), timeout)
-        replies = _checked(replies, EvalMetrics, progress, rnd, "validation")
+        _count_traffic(replies, sent, row)
+        replies = _checked(replies, EvalMetrics, progress, rnd, "validation", {})
         for reply in replies:
             m, r = _metrics(reply), row(_site_name(reply))
             r.update(val_loss=m["val-loss"], val_accuracy=m["val-accuracy"], val_auc=m["val-auc"], num_val=m["num-examples"])
-            r["bytes_to_site"] += sent[r["site"]]
-            r["bytes_from_site"] += payload_bytes(reply.content)
         eval_agg = strategy.aggregate_evaluate(rnd, replies) if replies else None
 
         site_rows = [rows[s] for s in sorted(rows)]
+        spent = [r["epsilon"] for r in site_rows if r.get("epsilon") is not None and not math.isnan(r["epsilon"])]
         glob = {
-            "round": rnd, "site": "global",
+            "round": rnd, "site": "global", "status": f"{len(trained)} trained, {len(refusals)} refused",
+            "epsilon": max(spent) if spent else None,  # the worst-off hospital
             "train_loss": (train_agg or {}).get("train-loss"),
             "val_loss": (eval_agg or {}).get("val-loss"),
             "val_accuracy": (eval_agg or {}).get("val-accuracy"),
@@ -185,7 +220,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             "bytes_from_site": sum(r["bytes_from_site"] for r in site_rows),
         }
         if plan.test is not None:
-            glob.update({f"test_{k}": v for k, v in server_evaluate(cfg, shape, arrays, plan.test).items()})
+            glob.update({f"test_{k}": v for k, v in server_evaluate(cfg, shape, arrays, plan.test, plan.private).items()})
         recorder.write_rows(site_rows + [glob])
         recorder.save_model(arrays, "model.safetensors", round=rnd)
         score = glob["val_auc"] if glob["val_auc"] is not None else -(glob["val_loss"] or float("inf"))

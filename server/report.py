@@ -45,6 +45,23 @@ def _plot_sites(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_epsilon(rows: list[dict], path: Path) -> bool:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for site in sorted({r["site"] for r in rows} - {"global"}):
+        x, y = _series(rows, site, "epsilon")
+        if x:
+            ax.plot(x, y, marker=".", label=site)
+            drawn = True
+    ax.set(xlabel="round", ylabel="epsilon spent (ledger)", title="Privacy spent per site")
+    if drawn:
+        ax.legend(fontsize=8, loc="upper left")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 def _plot_distribution(dist: dict, path: Path) -> None:
     sites = list(dist)
     num_classes = len(next(iter(dist.values()))["train"])
@@ -77,11 +94,15 @@ def write_report(run_dir: Path) -> Path:
         lines += [f"Rounds: {s['rounds']}; best round by federated validation AUC: {s['best_round']}; "
                   f"wall time {s['seconds']} s.", ""]
     last = max(r["round"] for r in rows)
-    cols = ["site", "num_train", "num_val", "train_loss", "val_auc", "val_accuracy", "test_auc", "bytes_from_site"]
+    cols = ["site", "status", "epsilon", "num_train", "num_val", "train_loss", "val_auc", "val_accuracy", "test_auc",
+            "bytes_from_site"]
     lines += [f"## Final round ({last})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows if r["round"] == last]
     lines += ["", "## Global model", "", "![global AUC](global_auc.png)", "",
               "## Per site", "", "![per-site AUC](site_auc.png)", ""]
+    if _plot_epsilon(rows, run_dir / "epsilon.png"):
+        lines += ["## Privacy", "", "Epsilon each hospital has spent, from its privacy ledger "
+                  "(DP-SGD, Opacus accountant).", "", "![epsilon per round](epsilon.png)", ""]
     dist_path = run_dir / "data_distribution.json"
     if dist_path.exists():
         _plot_distribution(json.loads(dist_path.read_text()), run_dir / "data_distribution.png")

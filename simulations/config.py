@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from client.config import PrivacyConfig
 from medimaging.config import MODEL_MIN_SIZE, Strict
 from server.config import RunConfig
 
@@ -36,6 +37,15 @@ class SimulationConfig(RunConfig):
     sites: list[str] = Field(default_factory=lambda: list(DEFAULT_SITES), min_length=1)
     partition: PartitionConfig = PartitionConfig()
     engine: EngineConfig = EngineConfig()
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="every hospital's DP policy")
+    site_privacy: dict[str, dict] = Field(default_factory=dict, description="per-hospital overrides of `privacy`")
+
+    def site_policy(self, site: str) -> PrivacyConfig:
+        return PrivacyConfig.model_validate({**self.privacy.model_dump(), **self.site_privacy.get(site, {})})
+
+    @property
+    def private(self) -> bool:
+        return any(self.site_policy(s).enabled for s in self.sites)
 
     @field_validator("sites", mode="before")
     @classmethod
@@ -59,6 +69,15 @@ class SimulationConfig(RunConfig):
             raise ValueError(
                 f"strategy.min_sites={self.strategy.min_sites} exceeds the {len(self.sites)} simulated sites"
             )
+        for site, override in self.site_privacy.items():
+            if site not in self.sites:
+                raise ValueError(f"site_privacy.{site}: not one of the sites {self.sites}")
+            try:
+                self.site_policy(site)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise ValueError(f"site_privacy.{site}.{where}: {err['msg']} (got {str(err.get('input'))!r})") from None
         size = self.data.image_size
         if size is not None and size < MODEL_MIN_SIZE[self.model.name]:
             raise ValueError(

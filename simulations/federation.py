@@ -4,11 +4,15 @@ with flwr-datasets partitioners. Also the global test split for server-side eval
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
 from flwr.app import Context
+
+from client.app import Hospital
+from client.privacy import epsilon_of, make_plan
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, LinearPartitioner
 
 from medimaging.config import MODEL_MIN_SIZE
@@ -16,7 +20,7 @@ from medimaging.datasets import SiteData, Split, labels_1d, load_npz, npz_info, 
 from medimaging.synthetic import site_images
 from server.loop import TaskShape
 
-from .config import SimulationConfig
+from .config import ConfigError, SimulationConfig
 
 
 def task_shape(cfg: SimulationConfig) -> TaskShape:
@@ -106,8 +110,13 @@ def cached_site(cfg: SimulationConfig, index: int, image_size: int) -> SiteData:
     return _SITE_CACHE[key]
 
 
-def site_from_context(context: Context, image_size: int) -> SiteData:
-    """Data of the simulated hospital behind this node (its partition-id), for `flwr run`."""
+def hospital(cfg: SimulationConfig, index: int, image_size: int, ledger_root: Path) -> Hospital:
+    site = cached_site(cfg, index, image_size)
+    return Hospital(data=site, privacy=cfg.site_policy(site.name), ledger_root=ledger_root)
+
+
+def hospital_from_context(context: Context, image_size: int) -> Hospital:
+    """The simulated hospital behind this node (its partition-id), for `flwr run`."""
     from .runner import config_from_run_config
 
     cfg, index = config_from_run_config(context.run_config), int(context.node_config["partition-id"])
@@ -116,4 +125,21 @@ def site_from_context(context: Context, image_size: int) -> SiteData:
             f"simulated node partition-id={index} but the config has {len(cfg.sites)} sites; "
             f"set num-supernodes = {len(cfg.sites)} for this connection in $FLWR_HOME/config.toml"
         )
-    return cached_site(cfg, index, image_size)
+    return hospital(cfg, index, image_size, cfg.server.output_dir.resolve())
+
+
+def check_budgets(cfg: SimulationConfig) -> None:
+    """ConfigError if a hospital's budget cannot pay for even one round of the planned run."""
+    size = task_shape(cfg).image_size
+    for index, name in enumerate(cfg.sites):
+        policy = cfg.site_policy(name)
+        if not policy.enabled:
+            continue
+        plan = make_plan(policy, len(cached_site(cfg, index, size).train), cfg.train, cfg.server.rounds)
+        one = epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], plan.delta, plan.accountant)
+        if policy.cap < one:
+            field = f"site_privacy.{name}" if "budget_epsilon" in cfg.site_privacy.get(name, {}) else "privacy"
+            raise ConfigError(
+                f"{field}.budget_epsilon: {policy.cap} is below the cost of one round at {name} "
+                f"(epsilon {one:.3f} at noise {plan.noise_multiplier:.3f}); raise the budget or lower target_epsilon"
+            )

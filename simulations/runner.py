@@ -22,7 +22,7 @@ from server.app import build_server_app  # noqa: E402
 from server.loop import Plan, Progress  # noqa: E402
 
 from .config import SimulationConfig, dump_config, load_config  # noqa: E402
-from .federation import cached_site, distribution, global_test, resolved, task_shape  # noqa: E402
+from .federation import check_budgets, distribution, global_test, hospital, resolved, task_shape  # noqa: E402
 
 
 def config_from_run_config(run_config: dict) -> SimulationConfig:
@@ -41,6 +41,7 @@ def _scalar(text: str):
 def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan:
     """Resolve the config, create the run folder with config.yaml and data_distribution.json."""
     cfg = resolved(cfg)
+    check_budgets(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = cfg.server.output_dir / f"{stamp}-{cfg.name}"
     suffix = 1
@@ -51,7 +52,7 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
     return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(), test=global_test(cfg),
-                progress=progress or Progress())
+                progress=progress or Progress(), private=cfg.private)
 
 
 def plan_from_run_config(run_config: dict) -> Plan:
@@ -80,10 +81,10 @@ class _HideDeprecation(logging.Filter):
 def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
     """Run the whole federation; return the run folder (metrics, models, report)."""
     plan = prepare_run(cfg, progress)
-    site_cfg = plan.config
+    site_cfg, ledger_root = plan.config, plan.run_dir.parent
 
-    def load_site(context, image_size):
-        return cached_site(site_cfg, int(context.node_config["partition-id"]), image_size)
+    def load_hospital(context, image_size):
+        return hospital(site_cfg, int(context.node_config["partition-id"]), image_size, ledger_root)
 
     flwr_log = logging.getLogger("flwr")
     if not cfg.engine.verbose:
@@ -93,7 +94,7 @@ def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
     try:
         run_simulation(
             server_app=build_server_app(lambda _ctx: plan),
-            client_app=build_client_app(load_site),
+            client_app=build_client_app(load_hospital),
             num_supernodes=len(cfg.sites),
             backend_config=backend_config(cfg),
             verbose_logging=cfg.engine.verbose,

@@ -1,0 +1,101 @@
+"""DP-SGD accounting: the ledger's epsilon is Opacus' epsilon; it survives restarts; it refuses
+to forget; real private training spends exactly what the ledger recorded."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from client.config import PrivacyConfig, TrainConfig
+from client.privacy import LedgerError, PrivacyLedger, epsilon_of, make_plan, train_private
+from medimaging.config import ModelConfig
+from medimaging.datasets import Split
+from medimaging.models import build_model
+
+TRAIN = TrainConfig(local_epochs=2, batch_size=32)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_ledger_epsilon_equals_opacus_accountant(tmp_path, accountant):
+    policy = PrivacyConfig(enabled=True, target_epsilon=5.0, accountant=accountant)
+    plan = make_plan(policy, n_train=500, train=TRAIN, total_rounds=4)
+    ledger = PrivacyLedger(tmp_path / "site.json", "site", plan)
+    reference = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    for k in range(1, 4):
+        recorded = ledger.record("run", k, plan)
+        for _ in range(plan.steps_per_round):  # what Opacus' optimizer hook does once per step
+            reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+        assert recorded == pytest.approx(reference.get_epsilon(plan.delta), abs=1e-6)
+        assert ledger.spent() == pytest.approx(recorded, abs=1e-12)
+
+
+def test_noise_is_calibrated_for_the_whole_planned_run():
+    policy = PrivacyConfig(enabled=True, target_epsilon=3.0)
+    plan = make_plan(policy, n_train=400, train=TRAIN, total_rounds=6)
+    assert plan.delta == pytest.approx(1 / 4000)
+    history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * 6
+    assert 2.95 <= epsilon_of(history, plan.delta, "rdp") <= 3.0
+    assert epsilon_of(history + history[:1], plan.delta, "rdp") > 3.0
+
+
+def test_ledger_survives_restart_and_refuses_to_forget(tmp_path):
+    plan = make_plan(PrivacyConfig(enabled=True), n_train=300, train=TRAIN, total_rounds=3)
+    path = tmp_path / "ledgers" / "hanoi.json"
+    first = PrivacyLedger(path, "hanoi", plan)
+    spent = first.record("run-a", 1, plan)
+    assert [p.name for p in path.parent.iterdir()] == ["hanoi.json"], "atomic write leaves no temp file"
+    again = PrivacyLedger(path, "hanoi", plan)  # a new process reads the same file
+    assert again.spent() == pytest.approx(spent) and again.spent_after(plan) > spent
+    assert json.loads(path.read_text())["entries"][0]["run"] == "run-a"
+
+    other = make_plan(PrivacyConfig(enabled=True, delta=1e-6), n_train=300, train=TRAIN, total_rounds=3)
+    with pytest.raises(LedgerError, match="delta="):
+        PrivacyLedger(path, "hanoi", other)
+    path.write_text(path.read_text()[:40])  # truncated by a crash or an editor
+    with pytest.raises(LedgerError, match="unreadable.*refusing to train"):
+        PrivacyLedger(path, "hanoi", plan)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_private_training_spends_what_was_planned(mode):
+    torch.manual_seed(0)
+    data = Split(torch.randn(200, 1, 16, 16), torch.randint(0, 2, (200,)))
+    policy = PrivacyConfig(enabled=True, grad_sample_mode=mode)
+    plan = make_plan(policy, len(data), TRAIN, total_rounds=2)
+    model = build_model(ModelConfig(name="cnn"), 1, 2, 16, private=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, steps, history = train_private(model, data, TRAIN, policy, plan, seed=1)
+    assert steps == plan.steps_per_round
+    assert history == [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(model.state_dict()) == list(before), "plain state dict keys, no Opacus wrapper prefix"
+
+
+def test_batchnorm_model_is_made_dp_compatible():
+    model = build_model(ModelConfig(name="resnet18", norm="batch"), 1, 2, 32, private=True)
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.BatchNorm2d not in kinds and torch.nn.GroupNorm in kinds
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "aseanfl", "simulate", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--epsilon", "0"], "privacy.target_epsilon: Input should be greater than 0"),
+        (["--epsilon", "8", "--set", "privacy.delta=1"], "privacy.delta: Input should be less than 1"),
+        (["--set", "site_privacy.hanoi.target_epsilon=-2"], "site_privacy.hanoi.target_epsilon: Input should be greater than 0"),
+        (["--set", "site_privacy.paris.enabled=true"], "site_privacy.paris: not one of the sites"),
+        (["--epsilon", "8", "--set", "privacy.budget_epsilon=0.01"], "privacy.budget_epsilon: 0.01 is below the cost of one round at nanning"),
+    ],
+)
+def test_privacy_config_errors(args, expected, tmp_path):
+    result = _cli(*args, "--out", str(tmp_path))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir()), "nothing is created for a run that cannot start"
