@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-
 from flwr.clientapp import ClientApp
 
 from medimaging.datasets import SiteData
@@ -20,6 +19,7 @@ from medimaging.training import evaluate, train_epochs
 
 from .config import PrivacyConfig
 from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
+from .mods import central_dp_mod
 from .privacy import LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
 
 log = logging.getLogger("aseanfl")
@@ -84,7 +84,7 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> dict:
 
 def build_client_app(load_hospital: HospitalLoader = _default_loader) -> ClientApp:
     """A ClientApp reading its hospital's data and policy through `load_hospital`."""
-    app = ClientApp()
+    app = ClientApp(mods=[central_dp_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -38,6 +38,9 @@ class TaskSpec(Message):
     num_classes: int = Field(ge=2)
     image_size: int = Field(ge=8)
     private: bool = Field(False, description="the federation trains with DP-SGD: DP-compatible model")
+    client_clipping: Literal["none", "fixed", "adaptive"] = Field(
+        "none", description="clip the update at the hospital (Flower client-side central DP)"
+    )
 
     def to_config(self) -> ConfigRecord:
         return ConfigRecord({TASK_KEY: self.model_dump_json()})
@@ -52,9 +55,10 @@ class TrainMetrics(Message):
     train_loss: float = Field(alias="train-loss")
     steps: int = Field(ge=0)
     epsilon: float = Field(description="the hospital's total epsilon spent so far; NaN without DP")
+    norm_bit: bool | None = Field(None, description="set by Flower's adaptive clipping mod: update was clipped")
 
     def record(self) -> MetricRecord:
-        return MetricRecord(self.model_dump(by_alias=True))
+        return MetricRecord(self.model_dump(by_alias=True, exclude_none=True))
 
 
 class EvalMetrics(Message):

@@ -25,7 +25,7 @@ from client.messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMe
 from medimaging.datasets import Split
 from medimaging.models import build_model
 from medimaging.training import evaluate
-from strategies.factory import build_strategy
+from strategies.factory import build_strategy, client_clipping
 
 from .config import RunConfig
 from .outputs import RunRecorder
@@ -70,6 +70,7 @@ class Plan:
     test: Split | None = None
     progress: Progress = field(default_factory=Progress)
     private: bool = False  # some hospital trains with DP-SGD: build DP-compatible models
+    sites: int | None = None  # hospitals expected per round (central DP scales its noise by it)
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -158,7 +159,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     """Run all rounds; write rows and checkpoints into plan.run_dir; return the summary."""
     cfg, shape, progress = plan.config, plan.shape, plan.progress
     random.seed(cfg.seed)  # Flower samples nodes with `random`
-    strategy = build_strategy(cfg.strategy)
+    strategy = build_strategy(cfg.strategy, plan.sites or cfg.strategy.min_sites)
     recorder = RunRecorder(plan.run_dir)
     arrays = initial_arrays(cfg, shape, plan.private)
     rounds, timeout = cfg.server.rounds, cfg.server.round_timeout_s
@@ -172,6 +173,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     for rnd in range(1, rounds + 1):
         task = TaskSpec(
             run=plan.run_dir.name, server_round=rnd, total_rounds=rounds, seed=cfg.seed, private=plan.private,
+            client_clipping=client_clipping(cfg.strategy),
             model=cfg.model, train=cfg.train,
             in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
         )

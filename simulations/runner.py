@@ -21,7 +21,9 @@ from client.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from server.loop import Plan, Progress  # noqa: E402
 
-from .config import SimulationConfig, dump_config, load_config  # noqa: E402
+from strategies.factory import build_strategy  # noqa: E402
+
+from .config import ConfigError, SimulationConfig, dump_config, load_config  # noqa: E402
 from .federation import check_budgets, distribution, global_test, hospital, resolved, task_shape  # noqa: E402
 
 
@@ -42,6 +44,10 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     """Resolve the config, create the run folder with config.yaml and data_distribution.json."""
     cfg = resolved(cfg)
     check_budgets(cfg)
+    try:  # Flower's strategy constructors check their own arguments: ask them before the run starts
+        build_strategy(cfg.strategy, len(cfg.sites))
+    except ValueError as exc:
+        raise ConfigError(f"strategy.central_dp: {exc}") from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = cfg.server.output_dir / f"{stamp}-{cfg.name}"
     suffix = 1
@@ -52,7 +58,7 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
     return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(), test=global_test(cfg),
-                progress=progress or Progress(), private=cfg.private)
+                progress=progress or Progress(), private=cfg.private, sites=len(cfg.sites))
 
 
 def plan_from_run_config(run_config: dict) -> Plan:

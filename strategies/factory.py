@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
 
 from .config import StrategyConfig
 
@@ -29,9 +36,11 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     return out
 
 
-def build_strategy(cfg: StrategyConfig) -> Strategy:
-    """Flower's FedAvg, example-weighted (the 'num-examples' each hospital reports)."""
-    return FedAvg(
+def build_strategy(cfg: StrategyConfig, num_sites: int) -> Strategy:
+    """Flower's FedAvg, example-weighted (the 'num-examples' each hospital reports), wrapped in
+    Flower's central-DP strategy when cfg.central_dp is set. `num_sites`: hospitals sampled
+    per round (the DP noise is scaled by it)."""
+    strategy = FedAvg(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_sites,
@@ -41,3 +50,21 @@ def build_strategy(cfg: StrategyConfig) -> Strategy:
         train_metrics_aggr_fn=weighted_mean,
         evaluate_metrics_aggr_fn=weighted_mean,
     )
+    dp = cfg.central_dp
+    if dp is None:
+        return strategy
+    if dp.clipping.endswith("fixed"):
+        wrapper = (DifferentialPrivacyServerSideFixedClipping if dp.clipping == "server-fixed"
+                   else DifferentialPrivacyClientSideFixedClipping)
+        return wrapper(strategy, dp.noise_multiplier, dp.clipping_norm, num_sites)
+    wrapper = (DifferentialPrivacyServerSideAdaptiveClipping if dp.clipping == "server-adaptive"
+               else DifferentialPrivacyClientSideAdaptiveClipping)
+    return wrapper(strategy, dp.noise_multiplier, num_sites, initial_clipping_norm=dp.clipping_norm,
+                   target_clipped_quantile=dp.target_clipped_quantile, clip_norm_lr=dp.clip_norm_lr,
+                   clipped_count_stddev=dp.clipped_count_stddev)
+
+
+def client_clipping(cfg: StrategyConfig) -> str:
+    """What the hospitals' clipping mod must do: 'none', 'fixed' or 'adaptive'."""
+    dp = cfg.central_dp
+    return dp.clipping.removeprefix("client-") if dp is not None and dp.clipping.startswith("client-") else "none"
