@@ -38,7 +38,8 @@ class RichProgress(Progress):
             table.add_column(col, justify="left" if col == "site" else "right")
         for r in rows:
             style = "bold" if r["site"] == "global" else None
-            table.add_row(r["site"], r.get("status", ""), _f(r.get("epsilon")), _f(r.get("train_loss")), _f(r.get("val_loss")), _f(r.get("val_auc")),
+            status = "" if r["site"] == "global" else r.get("status", "").split(":")[0]
+            table.add_row(r["site"], status, _f(r.get("epsilon")), _f(r.get("train_loss")), _f(r.get("val_loss")), _f(r.get("val_auc")),
                           _f(r.get("test_auc")), _f(r.get("num_train")), _f(r.get("bytes_from_site")), style=style)
         self.bar.console.print(table)
         self.bar.update(self.task, completed=rnd)

@@ -6,6 +6,7 @@ import logging
 
 import torch
 from monai.networks.nets import Classifier, DenseNet121, resnet18
+from monai.networks.nets.resnet import ResNetBlock
 from opacus.validators import ModuleValidator
 
 from .config import MODEL_MIN_SIZE, ModelConfig
@@ -25,10 +26,22 @@ def _norm_layer(name: str, channels: int) -> torch.nn.Module:
     return torch.nn.BatchNorm2d(channels)
 
 
+class _OutOfPlaceResNetBlock(ResNetBlock):
+    """MONAI's block, with `out + residual` instead of `out += residual` (Opacus' backward
+    hooks forbid modifying that view in place)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        residual = self.downsample(x) if self.downsample is not None else x
+        return self.act(out + residual)
+
+
 def _enforce(module: torch.nn.Module, norm: str) -> torch.nn.Module:
-    """MONAI 1.6's ResNet does not pass `norm` to its residual layers (they stay BatchNorm) and
-    their ReLUs are in-place; make every BatchNorm the asked-for norm and every activation
-    out-of-place (needed by Opacus, harmless otherwise)."""
+    """MONAI 1.6's ResNet does not pass `norm` to its residual layers (they stay BatchNorm),
+    their ReLUs are in-place and the residual sum is in-place: make every BatchNorm the
+    asked-for norm and every operation out-of-place (needed by Opacus, harmless otherwise)."""
+    if type(module) is ResNetBlock:
+        module.__class__ = _OutOfPlaceResNetBlock  # same parameters, out-of-place forward
     for name, child in module.named_children():
         if isinstance(child, torch.nn.BatchNorm2d) and norm != "batch":
             setattr(module, name, _norm_layer(norm, child.num_features))

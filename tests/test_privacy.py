@@ -59,15 +59,16 @@ def test_ledger_survives_restart_and_refuses_to_forget(tmp_path):
         PrivacyLedger(path, "hanoi", plan)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_private_training_spends_what_was_planned(mode):
+@pytest.mark.parametrize("name, mode", [("cnn", "hooks"), ("cnn", "ghost"), ("resnet18", "hooks"), ("densenet121", "ghost")])
+def test_private_training_spends_what_was_planned(name, mode):
     torch.manual_seed(0)
-    data = Split(torch.randn(200, 1, 16, 16), torch.randint(0, 2, (200,)))
+    data = Split(torch.randn(64, 1, 32, 32), torch.randint(0, 2, (64,)))
     policy = PrivacyConfig(enabled=True, grad_sample_mode=mode)
-    plan = make_plan(policy, len(data), TRAIN, total_rounds=2)
-    model = build_model(ModelConfig(name="cnn"), 1, 2, 16, private=True)
+    train = TrainConfig(local_epochs=1, batch_size=16)
+    plan = make_plan(policy, len(data), train, total_rounds=2)
+    model = build_model(ModelConfig(name=name), 1, 2, 32, private=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss, steps, history = train_private(model, data, TRAIN, policy, plan, seed=1)
+    loss, steps, history = train_private(model, data, train, policy, plan, seed=1)
     assert steps == plan.steps_per_round
     assert history == [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
