@@ -122,6 +122,9 @@ def _checked(
         except (KeyError, ValidationError) as exc:
             progress.problem(f"round {rnd} {phase}: {site} sent metrics that break the schema, ignored: {exc}")
             continue
+        if schema is TrainMetrics and list(reply.content.array_records) != ["arrays"]:
+            progress.problem(f"round {rnd} {phase}: {site} sent no model arrays (or extra ones), ignored")
+            continue
         kept.append(reply)
     return kept
 

@@ -1,0 +1,68 @@
+"""The server's reply checks on real Flower Message objects: anything outside the schema is
+dropped and the site named; refusals are recorded; the rest is aggregated."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.messages import REFUSAL_KEY, Refusal, TrainMetrics
+from server.loop import Progress, _checked
+
+_ids = iter(range(1, 1000))
+
+
+@pytest.fixture(autouse=True)
+def _server_identity():
+    """Messages are stamped with the sender's identity, as in a ServerApp."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+def _reply(site: str, metrics: dict | None = None, arrays: bool = True, refusal: Refusal | None = None) -> Message:
+    out = Message(content=RecordDict({"config": ConfigRecord({"task": "{}"})}), dst_node_id=7, message_type=MessageType.TRAIN)
+    out.metadata.__dict__["_message_id"] = str(next(_ids))  # as the link does when it stores a message
+    content = {"site": ConfigRecord({"name": site})}
+    if metrics is not None:
+        content["metrics"] = MetricRecord(metrics)
+    if arrays:
+        content["arrays"] = ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    if refusal is not None:
+        content[REFUSAL_KEY] = refusal.record()
+    return Message(content=RecordDict(content), reply_to=out)
+
+
+class Collect(Progress):
+    def __init__(self):
+        self.problems, self.refusals = [], []
+
+    def problem(self, text):
+        self.problems.append(text)
+
+    def refused(self, rnd, site, refusal):
+        self.refusals.append((site, refusal.code))
+
+
+GOOD = TrainMetrics(num_examples=10, train_loss=0.5, steps=3, epsilon=float("nan")).record()
+
+
+def test_only_schema_conformant_replies_are_kept():
+    leaky = dict(GOOD) | {"patient-age": 63.0}
+    out = Message(content=RecordDict({}), dst_node_id=9, message_type=MessageType.TRAIN)
+    out.metadata.__dict__["_message_id"] = "err"
+    failed = Message(Error(code=0, reason="site data unreadable"), reply_to=out)
+    replies = [
+        _reply("bangkok", dict(GOOD)),
+        _reply("hanoi", leaky),
+        _reply("jakarta", dict(GOOD), arrays=False),
+        _reply("manila", refusal=Refusal(code="privacy-budget", reason="over budget", epsilon_spent=7.9, epsilon_budget=8)),
+        failed,
+    ]
+    progress, refusals = Collect(), {}
+    kept = _checked(replies, TrainMetrics, progress, 3, "training", refusals)
+    assert [m.content.config_records["site"]["name"] for m in kept] == ["bangkok"]
+    text = "\n".join(progress.problems)
+    assert "hanoi sent metrics that break the schema" in text and "patient-age" in text
+    assert "jakarta sent no model arrays" in text
+    assert "replied with an error: site data unreadable" in text
+    assert progress.refusals == [("manila", "privacy-budget")] and refusals["manila"].epsilon_spent == 7.9
