@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -143,7 +144,10 @@ def train_private(
 ) -> tuple[float, int, list]:
     """DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise) in place.
     Returns (last-epoch loss, steps, the accountant's history of this round)."""
-    engine = PrivacyEngine(accountant=plan.accountant)
+    with warnings.catch_warnings():
+        # Known and documented: noise comes from torch's seeded RNG (reproducible runs), not a CSPRNG.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=plan.accountant)
     opt = make_optimizer(model, train.optimizer, train.lr)
     data = loader(split, train.batch_size, shuffle=True, seed=seed)  # its generator drives Poisson sampling
     common = dict(
@@ -157,7 +161,9 @@ def train_private(
         private, opt, data = engine.make_private(**common)
         loss_fn = None
     try:
-        loss, steps = run_epochs(private, opt, lambda _epoch: data, train.local_epochs, loss_fn)
+        with warnings.catch_warnings():  # Opacus' hooks on the first layer, whose input needs no grad
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss, steps = run_epochs(private, opt, lambda _epoch: data, train.local_epochs, loss_fn)
     finally:
         private.remove_hooks()  # leave `model` a plain module again
     return loss, steps, list(engine.accountant.history)
