@@ -81,7 +81,7 @@ def test_simulate_cli_learns_writes_everything_and_is_reproducible(tmp_path):
         if phase == "training":
             assert set(content.array_records) == {"arrays"}
             assert set(content.array_records["arrays"]) == param_names
-            assert metrics == {"num-examples", "train-loss", "steps"}
+            assert metrics == {"num-examples", "train-loss", "steps", "epsilon"}
         else:
             assert not content.array_records
             assert metrics == {"num-examples", "val-loss", "val-accuracy", "val-auc"}
