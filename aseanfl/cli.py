@@ -41,16 +41,12 @@ def simulate(
     verbose: bool = typer.Option(False, help="show Flower's and Ray's own logs"),
 ) -> None:
     """Simulate a federation of hospitals on one machine (Flower Simulation Engine, Ray)."""
-    import yaml
+    from simulations.config import ConfigError, load_config, parse_sets
 
-    from simulations.config import ConfigError, load_config
-
-    overrides: dict = {}
-    for item in set_:
-        if "=" not in item:
-            _fail(f"--set {item}: expected key=value")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        overrides = parse_sets(set_)
+    except ConfigError as exc:
+        _fail(f"--set {exc}")
     named = {
         "server.rounds": rounds, "sites": _sites(sites) if sites else None, "data.path": data,
         "model.name": model, "partition.scheme": partition, "partition.alpha": alpha,

@@ -105,6 +105,17 @@ def describe(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def parse_sets(items: list[str]) -> dict:
+    """['train.lr=0.01', 'sites=3'] -> {'train.lr': 0.01, 'sites': 3} (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r} is not key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
 def set_dotted(tree: dict, dotted: str, value) -> None:
     """tree['a']['b'] = value for 'a.b'."""
     *parents, leaf = dotted.split(".")

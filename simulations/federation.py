@@ -10,11 +10,10 @@ import numpy as np
 import torch
 from datasets import Dataset
 from flwr.app import Context
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, LinearPartitioner
 
 from client.app import Hospital
 from client.privacy import epsilon_of, make_plan
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, LinearPartitioner
-
 from medimaging.config import MODEL_MIN_SIZE
 from medimaging.datasets import SiteData, Split, labels_1d, load_npz, npz_info, split_train_val, to_tensor
 from medimaging.synthetic import site_images
@@ -92,7 +91,7 @@ def distribution(cfg: SimulationConfig) -> dict[str, dict[str, list[int]]]:
     shape = task_shape(cfg)
     out = {}
     for i, name in enumerate(cfg.sites):
-        site = site_data(cfg, i, shape.image_size)
+        site = cached_site(cfg, i, shape.image_size)
         out[name] = {"train": site.train.class_counts(shape.num_classes), "val": site.val.class_counts(shape.num_classes)}
     return out
 

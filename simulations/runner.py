@@ -23,21 +23,15 @@ from server.loop import Plan, Progress  # noqa: E402
 
 from strategies.factory import build_strategy  # noqa: E402
 
-from .config import ConfigError, SimulationConfig, dump_config, load_config  # noqa: E402
+from .config import ConfigError, SimulationConfig, dump_config, load_config, parse_sets  # noqa: E402
 from .federation import check_budgets, distribution, global_test, hospital, resolved, task_shape  # noqa: E402
 
 
 def config_from_run_config(run_config: dict) -> SimulationConfig:
     """`flwr run . --run-config "config-file='x.yaml' set='server.rounds=3 model.name=cnn'"`."""
     path = str(run_config.get("config-file", "") or "")
-    overrides = dict(item.split("=", 1) for item in str(run_config.get("set", "") or "").split())
-    return load_config(Path(path) if path else None, {k: _scalar(v) for k, v in overrides.items()})
-
-
-def _scalar(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
+    overrides = parse_sets(str(run_config.get("set", "") or "").split())
+    return load_config(Path(path) if path else None, overrides)
 
 
 def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan:
