@@ -20,7 +20,7 @@ from medimaging.training import evaluate, train_epochs
 from .config import PrivacyConfig
 from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from .mods import central_dp_mod
-from .privacy import LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
+from .privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
 
 log = logging.getLogger("aseanfl")
 
@@ -66,15 +66,15 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> dict:
         plan = make_plan(policy, len(site.train), cfg, task.total_rounds)
         try:
             ledger = PrivacyLedger(ledger_path(policy, hospital.ledger_root / task.run / "privacy", site.name), site.name, plan)
+            epsilon = ledger.charge(task.run, task.server_round, plan, policy.cap)  # before training: a crash still counts
         except LedgerError as exc:
-            return {REFUSAL_KEY: Refusal(code="privacy-ledger", reason=str(exc), epsilon_budget=policy.cap).record()}
-        spent, after = ledger.spent(), ledger.spent_after(plan)
-        if after > policy.cap:
-            reason = (f"round {task.server_round} would raise epsilon from {spent:.4f} to {after:.4f}, "
+            log.error("%s: %s", site.name, exc)  # the local log names the file; the reply does not
+            return {REFUSAL_KEY: Refusal(code="privacy-ledger", reason=exc.reason, epsilon_budget=policy.cap).record()}
+        except BudgetExceeded as exc:
+            reason = (f"round {task.server_round} would raise epsilon from {exc.spent:.4f} to {exc.after:.4f}, "
                       f"above this hospital's budget {policy.cap}")
-            return {REFUSAL_KEY: Refusal(code="privacy-budget", reason=reason, epsilon_spent=spent,
+            return {REFUSAL_KEY: Refusal(code="privacy-budget", reason=reason, epsilon_spent=exc.spent,
                                          epsilon_budget=policy.cap).record()}
-        epsilon = ledger.record(task.run, task.server_round, plan)  # spent before training: a crash still counts
         loss, steps, _ = train_private(model, site.train, cfg, policy, plan, seed)
     else:
         loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed)

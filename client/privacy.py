@@ -92,7 +92,18 @@ class LedgerFile(BaseModel):
 
 
 class LedgerError(Exception):
-    """The ledger cannot be trusted or does not fit the policy; the hospital must not train."""
+    """The ledger cannot be trusted or does not fit the policy; the hospital must not train.
+    `reason` is safe to send (no local paths); str(exc) adds the file for the local log."""
+
+    def __init__(self, reason: str, path: Path) -> None:
+        super().__init__(f"{reason} ({path})")
+        self.reason = reason
+
+
+class BudgetExceeded(Exception):
+    def __init__(self, spent: float, after: float) -> None:
+        super().__init__(f"epsilon would go from {spent:.4f} to {after:.4f}")
+        self.spent, self.after = spent, after
 
 
 class PrivacyLedger:
@@ -102,12 +113,12 @@ class PrivacyLedger:
             try:
                 self.data = LedgerFile.model_validate_json(path.read_text())
             except (ValidationError, ValueError, OSError) as exc:
-                raise LedgerError(f"privacy ledger {path} is unreadable ({exc.__class__.__name__}); "
-                                  "refusing to train rather than forget past spending") from None
+                raise LedgerError(f"the privacy ledger is unreadable ({exc.__class__.__name__}); "
+                                  "refusing to train rather than forget past spending", path) from None
             if (self.data.accountant, self.data.delta) != (plan.accountant, plan.delta):
                 raise LedgerError(
-                    f"privacy ledger {path} was kept with accountant={self.data.accountant} delta={self.data.delta}; "
-                    f"the policy now says accountant={plan.accountant} delta={plan.delta}"
+                    f"the privacy ledger was kept with accountant={self.data.accountant} delta={self.data.delta}; "
+                    f"the policy now says accountant={plan.accountant} delta={plan.delta}", path,
                 )
         else:
             self.data = LedgerFile(site=site, accountant=plan.accountant, delta=plan.delta)
@@ -122,9 +133,18 @@ class PrivacyLedger:
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
         return epsilon_of(self.history() + [step], self.data.delta, self.data.accountant)
 
-    def record(self, run: str, rnd: int, plan: DPPlan) -> float:
-        """Append this round's spending and write the file atomically; returns the new total."""
-        epsilon = self.spent_after(plan)
+    def charge(self, run: str, rnd: int, plan: DPPlan, cap: float) -> float:
+        """Record one round of `plan` if the total stays within `cap` (BudgetExceeded if not);
+        returns the new total."""
+        after = self.spent_after(plan)
+        if after > cap:
+            raise BudgetExceeded(self.spent(), after)
+        return self.record(run, rnd, plan, after)
+
+    def record(self, run: str, rnd: int, plan: DPPlan, epsilon: float | None = None) -> float:
+        """Append this round's spending and write the file atomically; returns the new total
+        (`epsilon`: that total, when the caller has just computed it)."""
+        epsilon = self.spent_after(plan) if epsilon is None else epsilon
         self.data.entries.append(LedgerEntry(
             run=run, round=rnd, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
             steps=plan.steps_per_round, epsilon_after=epsilon, time=time.time(),

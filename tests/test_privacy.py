@@ -10,7 +10,7 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.config import PrivacyConfig, TrainConfig
-from client.privacy import LedgerError, PrivacyLedger, epsilon_of, make_plan, train_private
+from client.privacy import BudgetExceeded, LedgerError, PrivacyLedger, epsilon_of, make_plan, train_private
 from medimaging.config import ModelConfig
 from medimaging.datasets import Split
 from medimaging.models import build_model
@@ -55,8 +55,20 @@ def test_ledger_survives_restart_and_refuses_to_forget(tmp_path):
     with pytest.raises(LedgerError, match="delta="):
         PrivacyLedger(path, "hanoi", other)
     path.write_text(path.read_text()[:40])  # truncated by a crash or an editor
-    with pytest.raises(LedgerError, match="unreadable.*refusing to train"):
+    with pytest.raises(LedgerError, match="unreadable.*refusing to train") as err:
         PrivacyLedger(path, "hanoi", plan)
+    assert str(path) not in err.value.reason and "hanoi.json" not in err.value.reason, "the wire reason names no file"
+
+
+def test_charge_refuses_past_the_cap_and_records_nothing(tmp_path):
+    plan = make_plan(PrivacyConfig(enabled=True, target_epsilon=2.0), n_train=300, train=TRAIN, total_rounds=2)
+    ledger = PrivacyLedger(tmp_path / "s.json", "s", plan)
+    first = ledger.charge("r", 1, plan, cap=2.0)
+    second = ledger.charge("r", 2, plan, cap=2.0)
+    assert first < second <= 2.0
+    with pytest.raises(BudgetExceeded):
+        ledger.charge("r", 3, plan, cap=2.0)
+    assert len(PrivacyLedger(tmp_path / "s.json", "s", plan).data.entries) == 2
 
 
 @pytest.mark.parametrize("name, mode", [("cnn", "hooks"), ("cnn", "ghost"), ("resnet18", "hooks"), ("densenet121", "ghost")])
