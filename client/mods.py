@@ -1,14 +1,31 @@
-"""Client mods: hospital-side clipping for Flower's client-side central-DP wrappers."""
+"""Client mods: error replies that carry no local detail, and hospital-side clipping for
+Flower's client-side central-DP wrappers."""
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MessageType
+import logging
+
+from flwr.app import Context, Error, Message, MessageType
+from flwr.common.constant import ErrorCode
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from .messages import REFUSAL_KEY, TaskSpec
 
 _MODS = {"fixed": fixedclipping_mod, "adaptive": adaptiveclipping_mod}
+log = logging.getLogger("aseanfl")
+
+
+def private_errors_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Outermost mod. Flower would send str(exception) to the server, and an exception at a
+    hospital can name a local file or a value from the data; log it here in full and send only
+    its type."""
+    try:
+        return call_next(msg, ctxt)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a reply, none leaks detail
+        log.exception("%s task failed at this hospital", msg.metadata.message_type)
+        reason = f"{type(exc).__name__} at the hospital (details in its local log)"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def central_dp_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

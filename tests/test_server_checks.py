@@ -66,3 +66,30 @@ def test_only_schema_conformant_replies_are_kept():
     assert "jakarta sent no model arrays" in text
     assert "replied with an error: site data unreadable" in text
     assert progress.refusals == [("manila", "privacy-budget")] and refusals["manila"].epsilon_spent == 7.9
+
+
+def test_hospital_errors_reach_the_server_without_local_detail(caplog):
+    """A hospital whose data loading fails: the reply says what kind of failure, never the path."""
+    from flwr.app import Context
+
+    from client.app import build_client_app
+    from client.messages import TaskSpec
+    from client.config import TrainConfig
+    from medimaging.config import ModelConfig
+
+    secret = "/pacs/export/NGUYEN_VAN_A_1957/slice_001.dcm"
+
+    def broken_loader(context, image_size):
+        raise FileNotFoundError(f"cannot read {secret}")
+
+    task = TaskSpec(run="r", server_round=1, total_rounds=1, seed=0, model=ModelConfig(), train=TrainConfig(),
+                    in_channels=1, num_classes=2, image_size=32)
+    msg = Message(content=RecordDict({"config": task.to_config(), "arrays": ArrayRecord()}), dst_node_id=5,
+                  message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    app = build_client_app(broken_loader)
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    reply = app(message=msg, context=context)
+    assert reply.has_error()
+    assert reply.error.reason == "FileNotFoundError at the hospital (details in its local log)"
+    assert "NGUYEN" not in reply.error.reason and secret in caplog.text, "full detail stays in the local log"
