@@ -31,7 +31,8 @@ def main() -> None:
         t = time.perf_counter()
         run_dir = simulate(cfg)
         fl_total = time.perf_counter() - t
-        fl_rounds = json.loads((run_dir / "summary.json").read_text())["seconds"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        fl_rounds, per_round = summary["seconds"], summary["round_seconds"]
 
     torch.set_num_threads(os.cpu_count() or 1)
     data, tr, test = sites(cfg), cfg.train, global_test(cfg)
@@ -56,6 +57,10 @@ def main() -> None:
     print(f"plain loop + the same evaluations per round:   {plain_eval:7.1f} s")
     print(f"simulated federation, rounds only:             {fl_rounds:7.1f} s   ratio {fl_rounds / plain:5.2f}x")
     print(f"simulated federation, incl. Ray start/stop:    {fl_total:7.1f} s   ratio {fl_total / plain:5.2f}x")
+    steady = sum(per_round[1:]) / max(len(per_round) - 1, 1)  # round 1 also starts the Ray workers
+    print(f"first round (Ray workers start, import, build their data): {per_round[0]:5.1f} s")
+    print(f"later rounds, mean:                             {steady:5.1f} s   plain loop per round "
+          f"{plain_eval / cfg.server.rounds:5.1f} s   ratio {steady / (plain_eval / cfg.server.rounds):5.2f}x")
     print(f"Flower+Ray share (rounds only vs plain loop with the same evaluations): {fl_rounds / plain_eval:5.2f}x")
 
 

@@ -168,12 +168,14 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     rounds, timeout = cfg.server.rounds, cfg.server.round_timeout_s
     best = {"round": None, "score": float("-inf")}
     started = time.time()
+    round_seconds: list[float] = []
 
     if plan.test is not None:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
         recorder.write_rows([{"round": 0, "site": "global", **{f"test_{k}": v for k, v in test.items()}}])
 
     for rnd in range(1, rounds + 1):
+        round_start = time.time()
         task = TaskSpec(
             run=plan.run_dir.name, server_round=rnd, total_rounds=rounds, seed=cfg.seed, private=plan.private,
             client_clipping=client_clipping(cfg.strategy),
@@ -233,11 +235,13 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             best = {"round": rnd, "score": score}
             recorder.save_model(arrays, "model_best.safetensors", round=rnd, selected_by="federated val_auc")
         progress.round_finished(rnd, rounds, site_rows + [glob])
+        round_seconds.append(round(time.time() - round_start, 2))
 
     summary = {
         "rounds": rounds,
         "best_round": best["round"],
         "seconds": round(time.time() - started, 2),
+        "round_seconds": round_seconds,
         "final": glob if rounds else {},
     }
     recorder.write_summary(summary)
