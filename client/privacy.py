@@ -9,7 +9,6 @@ so a crash mid-round still counts against the budget.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -191,8 +190,3 @@ def train_private(
 
 def ledger_path(policy: PrivacyConfig, default_dir: Path, site: str) -> Path:
     return (policy.ledger_dir or default_dir) / f"{site}.json"
-
-
-def describe_plan(plan: DPPlan) -> str:
-    return json.dumps({"noise_multiplier": round(plan.noise_multiplier, 4), "sample_rate": round(plan.sample_rate, 5),
-                       "steps_per_round": plan.steps_per_round, "delta": plan.delta})

@@ -33,7 +33,6 @@ class SiteData:
     name: str
     train: Split
     val: Split
-    num_classes: int
 
 
 def to_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:

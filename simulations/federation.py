@@ -71,7 +71,7 @@ def _local_arrays(cfg: SimulationConfig, index: int) -> tuple[np.ndarray, np.nda
 def site_data(cfg: SimulationConfig, index: int, image_size: int) -> SiteData:
     x, y = _local_arrays(cfg, index)
     train, val = split_train_val(to_tensor(x, image_size), torch.from_numpy(y), cfg.data.val_fraction, cfg.seed + index)
-    return SiteData(name=cfg.sites[index], train=train, val=val, num_classes=task_shape(cfg).num_classes)
+    return SiteData(name=cfg.sites[index], train=train, val=val)
 
 
 def global_test(cfg: SimulationConfig) -> Split:
