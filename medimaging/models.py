@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import Classifier, DenseNet121, resnet18
 from monai.networks.nets.resnet import ResNetBlock
 from opacus.validators import ModuleValidator
@@ -16,14 +17,6 @@ log = logging.getLogger("aseanfl")
 
 def _norm(name: str) -> str | tuple:
     return {"group": ("group", {"num_groups": 8}), "instance": ("instance", {"affine": True})}.get(name, name)
-
-
-def _norm_layer(name: str, channels: int) -> torch.nn.Module:
-    if name == "group":
-        return torch.nn.GroupNorm(8, channels)
-    if name == "instance":
-        return torch.nn.InstanceNorm2d(channels, affine=True)
-    return torch.nn.BatchNorm2d(channels)
 
 
 class _OutOfPlaceResNetBlock(ResNetBlock):
@@ -44,7 +37,7 @@ def _enforce(module: torch.nn.Module, norm: str) -> torch.nn.Module:
         module.__class__ = _OutOfPlaceResNetBlock  # same parameters, out-of-place forward
     for name, child in module.named_children():
         if isinstance(child, torch.nn.BatchNorm2d) and norm != "batch":
-            setattr(module, name, _norm_layer(norm, child.num_features))
+            setattr(module, name, get_norm_layer(name=_norm(norm), spatial_dims=2, channels=child.num_features))
         else:
             _enforce(child, norm)
         if hasattr(child, "inplace"):
