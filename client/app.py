@@ -20,6 +20,7 @@ from medimaging.training import evaluate, train_epochs
 from .config import PrivacyConfig
 from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from .mods import central_dp_mod, private_errors_mod
+from .secure import secure_aggregation_mod
 from .privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
 
 log = logging.getLogger("aseanfl")
@@ -84,7 +85,7 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> dict:
 
 def build_client_app(load_hospital: HospitalLoader = _default_loader) -> ClientApp:
     """A ClientApp reading its hospital's data and policy through `load_hospital`."""
-    app = ClientApp(mods=[private_errors_mod, central_dp_mod])
+    app = ClientApp(mods=[private_errors_mod, secure_aggregation_mod, central_dp_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

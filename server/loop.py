@@ -17,18 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 from pydantic import ValidationError
 
 from client.messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from medimaging.datasets import Split
 from medimaging.models import build_model
 from medimaging.training import evaluate
-from strategies.factory import build_strategy, client_clipping
+from strategies.factory import build_secure_workflow, build_strategy, client_clipping, weighted_mean
 
 from .config import RunConfig
 from .outputs import RunRecorder
+from .secure import secure_train
 
 log = logging.getLogger("aseanfl")
 
@@ -73,11 +75,17 @@ class Plan:
     sites: int | None = None  # hospitals expected per round (central DP scales its noise by it)
 
 
+def _value_bytes(value) -> int:
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return len(value) if isinstance(value, (str, bytes)) else 8
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of array data plus metric/config values in a message's content."""
     total = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
     for rec in list(content.metric_records.values()) + list(content.config_records.values()):
-        total += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in rec.values())
+        total += sum(_value_bytes(v) for v in rec.values())
     return total
 
 
@@ -97,10 +105,12 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[
 
 
 def _checked(
-    replies: list[Message], schema, progress: Progress, rnd: int, phase: str, refusals: dict[str, Refusal]
+    replies: list[Message], schema, progress: Progress, rnd: int, phase: str, refusals: dict[str, Refusal],
+    arrays: bool = True,
 ) -> list[Message]:
     """Keep replies fit to aggregate. Error replies, refusals and metrics that break the schema
-    are left out, each reported with the site's name and the reason."""
+    are left out, each reported with the site's name and the reason. `arrays`: a training
+    reply must carry the model (under SecAgg+ it carries none in the clear)."""
     kept = []
     for reply in replies:
         progress.received(rnd, phase, reply)
@@ -122,7 +132,7 @@ def _checked(
         except (KeyError, ValidationError) as exc:
             progress.problem(f"round {rnd} {phase}: {site} sent metrics that break the schema, ignored: {exc}")
             continue
-        if schema is TrainMetrics and list(reply.content.array_records) != ["arrays"]:
+        if schema is TrainMetrics and arrays and list(reply.content.array_records) != ["arrays"]:
             progress.problem(f"round {rnd} {phase}: {site} sent no model arrays (or extra ones), ignored")
             continue
         kept.append(reply)
@@ -158,11 +168,40 @@ def server_evaluate(
     return evaluate(model, test, shape.num_classes)
 
 
+def _secure_phase(grid: Grid, plan: Plan, workflow, tasks, arrays: ArrayRecord, rnd: int,
+                  row: Callable[[str], dict], refusals: dict[str, Refusal]):
+    """Training through SecAgg+: only the hospitals' masked vectors and metrics reach the server.
+    A reply that breaks the schema is reported but stays in the sum (it cannot be taken out of it)."""
+    result = secure_train(grid, workflow, tasks, arrays, rnd, payload_bytes)
+    for nid, (to_site, from_site) in result.traffic.items():
+        r = row(result.sites.get(nid, f"node-{nid}"))
+        r["bytes_to_site"] += to_site
+        r["bytes_from_site"] += from_site
+        if nid in result.failed:
+            r["status"] = "error"
+    replies = sorted(result.replies, key=_site_name)
+    trained = _checked(replies, TrainMetrics, plan.progress, rnd, "training", refusals, arrays=False)
+    for nid in sorted(result.failed):
+        plan.progress.problem(f"round {rnd} training: {result.sites.get(nid, f'node-{nid}')} dropped out of SecAgg+")
+    if result.problem:
+        plan.progress.problem(f"round {rnd} training: {result.problem}")
+    new_arrays = result.arrays
+    dp = plan.config.strategy.central_dp
+    if new_arrays is not None and dp is not None:  # client-side fixed clipping: the server adds the noise
+        values = new_arrays.to_numpy_ndarrays()
+        add_gaussian_noise_inplace(values, compute_stdv(dp.noise_multiplier, dp.clipping_norm, plan.sites or len(trained)))
+        new_arrays = ArrayRecord({k: Array(v) for k, v in zip(new_arrays.keys(), values, strict=True)})
+    metrics = [RecordDict({"metrics": r.content.metric_records["metrics"]}) for r in trained]
+    return trained, new_arrays, weighted_mean(metrics, "num-examples") if trained else None
+
+
 def run_federation(grid: Grid, plan: Plan) -> dict:
     """Run all rounds; write rows and checkpoints into plan.run_dir; return the summary."""
     cfg, shape, progress = plan.config, plan.shape, plan.progress
     random.seed(cfg.seed)  # Flower samples nodes with `random`
     strategy = build_strategy(cfg.strategy, plan.sites or cfg.strategy.min_sites)
+    secagg = cfg.strategy.secure_aggregation
+    workflow = build_secure_workflow(secagg, cfg.server.round_timeout_s) if secagg is not None else None
     recorder = RunRecorder(plan.run_dir)
     arrays = initial_arrays(cfg, shape, plan.private)
     rounds, timeout = cfg.server.rounds, cfg.server.round_timeout_s
@@ -189,15 +228,19 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             return rows.setdefault(site, {"round": rnd, "site": site, "status": "ok", "bytes_to_site": 0, "bytes_from_site": 0})
 
         progress.round_started(rnd, rounds, "training")
-        replies, sent = _exchange(grid, strategy.configure_train(rnd, arrays, task.to_config(), grid), timeout)
-        _count_traffic(replies, sent, row)
-        trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals)
+        tasks = strategy.configure_train(rnd, arrays, task.to_config(), grid)
+        if workflow is None:
+            replies, sent = _exchange(grid, tasks, timeout)
+            _count_traffic(replies, sent, row)
+            trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals)
+            new_arrays, train_agg = strategy.aggregate_train(rnd, trained) if trained else (None, None)
+        else:
+            trained, new_arrays, train_agg = _secure_phase(grid, plan, workflow, tasks, arrays, rnd, row, refusals)
         for site, refusal in refusals.items():
             row(site).update(status=f"refused:{refusal.code}", epsilon=refusal.epsilon_spent)
         for reply in trained:
             m, r = _metrics(reply), row(_site_name(reply))
             r.update(train_loss=m["train-loss"], num_train=m["num-examples"], epsilon=m["epsilon"])
-        new_arrays, train_agg = strategy.aggregate_train(rnd, trained) if trained else (None, None)
         if new_arrays is None:
             progress.problem(f"round {rnd}: no usable training replies; the global model is unchanged")
         else:

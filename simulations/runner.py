@@ -21,7 +21,7 @@ from client.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from server.loop import Plan, Progress  # noqa: E402
 
-from strategies.factory import build_strategy  # noqa: E402
+from strategies.factory import build_secure_workflow, build_strategy  # noqa: E402
 
 from .config import ConfigError, SimulationConfig, dump_config, load_config, parse_sets  # noqa: E402
 from .federation import check_budgets, distribution, global_test, hospital, resolved, task_shape  # noqa: E402
@@ -42,6 +42,11 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
         build_strategy(cfg.strategy, len(cfg.sites))
     except ValueError as exc:
         raise ConfigError(f"strategy.central_dp: {exc}") from None
+    if cfg.strategy.secure_aggregation is not None:
+        try:
+            build_secure_workflow(cfg.strategy.secure_aggregation, None)
+        except ValueError as exc:
+            raise ConfigError(f"strategy.secure_aggregation: {exc}") from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = cfg.server.output_dir / f"{stamp}-{cfg.name}"
     suffix = 1

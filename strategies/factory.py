@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from flwr.app import MetricRecord, RecordDict
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
@@ -14,7 +15,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from .config import StrategyConfig
+from .config import SecAggConfig, StrategyConfig
 
 
 def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -68,3 +69,11 @@ def client_clipping(cfg: StrategyConfig) -> str:
     """What the hospitals' clipping mod must do: 'none', 'fixed' or 'adaptive'."""
     dp = cfg.central_dp
     return dp.clipping.removeprefix("client-") if dp is not None and dp.clipping.startswith("client-") else "none"
+
+
+def build_secure_workflow(cfg: SecAggConfig, timeout: float | None) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow (it checks its own arguments: ValueError)."""
+    return SecAggPlusWorkflow(
+        cfg.num_shares, cfg.reconstruction_threshold, max_weight=cfg.max_weight, clipping_range=cfg.clipping_range,
+        quantization_range=cfg.quantization_range, modulus_range=cfg.modulus_range, timeout=timeout,
+    )

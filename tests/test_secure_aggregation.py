@@ -1,0 +1,88 @@
+"""SecAgg+ (Flower's protocol, real simulation): the server sees only the sum, and the sum is
+right, even with a hospital refusing (privacy budget) and one dropping out mid-protocol."""
+
+import csv
+
+import pytest
+import torch
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.simulation import run_simulation
+from safetensors.torch import load_file
+
+from client.app import build_client_app
+from server.app import build_server_app
+from server.loop import Progress
+from simulations.config import ConfigError, load_config
+from simulations.federation import hospital
+from simulations.runner import backend_config, prepare_run, simulate
+
+SITES = ["nanning", "hanoi", "bangkok", "kuala-lumpur"]
+BROKEN = 3  # kuala-lumpur's data "fails to load" when it trains: it drops out after sharing its keys
+
+
+class Seen(Progress):
+    def __init__(self):
+        self.training = []
+
+    def received(self, rnd, phase, reply):
+        if phase == "training":
+            self.training.append(reply)
+
+
+def _run(tmp_path, name, secure):
+    overrides = {
+        "sites": SITES, "server.rounds": 2, "server.output_dir": str(tmp_path / name), "train.local_epochs": 1,
+        "privacy.enabled": True, "privacy.target_epsilon": 4.0, "site_privacy.hanoi.budget_epsilon": 3.5,
+        "privacy.ledger_dir": str(tmp_path / name / "ledgers"),
+    }
+    if secure:
+        overrides["strategy.secure_aggregation.num_shares"] = 1.0
+    seen = Seen()
+    plan = prepare_run(load_config(None, overrides), seen)
+    cfg = plan.config
+
+    def load_hospital(context, image_size):
+        index = int(context.node_config["partition-id"])
+        if index == BROKEN:
+            raise OSError("/data/kl/images: input/output error")
+        return hospital(cfg, index, image_size, plan.run_dir.parent)
+
+    run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=build_client_app(load_hospital),
+                   num_supernodes=len(SITES), backend_config=backend_config(cfg))
+    rows = list(csv.DictReader((plan.run_dir / "metrics.csv").open()))
+    return load_file(str(plan.run_dir / "model.safetensors")), rows, seen
+
+
+def test_secure_sum_equals_plain_fedavg_with_a_refusal_and_a_dropout(tmp_path):
+    plain, plain_rows, _ = _run(tmp_path, "plain", secure=False)
+    secure, rows, seen = _run(tmp_path, "secure", secure=True)
+
+    # The same hospitals trained, refused and failed in both runs.
+    def statuses(rs):
+        return sorted((r["round"], r["status"]) for r in rs if r["site"] not in ("global",) and r["round"] != "0")
+
+    assert statuses(rows) == statuses(plain_rows)
+    assert ("2", "refused:privacy-budget") in statuses(rows) and ("1", "error") in statuses(rows)
+    # SecAgg+ unmasked the example-weighted mean of the others: plain FedAvg's model, up to quantisation.
+    diff = max(float((secure[k].float() - plain[k].float()).abs().max()) for k in plain)
+    assert diff < 1e-3, diff
+    assert any(not torch.equal(secure[k], plain[k]) for k in plain)  # it really went another way
+    # What reached the server from training: metrics, the site name, a masked vector; no model.
+    assert seen.training
+    for reply in seen.training:
+        assert sum(len(a.data) for rec in reply.content.array_records.values() for a in rec.values()) == 0
+        if "refusal" not in reply.content.config_records:
+            assert Key.MASKED_PARAMETERS in reply.content.config_records[RECORD_KEY_CONFIGS]
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [({"strategy.central_dp.clipping": "server-fixed"}, "works with central_dp.clipping 'client-fixed' only"),
+     ({"strategy.secure_aggregation.reconstruction_threshold": 5, "strategy.secure_aggregation.num_shares": 4},
+      "strategy.secure_aggregation: `reconstruction_threshold` must be less than `num_shares`")],
+)
+def test_secure_aggregation_config_errors(tmp_path, sets, expected):
+    cfg = {"sites": 3, "server.output_dir": str(tmp_path), "strategy.secure_aggregation.max_weight": 5000, **sets}
+    with pytest.raises(ConfigError, match=expected):
+        simulate(load_config(None, cfg))
+    assert not any(tmp_path.iterdir())
