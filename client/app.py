@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import zlib
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from medimaging.datasets import SiteData
-from medimaging.models import build_model
+from medimaging.models import build_model, norm_keys
 from medimaging.training import evaluate, train_epochs
 
 from .config import PrivacyConfig
@@ -24,6 +27,8 @@ from .secure import secure_aggregation_mod
 from .privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
 
 log = logging.getLogger("aseanfl")
+LOCAL_NORMS = "fedbn-local-norms"  # a record in the node's own state, never in a message
+PROXIMAL_KEY = "proximal-mu"
 
 
 @dataclass
@@ -49,17 +54,39 @@ def _site_seed(task: TaskSpec, site: str) -> int:
     return (task.seed * 1_000_003 + task.server_round * 7919 + zlib.crc32(site.encode())) % 2**31
 
 
-def _model(task: TaskSpec, msg: Message) -> torch.nn.Module:
+def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
+    """The server's model; under FedBN with this hospital's own normalisation layers (kept in the
+    node's state between rounds; freshly initialised in its first round)."""
     model = build_model(task.model, task.in_channels, task.num_classes, task.image_size, private=task.private)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    arrays = msg.content["arrays"].to_torch_state_dict()
+    if not task.fedbn:
+        model.load_state_dict(arrays)
+        return model
+    if LOCAL_NORMS in context.state.array_records:
+        arrays.update(context.state.array_records[LOCAL_NORMS].to_torch_state_dict())
+    missing, extra = set(model.state_dict()) - set(arrays), set(arrays) - set(model.state_dict())
+    if extra or missing - norm_keys(model):
+        raise ValueError(f"FedBN: the server's arrays do not fit this model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]})")
+    model.load_state_dict(arrays, strict=False)
     return model
+
+
+def _outgoing(task: TaskSpec, model: torch.nn.Module, context: Context) -> ArrayRecord:
+    """What leaves: the whole model, or under FedBN all but the normalisation layers, which stay."""
+    state = model.state_dict()
+    if not task.fedbn:
+        return ArrayRecord(state)
+    local = norm_keys(model)
+    context.state[LOCAL_NORMS] = ArrayRecord(OrderedDict((k, v) for k, v in state.items() if k in local))
+    return ArrayRecord(OrderedDict((k, v) for k, v in state.items() if k not in local))
 
 
 def _reply(site: SiteData, records: dict) -> RecordDict:
     return RecordDict({**records, "site": ConfigRecord({"name": site.name})})
 
 
-def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> dict:
+def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float) -> dict:
     """Train (privately if the hospital's policy says so); the reply's records."""
     site, cfg, policy, seed = hospital.data, task.train, hospital.privacy, _site_seed(task, hospital.data.name)
     epsilon = math.nan
@@ -76,16 +103,26 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> dict:
                       f"above this hospital's budget {policy.cap}")
             return {REFUSAL_KEY: Refusal(code="privacy-budget", reason=reason, epsilon_spent=exc.spent,
                                          epsilon_budget=policy.cap).record()}
-        loss, steps, _ = train_private(model, site.train, cfg, policy, plan, seed)
+        loss, steps, _ = train_private(model, site.train, cfg, policy, plan, seed, proximal_mu=mu)
     else:
-        loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed)
+        loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu)
     metrics = TrainMetrics(num_examples=len(site.train), train_loss=loss, steps=steps, epsilon=epsilon)
-    return {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics.record()}
+    return {"metrics": metrics.record()}
 
 
-def build_client_app(load_hospital: HospitalLoader = _default_loader) -> ClientApp:
-    """A ClientApp reading its hospital's data and policy through `load_hospital`."""
-    app = ClientApp(mods=[private_errors_mod, secure_aggregation_mod, central_dp_mod])
+def _finetuned(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> dict[str, float]:
+    """Validation scores of the global model after one local epoch (the copy is discarded)."""
+    if hospital.privacy.enabled:  # it would train on private data outside the ledger
+        raise ValueError("finetune_eval is not available for a hospital that trains with DP-SGD")
+    tuned, cfg = copy.deepcopy(model), task.train
+    train_epochs(tuned, hospital.data.train, 1, cfg.batch_size, cfg.lr, cfg.optimizer, _site_seed(task, hospital.data.name))
+    return evaluate(tuned, hospital.data.val, task.num_classes)
+
+
+def build_client_app(load_hospital: HospitalLoader = _default_loader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp reading its hospital's data and policy through `load_hospital`. `extra_mods`
+    run just inside the error guard, before SecAgg+ and clipping (e.g. a site's own audit)."""
+    app = ClientApp(mods=[private_errors_mod, *extra_mods, secure_aggregation_mod, central_dp_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -93,17 +130,24 @@ def build_client_app(load_hospital: HospitalLoader = _default_loader) -> ClientA
         task = TaskSpec.from_config(msg.content["config"])
         hospital = load_hospital(context, task.image_size)
         torch.manual_seed(_site_seed(task, hospital.data.name))
-        records = _train(task, hospital, _model(task, msg))
+        model = _model(task, msg, context)
+        mu = float(msg.content["config"].get(PROXIMAL_KEY, 0.0))  # Flower's FedProx sends it
+        records = _train(task, hospital, model, mu)
+        if REFUSAL_KEY not in records:
+            records = {"arrays": _outgoing(task, model, context), **records}
         return Message(content=_reply(hospital.data, records), reply_to=msg)
 
     @app.evaluate()
     def validate(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         task = TaskSpec.from_config(msg.content["config"])
-        site = load_hospital(context, task.image_size).data
-        scores = evaluate(_model(task, msg), site.val, task.num_classes)
+        hospital = load_hospital(context, task.image_size)
+        site, model = hospital.data, _model(task, msg, context)
+        scores = evaluate(model, site.val, task.num_classes)
+        tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}
         metrics = EvalMetrics(
-            num_examples=len(site.val), val_loss=scores["loss"], val_accuracy=scores["accuracy"], val_auc=scores["auc"]
+            num_examples=len(site.val), val_loss=scores["loss"], val_accuracy=scores["accuracy"], val_auc=scores["auc"],
+            ft_val_accuracy=tuned.get("accuracy"), ft_val_auc=tuned.get("auc"),
         )
         return Message(content=_reply(site, {"metrics": metrics.record()}), reply_to=msg)
 

@@ -41,6 +41,8 @@ class TaskSpec(Message):
     client_clipping: Literal["none", "fixed", "adaptive"] = Field(
         "none", description="clip the update at the hospital (Flower client-side central DP)"
     )
+    fedbn: bool = Field(False, description="keep normalisation layers at the hospital; send the rest")
+    finetune_eval: bool = Field(False, description="also validate after one local epoch of fine-tuning")
 
     def to_config(self) -> ConfigRecord:
         return ConfigRecord({TASK_KEY: self.model_dump_json()})
@@ -66,9 +68,11 @@ class EvalMetrics(Message):
     val_loss: float = Field(alias="val-loss")
     val_accuracy: float = Field(alias="val-accuracy", ge=0, le=1)
     val_auc: float = Field(alias="val-auc")
+    ft_val_accuracy: float | None = Field(None, alias="ft-val-accuracy", ge=0, le=1)
+    ft_val_auc: float | None = Field(None, alias="ft-val-auc")
 
     def record(self) -> MetricRecord:
-        return MetricRecord(self.model_dump(by_alias=True))
+        return MetricRecord(self.model_dump(by_alias=True, exclude_none=True))
 
 
 REFUSAL_KEY = "refusal"

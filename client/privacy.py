@@ -26,7 +26,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, ValidationError
 
 from medimaging.datasets import Split
-from medimaging.training import loader, make_optimizer, run_epochs
+from medimaging.training import loader, make_optimizer, proximal_step, run_epochs
 
 from .config import PrivacyConfig, TrainConfig
 
@@ -159,7 +159,8 @@ class PrivacyLedger:
 
 
 def train_private(
-    model: torch.nn.Module, split: Split, train: TrainConfig, policy: PrivacyConfig, plan: DPPlan, seed: int
+    model: torch.nn.Module, split: Split, train: TrainConfig, policy: PrivacyConfig, plan: DPPlan, seed: int,
+    proximal_mu: float = 0.0,
 ) -> tuple[float, int, list]:
     """DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise) in place.
     Returns (last-epoch loss, steps, the accountant's history of this round)."""
@@ -167,6 +168,7 @@ def train_private(
         # Known and documented: noise comes from torch's seeded RNG (reproducible runs), not a CSPRNG.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=plan.accountant)
+    prox = proximal_step(model, proximal_mu, train.lr)
     opt = make_optimizer(model, train.optimizer, train.lr)
     data = loader(split, train.batch_size, shuffle=True, seed=seed)  # its generator drives Poisson sampling
     common = dict(
@@ -182,7 +184,7 @@ def train_private(
     try:
         with warnings.catch_warnings():  # Opacus' hooks on the first layer, whose input needs no grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss, steps = run_epochs(private, opt, lambda _epoch: data, train.local_epochs, loss_fn)
+            loss, steps = run_epochs(private, opt, lambda _epoch: data, train.local_epochs, loss_fn, prox)
     finally:
         private.remove_hooks()  # leave `model` a plain module again
     return loss, steps, list(engine.accountant.history)

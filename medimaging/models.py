@@ -86,3 +86,15 @@ def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
         spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
         norm=_norm(cfg.norm), act=("relu", {"inplace": False}),
     )
+
+
+_NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def norm_keys(model: torch.nn.Module) -> set[str]:
+    """state_dict names of the normalisation layers' weights and statistics (FedBN keeps them local)."""
+    return {
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules() if isinstance(module, _NORM_TYPES)
+        for key in module.state_dict()
+    }

@@ -23,9 +23,26 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
+def proximal_step(model: torch.nn.Module, mu: float, lr: float) -> Callable[[], None] | None:
+    """FedProx's proximal term mu/2 ||w - w_global||^2, taken as its own gradient step after each
+    optimizer step (w -= lr * mu * (w - w_global)); `model` holds w_global now. As a step on the
+    weights alone it stays outside DP-SGD's per-sample clipping, which it needs no part of."""
+    if mu <= 0:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def step() -> None:
+        for p, anchor in zip(params, anchors, strict=True):
+            p.sub_(lr * mu * (p - anchor))
+
+    return step
+
+
 def run_epochs(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Callable[[int], Iterable], epochs: int,
-    loss_fn: Callable | None = None,
+    loss_fn: Callable | None = None, after_step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """The training loop; `batches(epoch)` yields (x, y). Returns (mean loss of the last epoch, steps)."""
     loss_fn = loss_fn or torch.nn.CrossEntropyLoss()
@@ -38,6 +55,8 @@ def run_epochs(
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step()
             steps += 1
             total += loss.item() * len(y)
             seen += len(y)
@@ -46,11 +65,13 @@ def run_epochs(
 
 
 def train_epochs(
-    model: torch.nn.Module, split: Split, epochs: int, batch_size: int, lr: float, optimizer: str, seed: int
+    model: torch.nn.Module, split: Split, epochs: int, batch_size: int, lr: float, optimizer: str, seed: int,
+    proximal_mu: float = 0.0,
 ) -> tuple[float, int]:
     """Plain (non-private) local training, in place; returns (last-epoch loss, steps)."""
     opt = make_optimizer(model, optimizer, lr)
-    return run_epochs(model, opt, lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch), epochs)
+    batches = lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch)  # noqa: E731
+    return run_epochs(model, opt, batches, epochs, after_step=proximal_step(model, proximal_mu, lr))
 
 
 def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -24,8 +26,9 @@ from pydantic import ValidationError
 
 from client.messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from medimaging.datasets import Split
-from medimaging.models import build_model
+from medimaging.models import build_model, norm_keys
 from medimaging.training import evaluate
+from strategies.config import UpdateValidation
 from strategies.factory import build_secure_workflow, build_strategy, client_clipping, weighted_mean
 
 from .config import RunConfig
@@ -154,6 +157,73 @@ def _metrics(reply: Message) -> dict:
     return dict(reply.content.metric_records["metrics"])
 
 
+def local_keys(cfg: RunConfig, shape: TaskShape, private: bool = False) -> set[str]:
+    """Arrays that stay at the hospitals: the normalisation layers under FedBN, else none."""
+    if not cfg.strategy.fedbn:
+        return set()
+    return norm_keys(build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size, private=private))
+
+
+def _without(arrays: ArrayRecord, keys: set[str]) -> ArrayRecord:
+    return ArrayRecord({k: v for k, v in arrays.items() if k not in keys}) if keys else arrays
+
+
+def _merged(arrays: ArrayRecord, new: ArrayRecord) -> ArrayRecord:
+    """The global model with the aggregated arrays in, in the model's dtypes (FedOpt computes in
+    float64); under FedBN the norm layers keep their values."""
+    out = dict(arrays.items())
+    for name, array in new.items():
+        out[name] = Array(array.numpy().astype(out[name].numpy().dtype, copy=False))
+    return ArrayRecord(out)
+
+
+def _update_problem(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> tuple[str, str] | None:
+    """(code, reason) if a hospital's arrays cannot be a model update of `reference`."""
+    if set(arrays) != set(reference):
+        odd = sorted(set(arrays) ^ set(reference))[:3]
+        return "shape", f"its arrays are not the model's (differs at {', '.join(odd)})"
+    for name, array in arrays.items():
+        value, ref = array.numpy(), reference[name]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return "shape", f"{name} is {value.dtype}{list(value.shape)}, the model's is {ref.dtype}{list(ref.shape)}"
+        if not np.all(np.isfinite(value)):
+            return "non-finite", f"{name} holds NaN or Inf"
+    return None
+
+
+def _screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, progress: Progress, rnd: int,
+              row: Callable[[str], dict]) -> list[Message]:
+    """Server-side update validation, before any strategy: an update with NaN/Inf, the wrong
+    arrays, shapes or dtypes, or a norm beyond norm_factor x the round's median is left out,
+    its site and the reason reported; the round goes on with the rest."""
+    if not cfg.enabled:
+        return replies
+    reference = {k: a.numpy() for k, a in sent.items()}
+    kept, norms = [], []
+    for reply in replies:
+        problem = _update_problem(reply.content["arrays"], reference)
+        if problem is None:
+            arrays = reply.content["arrays"]
+            norms.append(math.sqrt(sum(float(np.sum((arrays[k].numpy().astype(np.float64) - ref) ** 2))
+                                       for k, ref in reference.items() if np.issubdtype(ref.dtype, np.floating))))
+            kept.append(reply)
+            continue
+        row(_site_name(reply))["status"] = f"rejected:{problem[0]}"
+        progress.problem(f"round {rnd} training: update from {_site_name(reply)} rejected: {problem[1]}")
+    if len(kept) < cfg.min_sites_for_norm:
+        return kept
+    median = statistics.median(norms)
+    out = []
+    for reply, norm in zip(kept, norms, strict=True):
+        if median > 0 and norm > cfg.norm_factor * median:
+            row(_site_name(reply))["status"] = "rejected:norm"
+            progress.problem(f"round {rnd} training: update from {_site_name(reply)} rejected: its norm {norm:.4g} is "
+                             f"{norm / median:.1f}x the round's median {median:.4g} (limit {cfg.norm_factor:g}x)")
+        else:
+            out.append(reply)
+    return out
+
+
 def initial_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> ArrayRecord:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size, private=private)
@@ -204,6 +274,9 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     workflow = build_secure_workflow(secagg, cfg.server.round_timeout_s) if secagg is not None else None
     recorder = RunRecorder(plan.run_dir)
     arrays = initial_arrays(cfg, shape, plan.private)
+    local = local_keys(cfg, shape, plan.private)
+    if workflow is not None and cfg.strategy.validation.enabled:
+        progress.problem("update validation is off under SecAgg+: the server never sees one hospital's update")
     rounds, timeout = cfg.server.rounds, cfg.server.round_timeout_s
     best = {"round": None, "score": float("-inf")}
     started = time.time()
@@ -218,6 +291,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         task = TaskSpec(
             run=plan.run_dir.name, server_round=rnd, total_rounds=rounds, seed=cfg.seed, private=plan.private,
             client_clipping=client_clipping(cfg.strategy),
+            fedbn=cfg.strategy.fedbn, finetune_eval=cfg.strategy.finetune_eval,
             model=cfg.model, train=cfg.train,
             in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
         )
@@ -228,42 +302,56 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             return rows.setdefault(site, {"round": rnd, "site": site, "status": "ok", "bytes_to_site": 0, "bytes_from_site": 0})
 
         progress.round_started(rnd, rounds, "training")
-        tasks = strategy.configure_train(rnd, arrays, task.to_config(), grid)
+        shared = _without(arrays, local)
+        tasks = strategy.configure_train(rnd, shared, task.to_config(), grid)
         if workflow is None:
             replies, sent = _exchange(grid, tasks, timeout)
             _count_traffic(replies, sent, row)
             trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals)
-            new_arrays, train_agg = strategy.aggregate_train(rnd, trained) if trained else (None, None)
         else:
-            trained, new_arrays, train_agg = _secure_phase(grid, plan, workflow, tasks, arrays, rnd, row, refusals)
+            trained, new_arrays, train_agg = _secure_phase(grid, plan, workflow, tasks, shared, rnd, row, refusals)
         for site, refusal in refusals.items():
             row(site).update(status=f"refused:{refusal.code}", epsilon=refusal.epsilon_spent)
         for reply in trained:
             m, r = _metrics(reply), row(_site_name(reply))
             r.update(train_loss=m["train-loss"], num_train=m["num-examples"], epsilon=m["epsilon"])
-        if new_arrays is None:
-            progress.problem(f"round {rnd}: no usable training replies; the global model is unchanged")
+        if workflow is None:
+            used = _screened(trained, shared, cfg.strategy.validation, progress, rnd, row)
+            new_arrays, train_agg = strategy.aggregate_train(rnd, used) if used else (None, None)
         else:
-            arrays = new_arrays
+            used = trained
+        if len(used) < cfg.strategy.min_sites:
+            progress.problem(f"round {rnd}: {len(used)} usable updates, fewer than strategy.min_sites="
+                             f"{cfg.strategy.min_sites}; the global model is unchanged")
+            new_arrays = None
+        elif new_arrays is None:
+            progress.problem(f"round {rnd}: the strategy returned no model; the global model is unchanged")
+        else:
+            arrays = _merged(arrays, new_arrays)
+        shared = _without(arrays, local)
 
         progress.round_started(rnd, rounds, "validating")
-        replies, sent = _exchange(grid, strategy.configure_evaluate(rnd, arrays, task.to_config(), grid), timeout)
+        replies, sent = _exchange(grid, strategy.configure_evaluate(rnd, shared, task.to_config(), grid), timeout)
         _count_traffic(replies, sent, row)
         replies = _checked(replies, EvalMetrics, progress, rnd, "validation", {})
         for reply in replies:
             m, r = _metrics(reply), row(_site_name(reply))
-            r.update(val_loss=m["val-loss"], val_accuracy=m["val-accuracy"], val_auc=m["val-auc"], num_val=m["num-examples"])
+            r.update(val_loss=m["val-loss"], val_accuracy=m["val-accuracy"], val_auc=m["val-auc"], num_val=m["num-examples"],
+                     ft_val_accuracy=m.get("ft-val-accuracy"), ft_val_auc=m.get("ft-val-auc"))
         eval_agg = strategy.aggregate_evaluate(rnd, replies) if replies else None
 
         site_rows = [rows[s] for s in sorted(rows)]
         spent = [r["epsilon"] for r in site_rows if r.get("epsilon") is not None and not math.isnan(r["epsilon"])]
         glob = {
-            "round": rnd, "site": "global", "status": f"{len(trained)} trained, {len(refusals)} refused",
+            "round": rnd, "site": "global", "status": f"{len(used)} trained, {len(refusals)} refused"
+                                          + (f", {len(trained) - len(used)} rejected" if len(used) < len(trained) else ""),
             "epsilon": max(spent) if spent else None,  # the worst-off hospital
             "train_loss": (train_agg or {}).get("train-loss"),
             "val_loss": (eval_agg or {}).get("val-loss"),
             "val_accuracy": (eval_agg or {}).get("val-accuracy"),
             "val_auc": (eval_agg or {}).get("val-auc"),
+            "ft_val_accuracy": (eval_agg or {}).get("ft-val-accuracy"),
+            "ft_val_auc": (eval_agg or {}).get("ft-val-auc"),
             "num_train": sum(r.get("num_train", 0) for r in site_rows),
             "num_val": sum(r.get("num_val", 0) for r in site_rows),
             "bytes_to_site": sum(r["bytes_to_site"] for r in site_rows),

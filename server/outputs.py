@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord
 from safetensors.torch import save_file
 
 COLUMNS = [
-    "round", "site", "status", "epsilon", "train_loss", "val_loss", "val_accuracy", "val_auc",
+    "round", "site", "status", "epsilon", "train_loss", "val_loss", "val_accuracy", "val_auc", "ft_val_accuracy", "ft_val_auc",
     "test_loss", "test_accuracy", "test_auc", "num_train", "num_val", "bytes_to_site", "bytes_from_site",
 ]
 

@@ -19,7 +19,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 
 from client.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
-from server.loop import Plan, Progress  # noqa: E402
+from server.loop import Plan, Progress, local_keys  # noqa: E402
 
 from strategies.factory import build_secure_workflow, build_strategy  # noqa: E402
 
@@ -41,7 +41,13 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     try:  # Flower's strategy constructors check their own arguments: ask them before the run starts
         build_strategy(cfg.strategy, len(cfg.sites))
     except ValueError as exc:
-        raise ConfigError(f"strategy.central_dp: {exc}") from None
+        raise ConfigError(f"strategy{'.central_dp' if cfg.strategy.central_dp else ''}: {exc}") from None
+    if cfg.strategy.fedbn and not local_keys(cfg, task_shape(cfg), cfg.private):
+        raise ConfigError(f"strategy.fedbn: model.name={cfg.model.name} has no normalisation weights to keep at the "
+                          "hospitals; use resnet18 or densenet121")
+    if cfg.strategy.finetune_eval and any(cfg.site_policy(name).enabled for name in cfg.sites):
+        raise ConfigError("strategy.finetune_eval: not available with DP-SGD (fine-tuning would train on private "
+                          "data outside the privacy ledger)")
     if cfg.strategy.secure_aggregation is not None:
         try:
             build_secure_workflow(cfg.strategy.secure_aggregation, None)

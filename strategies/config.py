@@ -9,23 +9,54 @@ from pydantic import Field, model_validator
 from medimaging.config import Strict
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
+              "krum", "multikrum", "bulyan")
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
+class UpdateValidation(Strict):
+    """Server-side checks on every hospital's update before any strategy sees it."""
+
+    enabled: bool = True
+    norm_factor: float = Field(10.0, gt=1, description="reject an update whose norm exceeds this x the round's median")
+    min_sites_for_norm: int = Field(3, ge=3, description="the norm check needs this many updates to have a median")
+
+
 class StrategyConfig(Strict):
-    name: Literal["fedavg"] = "fedavg"
+    name: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of hospitals sampled to train each round")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="share sampled for federated validation")
     min_sites: int = Field(2, ge=1, description="a round waits until this many hospitals are connected")
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of the proximal term")
+    server_lr: float = Field(0.01, gt=0, description="fedadam/fedyogi/fedadagrad: server learning rate (eta)")
+    beta_1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi")
+    beta_2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi")
+    tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity")
+    trim_beta: float = Field(0.2, gt=0, lt=0.5, description="fedtrimmedavg: share cut from each end")
+    num_malicious: int = Field(1, ge=0, description="krum/multikrum/bulyan: hospitals assumed hostile")
+    num_selected: int = Field(0, ge=0, description="multikrum: updates averaged (0: all but num_malicious)")
+    fedbn: bool = Field(False, description="normalisation layers stay at each hospital, never sent")
+    finetune_eval: bool = Field(False, description="also validate the global model after 1 local epoch")
+    validation: UpdateValidation = Field(default_factory=UpdateValidation)
     central_dp: "CentralDPConfig | None" = Field(None, description="hospital-level DP wrapper (Flower)")
     secure_aggregation: "SecAggConfig | None" = Field(None, description="Flower's SecAgg+: the server sees only the sum")
 
     @model_validator(mode="after")
     def _secure_composes(self) -> "StrategyConfig":
         dp = self.central_dp
-        if self.secure_aggregation is not None and dp is not None and dp.clipping != "client-fixed":
+        if self.secure_aggregation is None:
+            return self
+        if dp is not None and dp.clipping != "client-fixed":
             raise ValueError(
                 f"secure_aggregation works with central_dp.clipping 'client-fixed' only, not '{dp.clipping}': "
                 "under SecAgg+ the server sees just the sum, so it cannot clip each hospital, and adaptive "
                 "clipping needs each hospital's clipped bit in the clear"
             )
+        if self.name not in ("fedavg", "fedprox"):
+            raise ValueError(f"secure_aggregation gives the server a weighted mean only: name '{self.name}' needs "
+                             "each hospital's update; use fedavg or fedprox")
+        if self.fedbn:
+            raise ValueError("secure_aggregation with fedbn is not supported yet")
         return self
 
 

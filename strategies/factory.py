@@ -11,7 +11,16 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
     FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -37,11 +46,9 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     return out
 
 
-def build_strategy(cfg: StrategyConfig, num_sites: int) -> Strategy:
-    """Flower's FedAvg, example-weighted (the 'num-examples' each hospital reports), wrapped in
-    Flower's central-DP strategy when cfg.central_dp is set. `num_sites`: hospitals sampled
-    per round (the DP noise is scaled by it)."""
-    strategy = FedAvg(
+def _base(cfg: StrategyConfig, num_sites: int) -> Strategy:
+    """The named Flower strategy, example-weighted (each hospital's 'num-examples')."""
+    common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_sites,
@@ -51,6 +58,36 @@ def build_strategy(cfg: StrategyConfig, num_sites: int) -> Strategy:
         train_metrics_aggr_fn=weighted_mean,
         evaluate_metrics_aggr_fn=weighted_mean,
     )
+    name, f = cfg.name, cfg.num_malicious
+    needed = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(name, 0)
+    if num_sites < needed:
+        raise ValueError(f"{name} with num_malicious={f} needs at least {needed} hospitals per round, "
+                         f"the federation has {num_sites}")
+    if name == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if name in ("fedadam", "fedyogi"):
+        cls = FedAdam if name == "fedadam" else FedYogi
+        return cls(**common, eta=cfg.server_lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau)
+    if name == "fedadagrad":
+        return FedAdagrad(**common, eta=cfg.server_lr, tau=cfg.tau)
+    if name == "fedmedian":
+        return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=cfg.trim_beta)
+    if name == "krum":
+        return Krum(**common, num_malicious_nodes=f)
+    if name == "multikrum":
+        return MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=cfg.num_selected or max(num_sites - f, 1))
+    if name == "bulyan":
+        return Bulyan(**common, num_malicious_nodes=f)
+    return FedAvg(**common)
+
+
+def build_strategy(cfg: StrategyConfig, num_sites: int) -> Strategy:
+    """The Flower strategy `cfg.name`, wrapped in Flower's central-DP strategy when
+    cfg.central_dp is set. `num_sites`: hospitals sampled per round (the DP noise is scaled by
+    it; Krum/Bulyan need enough of them). ValueError on impossible settings."""
+    strategy = _base(cfg, num_sites)
     dp = cfg.central_dp
     if dp is None:
         return strategy
