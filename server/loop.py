@@ -98,12 +98,20 @@ def _site_name(reply: Message) -> str:
     return f"node-{reply.metadata.src_node_id}"
 
 
-def _exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list[Message], dict[str, int]]:
-    """Send, wait, return replies sorted by site and the bytes sent to each site."""
+def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: dict[int, str],
+              silent: Callable[[int, int], None]) -> tuple[list[Message], dict[str, int]]:
+    """Send, wait up to `timeout`, return replies sorted by site and the bytes sent to each site.
+    `known` learns node id -> site name; `silent(node id, bytes sent)` for each node that did
+    not reply in time."""
     messages = list(messages)
     sent_to = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
     replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=_site_name)
+    for r in replies:
+        if not r.has_error() and "site" in r.content.config_records:
+            known[r.metadata.src_node_id] = _site_name(r)
     sent = {_site_name(r): sent_to.get(r.metadata.src_node_id, 0) for r in replies}
+    for nid in sorted(set(sent_to) - {r.metadata.src_node_id for r in replies}):
+        silent(nid, sent_to[nid])
     return replies, sent
 
 
@@ -281,6 +289,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     best = {"round": None, "score": float("-inf")}
     started = time.time()
     round_seconds: list[float] = []
+    known: dict[int, str] = {}  # node id -> site name, from replies so far
 
     if plan.test is not None:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
@@ -301,11 +310,18 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         def row(site: str) -> dict:
             return rows.setdefault(site, {"round": rnd, "site": site, "status": "ok", "bytes_to_site": 0, "bytes_from_site": 0})
 
+        def silent(phase: str) -> Callable[[int, int], None]:
+            def report(nid: int, sent_bytes: int) -> None:
+                r = row(known.get(nid, f"node-{nid}"))
+                r["status"], r["bytes_to_site"] = "no-reply", r["bytes_to_site"] + sent_bytes
+                progress.problem(f"round {rnd} {phase}: {r['site']} did not reply within {timeout:g} s; left out")
+            return report
+
         progress.round_started(rnd, rounds, "training")
         shared = _without(arrays, local)
         tasks = strategy.configure_train(rnd, shared, task.to_config(), grid)
         if workflow is None:
-            replies, sent = _exchange(grid, tasks, timeout)
+            replies, sent = _exchange(grid, tasks, timeout, known, silent("training"))
             _count_traffic(replies, sent, row)
             trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals)
         else:
@@ -331,7 +347,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         shared = _without(arrays, local)
 
         progress.round_started(rnd, rounds, "validating")
-        replies, sent = _exchange(grid, strategy.configure_evaluate(rnd, shared, task.to_config(), grid), timeout)
+        replies, sent = _exchange(grid, strategy.configure_evaluate(rnd, shared, task.to_config(), grid), timeout, known,
+                                  silent("validation"))
         _count_traffic(replies, sent, row)
         replies = _checked(replies, EvalMetrics, progress, rnd, "validation", {})
         for reply in replies:

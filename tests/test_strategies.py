@@ -4,6 +4,7 @@ validation or by a robust strategy, and plain FedAvg without validation is shown
 
 import csv
 import json
+import time
 
 import numpy as np
 import pytest
@@ -151,3 +152,30 @@ def test_strategy_config_errors(tmp_path, sets, expected):
     with pytest.raises(ConfigError, match=expected):
         simulate(load_config(None, {"server.output_dir": str(tmp_path), **sets}))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_straggler_is_left_out_and_the_round_goes_on(tmp_path):
+    calls = tmp_path / "calls"
+    plan = prepare_run(load_config(None, {
+        "sites": 3, "server.rounds": 2, "train.local_epochs": 1, "server.round_timeout_s": 10,
+        "data.synthetic.samples_per_site": 80, "server.output_dir": str(tmp_path / "out"),
+    }))
+    cfg = plan.config
+
+    def load_hospital(context, image_size):
+        index = int(context.node_config["partition-id"])
+        if index == 2:  # its third task (round 2's training) takes longer than the round allows
+            with calls.open("a") as f:
+                f.write("x")
+            if len(calls.read_text()) == 3:
+                time.sleep(14)
+        return hospital(cfg, index, image_size, plan.run_dir.parent)
+
+    run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=build_client_app(load_hospital),
+                   num_supernodes=3, backend_config=backend_config(cfg))
+    rows = _rows(plan.run_dir)
+    second = [r for r in rows if r["round"] == "2"]
+    assert [r["status"] for r in second if r["site"] == "global"] == ["2 trained, 0 refused"], second
+    assert [r["status"] for r in second if r["site"] != "global"].count("no-reply") == 1, second
+    summary = json.loads((plan.run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["round_seconds"][1] < 60, summary
