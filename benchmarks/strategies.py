@@ -48,7 +48,7 @@ def main() -> None:
                     "server.output_dir": out,
                 })
                 results.setdefault(name, {})[scheme] = _final(simulate(cfg))["test_auc"]
-            print(f"  {name:14} {scheme:9} {results[name][scheme]:.3f}", flush=True)
+            print(f"  {name:14} {scheme:9} {results[name][scheme]:.4f}", flush=True)
             if central is None:
                 central = centralized(cfg, epochs)[0]["auc"]
     print("\n| strategy | IID | Dirichlet(0.3) |\n|---|---|---|")

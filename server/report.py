@@ -96,6 +96,8 @@ def write_report(run_dir: Path) -> Path:
     last = max(r["round"] for r in rows)
     cols = ["site", "status", "epsilon", "num_train", "num_val", "train_loss", "val_auc", "val_accuracy", "test_auc",
             "bytes_from_site"]
+    if any(r.get("ft_val_auc") is not None for r in rows):  # fine-tuning evaluation was on
+        cols[cols.index("val_accuracy") + 1:cols.index("val_accuracy") + 1] = ["ft_val_auc", "ft_val_accuracy"]
     lines += [f"## Final round ({last})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows if r["round"] == last]
     lines += ["", "## Global model", "", "![global AUC](global_auc.png)", "",

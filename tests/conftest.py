@@ -20,3 +20,27 @@ def medmnist_file(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"real MedMNIST data not found at {path} (see README: ../shared/data/medmnist)")
     return path
+
+
+def simulate_plan(plan, before_load=None, mods=()) -> Path:
+    """A real simulation of a prepared plan, for tests that need a misbehaving hospital:
+    `before_load(partition index)` runs as a hospital starts a task (raise: it fails; sleep: it
+    straggles), `mods` are client mods (e.g. one that poisons the update)."""
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+    from simulations.federation import hospital
+    from simulations.runner import backend_config
+
+    cfg = plan.config
+
+    def load_hospital(context, image_size):
+        index = int(context.node_config["partition-id"])
+        if before_load is not None:
+            before_load(index)
+        return hospital(cfg, index, image_size, plan.run_dir.parent)
+
+    run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=build_client_app(load_hospital, mods),
+                   num_supernodes=len(cfg.sites), backend_config=backend_config(cfg))
+    return plan.run_dir

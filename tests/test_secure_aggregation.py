@@ -6,15 +6,12 @@ import csv
 import pytest
 import torch
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
-from client.app import build_client_app
-from server.app import build_server_app
+from conftest import simulate_plan
 from server.loop import Progress
 from simulations.config import ConfigError, load_config
-from simulations.federation import hospital
-from simulations.runner import backend_config, prepare_run, simulate
+from simulations.runner import prepare_run, simulate
 
 SITES = ["nanning", "hanoi", "bangkok", "kuala-lumpur"]
 BROKEN = 3  # kuala-lumpur's data "fails to load" when it trains: it drops out after sharing its keys
@@ -38,19 +35,14 @@ def _run(tmp_path, name, secure):
     if secure:
         overrides["strategy.secure_aggregation.num_shares"] = 1.0
     seen = Seen()
-    plan = prepare_run(load_config(None, overrides), seen)
-    cfg = plan.config
 
-    def load_hospital(context, image_size):
-        index = int(context.node_config["partition-id"])
+    def broken(index):
         if index == BROKEN:
             raise OSError("/data/kl/images: input/output error")
-        return hospital(cfg, index, image_size, plan.run_dir.parent)
 
-    run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=build_client_app(load_hospital),
-                   num_supernodes=len(SITES), backend_config=backend_config(cfg))
-    rows = list(csv.DictReader((plan.run_dir / "metrics.csv").open()))
-    return load_file(str(plan.run_dir / "model.safetensors")), rows, seen
+    run_dir = simulate_plan(prepare_run(load_config(None, overrides), seen), broken)
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    return load_file(str(run_dir / "model.safetensors")), rows, seen
 
 
 def test_secure_sum_equals_plain_fedavg_with_a_refusal_and_a_dropout(tmp_path):

@@ -9,15 +9,13 @@ import time
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MessageType
-from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
-from client.app import build_client_app
-from server.app import build_server_app
+from conftest import simulate_plan
 from server.loop import initial_arrays
 from simulations.config import ConfigError, load_config
-from simulations.federation import hospital, task_shape
-from simulations.runner import backend_config, prepare_run, simulate
+from simulations.federation import task_shape
+from simulations.runner import prepare_run, simulate
 
 POISONED = 0  # partition 0 (nanning) is the attacker
 
@@ -53,16 +51,8 @@ def _poison(kind):
 def _run(tmp_path, name, poison=None, **sets):
     overrides = {"sites": 5, "server.rounds": 3, "train.local_epochs": 1, "server.output_dir": str(tmp_path / name),
                  **sets}
-    plan = prepare_run(load_config(None, overrides))
-    cfg = plan.config
-
-    def load_hospital(context, image_size):
-        return hospital(cfg, int(context.node_config["partition-id"]), image_size, plan.run_dir.parent)
-
-    mods = [_poison(poison)] if poison else []
-    run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=build_client_app(load_hospital, mods),
-                   num_supernodes=len(cfg.sites), backend_config=backend_config(cfg))
-    rows = _rows(plan.run_dir)
+    run_dir = simulate_plan(prepare_run(load_config(None, overrides)), mods=[_poison(poison)] if poison else [])
+    rows = _rows(run_dir)
     final = [r for r in rows if r["site"] == "global"][-1]
     return float(final["test_auc"]), rows
 
@@ -139,6 +129,7 @@ def test_fedbn_keeps_norm_layers_local_and_finetune_eval_is_reported(tmp_path):
     for r in (r for r in rows if r["site"] != "global" and r["round"] != "0"):
         assert 0 < int(r["bytes_from_site"]) < full  # the norm layers stayed at the hospital
         assert r["val_auc"] and r["ft_val_auc"] and r["ft_val_accuracy"]
+    assert "ft_val_auc" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -160,22 +151,19 @@ def test_a_straggler_is_left_out_and_the_round_goes_on(tmp_path):
         "sites": 3, "server.rounds": 2, "train.local_epochs": 1, "server.round_timeout_s": 10,
         "data.synthetic.samples_per_site": 80, "server.output_dir": str(tmp_path / "out"),
     }))
-    cfg = plan.config
 
-    def load_hospital(context, image_size):
-        index = int(context.node_config["partition-id"])
+    def straggle(index):
         if index == 2:  # its third task (round 2's training) takes longer than the round allows
             with calls.open("a") as f:
                 f.write("x")
             if len(calls.read_text()) == 3:
                 time.sleep(14)
-        return hospital(cfg, index, image_size, plan.run_dir.parent)
 
-    run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=build_client_app(load_hospital),
-                   num_supernodes=3, backend_config=backend_config(cfg))
+    simulate_plan(plan, straggle)
     rows = _rows(plan.run_dir)
     second = [r for r in rows if r["round"] == "2"]
-    assert [r["status"] for r in second if r["site"] == "global"] == ["2 trained, 0 refused"], second
-    assert [r["status"] for r in second if r["site"] != "global"].count("no-reply") == 1, second
+    # Reported, not hung: the straggler's row says no-reply and round 2 ended within its two
+    # phase timeouts. (On a loaded machine the others may be late too: not asserted.)
+    assert "no-reply" in [r["status"] for r in second if r["site"] != "global"], second
     summary = json.loads((plan.run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 2 and summary["round_seconds"][1] < 60, summary
+    assert summary["rounds"] == 2 and summary["round_seconds"][1] < 2 * 10 + 15, summary
