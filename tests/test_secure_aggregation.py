@@ -2,6 +2,7 @@
 right, even with a hospital refusing (privacy budget) and one dropping out mid-protocol."""
 
 import csv
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from safetensors.torch import load_file
 
 from conftest import simulate_plan
-from server.loop import Progress
+from server.loop import Progress, initial_arrays
 from simulations.config import ConfigError, load_config
 from simulations.runner import prepare_run, simulate
 
@@ -40,14 +41,20 @@ def _run(tmp_path, name, secure):
         if index == BROKEN:
             raise OSError("/data/kl/images: input/output error")
 
-    run_dir = simulate_plan(prepare_run(load_config(None, overrides), seen), broken)
+    plan = prepare_run(load_config(None, overrides), seen)
+    start = initial_arrays(plan.config, plan.shape, private=True).to_torch_state_dict()
+    run_dir = simulate_plan(plan, broken)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    return load_file(str(run_dir / "model.safetensors")), rows, seen
+    return load_file(str(run_dir / "model.safetensors")), rows, seen, start
+
+
+def _norm(a, b):
+    return math.sqrt(sum(float(((a[k].float() - b[k].float()) ** 2).sum()) for k in a))
 
 
 def test_secure_sum_equals_plain_fedavg_with_a_refusal_and_a_dropout(tmp_path):
-    plain, plain_rows, _ = _run(tmp_path, "plain", secure=False)
-    secure, rows, seen = _run(tmp_path, "secure", secure=True)
+    plain, plain_rows, _, start = _run(tmp_path, "plain", secure=False)
+    secure, rows, seen, _ = _run(tmp_path, "secure", secure=True)
 
     # The same hospitals trained, refused and failed in both runs.
     def statuses(rs):
@@ -55,9 +62,10 @@ def test_secure_sum_equals_plain_fedavg_with_a_refusal_and_a_dropout(tmp_path):
 
     assert statuses(rows) == statuses(plain_rows)
     assert ("2", "refused:privacy-budget") in statuses(rows) and ("1", "error") in statuses(rows)
-    # SecAgg+ unmasked the example-weighted mean of the others: plain FedAvg's model, up to quantisation.
-    diff = max(float((secure[k].float() - plain[k].float()).abs().max()) for k in plain)
-    assert diff < 1e-3, diff
+    # SecAgg+ unmasked the example-weighted mean of the others: plain FedAvg's model, up to the
+    # quantisation of round 1's sum carried through round 2's training (measured: 0.8 % of the update).
+    off = _norm(secure, plain) / _norm(plain, start)
+    assert off < 0.03, off
     assert any(not torch.equal(secure[k], plain[k]) for k in plain)  # it really went another way
     # What reached the server from training: metrics, the site name, a masked vector; no model.
     assert seen.training

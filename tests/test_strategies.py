@@ -24,23 +24,25 @@ def _rows(run_dir):
     return list(csv.DictReader((run_dir / "metrics.csv").open()))
 
 
-def _poison(kind):
-    """A hostile hospital: replaces its trained update before it leaves."""
+def _poison(kind, nan_site=None):
+    """Hostile hospitals: partition POISONED sends a `kind` update, `nan_site` a NaN one."""
 
     def mod(msg, ctxt, call_next):
         reply = call_next(msg, ctxt)
-        if (msg.metadata.message_type != MessageType.TRAIN or int(ctxt.node_config["partition-id"]) != POISONED
+        index = int(ctxt.node_config["partition-id"])
+        if (msg.metadata.message_type != MessageType.TRAIN or index not in (POISONED, nan_site)
                 or reply.has_error() or "arrays" not in reply.content.array_records):
             return reply
+        how = "nan" if index == nan_site else kind
         sent, got = msg.content["arrays"], reply.content["arrays"]
         out = {}
         for name in got:
             start, mine = sent[name].numpy(), got[name].numpy()
-            if kind == "nan":
+            if how == "nan":
                 value = mine.copy()
                 value.flat[0] = np.nan
             else:
-                value = start + {"scaled": 100.0, "flipped": -100.0}[kind] * (mine - start)
+                value = start + {"scaled": 100.0, "flipped": -100.0}[how] * (mine - start)
             out[name] = Array(value.astype(mine.dtype))
         reply.content["arrays"] = ArrayRecord(out)
         return reply
@@ -48,10 +50,10 @@ def _poison(kind):
     return mod
 
 
-def _run(tmp_path, name, poison=None, **sets):
+def _run(tmp_path, name, poison=None, nan_site=None, **sets):
     overrides = {"sites": 5, "server.rounds": 3, "train.local_epochs": 1, "server.output_dir": str(tmp_path / name),
                  **sets}
-    run_dir = simulate_plan(prepare_run(load_config(None, overrides)), mods=[_poison(poison)] if poison else [])
+    run_dir = simulate_plan(prepare_run(load_config(None, overrides)), mods=[_poison(poison, nan_site)] if poison else [])
     rows = _rows(run_dir)
     final = [r for r in rows if r["site"] == "global"][-1]
     return float(final["test_auc"]), rows
@@ -74,13 +76,13 @@ def test_fedavg_without_validation_degrades_under_a_scaled_update(tmp_path, clea
     assert _attacker_status(rows) == {"ok"}
 
 
-@pytest.mark.parametrize("poison, status", [("scaled", "rejected:norm"), ("nan", "rejected:non-finite")])
-def test_update_validation_rejects_the_poisoned_site(tmp_path, clean_auc, poison, status):
-    auc, rows = _run(tmp_path, poison, poison=poison)
-    assert _attacker_status(rows) == {status}
+def test_update_validation_rejects_a_scaled_and_a_nan_update(tmp_path, clean_auc):
+    auc, rows = _run(tmp_path, "validated", poison="scaled", nan_site=1)
+    assert _attacker_status(rows) == {"rejected:norm"}
+    assert {r["status"] for r in rows if r["site"] == "hanoi" and r["round"] != "0"} == {"rejected:non-finite"}
     assert abs(auc - clean_auc) <= 0.05, (auc, clean_auc)
     for r in (r for r in rows if r["site"] == "global" and r["round"] != "0"):
-        assert r["status"] == "4 trained, 0 refused, 1 rejected"
+        assert r["status"] == "3 trained, 0 refused, 2 rejected"
 
 
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
