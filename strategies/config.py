@@ -9,9 +9,8 @@ from pydantic import Field, model_validator
 from medimaging.config import Strict
 
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
               "krum", "multikrum", "bulyan")
-ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 
 
 class UpdateValidation(Strict):
@@ -28,7 +27,10 @@ class StrategyConfig(Strict):
     fraction_evaluate: float = Field(1.0, ge=0, le=1, description="share sampled for federated validation")
     min_sites: int = Field(2, ge=1, description="a round waits until this many hospitals are connected")
     proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of the proximal term")
-    server_lr: float = Field(0.01, gt=0, description="fedadam/fedyogi/fedadagrad: server learning rate (eta)")
+    server_lr: float | None = Field(
+        None, gt=0, description="server learning rate: fedadam/fedyogi/fedadagrad (eta, default 0.01), fedavgm (default 1.0)"
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm")
     beta_1: float = Field(0.9, ge=0, lt=1, description="fedadam/fedyogi")
     beta_2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi")
     tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad: adaptivity")
@@ -53,8 +55,9 @@ class StrategyConfig(Strict):
                 "clipping needs each hospital's clipped bit in the clear"
             )
         if self.name not in ("fedavg", "fedprox"):
-            raise ValueError(f"secure_aggregation gives the server a weighted mean only: name '{self.name}' needs "
-                             "each hospital's update; use fedavg or fedprox")
+            raise ValueError(f"secure_aggregation gives the server a weighted mean only: '{self.name}' needs each "
+                             "hospital's update (robust strategies) or is not wired to the secure sum (server "
+                             "optimisers); use fedavg or fedprox")
         if self.fedbn:
             raise ValueError("secure_aggregation with fedbn is not supported yet")
         return self

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -65,11 +66,14 @@ def _base(cfg: StrategyConfig, num_sites: int) -> Strategy:
                          f"the federation has {num_sites}")
     if name == "fedprox":
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if name == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=cfg.server_lr or 1.0, server_momentum=cfg.server_momentum)
+    eta = cfg.server_lr or 0.01
     if name in ("fedadam", "fedyogi"):
         cls = FedAdam if name == "fedadam" else FedYogi
-        return cls(**common, eta=cfg.server_lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau)
+        return cls(**common, eta=eta, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau)
     if name == "fedadagrad":
-        return FedAdagrad(**common, eta=cfg.server_lr, tau=cfg.tau)
+        return FedAdagrad(**common, eta=eta, tau=cfg.tau)
     if name == "fedmedian":
         return FedMedian(**common)
     if name == "fedtrimmedavg":
