@@ -78,5 +78,10 @@ def simulate(
     console.print(f"[green]done[/]: {run_dir}  (report: {run_dir / 'report.md'})")
 
 
+from .client_cli import app as client_app  # noqa: E402
+
+app.add_typer(client_app, name="client")
+
+
 def main() -> None:
     app()

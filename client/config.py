@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from medimaging.config import Strict
+from medimaging.config import FilesConfig, Strict
 
 
 class TrainConfig(Strict):
@@ -34,3 +34,11 @@ class PrivacyConfig(Strict):
     @property
     def cap(self) -> float:
         return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
+
+
+class SiteConfig(Strict):
+    """site.yaml: what a hospital's daemon knows about itself. None of it is ever sent."""
+
+    site: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the hospital's id in the federation")
+    data: FilesConfig
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)

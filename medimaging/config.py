@@ -24,8 +24,20 @@ class SyntheticConfig(Strict):
     test_per_site: int = Field(100, ge=10, description="images per hospital in the global test split")
 
 
+class FilesConfig(Strict):
+    """`data.files`: a folder of image files (the manifest's paths are relative to `root`)."""
+
+    root: Path = Field(description="folder holding the images")
+    manifest: Path | None = Field(None, description="CSV with columns path,label[,split]; None = folder per class")
+    classes: list[str] | None = Field(None, min_length=2, description="label names in order; None = sorted names found")
+    image_size: int = Field(64, ge=8, le=512, description="side the images are decoded and cached at")
+    test_fraction: float = Field(0.2, ge=0, lt=0.9, description="share held out as test where no split is given")
+    cache_dir: Path = Field(Path(".aseanfl-cache"), description="decoded images (stays at the hospital)")
+
+
 class DataConfig(Strict):
     path: Path | None = Field(None, description="MedMNIST-style .npz; None = synthetic default")
+    files: FilesConfig | None = Field(None, description="DICOM/NIfTI/PNG/JPEG files; decoded to a cached .npz (wins over path)")
     image_size: int | None = Field(None, ge=8, le=512, description="side in pixels; None = native")
     val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     synthetic: SyntheticConfig = SyntheticConfig()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
 
 SIZE_FACTORS = (1.5, 1.0, 1.25, 0.75, 1.75, 0.6)
@@ -105,3 +107,25 @@ def site_images(
     local = generate(n_local, profile, np.random.default_rng([seed, site_index, 0]))
     test = generate(test_per_site, profile, np.random.default_rng([seed, site_index, 1]))
     return local, test
+
+
+def synthetic_dicom(path: Path, pixels: np.ndarray, header: dict[str, str], spacing=(0.7, 0.7)) -> None:
+    """Write 2D 8-bit pixel values as a 12-bit DICOM file with the given header values (tests, benchmarks)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    for key, value in header.items():
+        setattr(ds, key, value)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = list(spacing)
+    ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)

@@ -3,6 +3,8 @@ with flwr-datasets partitioners. Also the global test split for server-side eval
 
 from __future__ import annotations
 
+import logging
+
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,11 +17,14 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Line
 from client.app import Hospital
 from client.privacy import epsilon_of, make_plan
 from medimaging.config import MODEL_MIN_SIZE
+from medimaging.files import decode
 from medimaging.datasets import SiteData, Split, labels_1d, load_npz, npz_info, split_train_val, to_tensor
 from medimaging.synthetic import site_images
 from server.loop import TaskShape
 
 from .config import ConfigError, SimulationConfig
+
+log = logging.getLogger("aseanfl")
 
 
 def task_shape(cfg: SimulationConfig) -> TaskShape:
@@ -33,9 +38,18 @@ def task_shape(cfg: SimulationConfig) -> TaskShape:
 
 
 def resolved(cfg: SimulationConfig) -> SimulationConfig:
-    """The config with every default that depends on the data filled in (for config.yaml)."""
+    """The config with every default that depends on the data filled in (for config.yaml);
+    `data.files` are decoded (or found in their cache) and `data.path` points at the cache."""
     out = cfg.model_copy(deep=True)
-    out.data.image_size = task_shape(cfg).image_size
+    if out.data.files is not None:
+        try:
+            decoded = decode(out.data.files, seed=cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for problem in decoded.inventory.problems:
+            log.warning("data.files: %s skipped: %s", problem.file, problem.reason)
+        out.data.path = decoded.cache.resolve()
+    out.data.image_size = task_shape(out).image_size
     return out
 
 

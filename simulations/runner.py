@@ -31,7 +31,7 @@ def config_from_run_config(run_config: dict) -> SimulationConfig:
     """`flwr run . --run-config "config-file='x.yaml' set='server.rounds=3 model.name=cnn'"`."""
     path = str(run_config.get("config-file", "") or "")
     overrides = parse_sets(str(run_config.get("set", "") or "").split())
-    return load_config(Path(path) if path else None, overrides)
+    return resolved(load_config(Path(path) if path else None, overrides))
 
 
 def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan:

@@ -101,7 +101,7 @@ def test_bulyan_withstands_one_attacker_among_seven(tmp_path):
     assert abs(auc - clean) <= 0.05, (auc, clean)
 
 
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize("strategy", ["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
 def test_other_strategies_run_end_to_end(tmp_path, strategy):
     cfg = load_config(None, {"sites": 3, "server.rounds": 2, "train.local_epochs": 1, "strategy.name": strategy,
                              "data.synthetic.samples_per_site": 120, "server.output_dir": str(tmp_path)})

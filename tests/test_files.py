@@ -1,0 +1,141 @@
+"""Hospital exports on disk: DICOM (written with pydicom, plus pydicom's own sample files), NIfTI
+(nibabel), PNG, with corrupt, truncated and mislabelled files. Every problem is reported with
+the file and the reason; a federation trains on DICOM files and no header value leaves."""
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from aseanfl.cli import app
+from conftest import simulate_plan
+from medimaging.config import FilesConfig
+from medimaging.files import decode, read_pixels
+from medimaging.synthetic import site_images, synthetic_dicom
+from server.loop import Progress
+from simulations.config import ConfigError, load_config
+from simulations.runner import prepare_run, simulate
+
+PATIENT = {"PatientName": "Nguyen^Thi Lan", "PatientID": "HN-0042-7781", "InstitutionName": "Benh vien Bach Mai",
+           "StudyDate": "20260314"}
+
+
+def write_dicom(path, pixels, spacing=(0.7, 0.7)):
+    synthetic_dicom(path, pixels, PATIENT, spacing)
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Two classes in every format, and one of each kind of bad file."""
+    root = tmp_path / "export"
+    rng = np.random.default_rng(0)
+    for cls in ("normal", "pneumonia"):
+        for i in range(3):
+            img = rng.integers(0, 255, (40, 36), dtype=np.uint8)
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / cls / f"p{i}.png")
+            write_dicom(root / cls / f"d{i}.dcm", img)
+            nib.save(nib.Nifti1Image(img.astype(np.float32), np.diag([0.8, 0.8, 1, 1])), root / cls / f"n{i}.nii.gz")
+    (root / "normal" / "scan.dcm").write_text("this is not a DICOM file")
+    good = (root / "normal" / "p0.png").read_bytes()
+    (root / "pneumonia" / "cut.png").write_bytes(good[: len(good) // 2])  # truncated transfer
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), root / "pneumonia" / "volume.nii.gz")
+    (root / "stray.png").write_bytes(good)  # not in a class folder
+    return root
+
+
+def test_check_data_lists_counts_and_every_unusable_file(mixed, tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text(f"site: bach-mai\ndata:\n  root: {mixed}\n")
+    result = CliRunner().invoke(app, ["client", "check-data", "--config", str(site)], env={"COLUMNS": "200"})
+    out = result.output
+    assert result.exit_code == 0, out
+    assert "bach-mai: 18 usable images, 4 problems" in out
+    for name, reason in [("normal/scan.dcm", "cannot decode as dicom"), ("pneumonia/cut.png", "cannot decode as png"),
+                         ("pneumonia/volume.nii.gz", "3D image of shape [8, 8, 8]"), ("stray.png", "not inside a class folder")]:
+        assert name in out and reason in out, (name, out)
+    assert "40x36 (18)" in out and "pixel spacing (mm): 0.7 to 0.8" in out
+    assert not (mixed.parent / ".aseanfl-cache").exists()  # checking writes nothing
+
+
+def test_manifest_problems_and_splits(mixed, tmp_path):
+    manifest = tmp_path / "labels.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows([["normal/p0.png", "normal", "train"], ["pneumonia/p0.png", "pneumonia", "test"],
+                     ["normal/p1.png", "effusion", "train"], ["normal/gone.png", "normal", "train"],
+                     ["normal/p2.png", "normal", "holdout"]])
+    cfg = FilesConfig(root=mixed, manifest=manifest, classes=["normal", "pneumonia"], cache_dir=tmp_path / "cache")
+    decoded = decode(cfg)
+    reasons = {p.file: p.reason for p in decoded.inventory.problems}
+    assert "unknown class 'effusion'" in reasons["normal/p1.png"]
+    assert "missing" in reasons["normal/gone.png"]
+    assert "split 'holdout'" in reasons["labels.csv:6"]
+    with np.load(decoded.cache) as npz:
+        assert npz["train_labels"].ravel().tolist() == [0] and npz["test_labels"].ravel().tolist() == [1]
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(mixed, tmp_path):
+    cfg = FilesConfig(root=mixed, cache_dir=tmp_path / "cache")
+    first = decode(cfg)
+    stamp = first.cache.stat().st_mtime_ns
+    again = decode(cfg)
+    assert again.cache == first.cache and again.cache.stat().st_mtime_ns == stamp
+    assert {p.file for p in again.inventory.problems} == {p.file for p in first.inventory.problems}
+    Image.fromarray(np.zeros((40, 36), np.uint8)).save(mixed / "normal" / "p1.png")
+    assert decode(cfg).cache != first.cache
+
+
+def test_pydicom_sample_files_give_pixels_only():
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        pixels, spacing = read_pixels(get_testdata_file(name))
+        assert pixels.ndim == 2 and pixels.dtype == np.float32 and spacing is not None
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert np.allclose(read_pixels(get_testdata_file("CT_small.dcm"))[0],
+                       ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+
+
+def test_no_usable_images_is_a_clear_config_error(tmp_path):
+    root = tmp_path / "empty"
+    (root / "normal").mkdir(parents=True)
+    (root / "normal" / "x.dcm").write_text("garbage")
+    with pytest.raises(ConfigError, match="0 usable images in 0 class"):
+        simulate(load_config(None, {"data.files.root": str(root), "server.output_dir": str(tmp_path / "runs")}))
+
+
+class Wire(Progress):
+    def __init__(self):
+        self.blobs = []
+
+    def received(self, rnd, phase, reply):
+        content = reply.content
+        self.blobs += [a.data for rec in content.array_records.values() for a in rec.values()]
+        for rec in list(content.metric_records.values()) + list(content.config_records.values()):
+            self.blobs += [str(v).encode() for v in rec.values()]
+
+
+def test_federation_on_dicom_files_learns_and_no_header_leaves(tmp_path):
+    root = tmp_path / "pacs"
+    n = 0
+    for site in range(3):
+        (x, y), _ = site_images(site, 7, 120, 10)
+        for img, label in zip(x, y, strict=True):
+            pixels = np.round(img[0] * 255).astype(np.uint16)
+            write_dicom(root / ("lesion" if label else "clear") / f"IMG{n:05d}", pixels)  # PACS style: no suffix
+            n += 1
+    wire = Wire()
+    cfg = load_config(None, {"data.files.root": str(root), "data.files.image_size": 32,
+                             "data.files.cache_dir": str(tmp_path / "cache"), "sites": 3, "server.rounds": 3,
+                             "server.output_dir": str(tmp_path / "runs")})
+    run_dir = simulate_plan(prepare_run(cfg, wire))
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert float([r for r in rows if r["site"] == "global"][-1]["test_auc"]) > 0.6
+    assert wire.blobs
+    secrets = [v.encode() for v in PATIENT.values()] + [b"Nguyen", b"HN-0042", b"IMG0", str(root).encode()]
+    assert not [s for s in secrets for blob in wire.blobs if s in blob]
