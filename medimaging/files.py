@@ -77,8 +77,10 @@ def inventory(cfg: FilesConfig) -> Inventory:
                 else:
                     inv.items.append(Item(cfg.root / rel, label, split or None))
     else:
-        for path in sorted(p for p in cfg.root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in sorted(p for p in cfg.root.rglob("*") if p.is_file()):
             parts = path.relative_to(cfg.root).parts
+            if any(part.startswith(".") for part in parts):  # hidden files, and a cache kept inside root
+                continue
             split = parts[0] if len(parts) >= 3 and parts[0] in SPLITS else None
             label_parts = parts[1:] if split else parts
             if len(label_parts) < 2:
