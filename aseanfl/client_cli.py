@@ -6,8 +6,6 @@ from collections import Counter
 from pathlib import Path
 
 import typer
-import yaml
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -17,17 +15,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hospital sid
 def load_site(path: Path):
     """site.yaml -> SiteConfig; exits 2 with one line per problem."""
     from client.config import SiteConfig
-    from simulations.config import describe
+    from simulations.config import ConfigError, load_config
 
-    if not path.is_file():
-        typer.echo(f"config error: file not found: {path}", err=True)
-        raise typer.Exit(2)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-        return SiteConfig.model_validate(tree)
-    except (yaml.YAMLError, ValidationError) as exc:
-        text = describe(exc) if isinstance(exc, ValidationError) else f"not valid YAML: {exc}".splitlines()[0]
-        typer.echo("\n".join(f"config error: {path.name}: {line}" for line in text.splitlines()), err=True)
+        return load_config(path, schema=SiteConfig)
+    except ConfigError as exc:
+        typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
         raise typer.Exit(2) from None
 
 

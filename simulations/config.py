@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from client.config import PrivacyConfig
 from medimaging.config import MODEL_MIN_SIZE, Strict
@@ -127,8 +127,9 @@ def set_dotted(tree: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def load_config(path: Path | None = None, overrides: dict | None = None) -> SimulationConfig:
-    """YAML file (optional) + dotted overrides -> validated config; ConfigError on any problem."""
+def load_config(path: Path | None = None, overrides: dict | None = None, schema: type[BaseModel] | None = None):
+    """YAML file (optional) + dotted overrides -> validated `schema` (default SimulationConfig);
+    ConfigError on any problem."""
     tree: dict = {}
     if path is not None:
         if not path.is_file():
@@ -142,7 +143,7 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Simu
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
     try:
-        return SimulationConfig.model_validate(tree)
+        return (schema or SimulationConfig).model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
 

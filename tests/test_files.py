@@ -139,3 +139,12 @@ def test_federation_on_dicom_files_learns_and_no_header_leaves(tmp_path):
     assert wire.blobs
     secrets = [v.encode() for v in PATIENT.values()] + [b"Nguyen", b"HN-0042", b"IMG0", str(root).encode()]
     assert not [s for s in secrets for blob in wire.blobs if s in blob]
+
+
+def test_bad_site_yaml_names_each_field(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text("site: Bach Mai\ndata: {root: /nope, colour: red}\n")
+    result = CliRunner().invoke(app, ["client", "check-data", "--config", str(site)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "config error: site: String should match pattern" in result.output
+    assert "config error: data.colour: unknown field" in result.output
