@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -10,8 +12,25 @@ from medimaging.datasets import Split
 from medimaging.models import build_model
 from medimaging.training import evaluate, train_epochs
 from server.loop import initial_arrays
+from server.outputs import read_rows
 from simulations.config import SimulationConfig
 from simulations.federation import global_test, site_data, task_shape
+
+
+PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
+
+
+def federation_args(ap: argparse.ArgumentParser) -> None:
+    """--data (pneumoniamnist beside the repo), --sites 5, --rounds 5, --local-epochs 1."""
+    ap.add_argument("--data", type=Path, default=PNEUMONIA)
+    ap.add_argument("--sites", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--local-epochs", type=int, default=1)
+
+
+def final_global(run_dir: Path) -> dict:
+    """The last round's global row of a run."""
+    return [r for r in read_rows(run_dir) if r["site"] == "global"][-1]
 
 
 def sites(cfg: SimulationConfig):

@@ -9,21 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from pathlib import Path
 
-from benchmarks.common import centralized
+from benchmarks.common import centralized, federation_args, final_global
 from simulations.config import load_config
 from simulations.runner import simulate
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=DEFAULT)
-    ap.add_argument("--sites", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-epochs", type=int, default=1)
+    federation_args(ap)
     args = ap.parse_args()
     epochs = args.rounds * args.local_epochs
     print(f"{args.data.name}: {args.sites} sites, {args.rounds} rounds x {args.local_epochs} local epoch(s) "
@@ -37,8 +30,7 @@ def main() -> None:
                 "server.output_dir": out,
             })
             run_dir = simulate(cfg)
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            final = [r for r in rows if r["site"] == "global"][-1]
+            final = final_global(run_dir)
             seconds = json.loads((run_dir / "summary.json").read_text())["seconds"]
         label = "FedAvg, IID" if scheme == "iid" else "FedAvg, Dirichlet(0.3)"
         print(f"| {label} | {final['test_auc']:.3f} | {final['test_accuracy']:.3f} | {seconds:.0f} |")

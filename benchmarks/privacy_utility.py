@@ -11,15 +11,13 @@ import json
 import tempfile
 from pathlib import Path
 
+from benchmarks.common import PNEUMONIA, final_global
 from simulations.config import load_config
 from simulations.runner import simulate
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=DEFAULT)
+    ap.add_argument("--data", type=Path, default=PNEUMONIA)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     print(f"{args.data.name}: 5 hospitals, Dirichlet(0.3), {args.rounds} rounds x 1 local epoch, cnn, "
@@ -35,8 +33,7 @@ def main() -> None:
             if epsilon is not None:
                 overrides.update({"privacy.enabled": True, "privacy.target_epsilon": epsilon})
             run_dir = simulate(load_config(None, overrides))
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            final = [r for r in rows if r["site"] == "global"][-1]
+            final = final_global(run_dir)
             seconds = json.loads((run_dir / "summary.json").read_text())["seconds"]
         spent = "-" if final["epsilon"] is None else f"{final['epsilon']:.2f}"
         label = "no DP" if epsilon is None else f"{epsilon:g}"

@@ -7,29 +7,16 @@ centralized training of the same model for the same epochs (rounds x local epoch
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-from pathlib import Path
 
-from benchmarks.common import centralized
+from benchmarks.common import centralized, federation_args, final_global
 from simulations.config import load_config
 from simulations.runner import simulate
 from strategies.config import STRATEGIES
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
-
-
-def _final(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["site"] == "global"][-1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=DEFAULT)
-    ap.add_argument("--sites", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-epochs", type=int, default=1)
+    federation_args(ap)
     ap.add_argument("--only", default=",".join(STRATEGIES))
     args = ap.parse_args()
     names = args.only.split(",")
@@ -47,7 +34,7 @@ def main() -> None:
                     "strategy.name": name, "strategy.num_malicious": 0 if name == "bulyan" else 1,
                     "server.output_dir": out,
                 })
-                results.setdefault(name, {})[scheme] = _final(simulate(cfg))["test_auc"]
+                results.setdefault(name, {})[scheme] = final_global(simulate(cfg))["test_auc"]
             print(f"  {name:14} {scheme:9} {results[name][scheme]:.4f}", flush=True)
             if central is None:
                 central = centralized(cfg, epochs)[0]["auc"]
