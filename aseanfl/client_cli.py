@@ -4,28 +4,31 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hospital side: check data (more to come).")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Hospital side: check data, run the daemon, approve apps, audit what left.")
+SITE_OPTION = typer.Option(..., "--config", "-c", help="the hospital's site.yaml")
 
 
 def load_site(path: Path):
-    """site.yaml -> SiteConfig; exits 2 with one line per problem."""
-    from client.config import SiteConfig
-    from simulations.config import ConfigError, load_config
+    """site.yaml -> SiteConfig (paths made absolute); exits 2 with one line per problem."""
+    from client.config import load_site as read
+    from medimaging.yamlconfig import ConfigError
 
     try:
-        return load_config(path, schema=SiteConfig)
+        return read(path)
     except ConfigError as exc:
         typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
         raise typer.Exit(2) from None
 
 
 @app.command("check-data")
-def check_data(config: Path = typer.Option(..., "--config", "-c", help="the hospital's site.yaml")) -> None:
+def check_data(config: Path = SITE_OPTION) -> None:
     """Read every image the site's data section names; print counts per class and split, image
     sizes and spacing, and every file that cannot be used, with the reason. Nothing is sent."""
     from medimaging.files import decode
@@ -60,3 +63,70 @@ def check_data(config: Path = typer.Option(..., "--config", "-c", help="the hosp
         console.print(f"[yellow]skipped[/] {p.file}: {p.reason}")
     if not usable:
         raise typer.Exit(1)
+
+
+@app.command()
+def start(config: Path = SITE_OPTION) -> None:
+    """Run the hospital daemon (Flower SuperNode + app approval + audit log) in the foreground."""
+    from client.daemon import run_daemon
+
+    site = load_site(config)
+    try:
+        raise typer.Exit(run_daemon(site, config.resolve()))
+    except ValueError as exc:
+        typer.echo(f"config error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def approve(
+    config: Path = SITE_OPTION,
+    sha256: Optional[str] = typer.Option(None, help="the bundle hash the coordinator published (aseanfl app-hash)"),
+    fab: Optional[Path] = typer.Option(None, help="or a built .fab file to hash"),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="or an app source folder, built as Flower builds it"),
+    note: str = typer.Option("", help="why / who approved it"),
+) -> None:
+    """Add an app bundle to this hospital's allow-list (the daemon runs nothing else)."""
+    from client.gate import approve as add, fab_hash
+
+    site = load_site(config)
+    if sum(x is not None for x in (sha256, fab, app_dir)) != 1:
+        typer.echo("error: give exactly one of --sha256, --fab, --app", err=True)
+        raise typer.Exit(2)
+    if fab is not None:
+        sha256 = fab_hash(fab)
+    elif app_dir is not None:
+        from server.control import app_hash
+
+        sha256 = app_hash(app_dir)
+    try:
+        new = add(site.approved_apps, sha256, note)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{'approved' if new else 'already approved'}: {sha256} ({site.approved_apps})")
+
+
+@app.command()
+def audit(config: Path = SITE_OPTION) -> None:
+    """Verify the audit log: its hash chain, and that only model arrays and allowed aggregate
+    metrics left (no other record or key, no data folder or file name in any value)."""
+    from client.audit import verify
+    from medimaging.files import inventory
+
+    site = load_site(config)
+    forbidden = [str(site.data.root)]
+    try:
+        forbidden += sorted({i.path.name for i in inventory(site.data).items if len(i.path.stem) >= 4})
+    except ValueError:
+        pass  # an unreadable data folder still gets its log checked
+    report = verify(site.audit_log, site.site, forbidden)
+    console = Console()
+    rounds = sum(len(r) for r in report.runs.values())
+    console.print(f"{site.audit_log}: {report.entries} messages sent, {report.bytes:,} bytes, "
+                  f"{len(report.runs)} run(s), {rounds} (run, round) pairs")
+    for problem in report.problems:
+        console.print(f"[red]problem[/] {problem}")
+    if report.problems:
+        raise typer.Exit(1)
+    console.print("[green]ok[/]: only model arrays and allowed aggregate metrics left this hospital")

@@ -24,6 +24,7 @@ from .config import PrivacyConfig
 from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from .mods import central_dp_mod, private_errors_mod
 from .secure import secure_aggregation_mod
+from .site import SITE_CONFIG_KEY, SiteDataError, load_site_hospital
 from .privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
 
 log = logging.getLogger("aseanfl")
@@ -38,6 +39,7 @@ class Hospital:
     data: SiteData
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ledger_root: Path = Path("privacy")  # ledgers go to <ledger_root>/<run>/privacy unless policy.ledger_dir
+    num_classes: int | None = None  # a deployed site's classes, checked against the run's model
 
 
 # (node context, image side in px) -> this hospital.
@@ -45,9 +47,19 @@ HospitalLoader = Callable[[Context, int], Hospital]
 
 
 def _default_loader(context: Context, image_size: int) -> Hospital:
+    if SITE_CONFIG_KEY in context.node_config:  # a deployed SuperNode names its site.yaml
+        return load_site_hospital(context, image_size)
     from simulations.federation import hospital_from_context  # simulation nodes carry a partition-id
 
     return hospital_from_context(context, image_size)
+
+
+def _load(load_hospital: HospitalLoader, context: Context, task: TaskSpec) -> Hospital:
+    hospital = load_hospital(context, task.image_size)
+    if hospital.num_classes is not None and hospital.num_classes != task.num_classes:
+        raise SiteDataError(f"this hospital's data has {hospital.num_classes} classes, the run's model "
+                            f"{task.num_classes}")
+    return hospital
 
 
 def _site_seed(task: TaskSpec, site: str) -> int:
@@ -128,7 +140,7 @@ def build_client_app(load_hospital: HospitalLoader = _default_loader, extra_mods
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)  # one core per simulated hospital; the engine runs them side by side
         task = TaskSpec.from_config(msg.content["config"])
-        hospital = load_hospital(context, task.image_size)
+        hospital = _load(load_hospital, context, task)
         torch.manual_seed(_site_seed(task, hospital.data.name))
         model = _model(task, msg, context)
         mu = float(msg.content["config"].get(PROXIMAL_KEY, 0.0))  # Flower's FedProx sends it
@@ -141,7 +153,7 @@ def build_client_app(load_hospital: HospitalLoader = _default_loader, extra_mods
     def validate(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         task = TaskSpec.from_config(msg.content["config"])
-        hospital = load_hospital(context, task.image_size)
+        hospital = _load(load_hospital, context, task)
         site, model = hospital.data, _model(task, msg, context)
         scores = evaluate(model, site.val, task.num_classes)
         tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}

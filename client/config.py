@@ -36,9 +36,45 @@ class PrivacyConfig(Strict):
         return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
 
 
+class ConnectionConfig(Strict):
+    """How the daemon reaches the federation's SuperLink (paths relative to site.yaml)."""
+
+    server: str = Field(pattern=r"^[^:\s]+:\d+$", description="the SuperLink's host:port")
+    root_certificates: Path = Field(Path("ca.crt"), description="the federation's CA certificate")
+    node_key: Path = Field(Path("node.key"), description="this hospital's private node key (never leaves the site)")
+    runtime_port: int = Field(9094, ge=1024, le=65535, description="local port between the daemon and its app processes")
+
+
 class SiteConfig(Strict):
     """site.yaml: what a hospital's daemon knows about itself. None of it is ever sent."""
 
     site: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the hospital's id in the federation")
     data: FilesConfig
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    connection: ConnectionConfig | None = Field(None, description="needed by `aseanfl client start`")
+    require_approval: bool = Field(True, description="run only app bundles listed in approved_apps")
+    approved_apps: Path = Field(Path("approved-apps.yaml"), description="sha256 allow-list of app bundles")
+    audit_log: Path = Field(Path("audit.jsonl"), description="append-only record of every outbound message")
+    state_dir: Path = Field(Path("state"), description="privacy ledgers and the daemon's own files")
+
+    def resolved(self, base: Path) -> "SiteConfig":
+        """Relative paths made absolute against `base` (the folder of site.yaml)."""
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+        out = self.model_copy(deep=True)
+        out.data.root, out.data.manifest, out.data.cache_dir = fix(out.data.root), fix(out.data.manifest), fix(out.data.cache_dir)
+        out.approved_apps, out.audit_log, out.state_dir = fix(out.approved_apps), fix(out.audit_log), fix(out.state_dir)
+        # the ledger outlives runs: the hospital's budget counts every run it joined
+        out.privacy.ledger_dir = fix(out.privacy.ledger_dir) or out.state_dir / "privacy"
+        if out.connection is not None:
+            c = out.connection
+            c.root_certificates, c.node_key = fix(c.root_certificates), fix(c.node_key)
+        return out
+
+
+def load_site(path: Path) -> SiteConfig:
+    """site.yaml -> SiteConfig with absolute paths; ConfigError naming the field on any problem."""
+    from medimaging.yamlconfig import read_config
+
+    return read_config(path, None, SiteConfig).resolved(path.resolve().parent)

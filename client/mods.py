@@ -11,6 +11,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from .messages import REFUSAL_KEY, TaskSpec
+from .site import SiteDataError
 
 _MODS = {"fixed": fixedclipping_mod, "adaptive": adaptiveclipping_mod}
 log = logging.getLogger("aseanfl")
@@ -25,6 +26,8 @@ def private_errors_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply, none leaks detail
         log.exception("%s task failed at this hospital", msg.metadata.message_type)
         reason = f"{type(exc).__name__} at the hospital (details in its local log)"
+        if isinstance(exc, SiteDataError):  # phrased to name no file and no value
+            reason = f"{reason}: {exc}"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 

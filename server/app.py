@@ -22,7 +22,12 @@ def build_server_app(make_plan: Callable[[Context], Plan] = _plan_from_run_confi
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        plan = make_plan(context)
+        if context.run_config.get("mode") == "deployment":  # `aseanfl run` on real hospitals
+            from .deployment import deployment_plan
+
+            plan = deployment_plan(context, grid)
+        else:
+            plan = make_plan(context)
         run_federation(grid, plan)
         write_report(plan.run_dir)
 

@@ -115,6 +115,14 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: di
     return replies, sent
 
 
+def _in_round(messages: Iterable[Message], rnd: int) -> list[Message]:
+    """Flower's group_id = the round; replies inherit it (hospitals' audit logs record it)."""
+    messages = list(messages)
+    for m in messages:
+        m.metadata.group_id = str(rnd)
+    return messages
+
+
 def _checked(
     replies: list[Message], schema, progress: Progress, rnd: int, phase: str, refusals: dict[str, Refusal],
     arrays: bool = True,
@@ -319,7 +327,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
 
         progress.round_started(rnd, rounds, "training")
         shared = _without(arrays, local)
-        tasks = strategy.configure_train(rnd, shared, task.to_config(), grid)
+        tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd)
         if workflow is None:
             replies, sent = _exchange(grid, tasks, timeout, known, silent("training"))
             _count_traffic(replies, sent, row)
@@ -347,8 +355,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         shared = _without(arrays, local)
 
         progress.round_started(rnd, rounds, "validating")
-        replies, sent = _exchange(grid, strategy.configure_evaluate(rnd, shared, task.to_config(), grid), timeout, known,
-                                  silent("validation"))
+        evals = _in_round(strategy.configure_evaluate(rnd, shared, task.to_config(), grid), rnd)
+        replies, sent = _exchange(grid, evals, timeout, known, silent("validation"))
         _count_traffic(replies, sent, row)
         replies = _checked(replies, EvalMetrics, progress, rnd, "validation", {})
         for reply in replies:

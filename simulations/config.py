@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from client.config import PrivacyConfig
 from medimaging.config import MODEL_MIN_SIZE, Strict
+from medimaging.yamlconfig import ConfigError, describe, parse_sets, read_config, set_dotted  # noqa: F401
 from server.config import RunConfig
 
 DEFAULT_SITES = ["nanning", "hanoi", "bangkok", "kuala-lumpur", "jakarta", "manila"]
@@ -87,65 +88,9 @@ class SimulationConfig(RunConfig):
         return self
 
 
-class ConfigError(Exception):
-    """A config problem, already phrased for the user (one line per problem)."""
-
-
-def describe(exc: ValidationError) -> str:
-    """One line per problem: 'field.path: what is wrong (got value)'."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        msg, value = err["msg"].removeprefix("Value error, "), err.get("input")
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown field")
-            continue
-        got = "" if err["type"] == "missing" or isinstance(value, (dict, list)) else f" (got {str(value)!r})"
-        lines.append(f"{where}: {msg}{got}" if where else msg)
-    return "\n".join(lines)
-
-
-def parse_sets(items: list[str]) -> dict:
-    """['train.lr=0.01', 'sites=3'] -> {'train.lr': 0.01, 'sites': 3} (values read as YAML)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{item!r} is not key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
-def set_dotted(tree: dict, dotted: str, value) -> None:
-    """tree['a']['b'] = value for 'a.b'."""
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: '{key}' is not a section")
-    node[leaf] = value
-
-
 def load_config(path: Path | None = None, overrides: dict | None = None, schema: type[BaseModel] | None = None):
-    """YAML file (optional) + dotted overrides -> validated `schema` (default SimulationConfig);
-    ConfigError on any problem."""
-    tree: dict = {}
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    for key, value in (overrides or {}).items():
-        set_dotted(tree, key, value)
-    try:
-        return (schema or SimulationConfig).model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(describe(exc)) from None
+    """YAML file (optional) + dotted overrides -> validated `schema` (default SimulationConfig)."""
+    return read_config(path, overrides, schema or SimulationConfig)
 
 
 def dump_config(cfg: SimulationConfig) -> str:

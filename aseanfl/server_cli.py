@@ -1,0 +1,126 @@
+"""Coordinator commands: provision, server start/register, run, status, app-hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+server_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Coordinator: the federation's SuperLink.")
+FED_OPTION = typer.Option(Path("federation"), "--federation-dir", "-f", help="the provisioned federation folder")
+
+
+def _federation(path: Path):
+    from server.provision import load_federation
+
+    try:
+        return load_federation(path)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def provision(
+    federation: str = typer.Option(..., "--federation", help="federation name, e.g. asean-cxr"),
+    sites: str = typer.Option(..., help="comma-separated hospital ids (new ones are added, existing kept)"),
+    out: Path = typer.Option(Path("federation"), "--out", "-o", help="the federation folder"),
+    address: str = typer.Option("127.0.0.1:9092", help="host:port the hospitals reach the SuperLink at"),
+    host: list[str] = typer.Option([], help="more names/IPs for the server certificate"),
+) -> None:
+    """Create the federation's CA, the server's TLS certificate and a kit per hospital (or add hospitals)."""
+    from server.provision import provision as make
+
+    try:
+        fed, added = make(out, federation, [s.strip() for s in sites.split(",") if s.strip()], address, host)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"federation {fed.name} in {fed.root} (server address {fed.address})")
+    for site in fed.sites():
+        state = "new" if site in added else "kept"
+        typer.echo(f"  {site:24s} {state:5s} kit: {fed.site_kit(site)}  (send it to the hospital; keep ca/ca.key here)")
+
+
+@server_app.command("start")
+def start(federation_dir: Path = FED_OPTION) -> None:
+    """Run the SuperLink (TLS, registered hospitals only, state in server/state.db) in the foreground."""
+    from server.control import run_server
+
+    raise typer.Exit(run_server(_federation(federation_dir)))
+
+
+@server_app.command("register")
+def register(federation_dir: Path = FED_OPTION) -> None:
+    """Register hospitals provisioned after the server started (their keys may connect from now on)."""
+    from server.control import register_sites
+
+    for site, node in register_sites(_federation(federation_dir)).items():
+        typer.echo(f"{site}: node {node}")
+
+
+def run(
+    federation_dir: Path = FED_OPTION,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="federation.yaml (model, task, strategy, rounds...)"),
+    rounds: Optional[int] = typer.Option(None, help="server.rounds"),
+    strategy: Optional[str] = typer.Option(None, help="strategy.name"),
+    set_: list[str] = typer.Option([], "--set", help="any field, dotted: --set train.lr=0.01"),
+    out: Path = typer.Option(Path("runs"), help="where the run folder is downloaded to"),
+    app: Optional[Path] = typer.Option(None, help="the Flower App folder (default: this aseanfl)"),
+) -> None:
+    """Start a federated run on the connected hospitals, stream its progress, download its results."""
+    from medimaging.yamlconfig import ConfigError, parse_sets, read_config
+    from server.control import app_dir, start_run
+    from server.deployment import DeploymentConfig, _flat
+
+    text = config.read_text() if config else ""
+    named = [f"server.rounds={rounds}"] * (rounds is not None) + [f"strategy.name={strategy}"] * (strategy is not None)
+    try:  # the same validation the ServerApp runs, before anything is sent
+        import yaml
+
+        tree = yaml.safe_load(text) or {}
+        read_config(None, {**_flat(tree), **parse_sets([*set_, *named])}, DeploymentConfig)
+    except (ConfigError, yaml.YAMLError) as exc:
+        typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
+        raise typer.Exit(2) from None
+    fed = _federation(federation_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id, final, local = start_run(fed, text, [*set_, *named], app or app_dir(), out)
+    typer.echo(f"run {run_id}: {final or 'status unknown'}")
+    if local is not None:
+        typer.echo(f"results: {local}  (report: {local / 'report.md'})")
+    if not final.endswith("completed"):
+        raise typer.Exit(1)
+
+
+def status(federation_dir: Path = FED_OPTION) -> None:
+    """Hospitals (registered / online) and runs on the SuperLink."""
+    from server.control import status as read
+
+    info = read(_federation(federation_dir))
+    console = Console()
+    nodes = Table(title="hospitals")
+    for col in ("site", "node id", "status", "since"):
+        nodes.add_column(col)
+    for n in info["nodes"]:
+        nodes.add_row(n.get("site", "?"), str(n.get("node-id")), str(n.get("status")), str(n.get("status-changed-at", "")))
+    console.print(nodes)
+    runs = Table(title="runs")
+    for col in ("run id", "status", "elapsed"):
+        runs.add_column(col)
+    for r in info["runs"]:
+        runs.add_row(str(r.get("run-id")), str(r.get("status")), str(r.get("elapsed", "")))
+    console.print(runs)
+    for p in info["problems"]:
+        console.print(f"[red]{p}[/]")
+    if info["problems"]:
+        raise typer.Exit(1)
+
+
+def app_hash(app: Optional[Path] = typer.Option(None, help="the Flower App folder (default: this aseanfl)")) -> None:
+    """sha256 of the app bundle a run sends: hospitals approve it with `aseanfl client approve`."""
+    from server.control import app_dir, app_hash as digest
+
+    typer.echo(digest(app or app_dir()))

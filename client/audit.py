@@ -1,0 +1,173 @@
+"""The hospital's audit log: one JSON line per message that leaves the site, chained by sha256
+(each entry holds the hash of the one before), so an edited, removed or reordered line shows.
+
+`verify` checks the chain and that nothing but model arrays and the allowed aggregate metrics
+left: no record, metric or config key outside the schema, no string naming the data folder or
+one of its files."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TrainMetrics
+
+GENESIS = "0" * 64
+_METRIC_KEYS = {f.alias or n for m in (TrainMetrics, EvalMetrics) for n, f in m.model_fields.items()}
+_REFUSAL_KEYS = {f.alias or n for n, f in Refusal.model_fields.items()}
+_SECAGG_KEYS = {v for k, v in vars(Key).items() if k.isupper()}
+# record name -> (record kind, allowed keys; None = any array name)
+ALLOWED = {
+    "arrays": ("arrays", None),
+    "metrics": ("metrics", _METRIC_KEYS),
+    "site": ("configs", {"name"}),
+    REFUSAL_KEY: ("configs", _REFUSAL_KEYS),
+    RECORD_KEY_CONFIGS: ("configs", _SECAGG_KEYS),  # SecAgg+: keys, shares, the masked vector
+    "fitres.parameters": ("arrays", set()),  # SecAgg+ empties it before the reply leaves
+    "fitres.metrics": ("metrics", set()),
+    "fitres.status": ("configs", {"code", "message"}),
+    "fitres.num_examples": ("metrics", {"num_examples"}),
+}
+_FLOAT_KINDS = ("float", "bfloat", "int", "uint")
+
+
+def _value(v):
+    """What the log keeps of a config/metric value: numbers and short strings as they are,
+    bytes as length + sha256 (SecAgg+ shares and masked vectors)."""
+    if isinstance(v, list):
+        return [_value(x) for x in v[:64]] + ([f"... {len(v)} items"] if len(v) > 64 else [])
+    if isinstance(v, bytes):
+        return {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()}
+    return v
+
+
+def describe(msg: Message) -> dict:
+    """The log entry's body for one outbound message."""
+    body: dict = {
+        "run": msg.metadata.run_id, "round": msg.metadata.group_id, "type": msg.metadata.message_type,
+        "records": {}, "bytes": 0,
+    }
+    if msg.has_error():
+        body["error"] = {"code": msg.error.code, "reason": msg.error.reason}
+        return body
+    digest = hashlib.sha256()
+    for name, record in sorted(msg.content.items()):
+        kind = {"ArrayRecord": "arrays", "MetricRecord": "metrics", "ConfigRecord": "configs"}[type(record).__name__]
+        if kind == "arrays":
+            entries = {k: {"dtype": a.dtype, "shape": list(a.shape), "bytes": len(a.data)} for k, a in record.items()}
+            size = sum(len(a.data) for a in record.values())
+            for k, a in record.items():
+                digest.update(k.encode() + a.data)
+        else:
+            entries = {k: _value(v) for k, v in record.items()}
+            blob = json.dumps(entries, sort_keys=True, default=str).encode()
+            size = len(blob)
+            digest.update(name.encode() + blob)
+        body["records"][name] = {"kind": kind, "entries": entries, "bytes": size}
+        body["bytes"] += size
+    body["sha256"] = digest.hexdigest()
+    return body
+
+
+class AuditLog:
+    """Append-only: opened with O_APPEND, an exclusive lock per entry, fsync'ed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, body: dict) -> dict:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            prev = _last_hash(self.path)
+            entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **body, "prev": prev}
+            entry["hash"] = _hash(entry)
+            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+            return entry
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _hash(entry: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in entry.items() if k != "hash"}, sort_keys=True).encode()).hexdigest()
+
+
+def _last_hash(path: Path) -> str:
+    if not path.is_file() or path.stat().st_size == 0:
+        return GENESIS
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 1_000_000))
+        last = f.read().splitlines()[-1]
+    return json.loads(last)["hash"]
+
+
+@dataclass
+class AuditReport:
+    entries: int = 0
+    bytes: int = 0
+    runs: dict[int, set] = field(default_factory=dict)  # run -> rounds seen
+    problems: list[str] = field(default_factory=list)
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
+    """Check the chain and every entry's content; `forbidden`: strings that must never appear
+    in a sent value (the data folder, file names)."""
+    report, prev = AuditReport(), GENESIS
+    if not path.is_file():
+        report.problems.append(f"{path}: no audit log (nothing was sent yet, or the log was removed)")
+        return report
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        where = f"line {number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            report.problems.append(f"{where}: not JSON (the log was edited or cut)")
+            prev = None
+            continue
+        if entry.get("prev") != prev or entry.get("hash") != _hash(entry):
+            report.problems.append(f"{where}: the hash chain breaks here (an entry was edited, removed or reordered)")
+        prev = entry.get("hash")
+        report.entries += 1
+        report.bytes += int(entry.get("bytes", 0))
+        report.runs.setdefault(entry.get("run"), set()).add(entry.get("round"))
+        for name, record in entry.get("records", {}).items():
+            allowed = ALLOWED.get(name)
+            if allowed is None or allowed[0] != record.get("kind"):
+                report.problems.append(f"{where}: record {name!r} ({record.get('kind')}) is not allowed to leave")
+                continue
+            keys = allowed[1]
+            for key, value in record.get("entries", {}).items():
+                if keys is not None and key not in keys:
+                    report.problems.append(f"{where}: {name}.{key} is not an allowed key")
+                if record["kind"] == "arrays" and not str(value.get("dtype", "")).startswith(_FLOAT_KINDS):
+                    report.problems.append(f"{where}: array {key} has dtype {value.get('dtype')}, not a model tensor")
+                for text in _strings(value):
+                    hits = [f for f in forbidden if f and f in text]
+                    if hits:
+                        report.problems.append(f"{where}: {name}.{key} contains {hits[0]!r}")
+            if name == "site" and record.get("entries", {}).get("name") not in (None, site):
+                report.problems.append(f"{where}: site.name is not this hospital's id {site!r}")
+        reason = entry.get("error", {}).get("reason", "")
+        for f in forbidden:
+            if f and f in reason:
+                report.problems.append(f"{where}: an error reason contains {f!r}")
+    return report

@@ -1,0 +1,110 @@
+"""`aseanfl client start`: the hospital daemon. A Flower SuperNode (TLS to the federation's CA,
+authenticated with the site's node key) plus the gate's SuperExec, which runs each task as an
+`aseanfl-clientapp` process (app approval + audit log). The SuperNode retries the SuperLink
+without limit, so a restarted server finds its hospitals again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import SiteConfig
+from .gate import SITE_ENV
+from .site import SITE_CONFIG_KEY
+
+
+def daemon_env(site: SiteConfig, site_path: Path) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        SITE_ENV: str(site_path),
+        "FLWR_HOME": str(site.state_dir / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
+
+
+def supernode_command(site: SiteConfig, site_path: Path) -> list[str]:
+    c = site.connection
+    if c is None:
+        raise ValueError(f"{site_path}: no connection section (server, root_certificates, node_key)")
+    for label, path in (("connection.root_certificates", c.root_certificates), ("connection.node_key", c.node_key)):
+        if not path.is_file():
+            raise ValueError(f"{site_path}: {label}: file not found: {path}")
+    bin_dir = Path(sys.executable).parent
+    return [
+        str(bin_dir / "flower-supernode"), "--superlink", c.server, "--root-certificates", str(c.root_certificates),
+        "--auth-supernode-private-key", str(c.node_key), "--isolation", "process",
+        "--host", "127.0.0.1", "--port", str(c.runtime_port),
+        "--node-config", f'{SITE_CONFIG_KEY}="{site_path}"',
+    ]
+
+
+def superexec_command(site: SiteConfig) -> list[str]:
+    port = site.connection.runtime_port
+    return [str(Path(sys.executable).parent / "aseanfl-superexec"), "--runtime-api-address", f"127.0.0.1:{port}",
+            "--insecure", "--parent-pid", str(os.getpid())]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
+    """Run until SIGTERM/SIGINT. If the SuperNode gives up (server down for long, key not yet
+    registered) both processes are started again after a back-off of up to 30 s."""
+    commands = supernode_command(site, site_path)
+    if not _port_free(site.connection.runtime_port):
+        raise ValueError(f"{site_path}: connection.runtime_port {site.connection.runtime_port} is in use on this "
+                         "machine (another daemon?); give each daemon its own port")
+    env = daemon_env(site, site_path)
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    backoff = 2.0
+    while not stopping:
+        started = time.monotonic()
+        node = subprocess.Popen(commands, env=env)
+        time.sleep(1.0)  # the SuperNode opens its Runtime API before the executor connects
+        executor = subprocess.Popen(superexec_command(site), env=env)
+        try:
+            while not stopping and node.poll() is None and executor.poll() is None:
+                time.sleep(0.5)
+        finally:
+            _stop([executor, node])
+        if stopping:
+            break
+        backoff = 2.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+        log(f"{site.site}: the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s")
+        deadline = time.monotonic() + backoff
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return 0

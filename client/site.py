@@ -1,0 +1,57 @@
+"""A deployed hospital: its site.yaml (named in the SuperNode's node config) and its own files.
+
+The data are checked before every round, as `aseanfl client check-data` does: a site without
+usable images answers with a clear error that names no file, and the federation goes on."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+
+from medimaging.datasets import SiteData, labels_1d, load_npz, split_train_val, to_tensor
+from medimaging.files import decode
+
+from .config import SiteConfig, load_site
+
+SITE_CONFIG_KEY = "site-config"  # node config: the path of site.yaml, set by `aseanfl client start`
+VAL_FRACTION = 0.2
+log = logging.getLogger("aseanfl")
+
+
+class SiteDataError(ValueError):
+    """A problem with the hospital's data whose message names no file and no value from it, so
+    it may go to the server as the reason of an error reply."""
+
+
+@lru_cache(maxsize=2)
+def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.ndarray, list[str]]:
+    del mtime  # part of the cache key: an edited site.yaml is read again
+    site = load_site(Path(path))
+    try:
+        decoded = decode(site.data)
+    except ValueError as exc:
+        log.error("%s: %s", site.site, exc)  # the full message (with the folder) stays in the local log
+        raise SiteDataError("fewer than two classes with usable images at this hospital; "
+                            "run `aseanfl client check-data` there") from None
+    for problem in decoded.inventory.problems:
+        log.warning("%s skipped: %s", problem.file, problem.reason)
+    arrays = load_npz(str(decoded.cache))
+    return site, arrays["train_images"], labels_1d(arrays["train_labels"]), decoded.inventory.classes
+
+
+def load_site_hospital(context: Context, image_size: int):
+    """The Hospital behind a deployed SuperNode."""
+    from .app import Hospital
+
+    path = Path(str(context.node_config[SITE_CONFIG_KEY]))
+    site, x, y, classes = _site_arrays(str(path), path.stat().st_mtime)
+    if len(y) < 2:
+        raise SiteDataError("no usable training images at this hospital")
+    train, val = split_train_val(to_tensor(x, image_size), torch.from_numpy(y), VAL_FRACTION, 0)
+    return Hospital(data=SiteData(name=site.site, train=train, val=val), privacy=site.privacy,
+                    ledger_root=site.state_dir, num_classes=len(classes))

@@ -1,0 +1,178 @@
+"""The coordinator's side of a deployment: the SuperLink process, hospital registration, starting
+runs and reading status through Flower's Control API (the `flwr` CLI, with its connection kept
+in the federation folder, never in the repository's pyproject.toml)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import tomli_w
+
+from .deployment import RUNS_ENV
+from .provision import Federation
+
+_BIN = Path(sys.executable).parent
+
+
+def app_dir() -> Path:
+    """The aseanfl Flower App (this source tree's pyproject.toml)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise ValueError("the aseanfl source tree is not found next to the installed package; pass --app")
+    return root
+
+
+def app_hash(app: Path) -> str:
+    """sha256 of the app bundle Flower builds from `app` (deterministic: fixed zip dates)."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+
+
+def flwr_env(fed: Federation) -> dict[str, str]:
+    home = fed.server_dir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
+        "default": fed.name,
+        fed.name: {"address": fed.address, "root-certificates": str(fed.ca_cert)},
+    }}))
+    return {
+        **os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", RUNS_ENV: str(fed.server_dir / "runs"),
+        "PATH": str(_BIN) + os.pathsep + os.environ.get("PATH", ""), "NO_COLOR": "1", "COLUMNS": "200",
+    }
+
+
+def superlink_command(fed: Federation) -> list[str]:
+    s = fed.server_dir
+    host, port = fed.address.rsplit(":", 1)
+    return [
+        str(_BIN / "flower-superlink"), "--ssl-ca-certfile", str(s / "ca.crt"), "--ssl-certfile", str(s / "server.crt"),
+        "--ssl-keyfile", str(s / "server.key"), "--database", str(s / "state.db"), "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation", "--host", "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host,
+        "--port", port,
+    ]
+
+
+def flwr(fed: Federation, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(_BIN / "flwr"), *args], env=flwr_env(fed), capture_output=True, text=True, timeout=timeout)
+
+
+def _json(proc: subprocess.CompletedProcess) -> dict:
+    text = proc.stdout[proc.stdout.find("{"):] if "{" in proc.stdout else ""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"success": False, "error-message": (proc.stderr or proc.stdout).strip()[-500:]}
+
+
+def wait_ready(fed: Federation, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with code {proc.returncode} (is {fed.address} already in use?)")
+        if _json(flwr(fed, "supernode", "list", fed.name, "--format", "json")).get("success"):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the SuperLink at {fed.address} did not answer within {timeout:g} s")
+
+
+def register_sites(fed: Federation) -> dict[str, str]:
+    """Register every provisioned hospital key the SuperLink does not know yet; site -> node id.
+    Kept in server/registered.json (cleared when the state database is new)."""
+    path = fed.server_dir / "registered.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for site in fed.sites():
+        if site in known:
+            continue
+        res = _json(flwr(fed, "supernode", "register", str(fed.public_key(site)), fed.name, "--name", site, "--format", "json"))
+        if not res.get("success"):
+            raise RuntimeError(f"registering {site}: {res.get('error-message', res)}")
+        known[site] = str(res["node-id"])
+    path.write_text(json.dumps(known, indent=1) + "\n")
+    return known
+
+
+def _exit(*_) -> None:
+    raise SystemExit(0)
+
+
+def run_server(fed: Federation, log: Callable[[str], None] = print) -> int:
+    """`aseanfl server start`: SuperLink in the foreground, hospitals registered once it answers."""
+    if not (fed.server_dir / "state.db").exists():
+        (fed.server_dir / "registered.json").unlink(missing_ok=True)
+    proc = subprocess.Popen(superlink_command(fed), env=flwr_env(fed))
+    signal.signal(signal.SIGTERM, _exit)  # systemd's stop: take the SuperLink down with us
+    try:
+        wait_ready(fed, proc=proc)
+        for site, node in register_sites(fed).items():
+            log(f"registered {site}: node {node}")
+        log(f"SuperLink for {fed.name} on {fed.address} (TLS, registered hospitals only); Ctrl-C stops it")
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def status(fed: Federation) -> dict:
+    nodes = _json(flwr(fed, "supernode", "list", fed.name, "--format", "json"))
+    runs = _json(flwr(fed, "list", fed.name, "--format", "json"))
+    path = fed.server_dir / "registered.json"
+    names = {v: k for k, v in (json.loads(path.read_text()) if path.is_file() else {}).items()}
+    for node in nodes.get("nodes", []):
+        node["site"] = names.get(str(node.get("node-id")), "?")
+    return {"nodes": nodes.get("nodes", []), "runs": runs.get("runs", []),
+            "problems": [r["error-message"] for r in (nodes, runs) if not r.get("success")]}
+
+
+def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path, out: Path,
+              echo: Callable[[str], None] = print, timeout: float = 3600) -> tuple[int, str, Path | None]:
+    """Submit the run, stream its log until it ends, copy its folder to `out`.
+    Returns (run id, final status, local run folder or None)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = Path(tmp) / "run.toml"
+        cfg_file.write_text(tomli_w.dumps({"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}))
+        proc = subprocess.Popen([str(_BIN / "flwr"), "run", str(app), fed.name, "--run-config", str(cfg_file), "--stream"],
+                                env=flwr_env(fed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        run_id = None
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            if run_id is None and (m := re.search(r"started run (\d+)", line)):
+                run_id = int(m.group(1))
+            if "aseanfl:" in line or "ERROR" in line or "started run" in line:
+                echo(line.rstrip())
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+        proc.wait()
+    if run_id is None:
+        raise RuntimeError("the SuperLink did not start the run (is `aseanfl server start` running?)")
+    final = ""
+    for _ in range(30):  # the stream ends a moment before the status is written
+        runs = _json(flwr(fed, "list", fed.name, "--run-id", str(run_id), "--format", "json")).get("runs", [])
+        final = runs[0].get("status", "") if runs else ""
+        if final.startswith("finished"):
+            break
+        time.sleep(1)
+    source = fed.server_dir / "runs" / f"run-{run_id}"
+    local = None
+    if source.is_dir():
+        local = out / source.name
+        shutil.copytree(source, local, dirs_exist_ok=True)
+    return run_id, final, local

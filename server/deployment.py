@@ -1,0 +1,101 @@
+"""A run on real hospitals (Flower's Deployment Engine): the coordinator's config and the plan the
+ServerApp follows. The server holds no images: the task's shape comes from the config, the
+hospitals are whichever registered SuperNodes are connected."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from flwr.app import Context
+from flwr.serverapp import Grid
+from pydantic import Field
+
+from medimaging.config import MODEL_MIN_SIZE, Strict
+from medimaging.yamlconfig import ConfigError, parse_sets, read_config
+
+from .config import RunConfig
+from .loop import Plan, TaskShape
+
+RUNS_ENV = "ASEANFL_RUNS_DIR"  # set by `aseanfl server start`: run folders on the coordinator's disk
+log = logging.getLogger("aseanfl")
+
+
+class TaskConfig(Strict):
+    """What every hospital's images are decoded to (their site.yaml must agree)."""
+
+    in_channels: int = Field(1, ge=1, le=4)
+    num_classes: int = Field(2, ge=2)
+    image_size: int = Field(64, ge=8, le=512)
+
+
+class DeploymentConfig(RunConfig):
+    task: TaskConfig = TaskConfig()
+    wait_for_sites: int | None = Field(None, ge=1, description="hospitals to wait for before round 1; default strategy.min_sites")
+    wait_timeout_s: float = Field(300.0, gt=0, description="how long to wait for them; then start with those connected")
+    dp_models: bool = Field(True, description="DP-SGD-compatible layers, so any hospital may train privately")
+
+
+def config_from_run_config(run_config: dict) -> DeploymentConfig:
+    """run config: config-yaml (the coordinator's federation.yaml, as text) and set (overrides)."""
+    tree = yaml.safe_load(str(run_config.get("config-yaml", "") or "")) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError("config-yaml: expected a mapping of sections")
+    overrides = parse_sets(str(run_config.get("set", "") or "").split())
+    cfg = read_config(None, {**_flat(tree), **overrides}, DeploymentConfig)
+    if cfg.task.image_size < MODEL_MIN_SIZE[cfg.model.name]:
+        raise ConfigError(f"task.image_size={cfg.task.image_size} is too small for model.name={cfg.model.name}")
+    return cfg
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _stream_logs() -> None:
+    """The ServerApp's progress lines reach `flwr log` / `aseanfl run` through stdout."""
+    logger = logging.getLogger("aseanfl")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("aseanfl: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def await_sites(grid: Grid, wanted: int, timeout: float) -> int:
+    """Wait until `wanted` hospitals are connected (or the timeout); return how many are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if count >= wanted or time.monotonic() > deadline:
+            return count
+        time.sleep(1.0)
+
+
+def deployment_plan(context: Context, grid: Grid) -> Plan:
+    _stream_logs()
+    cfg = config_from_run_config(context.run_config)
+    runs = Path(os.environ.get(RUNS_ENV) or cfg.server.output_dir)
+    run_dir = (runs / f"run-{context.run_id}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    wanted = cfg.wait_for_sites or cfg.strategy.min_sites
+    log.info("waiting for %d hospital(s) (up to %g s)", wanted, cfg.wait_timeout_s)
+    connected = await_sites(grid, wanted, cfg.wait_timeout_s)
+    if connected < cfg.strategy.min_sites:
+        raise ConfigError(f"{connected} hospital(s) connected after {cfg.wait_timeout_s:g} s, fewer than "
+                          f"strategy.min_sites={cfg.strategy.min_sites}")
+    log.info("%d hospital(s) connected; run folder %s", connected, run_dir)
+    t = cfg.task
+    return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size), run_dir=run_dir,
+                private=cfg.dp_models, sites=connected)
