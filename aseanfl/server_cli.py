@@ -102,10 +102,11 @@ def status(federation_dir: Path = FED_OPTION) -> None:
     info = read(_federation(federation_dir))
     console = Console()
     nodes = Table(title="hospitals")
-    for col in ("site", "node id", "status", "since"):
+    for col in ("site", "node id", "status", "online at", "offline at"):
         nodes.add_column(col)
     for n in info["nodes"]:
-        nodes.add_row(n.get("site", "?"), str(n.get("node-id")), str(n.get("status")), str(n.get("status-changed-at", "")))
+        nodes.add_row(n.get("site", "?"), str(n.get("node-id")), str(n.get("status")), str(n.get("online-at") or ""),
+                      str(n.get("offline-at") or ""))
     console.print(nodes)
     runs = Table(title="runs")
     for col in ("run id", "status", "elapsed"):

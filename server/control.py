@@ -18,8 +18,9 @@ from pathlib import Path
 
 import tomli_w
 
-from .deployment import RUNS_ENV
 from .provision import Federation
+
+RUNS_ENV = "ASEANFL_RUNS_DIR"  # run folders on the coordinator's disk (read by the ServerApp)
 
 _BIN = Path(sys.executable).parent
 

@@ -19,9 +19,9 @@ from medimaging.config import MODEL_MIN_SIZE, Strict
 from medimaging.yamlconfig import ConfigError, parse_sets, read_config
 
 from .config import RunConfig
+from .control import RUNS_ENV
 from .loop import Plan, TaskShape
 
-RUNS_ENV = "ASEANFL_RUNS_DIR"  # set by `aseanfl server start`: run folders on the coordinator's disk
 log = logging.getLogger("aseanfl")
 
 

@@ -8,130 +8,60 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from medimaging.synthetic import site_images
+from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
 
-BIN = Path(sys.executable).parent
 APPROVED, UNAPPROVED = ["site-a", "site-b", "site-c"], "site-d"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _aseanfl(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "aseanfl"), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={**os.environ, "COLUMNS": "200"})
-
-
-def _write_pngs(root: Path, index: int) -> None:
-    (x, y), _ = site_images(index, 11, 90, 10)
-    for j, (img, label) in enumerate(zip(x, y, strict=True)):
-        folder = root / ("lesion" if label else "normal")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(img).squeeze().astype(np.uint8)).save(folder / f"patient-{index}-{j:04d}.png")
-
-
-class Processes:
-    def __init__(self, logs: Path):
-        self.logs, self.procs = logs, {}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([str(BIN / "aseanfl"), *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-
-def _online(fed: Path) -> set[str]:
-    res = _aseanfl("status", "-f", str(fed), timeout=60)
-    return {line.split()[1] for line in res.stdout.splitlines() if " online " in line and line.startswith("│")}
-
-
-def _wait_online(fed: Path, sites: set[str], timeout: float = 90) -> set[str]:
-    deadline, seen = time.monotonic() + timeout, set()
-    while time.monotonic() < deadline:
-        seen = _online(fed)
-        if sites <= seen:
-            return seen
-        time.sleep(2)
-    return seen
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
-    fed = tmp / "federation"
-    address = f"127.0.0.1:{_free_port()}"
-    res = _aseanfl("provision", "--federation", "asean-test", "--sites", ",".join(APPROVED), "--out", str(fed),
-                   "--address", address)
-    assert res.returncode == 0, res.stderr
-    # a hospital joining later: provisioning it leaves the others' keys alone
-    before = (fed / "sites" / "site-a" / "node.key").read_bytes()
-    res = _aseanfl("provision", "--federation", "asean-test", "--sites", f"site-a,{UNAPPROVED}", "--out", str(fed),
-                   "--address", address)
-    assert res.returncode == 0 and f"{UNAPPROVED}" in res.stdout and "kept" in res.stdout, res.stdout
-    assert (fed / "sites" / "site-a" / "node.key").read_bytes() == before
-
-    app_hash = _aseanfl("app-hash").stdout.strip()
-    assert len(app_hash) == 64
-    for i, site in enumerate([*APPROVED, UNAPPROVED]):
-        kit = fed / "sites" / site
-        _write_pngs(tmp / "pacs" / site, i)
-        text = (kit / "site.yaml").read_text().replace("/path/to/pacs-export", str(tmp / "pacs" / site))
-        text = text.replace("  image_size: 64", "  image_size: 32")
-        text = text.replace("  node_key: node.key\n", f"  node_key: node.key\n  runtime_port: {_free_port()}\n")
-        if site != "site-a":  # site-a trains with DP-SGD (the template's default), the others without
-            text = text.replace("  enabled: true", "  enabled: false")
-        (kit / "site.yaml").write_text(text)
-        if site != UNAPPROVED:
-            res = _aseanfl("client", "approve", "-c", str(kit / "site.yaml"), "--sha256", app_hash)
-            assert res.returncode == 0, res.stderr
-
-    procs = Processes(tmp)
-    try:
-        procs.start("server", "server", "start", "-f", str(fed))
+    with LocalDeployment(tmp, APPROVED, "asean-test") as dep:
+        assert dep.provision().returncode == 0
+        # a hospital joining later: provisioning it leaves the others' keys alone
+        before = (dep.kit("site-a") / "node.key").read_bytes()
+        res = dep.provision(["site-a", UNAPPROVED])
+        assert res.returncode == 0 and UNAPPROVED in res.stdout and "kept" in res.stdout, res.stdout
+        assert (dep.kit("site-a") / "node.key").read_bytes() == before
+        app_hash = aseanfl("app-hash").stdout.strip()
+        assert len(app_hash) == 64
+        for i, site in enumerate([*APPROVED, UNAPPROVED]):
+            dep.prepare_site(site, i, dp=site == "site-a")  # site-a trains with DP-SGD, the others without
+            if site != UNAPPROVED:
+                assert dep.approve(site, app_hash).returncode == 0
+        dep.start_server()
         for site in [*APPROVED, UNAPPROVED]:
-            procs.start(site, "client", "start", "-c", str(fed / "sites" / site / "site.yaml"))
-        assert _wait_online(fed, {*APPROVED, UNAPPROVED}) >= {*APPROVED, UNAPPROVED}
-        procs.stop("server")  # the coordinator restarts its server: the hospitals find it again
-        procs.start("server", "server", "start", "-f", str(fed))
+            dep.start_site(site)
+        assert dep.wait_online({*APPROVED, UNAPPROVED}) >= {*APPROVED, UNAPPROVED}
+        dep.stop("server")  # the coordinator restarts its server: the hospitals find it again
+        dep.start_server()
         started = time.monotonic()
-        run = _aseanfl("run", "-f", str(fed), "--rounds", "2", "--set", "task.image_size=32", "--set", "wait_for_sites=4",
-                       "--set", "wait_timeout_s=120", "--out", str(tmp / "results"), timeout=480, cwd=tmp)
+        run = dep.run("--rounds", "2", "--set", "task.image_size=32", "--set", "wait_for_sites=4",
+                      "--set", "wait_timeout_s=120", timeout=480)
         seconds = time.monotonic() - started
-        rogue = _rogue_supernode(tmp, fed, address)
-        yield {"fed": fed, "tmp": tmp, "run": run, "seconds": seconds, "rogue": rogue, "hash": app_hash}
-    finally:
-        procs.stop_all()
+        rogue = _rogue_supernode(tmp, dep.fed, dep.address)
+        yield {"fed": dep.fed, "tmp": tmp, "run": run, "seconds": seconds, "rogue": rogue, "hash": app_hash}
+    time.sleep(2)
+    assert _processes_using(tmp) == [], "processes left running after the deployment test"
+
+
+def _processes_using(folder: Path) -> list[str]:
+    """Command lines of live processes that name `folder` (servers, daemons, SuperNodes, app processes)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in text:
+            found.append(text)
+    return found
 
 
 def _rogue_supernode(tmp: Path, fed: Path, address: str) -> subprocess.CompletedProcess:
@@ -142,7 +72,7 @@ def _rogue_supernode(tmp: Path, fed: Path, address: str) -> subprocess.Completed
     return subprocess.run(
         [str(BIN / "flower-supernode"), "--superlink", address, "--root-certificates", str(fed / "ca" / "ca.crt"),
          "--auth-supernode-private-key", str(other.site_kit("intruder") / "node.key"), "--max-retries", "1",
-         "--isolation", "process", "--port", str(_free_port())],
+         "--isolation", "process", "--port", str(free_port())],
         capture_output=True, text=True, timeout=120)
 
 
@@ -187,7 +117,7 @@ def test_unregistered_key_is_refused(deployed):
 def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
     fed = deployed["fed"]
     for site in APPROVED:
-        res = _aseanfl("client", "audit", "-c", str(fed / "sites" / site / "site.yaml"))
+        res = aseanfl("client", "audit", "-c", str(fed / "sites" / site / "site.yaml"))
         assert res.returncode == 0, res.stdout
         entries = [json.loads(line) for line in (fed / "sites" / site / "audit.jsonl").read_text().splitlines()]
         assert {(e["round"], e["type"]) for e in entries} == {(r, t) for r in ("1", "2") for t in ("train", "evaluate")}
@@ -195,7 +125,7 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
         raw = (fed / "sites" / site / "audit.jsonl").read_text()
         assert "patient-" not in raw and "pacs" not in raw
     # the refusing hospital logged its error replies, which carry no data
-    res = _aseanfl("client", "audit", "-c", str(fed / "sites" / UNAPPROVED / "site.yaml"))
+    res = aseanfl("client", "audit", "-c", str(fed / "sites" / UNAPPROVED / "site.yaml"))
     assert res.returncode == 0, res.stdout
 
 
@@ -209,6 +139,6 @@ def test_audit_detects_an_edited_log(deployed, tmp_path):
     site_yaml.write_text((kit / "site.yaml").read_text().replace("audit_log: audit.jsonl", f"audit_log: {tmp_path / 'audit.jsonl'}")
                          .replace("approved_apps: approved-apps.yaml", f"approved_apps: {kit / 'approved-apps.yaml'}"))
     (tmp_path / "audit.jsonl").write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
-    res = _aseanfl("client", "audit", "-c", str(site_yaml))
+    res = aseanfl("client", "audit", "-c", str(site_yaml))
     assert res.returncode == 1
     assert "hash chain breaks" in res.stdout and "metrics.patient-name is not an allowed key" in res.stdout

@@ -148,3 +148,36 @@ def test_bad_site_yaml_names_each_field(tmp_path):
     assert result.exit_code == 2
     assert "config error: site: String should match pattern" in result.output
     assert "config error: data.colour: unknown field" in result.output
+
+
+def test_deployed_site_without_usable_images_replies_with_a_clear_error_naming_no_file(tmp_path):
+    """The pre-round check at a deployed hospital: the ClientApp (through its error mod, as a
+    SuperNode runs it) answers with an error that says what is wrong and names no file."""
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import app as client_app
+    from client.messages import TaskSpec
+    from client.site import SITE_CONFIG_KEY
+    from medimaging.config import ModelConfig
+    from client.config import TrainConfig
+    from medimaging.models import build_model
+
+    root = tmp_path / "export" / "only-class"
+    root.mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "secret-patient-name.png")
+    (root / "broken-scan.png").write_bytes(b"not a png")
+    site = tmp_path / "site.yaml"
+    site.write_text(f"site: hue-central\ndata:\n  root: {tmp_path / 'export'}\n  image_size: 32\n")
+    task = TaskSpec(run="r", server_round=1, total_rounds=1, seed=0, private=False, client_clipping="none", fedbn=False,
+                    finetune_eval=False, model=ModelConfig(), train=TrainConfig(), in_channels=1, num_classes=2,
+                    image_size=32)
+    arrays = ArrayRecord(build_model(ModelConfig(), 1, 2, 32).state_dict())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as a SuperNode's app process has
+    msg = Message(RecordDict({"arrays": arrays, "config": task.to_config()}), dst_node_id=1, message_type="train")
+    ctx = Context(run_id=1, node_id=1, node_config={SITE_CONFIG_KEY: str(site)}, state=RecordDict(), run_config={})
+    reply = client_app(msg, ctx)
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert "fewer than two classes with usable images" in reason and "check-data" in reason
+    assert "secret-patient-name" not in reason and "broken-scan" not in reason and str(tmp_path) not in reason

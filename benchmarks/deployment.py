@@ -1,0 +1,69 @@
+"""Deployed vs simulated round time, measured in one run on the same images.
+
+Deployed: `aseanfl server start` + one `aseanfl client start` daemon per hospital on 127.0.0.1
+(TLS, node keys, app approval, audit log; one ClientApp process per task, as Flower's
+deployment runtime does). Simulated: the same PNG files through `data.files` on Flower's
+Simulation Engine (Ray), split IID across the same number of hospitals. Prints mean seconds per
+round after the first (start-up excluded) and the ratio.
+
+    python -m benchmarks.deployment --sites 3 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+from simulations.config import load_config
+from simulations.local_deployment import LocalDeployment, aseanfl
+from simulations.runner import simulate
+
+
+def _steady(summary: Path) -> float:
+    seconds = json.loads(summary.read_text())["round_seconds"]
+    rest = seconds[1:] or seconds
+    return sum(rest) / len(rest)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    sites = [f"site-{chr(97 + i)}" for i in range(args.sites)]
+    with tempfile.TemporaryDirectory() as tmp, LocalDeployment(Path(tmp), sites, "bench") as dep:
+        dep.provision()
+        digest = aseanfl("app-hash").stdout.strip()
+        for i, site in enumerate(sites):
+            dep.prepare_site(site, i)
+            dep.approve(site, digest)
+        dep.start_server()
+        for site in sites:
+            dep.start_site(site)
+        dep.wait_online(set(sites))
+        run = dep.run("--rounds", str(args.rounds), "--set", "task.image_size=32", "--set", f"wait_for_sites={len(sites)}")
+        if run.returncode != 0:
+            raise SystemExit(f"deployed run failed:\n{run.stdout[-2000:]}")
+        deployed = _steady(next((Path(tmp) / "results").glob("run-*")) / "summary.json")
+        dep.stop_all()
+
+        manifest = Path(tmp) / "all.csv"
+        with manifest.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label"])
+            for png in sorted((Path(tmp) / "pacs").glob("*/*/*.png")):
+                w.writerow([png.relative_to(Path(tmp) / "pacs"), png.parent.name])
+        cfg = load_config(None, {"sites": len(sites), "server.rounds": args.rounds, "server.output_dir": str(Path(tmp) / "sim"),
+                                 "data.files.root": str(Path(tmp) / "pacs"), "data.files.manifest": str(manifest),
+                                 "data.files.image_size": 32, "data.files.test_fraction": 0.1})
+        simulated = _steady(simulate(cfg) / "summary.json")
+    print(f"{len(sites)} hospitals, {args.rounds} rounds, cnn at 32x32, mean seconds per round after the first")
+    print(f"| setting | s/round |\n|---|---|\n| deployed (127.0.0.1, TLS, daemons) | {deployed:.1f} |\n"
+          f"| simulated (Ray) | {simulated:.1f} |\n| ratio | {deployed / simulated:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

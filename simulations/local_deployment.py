@@ -1,0 +1,122 @@
+"""A whole deployment on one machine (127.0.0.1): provisioned federation, `aseanfl server start`,
+one `aseanfl client start` daemon per hospital reading its own folder of PNG files. For trying
+the deployment out, for its tests and for the deployed-vs-simulated benchmark. Every process is
+started in its own session and stopped (with its children) on exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medimaging.synthetic import site_images
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def aseanfl(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "aseanfl"), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def write_pngs(root: Path, index: int, samples: int = 90, seed: int = 11) -> None:
+    """A synthetic hospital export: one folder per class of 8-bit PNGs."""
+    (x, y), _ = site_images(index, seed, samples, 10)
+    for j, (img, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / ("lesion" if label else "normal")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(img).squeeze().astype(np.uint8)).save(folder / f"patient-{index}-{j:04d}.png")
+
+
+class LocalDeployment:
+    def __init__(self, root: Path, sites: list[str], name: str = "local"):
+        self.root, self.sites, self.name = root, sites, name
+        self.fed = root / "federation"
+        self.address = f"127.0.0.1:{free_port()}"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def provision(self, sites: list[str] | None = None) -> subprocess.CompletedProcess:
+        return aseanfl("provision", "--federation", self.name, "--sites", ",".join(sites or self.sites),
+                       "--out", str(self.fed), "--address", self.address)
+
+    def kit(self, site: str) -> Path:
+        return self.fed / "sites" / site
+
+    def prepare_site(self, site: str, index: int, image_size: int = 32, dp: bool = False, samples: int = 90) -> Path:
+        """Write the site's images and fill in its site.yaml; returns the site.yaml."""
+        data = self.root / "pacs" / site
+        write_pngs(data, index, samples)
+        path = self.kit(site) / "site.yaml"
+        text = path.read_text().replace("/path/to/pacs-export", str(data))
+        text = text.replace("  image_size: 64", f"  image_size: {image_size}")
+        text = text.replace("  node_key: node.key\n", f"  node_key: node.key\n  runtime_port: {free_port()}\n")
+        if not dp:
+            text = text.replace("  enabled: true", "  enabled: false")
+        path.write_text(text)
+        return path
+
+    def approve(self, site: str, sha256: str) -> subprocess.CompletedProcess:
+        return aseanfl("client", "approve", "-c", str(self.kit(site) / "site.yaml"), "--sha256", sha256)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        with open(self.root / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen([str(BIN / "aseanfl"), *args], stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_server(self) -> None:
+        self.start("server", "server", "start", "-f", str(self.fed))
+
+    def start_site(self, site: str) -> None:
+        self.start(site, "client", "start", "-c", str(self.kit(site) / "site.yaml"))
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def online(self) -> set[str]:
+        res = aseanfl("status", "-f", str(self.fed), timeout=60)
+        return {line.split()[1] for line in res.stdout.splitlines() if " online " in line and line.startswith("│")}
+
+    def wait_online(self, sites: set[str], timeout: float = 120) -> set[str]:
+        deadline, seen = time.monotonic() + timeout, set()
+        while time.monotonic() < deadline:
+            seen = self.online()
+            if sites <= seen:
+                return seen
+            time.sleep(2)
+        return seen
+
+    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return aseanfl("run", "-f", str(self.fed), "--out", str(self.root / "results"), *args, timeout=timeout,
+                       cwd=self.root)
+
+    def __enter__(self) -> "LocalDeployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
