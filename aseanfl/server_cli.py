@@ -73,7 +73,7 @@ def run(
     """Start a federated run on the connected hospitals, stream its progress, download its results."""
     from medimaging.yamlconfig import ConfigError, parse_sets, read_config
     from server.control import app_dir, start_run
-    from server.deployment import DeploymentConfig, _flat
+    from server.deployment import DeploymentConfig, flat_overrides
 
     text = config.read_text() if config else ""
     named = [f"server.rounds={rounds}"] * (rounds is not None) + [f"strategy.name={strategy}"] * (strategy is not None)
@@ -81,7 +81,7 @@ def run(
         import yaml
 
         tree = yaml.safe_load(text) or {}
-        read_config(None, {**_flat(tree), **parse_sets([*set_, *named])}, DeploymentConfig)
+        read_config(None, {**flat_overrides(tree), **parse_sets([*set_, *named])}, DeploymentConfig)
     except (ConfigError, yaml.YAMLError) as exc:
         typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
         raise typer.Exit(2) from None

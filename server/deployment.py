@@ -46,17 +46,17 @@ def config_from_run_config(run_config: dict) -> DeploymentConfig:
     if not isinstance(tree, dict):
         raise ConfigError("config-yaml: expected a mapping of sections")
     overrides = parse_sets(str(run_config.get("set", "") or "").split())
-    cfg = read_config(None, {**_flat(tree), **overrides}, DeploymentConfig)
+    cfg = read_config(None, {**flat_overrides(tree), **overrides}, DeploymentConfig)
     if cfg.task.image_size < MODEL_MIN_SIZE[cfg.model.name]:
         raise ConfigError(f"task.image_size={cfg.task.image_size} is too small for model.name={cfg.model.name}")
     return cfg
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def flat_overrides(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_overrides(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -142,3 +142,12 @@ def test_audit_detects_an_edited_log(deployed, tmp_path):
     res = aseanfl("client", "audit", "-c", str(site_yaml))
     assert res.returncode == 1
     assert "hash chain breaks" in res.stdout and "metrics.patient-name is not an allowed key" in res.stdout
+
+
+def test_run_config_errors_are_named_before_anything_is_sent(tmp_path):
+    bad = tmp_path / "federation.yaml"
+    bad.write_text("task:\n  num_classes: 1\nstrategy:\n  name: fedsomething\n")
+    res = aseanfl("run", "-f", str(tmp_path / "nowhere"), "--config", str(bad), "--set", "server.rounds=0")
+    assert res.returncode == 2
+    for field in ("task.num_classes", "strategy.name", "server.rounds"):
+        assert f"config error: {field}" in res.stderr, res.stderr
