@@ -26,7 +26,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, ValidationError
 
 from medimaging.datasets import Split
-from medimaging.training import loader, make_optimizer, proximal_step, run_epochs
+from medimaging.training import loader, loss_for, make_optimizer, proximal_step, run_epochs
 
 from .config import PrivacyConfig, TrainConfig
 
@@ -177,10 +177,10 @@ def train_private(
         noise_generator=torch.Generator().manual_seed(seed + 1), grad_sample_mode=policy.grad_sample_mode,
     )
     if policy.grad_sample_mode == "ghost":
-        private, opt, loss_fn, data = engine.make_private(criterion=torch.nn.CrossEntropyLoss(), **common)
+        private, opt, loss_fn, data = engine.make_private(criterion=loss_for(split), **common)
     else:
         private, opt, data = engine.make_private(**common)
-        loss_fn = None
+        loss_fn = loss_for(split)
     try:
         with warnings.catch_warnings():  # Opacus' hooks on the first layer, whose input needs no grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -77,8 +77,6 @@ def check_npz(path: Path) -> None:
         raise ValueError(f"{path.name} is not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise ValueError(f"{path.name}: train_images shape {images.shape} is not 2D (N,H,W) or (N,H,W,C)")
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        raise ValueError(
-            f"{path.name} has multi-label targets ({labels.shape[1]} columns); "
-            "multi-label tasks are not supported yet"
-        )
+    if labels.ndim == 2 and labels.shape[1] > 1 and not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{path.name} has {labels.shape[1]} label columns with values other than 0/1; "
+                         "multi-label targets must be 0/1 per finding")

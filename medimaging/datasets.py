@@ -14,7 +14,8 @@ from monai.utils import convert_to_tensor
 
 @dataclass
 class Split:
-    """Images (N, C, S, S) float32 and integer labels (N,)."""
+    """Images (N, C, S, S) float32 and labels: integer class (N,), or 0/1 float per finding
+    (N, K) for a multi-label task (several findings on one image)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -22,7 +23,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.y.ndim == 2
+
     def class_counts(self, num_classes: int) -> list[int]:
+        """Images per class; for multi-label, images with each finding."""
+        if self.multilabel:
+            return self.y.sum(0).long().tolist()
         return torch.bincount(self.y, minlength=num_classes).tolist()
 
 
@@ -56,6 +64,20 @@ def labels_1d(labels: np.ndarray) -> np.ndarray:
     return np.asarray(labels).reshape(len(labels)).astype(np.int64)
 
 
+def is_multilabel(labels: np.ndarray) -> bool:
+    return labels.ndim == 2 and labels.shape[1] > 1
+
+
+def labels_array(labels: np.ndarray) -> np.ndarray:
+    """MedMNIST labels as training targets: int64 classes (N,), or float32 0/1 (N, K) multi-label."""
+    return np.asarray(labels, dtype=np.float32) if is_multilabel(labels) else labels_1d(labels)
+
+
+def partition_labels(labels: np.ndarray) -> np.ndarray:
+    """The label a partitioner splits by: the class, or for multi-label the first finding."""
+    return labels_1d(labels[:, 0]) if is_multilabel(labels) else labels_1d(labels)
+
+
 @lru_cache(maxsize=2)
 def load_npz(path: str) -> dict[str, np.ndarray]:
     """The arrays of a MedMNIST file, read once per process."""
@@ -64,10 +86,12 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def npz_info(path: Path) -> tuple[int, int, int]:
-    """(channels, native side, number of classes) of a MedMNIST file."""
+    """(channels, native side, number of classes or findings) of a MedMNIST file."""
     arrays = load_npz(str(path))
     images = arrays["train_images"]
     channels = 1 if images.ndim == 3 else images.shape[-1]
+    if is_multilabel(arrays["train_labels"]):
+        return channels, images.shape[1], arrays["train_labels"].shape[1]
     labels = np.concatenate([labels_1d(arrays[k]) for k in ("train_labels", "test_labels")])
     return channels, images.shape[1], int(labels.max()) + 1
 

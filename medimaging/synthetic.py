@@ -129,3 +129,24 @@ def synthetic_dicom(path: Path, pixels: np.ndarray, header: dict[str, str], spac
     ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+def multilabel_npz(path: Path, samples: int = 1200, test: int = 400, seed: int = 0) -> Path:
+    """A MedMNIST-layout multi-label file: finding 0 = the lesion nodule, finding 1 = an
+    independent thin bright line (e.g. a catheter) across the image; uint8 images, labels (N, 2)."""
+    rng = np.random.default_rng([seed, 99])
+
+    def part(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        images, lesion = generate(n, site_profile(offset % 6), rng)
+        line = (rng.random(n) < 0.4).astype(np.int64)
+        size = images.shape[-1]
+        rows = rng.integers(size // 5, size - size // 5, n)
+        for i in np.flatnonzero(line):
+            images[i, 0, rows[i], :] = np.clip(images[i, 0, rows[i], :] + 0.35, 0, 1)
+        pixels = (images[:, 0] * 255).round().astype(np.uint8)
+        return pixels, np.stack([lesion, line], axis=1).astype(np.uint8)
+
+    train_x, train_y = part(samples, 0)
+    test_x, test_y = part(test, 0)
+    np.savez(path, train_images=train_x, train_labels=train_y, test_images=test_x, test_labels=test_y)
+    return path

@@ -40,6 +40,20 @@ def proximal_step(model: torch.nn.Module, mu: float, lr: float) -> Callable[[], 
     return step
 
 
+class MultiLabelLoss(torch.nn.BCEWithLogitsLoss):
+    """Binary cross-entropy per finding, averaged per image first, so `reduction="none"` gives one
+    loss per image (what Opacus' ghost clipping sets and expects)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_image = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
+        return {"none": per_image, "sum": per_image.sum()}.get(self.reduction, per_image.mean())
+
+
+def loss_for(split: Split) -> torch.nn.Module:
+    """Cross-entropy over classes, or one sigmoid per finding for a multi-label task."""
+    return MultiLabelLoss() if split.multilabel else torch.nn.CrossEntropyLoss()
+
+
 def run_epochs(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Callable[[int], Iterable], epochs: int,
     loss_fn: Callable | None = None, after_step: Callable[[], None] | None = None,
@@ -71,7 +85,7 @@ def train_epochs(
     """Plain (non-private) local training, in place; returns (last-epoch loss, steps)."""
     opt = make_optimizer(model, optimizer, lr)
     batches = lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch)  # noqa: E731
-    return run_epochs(model, opt, batches, epochs, after_step=proximal_step(model, proximal_mu, lr))
+    return run_epochs(model, opt, batches, epochs, loss_for(split), after_step=proximal_step(model, proximal_mu, lr))
 
 
 def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -86,11 +100,24 @@ def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     return float(compute_roc_auc(probs[:, keep], onehot[:, keep], average="macro"))
 
 
+def multilabel_scores(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Per-finding sigmoid: loss, accuracy over all (image, finding) pairs, macro AUC over the
+    findings that are both present and absent here."""
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+    probs = torch.sigmoid(logits)
+    accuracy = ((probs > 0.5).float() == y).float().mean().item()
+    keep = [k for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
+    value = float(compute_roc_auc(probs[:, keep], y[:, keep], average="macro")) if keep else math.nan
+    return {"loss": loss, "accuracy": accuracy, "auc": value}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int = 256) -> dict[str, float]:
     """Loss, accuracy and AUC of `model` on `split`."""
     model.eval()
     logits = torch.cat([model(x) for x, _ in loader(split, batch_size, shuffle=False)])
+    if split.multilabel:
+        return multilabel_scores(logits, split.y)
     loss = torch.nn.functional.cross_entropy(logits, split.y).item()
     probs = torch.softmax(logits, dim=1)
     accuracy = (probs.argmax(1) == split.y).float().mean().item()

@@ -18,7 +18,7 @@ from client.app import Hospital
 from client.privacy import epsilon_of, make_plan
 from medimaging.config import MODEL_MIN_SIZE
 from medimaging.files import decode
-from medimaging.datasets import SiteData, Split, labels_1d, load_npz, npz_info, split_train_val, to_tensor
+from medimaging.datasets import SiteData, Split, labels_array, load_npz, npz_info, partition_labels, split_train_val, to_tensor
 from medimaging.synthetic import site_images
 from server.loop import TaskShape
 
@@ -55,7 +55,7 @@ def resolved(cfg: SimulationConfig) -> SimulationConfig:
 
 @lru_cache(maxsize=4)
 def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:
-    labels = labels_1d(load_npz(path)["train_labels"])
+    labels = partition_labels(load_npz(path)["train_labels"])
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_sites)
     elif scheme == "dirichlet":
@@ -79,7 +79,7 @@ def _local_arrays(cfg: SimulationConfig, index: int) -> tuple[np.ndarray, np.nda
     p = cfg.partition
     idx = _partitions(str(cfg.data.path), len(cfg.sites), p.scheme, p.alpha, p.min_partition_size, cfg.seed)[index]
     arrays = load_npz(str(cfg.data.path))
-    return arrays["train_images"][idx], labels_1d(arrays["train_labels"])[idx]
+    return arrays["train_images"][idx], labels_array(arrays["train_labels"])[idx]
 
 
 def site_data(cfg: SimulationConfig, index: int, image_size: int) -> SiteData:
@@ -97,7 +97,7 @@ def global_test(cfg: SimulationConfig) -> Split:
         ]
         return Split(torch.cat([to_tensor(x, size) for x, _ in parts]), torch.from_numpy(np.concatenate([y for _, y in parts])))
     arrays = load_npz(str(cfg.data.path))
-    return Split(to_tensor(arrays["test_images"], size), torch.from_numpy(labels_1d(arrays["test_labels"])))
+    return Split(to_tensor(arrays["test_images"], size), torch.from_numpy(labels_array(arrays["test_labels"])))
 
 
 def distribution(cfg: SimulationConfig) -> dict[str, dict[str, list[int]]]:

@@ -49,18 +49,19 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(bad)
 
 
-def test_corrupt_and_multilabel_npz_are_named(tmp_path):
+def test_corrupt_and_bad_multilabel_npz_are_named(tmp_path):
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
     with pytest.raises(ConfigError, match=r"data.path: corrupt.npz is not a readable .npz file"):
         load_config(None, {"data.path": str(corrupt)})
     multi = tmp_path / "chestmulti.npz"
     images = np.zeros((10, 28, 28), np.uint8)
-    np.savez(multi, train_images=images, train_labels=np.zeros((10, 14)), test_images=images, test_labels=np.zeros((10, 14)))
-    with pytest.raises(ConfigError, match="multi-label targets .14 columns.; multi-label tasks are not supported yet"):
+    labels = np.full((10, 14), 2)  # multi-label targets must be 0/1 per finding
+    np.savez(multi, train_images=images, train_labels=labels, test_images=images, test_labels=labels)
+    with pytest.raises(ConfigError, match="14 label columns with values other than 0/1"):
         load_config(None, {"data.path": str(multi)})
     result = run_cli("--data", str(multi))
-    assert result.returncode == 2 and "multi-label" in result.stderr
+    assert result.returncode == 2 and "0/1 per finding" in result.stderr
 
 
 def test_min_sites_cannot_exceed_sites():

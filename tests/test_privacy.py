@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import math
+
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -71,16 +73,19 @@ def test_charge_refuses_past_the_cap_and_records_nothing(tmp_path):
     assert len(PrivacyLedger(tmp_path / "s.json", "s", plan).data.entries) == 2
 
 
-@pytest.mark.parametrize("name, mode", [("cnn", "hooks"), ("cnn", "ghost"), ("resnet18", "hooks"), ("densenet121", "ghost")])
-def test_private_training_spends_what_was_planned(name, mode):
+@pytest.mark.parametrize("name, mode, multilabel", [("cnn", "hooks", False), ("cnn", "ghost", False), ("resnet18", "hooks", False),
+                                                   ("densenet121", "ghost", False), ("cnn", "hooks", True), ("cnn", "ghost", True)])
+def test_private_training_spends_what_was_planned(name, mode, multilabel):
     torch.manual_seed(0)
-    data = Split(torch.randn(64, 1, 32, 32), torch.randint(0, 2, (64,)))
+    labels = torch.randint(0, 2, (64, 2)).float() if multilabel else torch.randint(0, 2, (64,))  # multi-label: BCE
+    data = Split(torch.randn(64, 1, 32, 32), labels)
     policy = PrivacyConfig(enabled=True, grad_sample_mode=mode)
     train = TrainConfig(local_epochs=1, batch_size=16)
     plan = make_plan(policy, len(data), train, total_rounds=2)
     model = build_model(ModelConfig(name=name), 1, 2, 32, private=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss, steps, history = train_private(model, data, train, policy, plan, seed=1)
+    assert math.isfinite(loss)
     assert steps == plan.steps_per_round
     assert history == [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
