@@ -14,9 +14,9 @@ def _sites(value: str):
     return int(value) if value.isdigit() else [s.strip() for s in value.split(",") if s.strip()]
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"config error: {message}".replace("\n", "\nconfig error: "), err=True)
-    raise typer.Exit(2)
+def _fail(message: str, kind: str = "config error", code: int = 2) -> None:
+    typer.echo(f"{kind}: {message}".replace("\n", f"\n{kind}: "), err=True)
+    raise typer.Exit(code)
 
 
 @app.callback()
@@ -62,6 +62,7 @@ def simulate(
 
     from rich.console import Console
 
+    from simulations.runner import SimulationFailed
     from simulations.runner import simulate as run
 
     from .progress import RichProgress
@@ -75,6 +76,8 @@ def simulate(
             run_dir = run(cfg, progress)
     except ConfigError as exc:  # checks that need the data, e.g. a budget below one round
         _fail(str(exc))
+    except SimulationFailed as exc:  # e.g. Ray could not start
+        _fail(str(exc), "error", 1)
     console.print(f"[green]done[/]: {run_dir}  (report: {run_dir / 'report.md'})")
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -76,6 +77,17 @@ class Plan:
     progress: Progress = field(default_factory=Progress)
     private: bool = False  # some hospital trains with DP-SGD: build DP-compatible models
     sites: int | None = None  # hospitals expected per round (central DP scales its noise by it)
+    stop: threading.Event = field(default_factory=threading.Event)  # set when the engine under the run died
+
+    def __getstate__(self) -> dict:  # a copy sent to another process gets its own stop signal
+        return {k: v for k, v in self.__dict__.items() if k != "stop"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, stop=threading.Event())
+
+
+class RunAborted(RuntimeError):
+    """The engine that delivers messages is gone; waiting for replies would never end."""
 
 
 def _value_bytes(value) -> int:
@@ -98,14 +110,29 @@ def _site_name(reply: Message) -> str:
     return f"node-{reply.metadata.src_node_id}"
 
 
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop: threading.Event) -> list[Message]:
+    """Grid.send_and_receive, but it gives up as soon as `stop` is set, and a deployed grid is
+    polled every 0.5 s (Flower's polls every 3 s, which adds seconds to each round)."""
+    pending = set(grid.push_messages(messages))
+    interval = getattr(grid, "pull_interval", 0.5)
+    deadline, replies = time.monotonic() + timeout, []
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending and stop.wait(interval):
+            raise RunAborted("the federation engine stopped while the server waited for replies")
+    return replies
+
+
 def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: dict[int, str],
-              silent: Callable[[int, int], None]) -> tuple[list[Message], dict[str, int]]:
+              silent: Callable[[int, int], None], stop: threading.Event) -> tuple[list[Message], dict[str, int]]:
     """Send, wait up to `timeout`, return replies sorted by site and the bytes sent to each site.
     `known` learns node id -> site name; `silent(node id, bytes sent)` for each node that did
     not reply in time."""
     messages = list(messages)
     sent_to = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
-    replies = sorted(grid.send_and_receive(messages, timeout=timeout), key=_site_name)
+    replies = sorted(_send_and_receive(grid, messages, timeout, stop), key=_site_name)
     for r in replies:
         if not r.has_error() and "site" in r.content.config_records:
             known[r.metadata.src_node_id] = _site_name(r)
@@ -329,7 +356,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         shared = _without(arrays, local)
         tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd)
         if workflow is None:
-            replies, sent = _exchange(grid, tasks, timeout, known, silent("training"))
+            replies, sent = _exchange(grid, tasks, timeout, known, silent("training"), plan.stop)
             _count_traffic(replies, sent, row)
             trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals)
         else:
@@ -356,7 +383,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
 
         progress.round_started(rnd, rounds, "validating")
         evals = _in_round(strategy.configure_evaluate(rnd, shared, task.to_config(), grid), rnd)
-        replies, sent = _exchange(grid, evals, timeout, known, silent("validation"))
+        replies, sent = _exchange(grid, evals, timeout, known, silent("validation"), plan.stop)
         _count_traffic(replies, sent, row)
         replies = _checked(replies, EvalMetrics, progress, rnd, "validation", {})
         for reply in replies:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -74,11 +75,22 @@ def backend_config(cfg: SimulationConfig) -> dict:
     if cfg.engine.ray_address:  # join a running cluster: it owns its resources and dashboard
         init_args: dict = {"address": cfg.engine.ray_address}
     else:
-        init_args = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+        # "local": always a fresh instance, never a cluster someone else left running on this machine
+        init_args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False}
     return {
         "client_resources": {"num_cpus": cfg.engine.cpus_per_site, "num_gpus": cfg.engine.gpus_per_site},
         "init_args": init_args,
     }
+
+
+class SimulationFailed(RuntimeError):
+    """The engine under a simulation stopped before its rounds were done."""
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {err}"
 
 
 class _HideDeprecation(logging.Filter):
@@ -89,8 +101,21 @@ class _HideDeprecation(logging.Filter):
         return "run_simulation" not in record.getMessage()
 
 
+def check_ray_address(address: str | None) -> None:
+    """Ray retries an unreachable cluster address for minutes; say so at once instead."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"engine.ray_address: no Ray cluster answers at {address!r} ({exc}); "
+                          "start one with `ray start --head` or leave the field out") from None
+
+
 def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
     """Run the whole federation; return the run folder (metrics, models, report)."""
+    check_ray_address(cfg.engine.ray_address)
     plan = prepare_run(cfg, progress)
     site_cfg, ledger_root = plan.config, plan.run_dir.parent
 
@@ -110,8 +135,12 @@ def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
             backend_config=backend_config(cfg),
             verbose_logging=cfg.engine.verbose,
         )
+    except RuntimeError as err:  # the engine died; Flower leaves the ServerApp thread waiting
+        plan.stop.set()
+        raise SimulationFailed(f"the simulation engine failed ({_root_cause(err)}); Flower's log above has "
+                               f"the detail; partial results in {plan.run_dir}") from err
     finally:
         flwr_log.removeFilter(hide)
     if not (plan.run_dir / "summary.json").exists():
-        raise RuntimeError(f"the simulation ended before finishing its rounds; partial results in {plan.run_dir}")
+        raise SimulationFailed(f"the simulation ended before finishing its rounds; partial results in {plan.run_dir}")
     return plan.run_dir
