@@ -51,6 +51,6 @@ def centralized(cfg: SimulationConfig, epochs: int) -> tuple[dict[str, float], f
     pooled = Split(torch.cat([s.train.x for s in data]), torch.cat([s.train.y for s in data]))
     model, t = fresh_model(cfg), time.perf_counter()
     tr = cfg.train
-    train_epochs(model, pooled, epochs, tr.batch_size, tr.lr, tr.optimizer, cfg.seed)
+    train_epochs(model, pooled, epochs, tr.batch_size, tr.lr, tr.optimizer, cfg.seed, augment=tr.augment)
     seconds = time.perf_counter() - t
     return evaluate(model, global_test(cfg), task_shape(cfg).num_classes), seconds

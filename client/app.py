@@ -117,7 +117,8 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float
                                          epsilon_budget=policy.cap).record()}
         loss, steps, _ = train_private(model, site.train, cfg, policy, plan, seed, proximal_mu=mu)
     else:
-        loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu)
+        loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu,
+                                   cfg.augment)
     metrics = TrainMetrics(num_examples=len(site.train), train_loss=loss, steps=steps, epsilon=epsilon)
     return {"metrics": metrics.record()}
 
@@ -127,7 +128,8 @@ def _finetuned(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> di
     if hospital.privacy.enabled:  # it would train on private data outside the ledger
         raise ValueError("finetune_eval is not available for a hospital that trains with DP-SGD")
     tuned, cfg = copy.deepcopy(model), task.train
-    train_epochs(tuned, hospital.data.train, 1, cfg.batch_size, cfg.lr, cfg.optimizer, _site_seed(task, hospital.data.name))
+    train_epochs(tuned, hospital.data.train, 1, cfg.batch_size, cfg.lr, cfg.optimizer, _site_seed(task, hospital.data.name),
+                 augment=cfg.augment)
     return evaluate(tuned, hospital.data.val, task.num_classes)
 
 

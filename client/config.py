@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from medimaging.config import FilesConfig, Strict
+from medimaging.config import AugmentConfig, FilesConfig, Strict
 
 
 class TrainConfig(Strict):
@@ -15,6 +15,7 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0, le=10)
     optimizer: Literal["adam", "sgd"] = "adam"
+    augment: AugmentConfig = AugmentConfig()
 
 
 class PrivacyConfig(Strict):

@@ -26,6 +26,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, ValidationError
 
 from medimaging.datasets import Split
+from medimaging.augment import augmenter
 from medimaging.training import loader, loss_for, make_optimizer, proximal_step, run_epochs
 
 from .config import PrivacyConfig, TrainConfig
@@ -184,7 +185,8 @@ def train_private(
     try:
         with warnings.catch_warnings():  # Opacus' hooks on the first layer, whose input needs no grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss, steps = run_epochs(private, opt, lambda _epoch: data, train.local_epochs, loss_fn, prox)
+            loss, steps = run_epochs(private, opt, lambda _epoch: data, train.local_epochs, loss_fn, prox,
+                                     augmenter(train.augment, seed + 2))
     finally:
         private.remove_hooks()  # leave `model` a plain module again
     return loss, steps, list(engine.accountant.history)

@@ -53,6 +53,20 @@ class DataConfig(Strict):
         return path.resolve()
 
 
+class AugmentConfig(Strict):
+    """Random per-image changes to training batches (MONAI transforms); validation and test
+    images are never changed. All off by default."""
+
+    flip: bool = Field(False, description="left-right flip, half the images")
+    rotate_deg: float = Field(0.0, ge=0, le=180, description="rotation up to this many degrees, half the images")
+    intensity: float = Field(0.0, ge=0, le=1, description="intensity scale and shift up to this fraction, half the images")
+    noise_std: float = Field(0.0, ge=0, le=1, description="Gaussian noise of this std (images span [-1, 1]), half the images")
+
+    @property
+    def active(self) -> bool:
+        return self.flip or self.rotate_deg > 0 or self.intensity > 0 or self.noise_std > 0
+
+
 class ModelConfig(Strict):
     name: Literal["cnn", "resnet18", "densenet121"] = "cnn"
     norm: Literal["group", "instance", "batch"] = Field(

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from monai.transforms import Resize
 from .config import FilesConfig
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".dcm": "dicom", ".nii": "nifti", ".gz": "nifti"}
@@ -142,6 +140,9 @@ def read_pixels(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
 
 
 def _to_uint8(arr: np.ndarray, size: int) -> np.ndarray:
+    import torch  # here, not at the top: `client audit` and `check-data --help` need neither
+    from monai.transforms import Resize
+
     lo, hi = np.percentile(arr, (0.5, 99.5))
     scaled = np.clip((arr - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
     resized = Resize((size, size), mode="bilinear", anti_aliasing=True)(torch.from_numpy(scaled)[None].float())

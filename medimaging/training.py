@@ -9,6 +9,8 @@ import torch
 from monai.metrics import compute_roc_auc
 from torch.utils.data import DataLoader, TensorDataset
 
+from .augment import augmenter
+from .config import AugmentConfig
 from .datasets import Split
 
 
@@ -57,8 +59,10 @@ def loss_for(split: Split) -> torch.nn.Module:
 def run_epochs(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Callable[[int], Iterable], epochs: int,
     loss_fn: Callable | None = None, after_step: Callable[[], None] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, int]:
-    """The training loop; `batches(epoch)` yields (x, y). Returns (mean loss of the last epoch, steps)."""
+    """The training loop; `batches(epoch)` yields (x, y), `augment` changes x. Returns (mean
+    loss of the last epoch, steps)."""
     loss_fn = loss_fn or torch.nn.CrossEntropyLoss()
     model.train()
     steps, last_loss = 0, math.nan
@@ -66,6 +70,8 @@ def run_epochs(
         total, seen = 0.0, 0
         for x, y in batches(epoch):
             opt.zero_grad()
+            if augment is not None:
+                x = augment(x)
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
@@ -80,12 +86,13 @@ def run_epochs(
 
 def train_epochs(
     model: torch.nn.Module, split: Split, epochs: int, batch_size: int, lr: float, optimizer: str, seed: int,
-    proximal_mu: float = 0.0,
+    proximal_mu: float = 0.0, augment: AugmentConfig | None = None,
 ) -> tuple[float, int]:
     """Plain (non-private) local training, in place; returns (last-epoch loss, steps)."""
     opt = make_optimizer(model, optimizer, lr)
     batches = lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch)  # noqa: E731
-    return run_epochs(model, opt, batches, epochs, loss_for(split), after_step=proximal_step(model, proximal_mu, lr))
+    return run_epochs(model, opt, batches, epochs, loss_for(split), after_step=proximal_step(model, proximal_mu, lr),
+                      augment=augmenter(augment, seed) if augment else None)
 
 
 def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

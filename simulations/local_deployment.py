@@ -78,8 +78,18 @@ class LocalDeployment:
         self.procs[name] = proc
         return proc
 
-    def start_server(self) -> None:
-        self.start("server", "server", "start", "-f", str(self.fed))
+    def start_server(self, timeout: float = 120) -> None:
+        """Start the server and wait until it has registered every provisioned hospital (a SuperNode
+        that connects before that is refused and retries with Flower's growing back-off)."""
+        log = self.root / "server.log"
+        ready = "registered hospitals only"  # run_server's line once registration is done
+        before = log.read_text(errors="replace").count(ready) if log.exists() else 0
+        proc = self.start("server", "server", "start", "-f", str(self.fed))
+        deadline = time.monotonic() + timeout
+        while log.read_text(errors="replace").count(ready) <= before:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not come up; see {log}")
+            time.sleep(0.3)
 
     def start_site(self, site: str) -> None:
         self.start(site, "client", "start", "-c", str(self.kit(site) / "site.yaml"))

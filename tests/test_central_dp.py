@@ -25,6 +25,7 @@ BOUND = 0.05
 def test_global_update_is_clipped(tmp_path, clipping, sample_dp, secure):
     cfg = load_config(None, {
         "sites": 2 + secure, "server.rounds": 1, "server.output_dir": str(tmp_path), "privacy.enabled": sample_dp,
+        "data.synthetic.samples_per_site": 80, "data.synthetic.test_per_site": 20, "train.local_epochs": 1,
         "strategy.central_dp.clipping": clipping, "strategy.central_dp.noise_multiplier": 0.0,
         "strategy.central_dp.clipping_norm": BOUND,
         **({"strategy.secure_aggregation.num_shares": 1.0} if secure else {}),

@@ -43,7 +43,7 @@ def test_budget_is_never_exceeded_even_after_restart(tmp_path):
 
     # Restart on the same ledgers: every hospital is at (or near) its cap, so none trains,
     # and the run still completes with each refusal on record.
-    second = simulate(load_config(None, {**overrides, "server.rounds": 1, "server.output_dir": str(tmp_path / "b")}))
+    second = simulate(load_config(None, {**overrides, "server.output_dir": str(tmp_path / "b")}))
     rows = [r for r in _rows(second) if r["site"] != "global" and r["round"] != "0"]
     assert rows and all(r["status"] == "refused:privacy-budget" for r in rows)
     again = {p.stem: json.loads(p.read_text()) for p in ledgers.glob("*.json")}

@@ -13,7 +13,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.config import PrivacyConfig, TrainConfig
 from client.privacy import BudgetExceeded, LedgerError, PrivacyLedger, epsilon_of, make_plan, train_private
-from medimaging.config import ModelConfig
+from medimaging.config import AugmentConfig, ModelConfig
 from medimaging.datasets import Split
 from medimaging.models import build_model
 
@@ -73,14 +73,20 @@ def test_charge_refuses_past_the_cap_and_records_nothing(tmp_path):
     assert len(PrivacyLedger(tmp_path / "s.json", "s", plan).data.entries) == 2
 
 
-@pytest.mark.parametrize("name, mode, multilabel", [("cnn", "hooks", False), ("cnn", "ghost", False), ("resnet18", "hooks", False),
-                                                   ("densenet121", "ghost", False), ("cnn", "hooks", True), ("cnn", "ghost", True)])
-def test_private_training_spends_what_was_planned(name, mode, multilabel):
+AUGMENTED = AugmentConfig(flip=True, rotate_deg=15, intensity=0.1, noise_std=0.05)
+
+
+@pytest.mark.parametrize("name, mode, multilabel, augment", [
+    ("cnn", "hooks", False, None), ("cnn", "ghost", False, None), ("resnet18", "hooks", False, None),
+    ("densenet121", "ghost", False, None), ("cnn", "hooks", True, None), ("cnn", "ghost", True, None),
+    ("cnn", "ghost", False, AUGMENTED),  # per-image augmentation happens before per-sample clipping
+])
+def test_private_training_spends_what_was_planned(name, mode, multilabel, augment):
     torch.manual_seed(0)
     labels = torch.randint(0, 2, (64, 2)).float() if multilabel else torch.randint(0, 2, (64,))  # multi-label: BCE
     data = Split(torch.randn(64, 1, 32, 32), labels)
     policy = PrivacyConfig(enabled=True, grad_sample_mode=mode)
-    train = TrainConfig(local_epochs=1, batch_size=16)
+    train = TrainConfig(local_epochs=1, batch_size=16, augment=augment or AugmentConfig())
     plan = make_plan(policy, len(data), train, total_rounds=2)
     model = build_model(ModelConfig(name=name), 1, 2, 32, private=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}

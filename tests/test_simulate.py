@@ -102,7 +102,8 @@ def test_medmnist_federated_reaches_target_auc(tmp_path, name, sets, target):
 
 
 def test_multiclass_rgb_npz_end_to_end(tmp_path):
-    """A 3-class RGB MedMNIST-style file written to disk: the class is the dominant colour."""
+    """A 3-class RGB MedMNIST-style file written to disk: the class is the dominant colour.
+    Trained with augmentation (flips, turns and brightness keep the dominant colour)."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 600)
     images = rng.integers(0, 80, (600, 28, 28, 3), dtype=np.uint8)
@@ -111,9 +112,11 @@ def test_multiclass_rgb_npz_end_to_end(tmp_path):
     np.savez(path, train_images=images[:500], train_labels=labels[:500, None],
              test_images=images[500:], test_labels=labels[500:, None])
     cfg = load_config(None, {"data.path": str(path), "sites": 2, "server.rounds": 2, "train.local_epochs": 1,
-                             "partition.scheme": "dirichlet", "partition.alpha": 1.0, "server.output_dir": str(tmp_path)})
+                             "partition.scheme": "dirichlet", "partition.alpha": 1.0, "server.output_dir": str(tmp_path),
+                             "train.augment.flip": True, "train.augment.rotate_deg": 20.0, "train.augment.intensity": 0.1})
     assert task_shape(cfg).num_classes == 3 and task_shape(cfg).in_channels == 3
     run_dir = simulate(cfg)
+    assert "rotate_deg: 20.0" in (run_dir / "config.yaml").read_text()
     final = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["site"] == "global"][-1]
     assert final["test_auc"] > 0.9 and final["test_accuracy"] > 0.6, final
 
