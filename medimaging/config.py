@@ -54,7 +54,7 @@ class DataConfig(Strict):
 
 
 class AugmentConfig(Strict):
-    """Random per-image changes to training batches (MONAI transforms); validation and test
+    """Random per-image changes to training batches (medimaging.augment); validation and test
     images are never changed. All off by default."""
 
     flip: bool = Field(False, description="left-right flip, half the images")

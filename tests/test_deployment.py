@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import live_processes
 
 from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
 
@@ -53,15 +54,7 @@ def deployed(tmp_path_factory):
 
 def _processes_using(folder: Path) -> list[str]:
     """Command lines of live processes that name `folder` (servers, daemons, SuperNodes, app processes)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(folder) in text:
-            found.append(text)
-    return found
+    return [cmd for _, cmd in live_processes().values() if str(folder) in cmd]
 
 
 def _rogue_supernode(tmp: Path, fed: Path, address: str) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import live_processes
 
 
 def _free_port() -> int:
@@ -22,24 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line), read from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        found[int(entry.name)] = (ppid, cmdline)
-    return found
-
-
 def _cluster_pids(marks: list[str]) -> set[int]:
     """Processes whose command line names this cluster (its temp dir or GCS port), with their children."""
-    procs = _processes()
+    procs = live_processes()
     pids = {pid for pid, (_, cmd) in procs.items() if any(m in cmd for m in marks)}
     grew = True
     while grew:
