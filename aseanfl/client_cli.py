@@ -43,16 +43,22 @@ def check_data(config: Path = SITE_OPTION) -> None:
     inv = decoded.inventory
     bad = {p.file for p in inv.problems}
     usable = [i for i in inv.items if str(i.path.relative_to(site.data.root)) not in bad]
-    counts = Counter((i.label, i.split or "unsplit") for i in usable)
-    splits = sorted({s for _, s in counts})
+    def names(item) -> list[str]:  # a class, the findings (multi-label), or "images with a mask"
+        return ["images with a mask"] if item.mask is not None else item.label if isinstance(item.label, list) else [item.label]
+
+    counts = Counter((name, i.split or "unsplit") for i in usable for name in names(i))
+    splits = sorted({s for _, s in counts} or {"unsplit"})
     console.print(f"{site.site}: {len(usable)} usable images, {len(inv.problems)} problems")
     table = Table()
-    table.add_column("class")
+    table.add_column("finding" if site.data.multilabel else "class")
     for s in splits:
         table.add_column(s, justify="right")
-    for c in inv.classes:
+    rows = ["images with a mask"] if any(i.mask is not None for i in inv.items) else inv.classes
+    for c in rows:
         table.add_row(c, *(str(counts.get((c, s), 0)) for s in splits))
     console.print(table)
+    if rows != inv.classes and inv.classes:
+        console.print("mask labels: " + ", ".join(f"{k} = {c}" for k, c in enumerate(inv.classes)))
     if decoded.shapes:
         shapes = Counter(decoded.shapes.values())
         console.print("image sizes: " + ", ".join(f"{'x'.join(map(str, k))} ({n})" for k, n in shapes.most_common(5)))
@@ -117,7 +123,8 @@ def audit(config: Path = SITE_OPTION) -> None:
     site = load_site(config)
     forbidden = [str(site.data.root)]
     try:
-        forbidden += sorted({i.path.name for i in inventory(site.data).items if len(i.path.stem) >= 4})
+        files = [p for i in inventory(site.data).items for p in (i.path, i.mask) if p is not None]
+        forbidden += sorted({p.name for p in files if len(p.stem) >= 4})
     except ValueError:
         pass  # an unreadable data folder still gets its log checked
     report = verify(site.audit_log, site.site, forbidden)

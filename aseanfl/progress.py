@@ -7,6 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 from rich.table import Table
 
 from server.loop import Progress
+from server.outputs import is_segmentation
 
 
 def _f(value) -> str:
@@ -34,13 +35,15 @@ class RichProgress(Progress):
 
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
         table = Table(title=f"Round {rnd}/{total}", title_justify="left", show_edge=False)
-        for col in ("site", "status", "epsilon", "train loss", "val loss", "val AUC", "test AUC", "examples", "bytes out"):
+        score, name = ("dice", "Dice") if is_segmentation(rows) else ("auc", "AUC")
+        for col in ("site", "status", "epsilon", "train loss", "val loss", f"val {name}", f"test {name}", "examples", "bytes out"):
             table.add_column(col, justify="left" if col == "site" else "right")
         for r in rows:
             style = "bold" if r["site"] == "global" else None
             status = "" if r["site"] == "global" else r.get("status", "").split(":")[0]
-            table.add_row(r["site"], status, _f(r.get("epsilon")), _f(r.get("train_loss")), _f(r.get("val_loss")), _f(r.get("val_auc")),
-                          _f(r.get("test_auc")), _f(r.get("num_train")), _f(r.get("bytes_from_site")), style=style)
+            table.add_row(r["site"], status, _f(r.get("epsilon")), _f(r.get("train_loss")), _f(r.get("val_loss")),
+                          _f(r.get(f"val_{score}")), _f(r.get(f"test_{score}")), _f(r.get("num_train")),
+                          _f(r.get("bytes_from_site")), style=style)
         self.bar.console.print(table)
         self.bar.update(self.task, completed=rnd)
 

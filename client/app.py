@@ -56,6 +56,11 @@ def _default_loader(context: Context, image_size: int) -> Hospital:
 
 def _load(load_hospital: HospitalLoader, context: Context, task: TaskSpec) -> Hospital:
     hospital = load_hospital(context, task.image_size)
+    data = hospital.data.train
+    kind = "segmentation" if data.segmentation else "classification"
+    dims = data.x.ndim - 2
+    if (kind, dims) != (task.task, task.spatial_dims):
+        raise SiteDataError(f"this hospital's data are for {dims}D {kind}, the run is {task.spatial_dims}D {task.task}")
     if hospital.num_classes is not None and hospital.num_classes != task.num_classes:
         raise SiteDataError(f"this hospital's data has {hospital.num_classes} classes, the run's model "
                             f"{task.num_classes}")
@@ -69,7 +74,7 @@ def _site_seed(task: TaskSpec, site: str) -> int:
 def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
     """The server's model; under FedBN with this hospital's own normalisation layers (kept in the
     node's state between rounds; freshly initialised in its first round)."""
-    model = build_model(task.model, task.in_channels, task.num_classes, task.image_size, private=task.private)
+    model = build_model(task.model, task.in_channels, task.num_classes, task.image_size, task.private, task.spatial_dims)
     arrays = msg.content["arrays"].to_torch_state_dict()
     if not task.fedbn:
         model.load_state_dict(arrays)
@@ -162,6 +167,7 @@ def build_client_app(load_hospital: HospitalLoader = _default_loader, extra_mods
         metrics = EvalMetrics(
             num_examples=len(site.val), val_loss=scores["loss"], val_accuracy=scores["accuracy"], val_auc=scores["auc"],
             ft_val_accuracy=tuned.get("accuracy"), ft_val_auc=tuned.get("auc"),
+            val_dice=scores.get("dice"), ft_val_dice=tuned.get("dice"),
         )
         return Message(content=_reply(site, {"metrics": metrics.record()}), reply_to=msg)
 

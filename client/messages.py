@@ -14,7 +14,7 @@ from typing import Literal
 from flwr.app import ConfigRecord, MetricRecord
 from pydantic import BaseModel, ConfigDict, Field
 
-from medimaging.config import ModelConfig
+from medimaging.config import Dims, ModelConfig, Task
 
 from .config import TrainConfig
 
@@ -37,6 +37,8 @@ class TaskSpec(Message):
     in_channels: int = Field(ge=1)
     num_classes: int = Field(ge=2)
     image_size: int = Field(ge=8)
+    task: Task = Field("classification", description="classification (incl. multi-label) or segmentation")
+    spatial_dims: Dims = Field(2, description="2 = images, 3 = volumes")
     private: bool = Field(False, description="the federation trains with DP-SGD: DP-compatible model")
     client_clipping: Literal["none", "fixed", "adaptive"] = Field(
         "none", description="clip the update at the hospital (Flower client-side central DP)"
@@ -70,6 +72,8 @@ class EvalMetrics(Message):
     val_auc: float = Field(alias="val-auc")
     ft_val_accuracy: float | None = Field(None, alias="ft-val-accuracy", ge=0, le=1)
     ft_val_auc: float | None = Field(None, alias="ft-val-auc")
+    val_dice: float | None = Field(None, alias="val-dice", description="segmentation: mean Dice of the foreground labels")
+    ft_val_dice: float | None = Field(None, alias="ft-val-dice")
 
     def record(self) -> MetricRecord:
         return MetricRecord(self.model_dump(by_alias=True, exclude_none=True))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
-from medimaging.datasets import SiteData, labels_1d, load_npz, split_train_val, to_tensor
+from medimaging.datasets import SiteData, load_npz, split_train_val, targets, to_tensor
 from medimaging.files import decode
 
 from .config import SiteConfig, load_site
@@ -36,12 +36,12 @@ def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.nd
         decoded = decode(site.data)
     except ValueError as exc:
         log.error("%s: %s", site.site, exc)  # the full message (with the folder) stays in the local log
-        raise SiteDataError("fewer than two classes with usable images at this hospital; "
+        raise SiteDataError("fewer than two classes with usable images (or no usable masks) at this hospital; "
                             "run `aseanfl client check-data` there") from None
     for problem in decoded.inventory.problems:
         log.warning("%s skipped: %s", problem.file, problem.reason)
     arrays = load_npz(str(decoded.cache))
-    return site, arrays["train_images"], labels_1d(arrays["train_labels"]), decoded.inventory.classes
+    return site, arrays["train_images"], arrays["train_labels"], decoded.inventory.classes
 
 
 def load_site_hospital(context: Context, image_size: int):
@@ -52,6 +52,6 @@ def load_site_hospital(context: Context, image_size: int):
     site, x, y, classes = _site_arrays(str(path), path.stat().st_mtime)
     if len(y) < 2:
         raise SiteDataError("no usable training images at this hospital")
-    train, val = split_train_val(to_tensor(x, image_size), torch.from_numpy(y), VAL_FRACTION, 0)
+    train, val = split_train_val(to_tensor(x, image_size), targets(y, image_size), VAL_FRACTION, 0)
     return Hospital(data=SiteData(name=site.site, train=train, val=val), privacy=site.privacy,
                     ledger_root=site.state_dir, num_classes=len(classes))

@@ -18,7 +18,8 @@ from .config import AugmentConfig
 
 def augmenter(cfg: AugmentConfig, seed: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A function (N, C, H, W) -> (N, C, H, W) drawing new random changes per image, seeded
-    (same seed, same changes); None when `cfg` turns nothing on."""
+    (same seed, same changes); None when `cfg` turns nothing on. Intensity and noise also
+    take volumes (N, C, D, H, W)."""
     if not cfg.active:
         return None
     gen = torch.Generator().manual_seed(seed)
@@ -37,12 +38,13 @@ def augmenter(cfg: AugmentConfig, seed: int) -> Callable[[torch.Tensor], torch.T
             x = torch.where(draw(n)[:, None, None, None], x.flip(-1), x)
         if cfg.rotate_deg > 0:
             x = _rotate(x, uniform(n, math.radians(cfg.rotate_deg)) * draw(n))
+        per_image = (n,) + (1,) * (x.ndim - 1)  # broadcasts over channels and 2 or 3 spatial axes
         if cfg.intensity > 0:  # x * (1 + factor), then + offset, as MONAI's two transforms
             scale, shift = 1 + uniform(n, cfg.intensity) * draw(n), uniform(n, cfg.intensity) * draw(n)
-            x = x * scale[:, None, None, None].to(x.dtype) + shift[:, None, None, None].to(x.dtype)
+            x = x * scale.view(per_image).to(x.dtype) + shift.view(per_image).to(x.dtype)
         if cfg.noise_std > 0:
             noise = torch.randn(x.shape, generator=gen).to(x.dtype) * cfg.noise_std
-            x = x + noise * draw(n)[:, None, None, None]
+            x = x + noise * draw(n).view(per_image)
         return x
 
     return apply

@@ -8,7 +8,18 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MODEL_MIN_SIZE = {"cnn": 16, "resnet18": 16, "densenet121": 32}
+MODEL_MIN_SIZE = {"cnn": 16, "resnet18": 16, "densenet121": 32, "unet": 16}
+Task = Literal["classification", "segmentation"]
+Dims = Literal[2, 3]
+
+
+def check_model_task(model: str, task: str, image_size: int | None = None) -> None:
+    """ValueError naming the fields where the network cannot do the task."""
+    if (model == "unet") != (task == "segmentation"):
+        want = "model.name=unet" if task == "segmentation" else "model.name=cnn, resnet18 or densenet121"
+        raise ValueError(f"model.name={model} does not fit the {task} task of the data; use {want}")
+    if model == "unet" and image_size is not None and image_size % 8:
+        raise ValueError(f"image size {image_size}: model.name=unet halves it three times, so it must be a multiple of 8")
 
 
 class Strict(BaseModel):
@@ -18,18 +29,24 @@ class Strict(BaseModel):
 
 
 class SyntheticConfig(Strict):
-    """The embedded default: lesion present/absent images generated per hospital."""
+    """The embedded default: lesion present/absent images generated per hospital; or, with
+    task=segmentation, images with lesion masks; spatial_dims=3 makes volumes."""
 
     samples_per_site: int = Field(400, ge=20, description="mean images per hospital")
     test_per_site: int = Field(100, ge=10, description="images per hospital in the global test split")
+    task: Task = Field("classification", description="classification (lesion present?) or segmentation (where?)")
+    spatial_dims: Dims = Field(2, description="2 = images, 3 = volumes (CT/MRI-like)")
 
 
 class FilesConfig(Strict):
     """`data.files`: a folder of image files (the manifest's paths are relative to `root`)."""
 
     root: Path = Field(description="folder holding the images")
-    manifest: Path | None = Field(None, description="CSV with columns path,label[,split]; None = folder per class")
+    manifest: Path | None = Field(
+        None, description="CSV with columns path,label[,split] (or path,mask[,split] for segmentation); None = folder per class")
     classes: list[str] | None = Field(None, min_length=2, description="label names in order; None = sorted names found")
+    multilabel: bool = Field(False, description="the manifest's label lists findings separated by '|' ('none' = no finding)")
+    spatial_dims: Dims = Field(2, description="3: each item is a volume (a NIfTI file or a folder of DICOM slices)")
     image_size: int = Field(64, ge=8, le=512, description="side the images are decoded and cached at")
     test_fraction: float = Field(0.2, ge=0, lt=0.9, description="share held out as test where no split is given")
     cache_dir: Path = Field(Path(".aseanfl-cache"), description="decoded images (stays at the hospital)")
@@ -67,10 +84,19 @@ class AugmentConfig(Strict):
         return self.flip or self.rotate_deg > 0 or self.intensity > 0 or self.noise_std > 0
 
 
+def check_augment(cfg: AugmentConfig, task: str, dims: int) -> None:
+    """ValueError where train.augment would move pixels the labels cannot follow."""
+    moves = [k for k in ("flip", "rotate_deg") if getattr(cfg, k)]
+    if moves and (task == "segmentation" or dims == 3):
+        raise ValueError(f"train.augment.{moves[0]}: flips and rotations are for 2D classification (masks and volumes "
+                         "are not moved with them); intensity and noise_std work for every task")
+
+
 class ModelConfig(Strict):
-    name: Literal["cnn", "resnet18", "densenet121"] = "cnn"
+    name: Literal["cnn", "resnet18", "densenet121", "unet"] = Field(
+        "cnn", description="classifiers: cnn, resnet18, densenet121; segmentation: unet (MONAI UNet)")
     norm: Literal["group", "instance", "batch"] = Field(
-        "group", description="normalisation layers of resnet18/densenet121"
+        "group", description="normalisation layers of resnet18/densenet121 (unet: instance unless batch)"
     )
 
 
@@ -78,7 +104,9 @@ NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def check_npz(path: Path) -> None:
-    """Raise ValueError naming the problem if `path` is not a usable 2D MedMNIST file."""
+    """Raise ValueError naming the problem if `path` is not a usable MedMNIST-layout file:
+    images (N,H,W), (N,H,W,C) or volumes (N,D,H,W); labels (N,), (N,1), 0/1 findings (N,K),
+    or integer masks shaped like the images (segmentation)."""
     try:
         with np.load(path) as npz:
             missing = [k for k in NPZ_KEYS if k not in npz.files]
@@ -89,8 +117,15 @@ def check_npz(path: Path) -> None:
         raise
     except Exception as exc:  # zip/pickle errors: the file is not an npz
         raise ValueError(f"{path.name} is not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-        raise ValueError(f"{path.name}: train_images shape {images.shape} is not 2D (N,H,W) or (N,H,W,C)")
+    if images.ndim not in (3, 4):
+        raise ValueError(f"{path.name}: train_images shape {images.shape} is not (N,H,W), (N,H,W,C) or (N,D,H,W)")
+    if labels.ndim >= 3:
+        if labels.shape[1:] != images.shape[1:labels.ndim]:
+            raise ValueError(f"{path.name}: train_labels shape {labels.shape} is neither per-image labels nor "
+                             f"masks shaped like train_images {images.shape}")
+        if np.issubdtype(labels.dtype, np.floating) or labels.min() < 0:
+            raise ValueError(f"{path.name}: segmentation masks must hold integer labels >= 0 (got {labels.dtype})")
+        return
     if labels.ndim == 2 and labels.shape[1] > 1 and not np.isin(labels, (0, 1)).all():
         raise ValueError(f"{path.name} has {labels.shape[1]} label columns with values other than 0/1; "
                          "multi-label targets must be 0/1 per finding")

@@ -1,5 +1,8 @@
 """Hospital exports as training data: DICOM, NIfTI, PNG/JPEG files, labelled by a CSV manifest
 (`path,label[,split]`) or by folder (`<root>/<class>/...`, optionally `<root>/<split>/<class>/...`).
+Also multi-label manifests (`label` = findings joined by '|'), segmentation manifests
+(`path,mask[,split]`: a mask file of integer labels per image), and volumes (`spatial_dims: 3`:
+a NIfTI file, a multi-frame DICOM file or a folder of DICOM slices per item).
 
 Only pixel arrays and labels come out of here: a DICOM header is read by pydicom inside
 `read_pixels` and dropped there. Every file that cannot be used is listed with the reason; none
@@ -24,9 +27,10 @@ SPLITS = ("train", "val", "test")  # "val" rows train: each site splits its own 
 
 @dataclass
 class Item:
-    path: Path
-    label: str
+    path: Path  # a file, or a folder of DICOM slices (a series)
+    label: str | list[str] | None  # class, findings (multi-label), or None (segmentation)
     split: str | None
+    mask: Path | None = None
 
 
 @dataclass
@@ -51,46 +55,90 @@ def _kind(path: Path) -> str | None:
     return IMAGE_SUFFIXES.get(suffix, "dicom" if suffix == "" else None)  # PACS exports often lack .dcm
 
 
+NO_FINDING = "none"  # a multi-label row without findings
+
+
+def _exists(cfg: FilesConfig, path: Path) -> bool:
+    return path.is_file() or (cfg.spatial_dims == 3 and path.is_dir())  # a volume may be a series folder
+
+
+def _manifest(cfg: FilesConfig, inv: Inventory) -> None:
+    with cfg.manifest.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = set(reader.fieldnames or [])
+        segmentation = "mask" in columns
+        if "path" not in columns or not ({"label", "mask"} & columns):
+            raise ValueError(f"{cfg.manifest.name}: needs a header with columns path,label[,split] "
+                             "(or path,mask[,split] for segmentation)")
+        if segmentation and cfg.multilabel:
+            raise ValueError(f"{cfg.manifest.name}: data.files.multilabel is for labels, not masks")
+        for line, row in enumerate(reader, start=2):
+            cell = lambda key: (row.get(key) or "").strip()  # noqa: E731
+            rel, split, target = cell("path"), cell("split"), cell("mask" if segmentation else "label")
+            where = f"{cfg.manifest.name}:{line}"
+            if not rel or not target:
+                inv.problems.append(Problem(where, f"empty path or {'mask' if segmentation else 'label'}"))
+            elif split and split not in SPLITS:
+                inv.problems.append(Problem(where, f"split '{split}' is not one of {', '.join(SPLITS)}"))
+            elif not _exists(cfg, cfg.root / rel):
+                inv.problems.append(Problem(rel, f"listed in {where} but missing"))
+            elif segmentation and not (cfg.root / target).is_file():
+                inv.problems.append(Problem(target, f"mask listed in {where} but missing"))
+            elif segmentation:
+                inv.items.append(Item(cfg.root / rel, None, split or None, cfg.root / target))
+            elif cfg.multilabel:
+                findings = [] if target.lower() == NO_FINDING else [t.strip() for t in target.split("|") if t.strip()]
+                inv.items.append(Item(cfg.root / rel, findings, split or None))
+            else:
+                inv.items.append(Item(cfg.root / rel, target, split or None))
+
+
+def _folders(cfg: FilesConfig, inv: Inventory) -> None:
+    if cfg.multilabel:
+        raise ValueError("data.files.multilabel needs a manifest (a folder per class gives one label per image)")
+    seen: set[Path] = set()
+    for path in sorted(p for p in cfg.root.rglob("*") if p.is_file()):
+        parts = path.relative_to(cfg.root).parts
+        if any(part.startswith(".") for part in parts):  # hidden files, and a cache kept inside root
+            continue
+        split = parts[0] if len(parts) >= 3 and parts[0] in SPLITS else None
+        label_parts = parts[1:] if split else parts
+        if len(label_parts) < 2:
+            inv.problems.append(Problem(str(path.relative_to(cfg.root)), "not inside a class folder"))
+            continue
+        if cfg.spatial_dims == 3 and len(label_parts) >= 3:  # <class>/<series folder>/<slice>: one volume
+            path = cfg.root.joinpath(*parts[: len(parts) - len(label_parts) + 2])
+            if path in seen:
+                continue
+            seen.add(path)
+        inv.items.append(Item(path, label_parts[0], split))
+
+
 def inventory(cfg: FilesConfig) -> Inventory:
-    """Every labelled file, and every problem with the labels (unknown class, missing file)."""
+    """Every labelled file, and every problem with the labels (unknown class or finding, missing file)."""
     inv = Inventory()
     if not cfg.root.is_dir():
         raise ValueError(f"data.files.root: folder not found: {cfg.root}")
     if cfg.manifest is not None:
         if not cfg.manifest.is_file():
             raise ValueError(f"data.files.manifest: file not found: {cfg.manifest}")
-        with cfg.manifest.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-                raise ValueError(f"{cfg.manifest.name}: needs a header with columns path,label[,split]")
-            for line, row in enumerate(reader, start=2):
-                rel, label, split = (row.get("path") or "").strip(), (row.get("label") or "").strip(), (row.get("split") or "").strip()
-                where = f"{cfg.manifest.name}:{line}"
-                if not rel or not label:
-                    inv.problems.append(Problem(where, "empty path or label"))
-                elif split and split not in SPLITS:
-                    inv.problems.append(Problem(where, f"split '{split}' is not one of {', '.join(SPLITS)}"))
-                elif not (cfg.root / rel).is_file():
-                    inv.problems.append(Problem(rel, f"listed in {where} but missing"))
-                else:
-                    inv.items.append(Item(cfg.root / rel, label, split or None))
+        _manifest(cfg, inv)
     else:
-        for path in sorted(p for p in cfg.root.rglob("*") if p.is_file()):
-            parts = path.relative_to(cfg.root).parts
-            if any(part.startswith(".") for part in parts):  # hidden files, and a cache kept inside root
-                continue
-            split = parts[0] if len(parts) >= 3 and parts[0] in SPLITS else None
-            label_parts = parts[1:] if split else parts
-            if len(label_parts) < 2:
-                inv.problems.append(Problem(str(path.relative_to(cfg.root)), "not inside a class folder"))
-                continue
-            inv.items.append(Item(path, label_parts[0], split))
-    found = sorted({i.label for i in inv.items})
-    inv.classes = list(cfg.classes) if cfg.classes else found
-    unknown = [i for i in inv.items if i.label not in inv.classes]
-    for item in unknown:
-        inv.problems.append(Problem(_rel(cfg, item.path), f"unknown class '{item.label}' (classes: {', '.join(inv.classes)})"))
-    inv.items = [i for i in inv.items if i.label in inv.classes]
+        _folders(cfg, inv)
+    if any(i.mask is not None for i in inv.items):  # segmentation: classes are mask labels, named or counted later
+        inv.classes = list(cfg.classes or [])
+        return inv
+    names = lambda item: item.label if isinstance(item.label, list) else [item.label]  # noqa: E731
+    inv.classes = list(cfg.classes) if cfg.classes else sorted({n for i in inv.items for n in names(i)})
+    kept = []
+    for item in inv.items:
+        unknown = [n for n in names(item) if n not in inv.classes]
+        if unknown:
+            kind = "finding" if cfg.multilabel else "class"
+            inv.problems.append(Problem(_rel(cfg, item.path), f"unknown {kind} '{unknown[0]}' ({kind}s: {', '.join(inv.classes)})"))
+        else:
+            kept.append(item)
+    inv.items = kept
     return inv
 
 
@@ -101,9 +149,41 @@ def _rel(cfg: FilesConfig, path: Path) -> str:
         return str(path)
 
 
-def read_pixels(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
-    """(2D float32 pixel array, pixel spacing or None). Raises ValueError with a reason."""
+def read_series(folder: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """A folder of single-slice DICOM files -> (3D array in slice order, spacing); the slices are
+    ordered by their position along the scan axis (else by InstanceNumber)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    slices = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            ds = pydicom.dcmread(path)  # the header stays in this function
+            pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - every decoder error becomes a reason
+            raise ValueError(f"slice {path.name}: cannot decode as dicom: {type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
+        position = ds.get("ImagePositionPatient")
+        order = float(position[2]) if position else float(ds.get("InstanceNumber", len(slices)))
+        spacing = tuple(float(v) for v in ds.get("PixelSpacing", []) or []) + (float(ds.get("SliceThickness", 0) or 0),)
+        slices.append((order, pixels, spacing))
+    if not slices:
+        raise ValueError("empty series folder")
+    shapes = {s[1].shape for s in slices}
+    if len(shapes) > 1:
+        raise ValueError(f"slices of different sizes {sorted(shapes)}")
+    slices.sort(key=lambda s: s[0])
+    return np.stack([s[1] for s in slices]), slices[0][2] if len(slices[0][2]) == 3 else None
+
+
+def read_pixels(path: Path, spatial_dims: int = 2) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """(2D, or with spatial_dims=3 3D, float32 pixel array, spacing or None). Raises
+    ValueError with a reason."""
     path = Path(path)
+    if path.is_dir():
+        if spatial_dims != 3:
+            raise ValueError("a folder (DICOM series) is a volume: set data.files.spatial_dims: 3")
+        arr, spacing = read_series(path)
+        return _checked(arr, spatial_dims), spacing
     kind = _kind(path)
     if kind is None:
         raise ValueError(f"not an image type this reads (suffix '{path.suffix}')")
@@ -126,27 +206,48 @@ def read_pixels(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
 
             img = nib.load(path)
             arr = np.asarray(img.get_fdata(dtype=np.float32))
-            spacing = tuple(float(v) for v in img.header.get_zooms()[:2])
+            spacing = tuple(float(v) for v in img.header.get_zooms()[:spatial_dims])
     except Exception as exc:  # noqa: BLE001 - every decoder error becomes a reason
         raise ValueError(f"cannot decode as {kind}: {type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
     arr = np.squeeze(arr)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and kind == "dicom":  # RGB ultrasound
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and kind == "dicom" and spatial_dims == 2:  # RGB ultrasound
         arr = arr[..., :3].mean(-1)
-    if arr.ndim != 2:
-        raise ValueError(f"{arr.ndim}D image of shape {list(arr.shape)}: 2D classification needs 2D images")
+    return _checked(arr, spatial_dims), spacing
+
+
+def _checked(arr: np.ndarray, spatial_dims: int) -> np.ndarray:
+    if arr.ndim != spatial_dims:
+        what = "2D images" if spatial_dims == 2 else "volumes (data.files.spatial_dims: 3)"
+        raise ValueError(f"{arr.ndim}D image of shape {list(arr.shape)}: this task reads {what}")
     if not np.all(np.isfinite(arr)) or arr.size == 0:
         raise ValueError("empty image or NaN/Inf pixels")
-    return arr, spacing
+    return arr
 
 
-def _to_uint8(arr: np.ndarray, size: int) -> np.ndarray:
+def read_mask(path: Path, spatial_dims: int = 2) -> np.ndarray:
+    """Integer labels (0 = background) of a mask file; a 0/255 image is read as 0/1."""
+    arr, _ = read_pixels(path, spatial_dims)
+    if not np.array_equal(arr, np.round(arr)) or arr.min() < 0:
+        raise ValueError("mask holds values that are not labels (integers >= 0)")
+    values = set(np.unique(arr).tolist())
+    if values <= {0, 255} and 255 in values:
+        arr = arr / 255
+    return arr.astype(np.int64)
+
+
+def _resize(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
     import torch  # here, not at the top: `client audit` and `check-data --help` need neither
     from monai.transforms import Resize
 
+    out = Resize((size,) * arr.ndim, mode=mode, anti_aliasing=mode != "nearest")(torch.from_numpy(arr)[None].float())
+    return np.asarray(out)[0]
+
+
+def _to_uint8(arr: np.ndarray, size: int) -> np.ndarray:
     lo, hi = np.percentile(arr, (0.5, 99.5))
     scaled = np.clip((arr - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
-    resized = Resize((size, size), mode="bilinear", anti_aliasing=True)(torch.from_numpy(scaled)[None].float())
-    return np.asarray(np.round(np.asarray(resized)[0] * 255), dtype=np.uint8)
+    mode = "trilinear" if arr.ndim == 3 else "bilinear"
+    return np.asarray(np.round(_resize(scaled.astype(np.float32), size, mode) * 255), dtype=np.uint8)
 
 
 @dataclass
@@ -157,12 +258,51 @@ class Decoded:
     cache: Path | None = None
 
 
+def _stamp(path: Path | None) -> str:
+    """Size and modification time of a file, or of every file in a series folder."""
+    if path is None:
+        return ""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def _key(cfg: FilesConfig, inv: Inventory) -> str:
-    h = hashlib.sha256(json.dumps([cfg.image_size, cfg.test_fraction, inv.classes]).encode())
+    h = hashlib.sha256(json.dumps([cfg.image_size, cfg.test_fraction, cfg.spatial_dims, inv.classes]).encode())
     for item in inv.items:
-        st = item.path.stat()
-        h.update(f"{_rel(cfg, item.path)}|{st.st_size}|{st.st_mtime_ns}|{item.label}|{item.split}\n".encode())
+        h.update(f"{_rel(cfg, item.path)}|{_stamp(item.path)}|{item.label}|{item.split}|{_stamp(item.mask)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _target(cfg: FilesConfig, inv: Inventory, item: Item, shape: tuple[int, ...]) -> np.ndarray | int:
+    """The item's training target: class index, 0/1 per finding, or the resized mask."""
+    if item.mask is not None:
+        mask = read_mask(item.mask, cfg.spatial_dims)
+        if mask.shape != shape:
+            raise ValueError(f"its mask {_rel(cfg, item.mask)} is {list(mask.shape)}, the image {list(shape)}")
+        if inv.classes and mask.max() >= len(inv.classes):
+            raise ValueError(f"its mask {_rel(cfg, item.mask)} holds label {mask.max()}, beyond data.files.classes "
+                             f"({len(inv.classes)} names, background first)")
+        if mask.max() > 255:
+            raise ValueError(f"its mask {_rel(cfg, item.mask)} holds label {mask.max()} (at most 255 labels)")
+        return np.asarray(_resize(mask.astype(np.float32), cfg.image_size, "nearest").round(), dtype=np.uint8)
+    if isinstance(item.label, list):
+        return np.array([c in item.label for c in inv.classes], dtype=np.uint8)
+    return inv.classes.index(item.label)
+
+
+def _usable(labels: list, inv: Inventory, cfg: FilesConfig) -> str | None:
+    """Why these targets cannot train a model, or None."""
+    if not labels:
+        return "no usable images"
+    if isinstance(labels[0], int):
+        return None if len(set(labels)) >= 2 else f"{len(set(labels))} class(es); training needs at least two classes"
+    stacked = np.stack(labels)
+    if stacked.ndim == 2:  # findings
+        if len(inv.classes) < 2:
+            return "a multi-label task needs at least two findings (with one, use a label per image)"
+        both = (stacked.max(0) == 1) & (stacked.min(0) == 0)
+        return None if both.any() else "no finding is both present and absent; training needs one"
+    return None if stacked.max() > 0 else "every mask is empty; segmentation needs some labelled voxels"
 
 
 def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded:
@@ -176,12 +316,14 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
         saved = json.loads(report.read_text())
         inv.problems += [Problem(**p) for p in saved["problems"]]
         out.shapes, out.cache = {k: tuple(v) for k, v in saved["shapes"].items()}, cache
+        inv.classes = saved.get("classes", inv.classes)  # a segmentation's labels are counted when decoding
         return out
     images, labels, splits = [], [], []
     for item in inv.items:
         name = _rel(cfg, item.path)
         try:
-            arr, spacing = read_pixels(item.path)
+            arr, spacing = read_pixels(item.path, cfg.spatial_dims)
+            target = _target(cfg, inv, item, arr.shape)
         except ValueError as exc:
             inv.problems.append(Problem(name, str(exc)))
             continue
@@ -189,14 +331,18 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
         if spacing:
             out.spacings[name] = spacing
         images.append(_to_uint8(arr, cfg.image_size))
-        labels.append(inv.classes.index(item.label))
+        labels.append(target)
         splits.append(item.split)
+    if labels and not isinstance(labels[0], int) and labels[0].ndim >= 2 and not inv.classes:
+        inv.classes = ["background"] + [f"label-{k}" for k in range(1, max(2, int(max(m.max() for m in labels)) + 1))]
     if not write_cache:
         return out
-    if len(set(labels)) < 2:
-        raise ValueError(f"data.files: {len(images)} usable images in {len(set(labels))} class(es) under "
-                         f"{cfg.root}; training needs at least two classes ({len(inv.problems)} problems listed)")
-    x, y = np.stack(images), np.asarray(labels, dtype=np.int64)[:, None]
+    problem = _usable(labels, inv, cfg)
+    if problem is not None:
+        raise ValueError(f"data.files: {len(images)} usable images under {cfg.root}: {problem} "
+                         f"({len(inv.problems)} problems listed)")
+    x = np.stack(images)
+    y = np.asarray(labels, dtype=np.int64)[:, None] if isinstance(labels[0], int) else np.stack(labels)
     is_test = np.array([s == "test" for s in splits])
     if not is_test.any():  # no test rows given: hold out a seeded share
         order = np.random.default_rng(seed).permutation(len(y))

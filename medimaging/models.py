@@ -1,4 +1,4 @@
-"""MONAI networks for 2D classification, built from a ModelConfig."""
+"""MONAI networks for 2D/3D classification and segmentation (UNet), built from a ModelConfig."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import torch
 from monai.networks.layers.utils import get_norm_layer
-from monai.networks.nets import Classifier, DenseNet121, resnet18
+from monai.networks.nets import UNet, Classifier, DenseNet121, resnet18
 from monai.networks.nets.resnet import ResNetBlock
 from opacus.validators import ModuleValidator
 
@@ -29,17 +29,17 @@ class _OutOfPlaceResNetBlock(ResNetBlock):
         return self.act(out + residual)
 
 
-def _enforce(module: torch.nn.Module, norm: str) -> torch.nn.Module:
+def _enforce(module: torch.nn.Module, norm: str, dims: int = 2) -> torch.nn.Module:
     """MONAI 1.6's ResNet does not pass `norm` to its residual layers (they stay BatchNorm),
     their ReLUs are in-place and the residual sum is in-place: make every BatchNorm the
     asked-for norm and every operation out-of-place (needed by Opacus, harmless otherwise)."""
     if type(module) is ResNetBlock:
         module.__class__ = _OutOfPlaceResNetBlock  # same parameters, out-of-place forward
     for name, child in module.named_children():
-        if isinstance(child, torch.nn.BatchNorm2d) and norm != "batch":
-            setattr(module, name, get_norm_layer(name=_norm(norm), spatial_dims=2, channels=child.num_features))
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and norm != "batch":
+            setattr(module, name, get_norm_layer(name=_norm(norm), spatial_dims=dims, channels=child.num_features))
         else:
-            _enforce(child, norm)
+            _enforce(child, norm, dims)
         if hasattr(child, "inplace"):
             child.inplace = False
     return module
@@ -49,11 +49,12 @@ _FIXED_LOGGED: set[str] = set()
 
 
 def build_model(
-    cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, private: bool = False
+    cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, private: bool = False, spatial_dims: int = 2,
 ) -> torch.nn.Module:
-    """A fresh network; `image_size` must be at least MODEL_MIN_SIZE[cfg.name]. With `private`,
-    layers Opacus cannot train (BatchNorm) are replaced by ModuleValidator.fix."""
-    model = _build(cfg, in_channels, num_classes, image_size)
+    """A fresh network for images (spatial_dims=2) or volumes (3); `image_size` must be at least
+    MODEL_MIN_SIZE[cfg.name]. With `private`, layers Opacus cannot train (BatchNorm) are
+    replaced by ModuleValidator.fix. unet outputs one channel per mask label."""
+    model = _build(cfg, in_channels, num_classes, image_size, spatial_dims)
     if private and not ModuleValidator.is_valid(model):
         model = ModuleValidator.fix(model)
         key = f"{cfg.name}/{cfg.norm}"
@@ -64,13 +65,21 @@ def build_model(
     return model
 
 
-def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int) -> torch.nn.Module:
+def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, dims: int) -> torch.nn.Module:
     if image_size < MODEL_MIN_SIZE[cfg.name]:
         raise ValueError(f"model.name={cfg.name} needs images of at least {MODEL_MIN_SIZE[cfg.name]} px")
+    if cfg.name == "unet":
+        # Three down/up levels with one residual unit each; ReLU (out-of-place) as Opacus needs.
+        # Its last layers have as few channels as labels, too few for 8 groups: instance norm.
+        return UNet(
+            spatial_dims=dims, in_channels=in_channels, out_channels=num_classes,
+            channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1,
+            act=("relu", {"inplace": False}), norm=_norm("batch" if cfg.norm == "batch" else "instance"),
+        )
     if cfg.name == "cnn":
         # Small and fast: three strided conv blocks with instance norm, then a linear head.
         return Classifier(
-            in_shape=(in_channels, image_size, image_size),
+            in_shape=(in_channels, *(image_size,) * dims),
             classes=num_classes,
             channels=(16, 32, 64),
             strides=(2, 2, 2),
@@ -79,11 +88,11 @@ def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
         )
     if cfg.name == "resnet18":
         return _enforce(resnet18(
-            spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes,
+            spatial_dims=dims, n_input_channels=in_channels, num_classes=num_classes,
             norm=_norm(cfg.norm), act=("relu", {"inplace": False}),
-        ), cfg.norm)
+        ), cfg.norm, dims)
     return DenseNet121(
-        spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+        spatial_dims=dims, in_channels=in_channels, out_channels=num_classes,
         norm=_norm(cfg.norm), act=("relu", {"inplace": False}),
     )
 

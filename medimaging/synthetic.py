@@ -1,4 +1,5 @@
-"""Deterministic synthetic 'lesion present / absent' images with per-hospital differences.
+"""Deterministic synthetic 'lesion present / absent' images (or volumes), and images (or
+volumes) with lesion masks for segmentation, with per-hospital differences.
 
 Each hospital gets a scanner profile (native resolution, contrast, brightness, noise, blur),
 its own class prevalence and its own size, so a simulated federation is non-IID the way a real
@@ -92,21 +93,81 @@ def generate(n: int, profile: ScannerProfile, rng: np.random.Generator) -> tuple
     img += blob(-rng.uniform(0.1, 0.25, n), rng.uniform(0.06, 0.12, n))
     img += blob(labels * rng.uniform(0.2, 0.4, n), rng.uniform(0.07, 0.12, n))
     # Scanner: blur, contrast/brightness, noise.
-    img = _smooth(img, profile.blur)
+    return _scanner(_smooth(img, profile.blur), profile, rng)[:, None], labels
+
+
+def _scanner(img: np.ndarray, profile: ScannerProfile, rng: np.random.Generator) -> np.ndarray:
     img = profile.gain * (img - 0.4) + 0.4 + profile.offset
-    img += rng.normal(0, profile.noise, img.shape)
-    return np.clip(img, 0, 1).astype(np.float32)[:, None], labels
+    return np.clip(img + rng.normal(0, profile.noise, img.shape), 0, 1).astype(np.float32)
+
+
+def volume_side(profile: ScannerProfile) -> int:
+    """Native side of a hospital's volumes (smaller than its 2D images: 18 to 30 voxels)."""
+    return profile.resolution * 3 // 4
+
+
+def generate_volumes(n: int, profile: ScannerProfile, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`n` volumes (n, 1, R, R, R) float32 in [0, 1] and labels (n,): the 3D version of
+    `generate` (an organ ellipsoid, a dark cyst in every volume, a faint nodule if label 1)."""
+    res = volume_side(profile)
+    labels = (rng.random(n) < profile.prevalence).astype(np.int64)
+    axes = [a[None] for a in np.meshgrid(*[np.linspace(-1, 1, res)] * 3, indexing="ij")]
+
+    def col(values: np.ndarray) -> np.ndarray:
+        return values[:, None, None, None]
+
+    centre = [rng.uniform(-0.15, 0.15, n) for _ in range(3)]
+    radii = [rng.uniform(0.5, 0.7, n) for _ in range(3)]
+    img = np.full((n, res, res, res), 0.3) + rng.normal(0, 0.02, (n, res, res, res))
+    organ = sum(((a - col(c)) / col(r)) ** 2 for a, c, r in zip(axes, centre, radii))
+    img += 0.25 / (1 + np.exp((organ - 1) * 12))
+
+    def blob(amplitude: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        direction = rng.normal(size=(3, n))
+        direction /= np.linalg.norm(direction, axis=0)
+        reach = rng.uniform(0, 0.6, n)
+        d2 = sum((a - col(c + reach * r * d)) ** 2 for a, c, r, d in zip(axes, centre, radii, direction))
+        return col(amplitude) * np.exp(-d2 / (2 * col(sigma) ** 2))
+
+    img += blob(-rng.uniform(0.1, 0.25, n), rng.uniform(0.08, 0.14, n))
+    img += blob(labels * rng.uniform(0.3, 0.5, n), rng.uniform(0.1, 0.15, n))  # a nodule fills few voxels of a volume
+    return _scanner(_smooth(img, profile.blur), profile, rng)[:, None], labels
+
+
+def generate_masks(
+    n: int, profile: ScannerProfile, rng: np.random.Generator, dims: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images (n, 1, R, R[, R]) in [0, 1] with 1-5 round lesions each (MONAI's
+    create_test_image_2d/3d: bright discs/balls on uniform noise), then this hospital's scanner;
+    masks (n, R, R[, R]) int64, 1 = lesion."""
+    from monai.data.synthetic import create_test_image_2d, create_test_image_3d
+
+    res = profile.resolution if dims == 2 else volume_side(profile)
+    make = create_test_image_2d if dims == 2 else create_test_image_3d
+    state = np.random.RandomState(int(rng.integers(2**31)))
+    images, masks = [], []
+    for _ in range(n):
+        img, seg = make(*(res,) * dims, num_objs=int(state.randint(1, 6)), rad_max=max(4, res // 5),
+                        rad_min=max(2, res // 12), noise_max=0.5, num_seg_classes=1, random_state=state)
+        images.append(img)
+        masks.append(seg)
+    img = _scanner(_smooth(0.2 + 0.4 * np.stack(images), profile.blur), profile, rng)
+    return img[:, None], np.stack(masks).astype(np.int64)
 
 
 def site_images(
-    site_index: int, seed: int, samples_per_site: int, test_per_site: int
+    site_index: int, seed: int, samples_per_site: int, test_per_site: int, task: str = "classification", dims: int = 2,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """(local images, labels) of one hospital and its share of the global test split."""
     profile = site_profile(site_index)
     n_local = max(20, int(round(samples_per_site * profile.size_factor)))
-    local = generate(n_local, profile, np.random.default_rng([seed, site_index, 0]))
-    test = generate(test_per_site, profile, np.random.default_rng([seed, site_index, 1]))
-    return local, test
+
+    def make(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if task == "segmentation":
+            return generate_masks(n, profile, rng, dims)
+        return generate(n, profile, rng) if dims == 2 else generate_volumes(n, profile, rng)
+
+    return make(n_local, np.random.default_rng([seed, site_index, 0])), make(test_per_site, np.random.default_rng([seed, site_index, 1]))
 
 
 def synthetic_dicom(path: Path, pixels: np.ndarray, header: dict[str, str], spacing=(0.7, 0.7)) -> None:

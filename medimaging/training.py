@@ -6,7 +6,8 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from monai.metrics import compute_roc_auc
+from monai.losses import DiceLoss
+from monai.metrics import compute_dice, compute_roc_auc
 from torch.utils.data import DataLoader, TensorDataset
 
 from .augment import augmenter
@@ -51,8 +52,26 @@ class MultiLabelLoss(torch.nn.BCEWithLogitsLoss):
         return {"none": per_image, "sum": per_image.sum()}.get(self.reduction, per_image.mean())
 
 
+class SegmentationLoss(torch.nn.Module):
+    """MONAI's soft Dice loss over the foreground labels plus voxel-wise cross-entropy, both
+    averaged per image, so `reduction="none"` gives one loss per image (Opacus' ghost clipping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduction = "mean"
+        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, reduction="none")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none").flatten(1).mean(1)
+        per_image = ce + self.dice(logits, target[:, None]).flatten(1).mean(1)
+        return {"none": per_image, "sum": per_image.sum()}.get(self.reduction, per_image.mean())
+
+
 def loss_for(split: Split) -> torch.nn.Module:
-    """Cross-entropy over classes, or one sigmoid per finding for a multi-label task."""
+    """Cross-entropy over classes, one sigmoid per finding for a multi-label task, Dice +
+    cross-entropy for segmentation."""
+    if split.segmentation:
+        return SegmentationLoss()
     return MultiLabelLoss() if split.multilabel else torch.nn.CrossEntropyLoss()
 
 
@@ -118,10 +137,30 @@ def multilabel_scores(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]
     return {"loss": loss, "accuracy": accuracy, "auc": value}
 
 
+def dice_scores(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int) -> dict:
+    """Segmentation: loss, voxel accuracy, Dice per foreground label (mean over the images where
+    the label is present; MONAI's compute_dice) and their mean as `dice`. AUC is NaN."""
+    loss_fn, losses, correct, voxels, dice = SegmentationLoss(), [], 0, 0, []
+    for x, y in loader(split, batch_size, shuffle=False):
+        logits = model(x)
+        losses.append(loss_fn(logits, y) * len(y))
+        pred = logits.argmax(1)
+        correct, voxels = correct + int((pred == y).sum()), voxels + y.numel()
+        onehot = lambda t: torch.nn.functional.one_hot(t, num_classes).movedim(-1, 1)  # noqa: E731
+        dice.append(compute_dice(onehot(pred), onehot(y), include_background=False, ignore_empty=True))
+    per_label = torch.cat(dice).nanmean(0)  # NaN where a label is absent from every image here
+    present = per_label[~per_label.isnan()]
+    return {"loss": float(sum(losses)) / len(split), "accuracy": correct / voxels, "auc": math.nan,
+            "dice": float(present.mean()) if len(present) else math.nan,
+            "dice_per_label": [round(float(v), 4) for v in per_label]}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int = 256) -> dict[str, float]:
-    """Loss, accuracy and AUC of `model` on `split`."""
+    """Loss, accuracy and AUC of `model` on `split` (for segmentation also Dice, see dice_scores)."""
     model.eval()
+    if split.segmentation:
+        return dice_scores(model, split, num_classes, max(1, batch_size // 16))
     logits = torch.cat([model(x) for x, _ in loader(split, batch_size, shuffle=False)])
     if split.multilabel:
         return multilabel_scores(logits, split.y)

@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from medimaging.config import MODEL_MIN_SIZE, Strict
+from medimaging.config import MODEL_MIN_SIZE, Dims, Strict, Task, check_augment, check_model_task
 from medimaging.yamlconfig import ConfigError, parse_sets, read_config
 
 from .config import RunConfig
@@ -29,8 +29,10 @@ class TaskConfig(Strict):
     """What every hospital's images are decoded to (their site.yaml must agree)."""
 
     in_channels: int = Field(1, ge=1, le=4)
-    num_classes: int = Field(2, ge=2)
+    num_classes: int = Field(2, ge=2, description="classes, findings (multi-label), or mask labels with the background")
     image_size: int = Field(64, ge=8, le=512)
+    kind: Task = Field("classification", description="classification (incl. multi-label) or segmentation")
+    spatial_dims: Dims = Field(2, description="2 = images, 3 = volumes (site.yaml data.files.spatial_dims)")
 
 
 class DeploymentConfig(RunConfig):
@@ -38,6 +40,15 @@ class DeploymentConfig(RunConfig):
     wait_for_sites: int | None = Field(None, ge=1, description="hospitals to wait for before round 1; default strategy.min_sites")
     wait_timeout_s: float = Field(300.0, gt=0, description="how long to wait for them; then start with those connected")
     dp_models: bool = Field(True, description="DP-SGD-compatible layers, so any hospital may train privately")
+
+    @model_validator(mode="after")
+    def _fits_task(self) -> "DeploymentConfig":
+        try:
+            check_model_task(self.model.name, self.task.kind, self.task.image_size)
+            check_augment(self.train.augment, self.task.kind, self.task.spatial_dims)
+        except ValueError as exc:
+            raise ValueError(f"task.kind={self.task.kind}: {exc}") from None
+        return self
 
 
 def config_from_run_config(run_config: dict) -> DeploymentConfig:
@@ -97,5 +108,5 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
                           f"strategy.min_sites={cfg.strategy.min_sites}")
     log.info("%d hospital(s) connected; run folder %s", connected, run_dir)
     t = cfg.task
-    return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size), run_dir=run_dir,
+    return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
                 private=cfg.dp_models, sites=connected)

@@ -33,7 +33,7 @@ from strategies.config import UpdateValidation
 from strategies.factory import build_secure_workflow, build_strategy, client_clipping, weighted_mean
 
 from .config import RunConfig
-from .outputs import RunRecorder
+from .outputs import RunRecorder, is_segmentation
 from .secure import secure_train
 
 log = logging.getLogger("aseanfl")
@@ -42,8 +42,13 @@ log = logging.getLogger("aseanfl")
 @dataclass(frozen=True)
 class TaskShape:
     in_channels: int
-    num_classes: int
+    num_classes: int  # classes, findings, or mask labels with the background
     image_size: int
+    task: str = "classification"  # or "segmentation"
+    spatial_dims: int = 2
+
+    def model(self, cfg: RunConfig, private: bool = False) -> torch.nn.Module:
+        return build_model(cfg.model, self.in_channels, self.num_classes, self.image_size, private, self.spatial_dims)
 
 
 class Progress:
@@ -54,7 +59,8 @@ class Progress:
 
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
         for row in rows:
-            log.info("round %d %-14s val_auc=%s test_auc=%s", rnd, row["site"], row.get("val_auc"), row.get("test_auc"))
+            scores = ("val_dice", "test_dice") if is_segmentation([row]) else ("val_auc", "test_auc")
+            log.info("round %d %-14s %s=%s %s=%s", rnd, row["site"], scores[0], row.get(scores[0]), scores[1], row.get(scores[1]))
 
     def problem(self, text: str) -> None:
         log.warning(text)
@@ -204,7 +210,7 @@ def local_keys(cfg: RunConfig, shape: TaskShape, private: bool = False) -> set[s
     """Arrays that stay at the hospitals: the normalisation layers under FedBN, else none."""
     if not cfg.strategy.fedbn:
         return set()
-    return norm_keys(build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size, private=private))
+    return norm_keys(shape.model(cfg, private))
 
 
 def _without(arrays: ArrayRecord, keys: set[str]) -> ArrayRecord:
@@ -267,18 +273,25 @@ def _screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, 
     return out
 
 
+def score_key(task: str) -> str:
+    """The federated validation score that picks the best round: AUC, or Dice for segmentation."""
+    return "val_dice" if task == "segmentation" else "val_auc"
+
+
 def initial_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> ArrayRecord:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size, private=private)
-    return ArrayRecord(model.state_dict())
+    return ArrayRecord(shape.model(cfg, private).state_dict())
 
 
 def server_evaluate(
     cfg: RunConfig, shape: TaskShape, arrays: ArrayRecord, test: Split, private: bool = False
 ) -> dict[str, float]:
-    model = build_model(cfg.model, shape.in_channels, shape.num_classes, shape.image_size, private=private)
+    model = shape.model(cfg, private)
     model.load_state_dict(arrays.to_torch_state_dict())
-    return evaluate(model, test, shape.num_classes)
+    scores = evaluate(model, test, shape.num_classes)
+    if "dice_per_label" in scores:  # one column: "0.91;0.78" (labels 1, 2, ...)
+        scores["dice_per_label"] = ";".join(f"{v:.4f}" for v in scores["dice_per_label"])
+    return scores
 
 
 def _secure_phase(grid: Grid, plan: Plan, workflow, tasks, arrays: ArrayRecord, rnd: int,
@@ -338,6 +351,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             fedbn=cfg.strategy.fedbn, finetune_eval=cfg.strategy.finetune_eval,
             model=cfg.model, train=cfg.train,
             in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
+            task=shape.task, spatial_dims=shape.spatial_dims,
         )
         rows: dict[str, dict] = {}
         refusals: dict[str, Refusal] = {}
@@ -389,7 +403,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         for reply in replies:
             m, r = _metrics(reply), row(_site_name(reply))
             r.update(val_loss=m["val-loss"], val_accuracy=m["val-accuracy"], val_auc=m["val-auc"], num_val=m["num-examples"],
-                     ft_val_accuracy=m.get("ft-val-accuracy"), ft_val_auc=m.get("ft-val-auc"))
+                     ft_val_accuracy=m.get("ft-val-accuracy"), ft_val_auc=m.get("ft-val-auc"), val_dice=m.get("val-dice"),
+                     ft_val_dice=m.get("ft-val-dice"))
         eval_agg = strategy.aggregate_evaluate(rnd, replies) if replies else None
 
         site_rows = [rows[s] for s in sorted(rows)]
@@ -404,6 +419,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             "val_auc": (eval_agg or {}).get("val-auc"),
             "ft_val_accuracy": (eval_agg or {}).get("ft-val-accuracy"),
             "ft_val_auc": (eval_agg or {}).get("ft-val-auc"),
+            "val_dice": (eval_agg or {}).get("val-dice"),
+            "ft_val_dice": (eval_agg or {}).get("ft-val-dice"),
             "num_train": sum(r.get("num_train", 0) for r in site_rows),
             "num_val": sum(r.get("num_val", 0) for r in site_rows),
             "bytes_to_site": sum(r["bytes_to_site"] for r in site_rows),
@@ -413,10 +430,11 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             glob.update({f"test_{k}": v for k, v in server_evaluate(cfg, shape, arrays, plan.test, plan.private).items()})
         recorder.write_rows(site_rows + [glob])
         recorder.save_model(arrays, "model.safetensors", round=rnd)
-        score = glob["val_auc"] if glob["val_auc"] is not None else -(glob["val_loss"] or float("inf"))
+        key = score_key(shape.task)
+        score = glob[key] if glob[key] is not None and not math.isnan(glob[key]) else -(glob["val_loss"] or float("inf"))
         if score > best["score"]:
             best = {"round": rnd, "score": score}
-            recorder.save_model(arrays, "model_best.safetensors", round=rnd, selected_by="federated val_auc")
+            recorder.save_model(arrays, "model_best.safetensors", round=rnd, selected_by=f"federated {key}")
         progress.round_finished(rnd, rounds, site_rows + [glob])
         round_seconds.append(round(time.time() - round_start, 2))
 

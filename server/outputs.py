@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 COLUMNS = [
     "round", "site", "status", "epsilon", "train_loss", "val_loss", "val_accuracy", "val_auc", "ft_val_accuracy", "ft_val_auc",
-    "test_loss", "test_accuracy", "test_auc", "num_train", "num_val", "bytes_to_site", "bytes_from_site",
+    "val_dice", "ft_val_dice", "test_loss", "test_accuracy", "test_auc", "test_dice", "test_dice_per_label", "num_train", "num_val", "bytes_to_site", "bytes_from_site",
 ]
 
 
@@ -48,6 +48,11 @@ class RunRecorder:
 
     def write_summary(self, summary: dict) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def is_segmentation(rows: list[dict]) -> bool:
+    """Rows of a segmentation run (they carry Dice where classification rows carry AUC)."""
+    return any(r.get(k) is not None for r in rows for k in ("val_dice", "test_dice"))
 
 
 def read_rows(run_dir: Path) -> list[dict]:

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .outputs import read_rows  # noqa: E402
+from .outputs import is_segmentation, read_rows  # noqa: E402
 
 
 def _series(rows: list[dict], site: str, key: str) -> tuple[list[int], list[float]]:
@@ -18,14 +18,21 @@ def _series(rows: list[dict], site: str, key: str) -> tuple[list[int], list[floa
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _score(rows: list[dict]) -> tuple[str, str]:
+    """(column suffix, name) of the run's score: Dice for segmentation, else AUC."""
+    return ("dice", "Dice") if is_segmentation(rows) else ("auc", "AUC")
+
+
 def _plot_global(rows: list[dict], path: Path) -> None:
+    key, name = _score(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("test_auc", "global test AUC (server)"), ("val_auc", "federated validation AUC")):
-        x, y = _series(rows, "global", key)
+    for col, label in ((f"test_{key}", f"global test {name} (server)"), (f"val_{key}", f"federated validation {name}")):
+        x, y = _series(rows, "global", col)
         if x:
             ax.plot(x, y, marker="o", label=label)
-    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
-    ax.set(xlabel="round", ylabel="AUC", title="Global model AUC per round", ylim=(0.4, 1.0))
+    if key == "auc":
+        ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+    ax.set(xlabel="round", ylabel=name, title=f"Global model {name} per round", ylim=(0.4 if key == "auc" else 0.0, 1.0))
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -33,12 +40,14 @@ def _plot_global(rows: list[dict], path: Path) -> None:
 
 
 def _plot_sites(rows: list[dict], path: Path) -> None:
+    key, name = _score(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     for site in sorted({r["site"] for r in rows} - {"global"}):
-        x, y = _series(rows, site, "val_auc")
+        x, y = _series(rows, site, f"val_{key}")
         if x:
             ax.plot(x, y, marker=".", label=site)
-    ax.set(xlabel="round", ylabel="validation AUC", title="Per-site validation AUC (global model)", ylim=(0.4, 1.0))
+    ax.set(xlabel="round", ylabel=f"validation {name}", title=f"Per-site validation {name} (global model)",
+           ylim=(0.4 if key == "auc" else 0.0, 1.0))
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -91,17 +100,21 @@ def write_report(run_dir: Path) -> Path:
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
-        lines += [f"Rounds: {s['rounds']}; best round by federated validation AUC: {s['best_round']}; "
+        lines += [f"Rounds: {s['rounds']}; best round by federated validation {_score(rows)[1]}: {s['best_round']}; "
                   f"wall time {s['seconds']} s.", ""]
     last = max(r["round"] for r in rows)
-    cols = ["site", "status", "epsilon", "num_train", "num_val", "train_loss", "val_auc", "val_accuracy", "test_auc",
+    key = _score(rows)[0]
+    cols = ["site", "status", "epsilon", "num_train", "num_val", "train_loss", f"val_{key}", "val_accuracy", f"test_{key}",
             "bytes_from_site"]
-    if any(r.get("ft_val_auc") is not None for r in rows):  # fine-tuning evaluation was on
-        cols[cols.index("val_accuracy") + 1:cols.index("val_accuracy") + 1] = ["ft_val_auc", "ft_val_accuracy"]
+    if any(r.get(f"ft_val_{key}") is not None for r in rows):  # fine-tuning evaluation was on
+        cols[cols.index("val_accuracy") + 1:cols.index("val_accuracy") + 1] = [f"ft_val_{key}", "ft_val_accuracy"]
+    if key == "dice":
+        cols.insert(cols.index("test_dice") + 1, "test_dice_per_label")
     lines += [f"## Final round ({last})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows if r["round"] == last]
-    lines += ["", "## Global model", "", "![global AUC](global_auc.png)", "",
-              "## Per site", "", "![per-site AUC](site_auc.png)", ""]
+    name = _score(rows)[1]
+    lines += ["", "## Global model", "", f"![global {name}](global_auc.png)", "",
+              "## Per site", "", f"![per-site {name}](site_auc.png)", ""]
     if _plot_epsilon(rows, run_dir / "epsilon.png"):
         lines += ["## Privacy", "", "Epsilon each hospital has spent, from its privacy ledger "
                   "(DP-SGD, Opacus accountant).", "", "![epsilon per round](epsilon.png)", ""]

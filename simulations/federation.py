@@ -16,10 +16,10 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Line
 
 from client.app import Hospital
 from client.privacy import epsilon_of, make_plan
-from medimaging.config import MODEL_MIN_SIZE
+from medimaging.config import MODEL_MIN_SIZE, check_augment, check_model_task
 from medimaging.files import decode
-from medimaging.datasets import SiteData, Split, labels_array, load_npz, npz_info, partition_labels, split_train_val, to_tensor
-from medimaging.synthetic import site_images
+from medimaging.datasets import SiteData, Split, load_npz, npz_info, partition_labels, split_train_val, targets, to_tensor
+from medimaging.synthetic import site_images, site_profile, volume_side
 from server.loop import TaskShape
 
 from .config import ConfigError, SimulationConfig
@@ -28,13 +28,24 @@ log = logging.getLogger("aseanfl")
 
 
 def task_shape(cfg: SimulationConfig) -> TaskShape:
-    """Channels, classes and the image side every site resizes to."""
+    """Channels, classes, the image side every site resizes to, the task and its dimensions.
+    ConfigError if the model cannot do the data's task."""
     if cfg.data.path is None:
-        channels, native, classes = 1, 32, 2
+        synth = cfg.data.synthetic
+        native = 32 if synth.spatial_dims == 2 else volume_side(site_profile(0))
+        channels, classes, task, dims = 1, 2, synth.task, synth.spatial_dims
     else:
-        channels, native, classes = npz_info(cfg.data.path)
+        info = npz_info(cfg.data.path)
+        channels, native, classes, task, dims = info.channels, info.native, info.classes, info.task, info.spatial_dims
     size = cfg.data.image_size or max(native, MODEL_MIN_SIZE[cfg.model.name])
-    return TaskShape(in_channels=channels, num_classes=classes, image_size=size)
+    if cfg.model.name == "unet" and cfg.data.image_size is None:
+        size = -(-size // 8) * 8  # the next multiple of 8
+    try:
+        check_model_task(cfg.model.name, task, size)
+        check_augment(cfg.train.augment, task, dims)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return TaskShape(in_channels=channels, num_classes=classes, image_size=size, task=task, spatial_dims=dims)
 
 
 def resolved(cfg: SimulationConfig) -> SimulationConfig:
@@ -72,32 +83,33 @@ def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: 
     return [np.asarray(partitioner.load_partition(i)["index"]) for i in range(num_sites)]
 
 
+def _synthetic(cfg: SimulationConfig, index: int):
+    s = cfg.data.synthetic
+    return site_images(index, cfg.seed, s.samples_per_site, s.test_per_site, s.task, s.spatial_dims)
+
+
 def _local_arrays(cfg: SimulationConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
     if cfg.data.path is None:
-        (x, y), _ = site_images(index, cfg.seed, cfg.data.synthetic.samples_per_site, cfg.data.synthetic.test_per_site)
-        return x, y
+        return _synthetic(cfg, index)[0]
     p = cfg.partition
     idx = _partitions(str(cfg.data.path), len(cfg.sites), p.scheme, p.alpha, p.min_partition_size, cfg.seed)[index]
     arrays = load_npz(str(cfg.data.path))
-    return arrays["train_images"][idx], labels_array(arrays["train_labels"])[idx]
+    return arrays["train_images"][idx], arrays["train_labels"][idx]
 
 
 def site_data(cfg: SimulationConfig, index: int, image_size: int) -> SiteData:
     x, y = _local_arrays(cfg, index)
-    train, val = split_train_val(to_tensor(x, image_size), torch.from_numpy(y), cfg.data.val_fraction, cfg.seed + index)
+    train, val = split_train_val(to_tensor(x, image_size), targets(y, image_size), cfg.data.val_fraction, cfg.seed + index)
     return SiteData(name=cfg.sites[index], train=train, val=val)
 
 
 def global_test(cfg: SimulationConfig) -> Split:
     size = task_shape(cfg).image_size
     if cfg.data.path is None:
-        parts = [
-            site_images(i, cfg.seed, cfg.data.synthetic.samples_per_site, cfg.data.synthetic.test_per_site)[1]
-            for i in range(len(cfg.sites))
-        ]
-        return Split(torch.cat([to_tensor(x, size) for x, _ in parts]), torch.from_numpy(np.concatenate([y for _, y in parts])))
+        parts = [_synthetic(cfg, i)[1] for i in range(len(cfg.sites))]
+        return Split(torch.cat([to_tensor(x, size) for x, _ in parts]), torch.cat([targets(y, size) for _, y in parts]))
     arrays = load_npz(str(cfg.data.path))
-    return Split(to_tensor(arrays["test_images"], size), torch.from_numpy(labels_array(arrays["test_labels"])))
+    return Split(to_tensor(arrays["test_images"], size), targets(arrays["test_labels"], size))
 
 
 def distribution(cfg: SimulationConfig) -> dict[str, dict[str, list[int]]]:

@@ -181,3 +181,36 @@ def test_deployed_site_without_usable_images_replies_with_a_clear_error_naming_n
     reason = reply.error.reason
     assert "fewer than two classes with usable images" in reason and "check-data" in reason
     assert "secret-patient-name" not in reason and "broken-scan" not in reason and str(tmp_path) not in reason
+
+
+def test_multilabel_manifest_trains_one_sigmoid_per_finding(tmp_path):
+    """Findings joined by '|' in the manifest ('none' = no finding); an unknown finding is named."""
+    from medimaging.synthetic import multilabel_npz
+
+    with np.load(multilabel_npz(tmp_path / "ml.npz", samples=400, test=100)) as npz:
+        images = np.concatenate([npz["train_images"], npz["test_images"]])
+        labels = np.concatenate([npz["train_labels"], npz["test_labels"]])
+    root = tmp_path / "cxr"
+    root.mkdir()
+    lines = ["path,label,split"]
+    for i, (img, (nodule, line)) in enumerate(zip(images, labels)):
+        Image.fromarray(img).save(root / f"x{i}.png")
+        cell = "|".join(name for name, on in (("nodule", nodule), ("catheter", line)) if on) or "none"
+        lines.append(f"x{i}.png,{cell},{'test' if i >= 400 else ''}")
+    lines.append("x0.png,nodule|edema,")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    data = {"root": str(root), "manifest": str(root / "labels.csv"), "multilabel": True, "image_size": 32,
+            "classes": ["catheter", "nodule"],
+            "cache_dir": str(tmp_path / "cache")}
+    decoded = decode(FilesConfig.model_validate(data))
+    assert decoded.inventory.classes == ["catheter", "nodule"]
+    assert [(p.file, p.reason) for p in decoded.inventory.problems] == [("x0.png", "unknown finding 'edema' (findings: catheter, nodule)")]
+    with np.load(decoded.cache) as npz:
+        assert npz["train_labels"].shape == (400, 2) and npz["test_labels"].shape == (100, 2)
+        assert (npz["train_labels"][:, 1] == labels[:400, 0]).all(), "finding columns in the classes' order"
+    cfg = load_config(None, {"data.files": data, "sites": 2, "server.rounds": 2, "server.output_dir": str(tmp_path / "out")})
+    run_dir = simulate(cfg)
+    final = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["site"] == "global"][-1]
+    assert float(final["test_auc"]) > 0.7, final
+    with pytest.raises(ValueError, match="multilabel needs a manifest"):
+        decode(FilesConfig(root=root, multilabel=True, cache_dir=tmp_path / "cache"))

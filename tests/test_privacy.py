@@ -76,19 +76,29 @@ def test_charge_refuses_past_the_cap_and_records_nothing(tmp_path):
 AUGMENTED = AugmentConfig(flip=True, rotate_deg=15, intensity=0.1, noise_std=0.05)
 
 
-@pytest.mark.parametrize("name, mode, multilabel, augment", [
-    ("cnn", "hooks", False, None), ("cnn", "ghost", False, None), ("resnet18", "hooks", False, None),
-    ("densenet121", "ghost", False, None), ("cnn", "hooks", True, None), ("cnn", "ghost", True, None),
-    ("cnn", "ghost", False, AUGMENTED),  # per-image augmentation happens before per-sample clipping
+def _targets(kind: str, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(images, targets, spatial dims): classes, 0/1 findings (BCE), or 2D/3D masks (Dice + CE)."""
+    if kind.startswith("mask"):
+        dims, side = (3, 16) if kind == "mask3d" else (2, 32)
+        return torch.randn(n, 1, *(side,) * dims), torch.randint(0, 2, (n, *(side,) * dims)), dims
+    labels = torch.randint(0, 2, (n, 2)).float() if kind == "multilabel" else torch.randint(0, 2, (n,))
+    return torch.randn(n, 1, 32, 32), labels, 2
+
+
+@pytest.mark.parametrize("name, mode, kind, augment", [
+    ("cnn", "hooks", "class", None), ("cnn", "ghost", "class", None), ("resnet18", "hooks", "class", None),
+    ("densenet121", "ghost", "class", None), ("cnn", "hooks", "multilabel", None), ("cnn", "ghost", "multilabel", None),
+    ("cnn", "ghost", "class", AUGMENTED),  # per-image augmentation happens before per-sample clipping
+    ("unet", "ghost", "mask2d", None), ("unet", "hooks", "mask3d", None),  # segmentation: per-image Dice + CE
 ])
-def test_private_training_spends_what_was_planned(name, mode, multilabel, augment):
+def test_private_training_spends_what_was_planned(name, mode, kind, augment):
     torch.manual_seed(0)
-    labels = torch.randint(0, 2, (64, 2)).float() if multilabel else torch.randint(0, 2, (64,))  # multi-label: BCE
-    data = Split(torch.randn(64, 1, 32, 32), labels)
+    images, labels, dims = _targets(kind, 64)
+    data = Split(images, labels)
     policy = PrivacyConfig(enabled=True, grad_sample_mode=mode)
     train = TrainConfig(local_epochs=1, batch_size=16, augment=augment or AugmentConfig())
     plan = make_plan(policy, len(data), train, total_rounds=2)
-    model = build_model(ModelConfig(name=name), 1, 2, 32, private=True)
+    model = build_model(ModelConfig(name=name), 1, 2, images.shape[-1], private=True, spatial_dims=dims)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss, steps, history = train_private(model, data, train, policy, plan, seed=1)
     assert math.isfinite(loss)
