@@ -1,7 +1,8 @@
 """Loading pipeline throughput: images/s decoding DICOM and PNG exports into the training
-cache (cold), and reopening them from the cache (warm), in one run.
+cache (cold), and reopening them from the cache (warm), in one run; the same in volumes/s for
+NIfTI volumes and DICOM series (one file per slice).
 
-    python -m benchmarks.loading [--images 600] [--side 512]
+    python -m benchmarks.loading [--images 600] [--side 512] [--volumes 40] [--slices 48]
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from medimaging.files import decode
 from medimaging.synthetic import synthetic_dicom
 
 
-def _export(root: Path, kind: str, n: int, side: int) -> None:
+def _export(root: Path, kind: str, n: int, side: int, slices: int = 0) -> None:
     rng = np.random.default_rng(0)
+    if slices:
+        return _volumes(root, kind, n, side, slices, rng)
     for i in range(n):
         img = rng.integers(0, 4095 if kind == "dicom" else 255, (side, side)).astype(np.uint16 if kind == "dicom" else np.uint8)
         folder = root / ("a" if i % 2 else "b")
@@ -32,25 +35,51 @@ def _export(root: Path, kind: str, n: int, side: int) -> None:
             Image.fromarray(img).save(folder / f"{i}.png")
 
 
+def _volumes(root: Path, kind: str, n: int, side: int, slices: int, rng: np.random.Generator) -> None:
+    import nibabel as nib
+
+    for i in range(n):
+        vol = rng.integers(0, 4095, (slices, side, side)).astype(np.uint16)
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        if kind == "nifti":
+            nib.save(nib.Nifti1Image(vol.astype(np.int16), np.eye(4)), folder / f"{i}.nii.gz")
+            continue
+        for z in range(slices):
+            synthetic_dicom(folder / f"s{i}" / f"IM{z:04d}", vol[z] // 16, {"PatientID": f"P{i}", "ImagePositionPatient": [0, 0, z]})
+
+
+def _measure(kind: str, n: int, side: int, slices: int, size: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "export"
+        _export(root, kind, n, side, slices)
+        cfg = FilesConfig(root=root, cache_dir=Path(tmp) / "cache", image_size=size, spatial_dims=3 if slices else 2)
+        t = time.perf_counter()
+        decoded = decode(cfg)
+        assert not decoded.inventory.problems, decoded.inventory.problems[:3]
+        cold = n / (time.perf_counter() - t)
+        t = time.perf_counter()
+        load_npz.__wrapped__(str(decode(cfg).cache))  # past the in-process cache: from disk
+        return cold, n / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--side", type=int, default=512, help="native image side (a chest X-ray export is larger)")
+    ap.add_argument("--volumes", type=int, default=40)
+    ap.add_argument("--slices", type=int, default=48, help="slices per volume, each --vside square")
+    ap.add_argument("--vside", type=int, default=256)
     args = ap.parse_args()
-    print(f"{args.images} images of {args.side}x{args.side}, decoded to 64x64; images/s")
+    print(f"{args.images} images of {args.side}x{args.side}, decoded to 64x64; {args.volumes} volumes of "
+          f"{args.slices}x{args.vside}x{args.vside}, decoded to 32^3")
     print("| format | cold (decode + cache) | warm (cache hit + load) | ratio |\n|---|---|---|---|")
     for kind in ("dicom", "png"):
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp) / "export"
-            _export(root, kind, args.images, args.side)
-            cfg = FilesConfig(root=root, cache_dir=Path(tmp) / "cache")
-            t = time.perf_counter()
-            decode(cfg)
-            cold = args.images / (time.perf_counter() - t)
-            t = time.perf_counter()
-            load_npz.__wrapped__(str(decode(cfg).cache))  # past the in-process cache: from disk
-            warm = args.images / (time.perf_counter() - t)
-        print(f"| {kind} | {cold:.0f} | {warm:.0f} | {warm / cold:.0f}x |")
+        cold, warm = _measure(kind, args.images, args.side, 0, 64)
+        print(f"| {kind} (images/s) | {cold:.0f} | {warm:.0f} | {warm / cold:.0f}x |")
+    for kind in ("nifti", "dicom series"):
+        cold, warm = _measure(kind, args.volumes, args.vside, args.slices, 32)
+        print(f"| {kind} (volumes/s) | {cold:.1f} | {warm:.0f} | {warm / cold:.0f}x |")
 
 
 if __name__ == "__main__":

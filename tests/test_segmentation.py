@@ -122,3 +122,40 @@ def test_segmentation_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="train.augment.flip: flips and rotations are for 2D classification"):
         prepare_run(load_config(None, {**SEGMENTATION, "train.augment.flip": True, **out}))
     assert not any(tmp_path.iterdir())
+
+
+def test_deployed_site_trains_on_its_masks_and_refuses_another_task(mask_files, tmp_path):
+    """A hospital daemon's app reading site.yaml: a segmentation task trains on its mask files and
+    replies with Dice; a classification task gets an error naming the mismatch (and no file)."""
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import app as client_app
+    from client.config import TrainConfig
+    from client.messages import TaskSpec
+    from client.site import SITE_CONFIG_KEY
+    from medimaging.config import ModelConfig
+    from medimaging.models import build_model
+
+    site = tmp_path / "site.yaml"
+    site.write_text(f"site: hue-central\ndata:\n  root: {mask_files}\n  manifest: {mask_files / 'manifest.csv'}\n"
+                    f"  classes: [background, lesion]\n  image_size: 32\n  cache_dir: {tmp_path / 'cache'}\n")
+    ctx = Context(run_id=1, node_id=1, node_config={SITE_CONFIG_KEY: str(site)}, state=RecordDict(), run_config={})
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as a SuperNode's app process has
+
+    def ask(kind, name, message_type):
+        task = TaskSpec(run="r", server_round=1, total_rounds=1, seed=0, model=ModelConfig(name=name), train=TrainConfig(local_epochs=1),
+                        in_channels=1, num_classes=2, image_size=32, task=kind)
+        arrays = ArrayRecord(build_model(ModelConfig(name=name), 1, 2, 32).state_dict())
+        msg = Message(RecordDict({"arrays": arrays, "config": task.to_config()}), dst_node_id=1, message_type=message_type)
+        return client_app(msg, ctx)
+
+    trained = ask("segmentation", "unet", "train")
+    assert not trained.has_error() and set(trained.content.array_records) == {"arrays"}
+    validated = ask("segmentation", "unet", "evaluate")
+    metrics = validated.content.metric_records["metrics"]
+    assert 0 <= metrics["val-dice"] <= 1 and metrics["num-examples"] == 26
+    wrong = ask("classification", "cnn", "train")
+    assert wrong.has_error()
+    assert "this hospital's data are for 2D segmentation, the run is 2D classification" in wrong.error.reason
+    assert "case" not in wrong.error.reason and str(mask_files) not in wrong.error.reason
