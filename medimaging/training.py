@@ -126,15 +126,21 @@ def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     return float(compute_roc_auc(probs[:, keep], onehot[:, keep], average="macro"))
 
 
-def multilabel_scores(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def _one_vs_rest(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    return float(compute_roc_auc(scores, positive.long())) if 0 < positive.sum() < len(positive) else math.nan
+
+
+def multilabel_scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
     """Per-finding sigmoid: loss, accuracy over all (image, finding) pairs, macro AUC over the
-    findings that are both present and absent here."""
+    findings that are both present and absent here; AUC and accuracy per finding."""
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y).item()
     probs = torch.sigmoid(logits)
-    accuracy = ((probs > 0.5).float() == y).float().mean().item()
+    hits = ((probs > 0.5).float() == y).float()
     keep = [k for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
     value = float(compute_roc_auc(probs[:, keep], y[:, keep], average="macro")) if keep else math.nan
-    return {"loss": loss, "accuracy": accuracy, "auc": value}
+    return {"loss": loss, "accuracy": hits.mean().item(), "auc": value,
+            "auc_per_class": [_one_vs_rest(probs[:, k], y[:, k]) for k in range(y.shape[1])],
+            "accuracy_per_class": hits.mean(0).tolist()}
 
 
 def dice_scores(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int) -> dict:
@@ -157,7 +163,8 @@ def dice_scores(model: torch.nn.Module, split: Split, num_classes: int, batch_si
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int = 256) -> dict[str, float]:
-    """Loss, accuracy and AUC of `model` on `split` (for segmentation also Dice, see dice_scores)."""
+    """Loss, accuracy and AUC of `model` on `split`, and per class (or finding) AUC and accuracy;
+    for segmentation Dice per label instead (see dice_scores)."""
     model.eval()
     if split.segmentation:
         return dice_scores(model, split, num_classes, max(1, batch_size // 16))
@@ -166,5 +173,9 @@ def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size:
         return multilabel_scores(logits, split.y)
     loss = torch.nn.functional.cross_entropy(logits, split.y).item()
     probs = torch.softmax(logits, dim=1)
-    accuracy = (probs.argmax(1) == split.y).float().mean().item()
-    return {"loss": loss, "accuracy": accuracy, "auc": auc(probs, split.y, num_classes)}
+    correct = (probs.argmax(1) == split.y).float()
+    return {"loss": loss, "accuracy": correct.mean().item(), "auc": auc(probs, split.y, num_classes),
+            # one vs rest per class; accuracy per class = the share of its images called that class
+            "auc_per_class": [_one_vs_rest(probs[:, c], split.y == c) for c in range(num_classes)],
+            "accuracy_per_class": [correct[split.y == c].mean().item() if (split.y == c).any() else math.nan
+                                   for c in range(num_classes)]}

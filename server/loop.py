@@ -289,8 +289,9 @@ def server_evaluate(
     model = shape.model(cfg, private)
     model.load_state_dict(arrays.to_torch_state_dict())
     scores = evaluate(model, test, shape.num_classes)
-    if "dice_per_label" in scores:  # one column: "0.91;0.78" (labels 1, 2, ...)
-        scores["dice_per_label"] = ";".join(f"{v:.4f}" for v in scores["dice_per_label"])
+    for key, value in scores.items():  # per class/label lists: one column, "0.91;0.78"
+        if isinstance(value, list):
+            scores[key] = ";".join(f"{v:.4f}" for v in value)
     return scores
 
 

@@ -108,8 +108,8 @@ def write_report(run_dir: Path) -> Path:
             "bytes_from_site"]
     if any(r.get(f"ft_val_{key}") is not None for r in rows):  # fine-tuning evaluation was on
         cols[cols.index("val_accuracy") + 1:cols.index("val_accuracy") + 1] = [f"ft_val_{key}", "ft_val_accuracy"]
-    if key == "dice":
-        cols.insert(cols.index("test_dice") + 1, "test_dice_per_label")
+    per_class = ["test_dice_per_label"] if key == "dice" else ["test_auc_per_class", "test_accuracy_per_class"]
+    cols[cols.index(f"test_{key}") + 1:cols.index(f"test_{key}") + 1] = per_class
     lines += [f"## Final round ({last})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows if r["round"] == last]
     name = _score(rows)[1]

@@ -119,6 +119,8 @@ def test_multiclass_rgb_npz_end_to_end(tmp_path):
     assert "rotate_deg: 20.0" in (run_dir / "config.yaml").read_text()
     final = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["site"] == "global"][-1]
     assert final["test_auc"] > 0.9 and final["test_accuracy"] > 0.6, final
+    per_class = [float(v) for v in final["test_auc_per_class"].split(";")]  # one vs rest, per colour
+    assert len(per_class) == 3 and min(per_class) > 0.8 and len(final["test_accuracy_per_class"].split(";")) == 3
 
 
 def test_multilabel_npz_end_to_end(tmp_path):
@@ -133,6 +135,7 @@ def test_multilabel_npz_end_to_end(tmp_path):
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     final = [r for r in rows if r["site"] == "global"][-1]
     assert float(final["test_auc"]) > 0.78, final  # measured 0.839
+    assert len(final["test_auc_per_class"].split(";")) == 2, "AUC per finding"
     assert {r["site"] for r in rows if r["round"] == "3" and r["status"] == "ok"} == {"nanning", "hanoi", "bangkok"}
     dist = json.loads((run_dir / "data_distribution.json").read_text())
     assert all(len(d["train"]) == 2 for d in dist.values())  # images with each finding, per site
