@@ -17,8 +17,6 @@ from processes import live_processes
 
 from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
 
-pytestmark = pytest.mark.xdist_group("deployment")  # one worker: the module fixture runs once
-
 APPROVED, UNAPPROVED = ["site-a", "site-b", "site-c"], "site-d"
 
 

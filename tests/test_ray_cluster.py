@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 from processes import live_processes
 
-pytestmark = pytest.mark.xdist_group("ray-cluster")  # one worker: the module fixture runs once
-
 
 def _free_port() -> int:
     with socket.socket() as s:

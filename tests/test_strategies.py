@@ -70,14 +70,12 @@ def _attacker_status(rows):
     return {r["status"] for r in rows if r["site"] == "nanning" and r["round"] != "0"}
 
 
-@pytest.mark.xdist_group("clean-auc")  # shares the module fixture clean_auc
 def test_fedavg_without_validation_degrades_under_a_scaled_update(tmp_path, clean_auc):
     auc, rows = _run(tmp_path, "open", poison="scaled", **{"strategy.validation.enabled": False})
     assert auc < clean_auc - 0.1, (auc, clean_auc)  # documented: plain FedAvg has no defence
     assert _attacker_status(rows) == {"ok"}
 
 
-@pytest.mark.xdist_group("clean-auc")  # shares the module fixture clean_auc
 def test_update_validation_rejects_a_scaled_and_a_nan_update(tmp_path, clean_auc):
     auc, rows = _run(tmp_path, "validated", poison="scaled", nan_site=1)
     assert _attacker_status(rows) == {"rejected:norm"}
@@ -87,7 +85,6 @@ def test_update_validation_rejects_a_scaled_and_a_nan_update(tmp_path, clean_auc
         assert r["status"] == "3 trained, 0 refused, 2 rejected"
 
 
-@pytest.mark.xdist_group("clean-auc")
 @pytest.mark.parametrize("strategy", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
 def test_robust_strategies_withstand_a_flipped_scaled_update_without_validation(tmp_path, clean_auc, strategy):
     sets = {"strategy.name": strategy, "strategy.validation.enabled": False, "strategy.num_malicious": 1}
