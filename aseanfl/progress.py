@@ -7,7 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 from rich.table import Table
 
 from server.loop import Progress
-from server.outputs import is_segmentation
+from server.outputs import score_of
 
 
 def _f(value) -> str:
@@ -35,7 +35,7 @@ class RichProgress(Progress):
 
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
         table = Table(title=f"Round {rnd}/{total}", title_justify="left", show_edge=False)
-        score, name = ("dice", "Dice") if is_segmentation(rows) else ("auc", "AUC")
+        score, name = score_of(rows)
         for col in ("site", "status", "epsilon", "train loss", "val loss", f"val {name}", f"test {name}", "examples", "bytes out"):
             table.add_column(col, justify="left" if col == "site" else "right")
         for r in rows:

@@ -33,7 +33,7 @@ from strategies.config import UpdateValidation
 from strategies.factory import build_secure_workflow, build_strategy, client_clipping, weighted_mean
 
 from .config import RunConfig
-from .outputs import RunRecorder, is_segmentation
+from .outputs import RunRecorder, score_of
 from .secure import secure_train
 
 log = logging.getLogger("aseanfl")
@@ -59,8 +59,9 @@ class Progress:
 
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
         for row in rows:
-            scores = ("val_dice", "test_dice") if is_segmentation([row]) else ("val_auc", "test_auc")
-            log.info("round %d %-14s %s=%s %s=%s", rnd, row["site"], scores[0], row.get(scores[0]), scores[1], row.get(scores[1]))
+            key = score_of([row])[0]
+            log.info("round %d %-14s val_%s=%s test_%s=%s", rnd, row["site"], key, row.get(f"val_{key}"), key,
+                     row.get(f"test_{key}"))
 
     def problem(self, text: str) -> None:
         log.warning(text)

@@ -51,9 +51,11 @@ class RunRecorder:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def is_segmentation(rows: list[dict]) -> bool:
-    """Rows of a segmentation run (they carry Dice where classification rows carry AUC)."""
-    return any(r.get(k) is not None for r in rows for k in ("val_dice", "test_dice"))
+def score_of(rows: list[dict]) -> tuple[str, str]:
+    """(column suffix, name) of the rows' score: Dice for a segmentation run (its rows carry
+    Dice where classification rows carry AUC), else AUC."""
+    segmentation = any(r.get(k) is not None for r in rows for k in ("val_dice", "test_dice"))
+    return ("dice", "Dice") if segmentation else ("auc", "AUC")
 
 
 def read_rows(run_dir: Path) -> list[dict]:

@@ -10,17 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .outputs import is_segmentation, read_rows  # noqa: E402
+from .outputs import read_rows, score_of as _score  # noqa: E402
 
 
 def _series(rows: list[dict], site: str, key: str) -> tuple[list[int], list[float]]:
     pts = [(r["round"], r[key]) for r in rows if r["site"] == site and r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _score(rows: list[dict]) -> tuple[str, str]:
-    """(column suffix, name) of the run's score: Dice for segmentation, else AUC."""
-    return ("dice", "Dice") if is_segmentation(rows) else ("auc", "AUC")
 
 
 def _plot_global(rows: list[dict], path: Path) -> None:
