@@ -93,7 +93,7 @@ def approve(
     note: str = typer.Option("", help="why / who approved it"),
 ) -> None:
     """Add an app bundle to this hospital's allow-list (the daemon runs nothing else)."""
-    from client.gate import approve as add, fab_hash
+    from aseanfl.allowlist import approve as add, fab_hash
 
     site = load_site(config)
     if sum(x is not None for x in (sha256, fab, app_dir)) != 1:
@@ -106,7 +106,7 @@ def approve(
 
         sha256 = app_hash(app_dir)
     try:
-        new = add(site.approved_apps, sha256, note)
+        new = add(site.approved_apps, sha256, note, f"hospital {site.site}")
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -25,23 +25,45 @@ def _federation(path: Path):
 
 def provision(
     federation: str = typer.Option(..., "--federation", help="federation name, e.g. asean-cxr"),
-    sites: str = typer.Option(..., help="comma-separated hospital ids (new ones are added, existing kept)"),
+    sites: str = typer.Option("", help="comma-separated hospital ids (new ones are added, existing kept)"),
     out: Path = typer.Option(Path("federation"), "--out", "-o", help="the federation folder"),
-    address: str = typer.Option("127.0.0.1:9092", help="host:port the hospitals reach the SuperLink at"),
+    address: str = typer.Option("127.0.0.1:9092", help="host:port the hospitals reach the server's front at"),
     host: list[str] = typer.Option([], help="more names/IPs for the server certificate"),
+    ca_dir: Optional[Path] = typer.Option(None, help="the CA's folder (default: <out>-ca); keep it off the server"),
+    local_port: Optional[int] = typer.Option(None, help="the SuperLink's loopback port (default: the address's port + 1)"),
+    revoke: list[str] = typer.Option([], help="revoke a hospital: its certificate is refused, its node key unregistered"),
 ) -> None:
-    """Create the federation's CA, the server's TLS certificate and a kit per hospital (or add hospitals)."""
-    from server.provision import provision as make
+    """Create the federation's CA, the server's certificate and a kit per hospital (or add hospitals, or revoke one)."""
+    from server.control import app_dir, app_hash, server_allowlist
+    from server.provision import default_ca_dir, provision as make, revoke as cancel
 
+    from .allowlist import approve
+
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    if not names and not revoke:
+        typer.echo("error: give --sites (hospitals to add) or --revoke SITE", err=True)
+        raise typer.Exit(2)
     try:
-        fed, added = make(out, federation, [s.strip() for s in sites.split(",") if s.strip()], address, host)
+        if revoke:
+            for site in revoke:
+                fed = cancel(out, site, ca_dir)
+                typer.echo(f"revoked {site}: its certificate is on {fed.server_dir / 'crl.pem'}; a running server "
+                           "refuses it and unregisters its node key within seconds")
+            if not names:
+                return
+        new = not (out / "federation.json").is_file()
+        fed, added = make(out, federation, names, address, host, ca_dir, local_port)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"federation {fed.name} in {fed.root} (server address {fed.address})")
+    if new:  # the server runs this aseanfl's app; anything else needs `aseanfl server approve`
+        approve(server_allowlist(fed), app_hash(app_dir()), "approved at provisioning", "this server")
+    typer.echo(f"federation {fed.name} in {fed.root}: hospitals reach {fed.address}; "
+               f"the SuperLink listens on {fed.superlink} only")
+    typer.echo(f"CA key: {(ca_dir or default_ca_dir(out)).resolve() / 'ca.key'} (keep it off the server machine)")
     for site in fed.sites():
         state = "new" if site in added else "kept"
-        typer.echo(f"  {site:24s} {state:5s} kit: {fed.site_kit(site)}  (send it to the hospital; keep ca/ca.key here)")
+        typer.echo(f"  {site:24s} {state:5s} kit: {fed.site_kit(site)}  (send it to the hospital)")
 
 
 @server_app.command("start")
@@ -49,7 +71,35 @@ def start(federation_dir: Path = FED_OPTION) -> None:
     """Run the SuperLink (TLS, registered hospitals only, state in server/state.db) in the foreground."""
     from server.control import run_server
 
-    raise typer.Exit(run_server(_federation(federation_dir)))
+    fed = _federation(federation_dir)
+    try:
+        code = run_server(fed)
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+@server_app.command("approve")
+def approve_app(
+    federation_dir: Path = FED_OPTION,
+    sha256: Optional[str] = typer.Option(None, help="a bundle hash (aseanfl app-hash)"),
+    app: Optional[Path] = typer.Option(None, help="or an app source folder (default: this aseanfl)"),
+    note: str = typer.Option("", help="why / who approved it"),
+) -> None:
+    """Add an app bundle to the server's allow-list (its ServerApp runs nothing else)."""
+    from server.control import app_dir, app_hash, server_allowlist
+
+    from .allowlist import approve
+
+    fed = _federation(federation_dir)
+    digest = sha256 or app_hash(app or app_dir())
+    try:
+        new = approve(server_allowlist(fed), digest, note, "this server")
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{'approved' if new else 'already approved'}: {digest} ({server_allowlist(fed)})")
 
 
 @server_app.command("register")
@@ -87,7 +137,11 @@ def run(
         raise typer.Exit(2) from None
     fed = _federation(federation_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_id, final, local = start_run(fed, text, [*set_, *named], app or app_dir(), out)
+    try:
+        run_id, final, local = start_run(fed, text, [*set_, *named], app or app_dir(), out)
+    except (PermissionError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"run {run_id}: {final or 'status unknown'}")
     if local is not None:
         typer.echo(f"results: {local}  (report: {local / 'report.md'})")

@@ -43,6 +43,8 @@ class ConnectionConfig(Strict):
     server: str = Field(pattern=r"^[^:\s]+:\d+$", description="the SuperLink's host:port")
     root_certificates: Path = Field(Path("ca.crt"), description="the federation's CA certificate")
     node_key: Path = Field(Path("node.key"), description="this hospital's private node key (never leaves the site)")
+    client_certificate: Path = Field(Path("client.crt"), description="this hospital's certificate for the server's door (mutual TLS)")
+    client_key: Path = Field(Path("client.key"), description="its private key (never leaves the site)")
     runtime_port: int = Field(9094, ge=1024, le=65535, description="local port between the daemon and its app processes")
 
 
@@ -71,6 +73,7 @@ class SiteConfig(Strict):
         if out.connection is not None:
             c = out.connection
             c.root_certificates, c.node_key = fix(c.root_certificates), fix(c.node_key)
+            c.client_certificate, c.client_key = fix(c.client_certificate), fix(c.client_key)
         return out
 
 

@@ -1,7 +1,11 @@
-"""`aseanfl client start`: the hospital daemon. A Flower SuperNode (TLS to the federation's CA,
-authenticated with the site's node key) plus the gate's SuperExec, which runs each task as an
-`aseanfl-clientapp` process (app approval + audit log). The SuperNode retries the SuperLink
-without limit, so a restarted server finds its hospitals again."""
+"""`aseanfl client start`: the hospital daemon. A Flower SuperNode (mutual TLS to the federation's
+front with the hospital's client certificate, authenticated with the site's node key) plus the
+gate's SuperExec, which runs each task as an `aseanfl-clientapp` process (app approval + audit
+log). Every port they open is on 127.0.0.1. The daemon asks the front's door whether this
+hospital is admitted before it connects, and again every DOOR_CHECK_S while connected: a refusal
+(revoked, or a kit of another federation) is one clear line in its log, and it stops connecting
+until the door admits it again. The SuperNode retries the server without limit, so a restarted
+server finds its hospitals again."""
 
 from __future__ import annotations
 
@@ -14,8 +18,34 @@ import time
 from pathlib import Path
 
 from .config import SiteConfig
-from .gate import SITE_ENV
+from .gate import SITE_ENV, client_tls
 from .site import SITE_CONFIG_KEY
+
+DOOR_CHECK_S = 15.0
+
+
+def door(site: SiteConfig) -> tuple[bool | None, str]:
+    """(admitted, what the front said): True/False, or None where the server cannot be reached."""
+    import http.client
+    import ssl
+
+    host, port = site.connection.server.rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=client_tls(site), timeout=10)
+    try:
+        conn.request("GET", "/aseanfl/door")
+        resp = conn.getresponse()
+        said = resp.read(500).decode(errors="replace").strip()
+    except ssl.SSLError as exc:
+        return False, f"TLS with {site.connection.server} failed: {exc.reason or exc} (a kit of another federation?)"
+    except OSError as exc:
+        return None, f"cannot reach the federation server at {site.connection.server}: {exc.strerror or exc}"
+    finally:
+        conn.close()
+    if resp.status == 200:
+        return True, said
+    if resp.status == 403 and "aseanfl front" in said:
+        return False, said.replace("aseanfl front: ", "").replace("refused: ", "")
+    return False, f"{site.connection.server} is not an aseanfl front (HTTP {resp.status})"
 
 
 def daemon_env(site: SiteConfig, site_path: Path) -> dict[str, str]:
@@ -34,12 +64,18 @@ def supernode_command(site: SiteConfig, site_path: Path) -> list[str]:
     c = site.connection
     if c is None:
         raise ValueError(f"{site_path}: no connection section (server, root_certificates, node_key)")
-    for label, path in (("connection.root_certificates", c.root_certificates), ("connection.node_key", c.node_key)):
+    for label, path in (("connection.root_certificates", c.root_certificates), ("connection.node_key", c.node_key),
+                        ("connection.client_certificate", c.client_certificate), ("connection.client_key", c.client_key)):
         if not path.is_file():
             raise ValueError(f"{site_path}: {label}: file not found: {path}")
+    try:
+        client_tls(site)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{site_path}: connection.client_certificate/client_key: not a usable certificate and key "
+                         f"({exc})") from None
     bin_dir = Path(sys.executable).parent
     return [
-        str(bin_dir / "flower-supernode"), "--superlink", c.server, "--root-certificates", str(c.root_certificates),
+        str(bin_dir / "aseanfl-supernode"), "--superlink", c.server, "--root-certificates", str(c.root_certificates),
         "--auth-supernode-private-key", str(c.node_key), "--isolation", "process",
         "--host", "127.0.0.1", "--port", str(c.runtime_port),
         "--node-config", f'{SITE_CONFIG_KEY}="{site_path}"',
@@ -89,22 +125,45 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    backoff = 2.0
+    backoff, last = 2.0, ""
+
+    def pause(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     while not stopping:
+        admitted, said = door(site)
+        if admitted is not True:
+            if said != last:  # one line per change, not one per retry
+                what = "refused at the federation server's door" if admitted is False else "waiting for the server"
+                log(f"{site.site}: {what}: {said}" + ("; ask the coordinator (revoked hospital, or another "
+                                                       "federation's kit)" if admitted is False else ""))
+                last = said
+            backoff = min(backoff * 2, 60.0)
+            pause(backoff)
+            continue
+        if last:
+            log(f"{site.site}: {said}")
+            last = ""
         started = time.monotonic()
         node = subprocess.Popen(commands, env=env)
         time.sleep(1.0)  # the SuperNode opens its Runtime API before the executor connects
         executor = subprocess.Popen(superexec_command(site), env=env)
+        checked = time.monotonic()
         try:
             while not stopping and node.poll() is None and executor.poll() is None:
                 time.sleep(0.5)
+                if time.monotonic() - checked > DOOR_CHECK_S:
+                    checked = time.monotonic()
+                    if door(site)[0] is False:
+                        break  # revoked while connected: the loop above says so
         finally:
             _stop([executor, node])
         if stopping:
             break
         backoff = 2.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
-        log(f"{site.site}: the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s")
-        deadline = time.monotonic() + backoff
-        while not stopping and time.monotonic() < deadline:
-            time.sleep(0.2)
+        if node.returncode is not None:
+            log(f"{site.site}: the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s")
+        pause(backoff)
     return 0

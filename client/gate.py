@@ -16,14 +16,14 @@ verification, which the open-source SuperLink does not issue; the hash allow-lis
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
+
+from aseanfl.allowlist import approved_hashes, bundle_hash, only_task
 
 from .audit import AuditLog, describe
 from .config import SiteConfig, load_site
@@ -36,38 +36,9 @@ class AppNotApproved(Exception):
     """The run's app bundle is not on this hospital's allow-list."""
 
 
-def approved_hashes(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    items = data.get("approved") or []
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: 'approved' must be a list of entries with a sha256")
-    return {str(e["sha256"]): e for e in items if isinstance(e, dict) and "sha256" in e}
-
-
-def approve(path: Path, sha256: str, note: str = "") -> bool:
-    """Add a bundle hash to the allow-list; False if it was there already."""
-    sha256 = sha256.strip().lower()
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise ValueError(f"{sha256!r} is not a sha256 (64 hex digits)")
-    entries = approved_hashes(path)
-    if sha256 in entries:
-        return False
-    entries[sha256] = {"sha256": sha256, "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": note}
-    path.write_text("# sha256 of the app bundles this hospital runs (aseanfl client approve)\n"
-                    + yaml.safe_dump({"approved": list(entries.values())}, sort_keys=False))
-    return True
-
-
-def fab_hash(path: Path) -> str:
-    """sha256 of a built app bundle (.fab), as Flower computes it."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _gated_install(site: SiteConfig, install):
     def install_if_approved(fab_content: bytes, *args, **kwargs):
-        digest = hashlib.sha256(fab_content).hexdigest()
+        digest = bundle_hash(fab_content)
         try:
             approved = approved_hashes(site.approved_apps) if site.require_approval else {}
         except (OSError, ValueError, yaml.YAMLError) as exc:  # the local log names the file, the reply does not
@@ -106,7 +77,33 @@ def clientapp_main() -> None:
 def superexec_main() -> None:
     """Flower's SuperExec, launching `aseanfl-clientapp` instead of `flwr-clientapp`."""
     from flwr.supercore.cli import flower_superexec
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.constant import TaskType
 
-    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(Path(sys.executable).parent / "aseanfl-clientapp")
+    only_task(TaskType.CLIENT_APP, "aseanfl-clientapp")
     flower_superexec()
+
+
+def client_tls(site: SiteConfig):
+    """TLS to the federation's front: its CA, and this hospital's client certificate."""
+    import ssl
+
+    c = site.connection
+    context = ssl.create_default_context(cafile=str(c.root_certificates))
+    context.load_cert_chain(str(c.client_certificate), str(c.client_key))
+    return context
+
+
+def supernode_main() -> None:
+    """`aseanfl-supernode`: Flower's SuperNode whose Fleet client presents the hospital's client
+    certificate (Flower's own has no option for one)."""
+    from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    context = client_tls(load_site(Path(os.environ[SITE_ENV])))
+
+    def from_server_address(cls, server_address, insecure, root_certificates, interceptors, *, retry_invoker=None):
+        del insecure, root_certificates  # always TLS, with the kit's CA and client certificate
+        return cls(f"https://{server_address}", interceptors=interceptors, verify=context, retry_invoker=retry_invoker)
+
+    FleetHttpClient.from_server_address = classmethod(from_server_address)
+    flower_supernode()

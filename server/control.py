@@ -1,6 +1,7 @@
-"""The coordinator's side of a deployment: the SuperLink process, hospital registration, starting
-runs and reading status through Flower's Control API (the `flwr` CLI, with its connection kept
-in the federation folder, never in the repository's pyproject.toml)."""
+"""The coordinator's side of a deployment: the SuperLink (loopback only), its executor (approved
+ServerApps only), the public front (nginx, mutual TLS, Fleet API only), hospital registration and
+revocation, starting runs and reading status through Flower's Control API over loopback (the
+`flwr` CLI, with its connection kept in the federation folder, never in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def flwr_env(fed: Federation) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
         "default": fed.name,
-        fed.name: {"address": fed.address, "root-certificates": str(fed.ca_cert)},
+        fed.name: {"address": fed.superlink, "root-certificates": str(fed.server_dir / "ca.crt")},
     }}))
     return {
         **os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
@@ -95,14 +96,24 @@ def flwr_env(fed: Federation) -> dict[str, str]:
 
 
 def superlink_command(fed: Federation) -> list[str]:
+    """The SuperLink on loopback only: its one port serves Fleet, Control and Runtime APIs, and
+    the Control API has no authentication in open-source Flower. The front is the public door."""
     s = fed.server_dir
-    host, port = fed.address.rsplit(":", 1)
+    host, port = fed.superlink.rsplit(":", 1)
     return [
         str(_BIN / "flower-superlink"), "--ssl-ca-certfile", str(s / "ca.crt"), "--ssl-certfile", str(s / "server.crt"),
         "--ssl-keyfile", str(s / "server.key"), "--database", str(s / "state.db"), "--enable-supernode-auth",
-        "--disable-runtime-dependency-installation", "--host", "0.0.0.0" if host not in ("127.0.0.1", "localhost") else host,
-        "--port", port,
+        "--disable-runtime-dependency-installation", "--isolation", "process", "--host", host, "--port", port,
     ]
+
+
+def serverexec_command(fed: Federation) -> list[str]:
+    return [str(_BIN / "aseanfl-serverexec"), "--runtime-api-address", fed.superlink,
+            "--root-certificates", str(fed.server_dir / "ca.crt"), "--parent-pid", str(os.getpid())]
+
+
+def server_allowlist(fed: Federation) -> Path:
+    return fed.server_dir / "approved-apps.yaml"
 
 
 def flwr(fed: Federation, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -121,18 +132,25 @@ def wait_ready(fed: Federation, timeout: float = 60, proc: subprocess.Popen | No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited with code {proc.returncode} (is {fed.address} already in use?)")
+            raise RuntimeError(f"the SuperLink exited with code {proc.returncode} (is {fed.superlink} already in use?)")
         if _json(flwr(fed, "supernode", "list", fed.name, "--format", "json")).get("success"):
             return
         time.sleep(1)
-    raise TimeoutError(f"the SuperLink at {fed.address} did not answer within {timeout:g} s")
+    raise TimeoutError(f"the SuperLink at {fed.superlink} did not answer within {timeout:g} s")
 
 
 def register_sites(fed: Federation) -> dict[str, str]:
-    """Register every provisioned hospital key the SuperLink does not know yet; site -> node id.
-    Kept in server/registered.json (cleared when the state database is new)."""
+    """Register every provisioned hospital key the SuperLink does not know yet, and unregister
+    revoked ones; site -> node id. Kept in server/registered.json (cleared when the state
+    database is new)."""
     path = fed.server_dir / "registered.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
+    for site in [s for s in known if s in fed.revoked]:
+        res = _json(flwr(fed, "supernode", "unregister", known[site], fed.name, "--format", "json"))
+        if not res.get("success") and "not found" not in str(res.get("error-message", "")).lower():
+            raise RuntimeError(f"unregistering revoked {site}: {res.get('error-message', res)}")
+        del known[site]
+        path.write_text(json.dumps(known, indent=1) + "\n")
     for site in fed.sites():
         if site in known:
             continue
@@ -152,21 +170,58 @@ def _say(line: str) -> None:
     print(line, flush=True)  # a log file or journald sees it at once
 
 
+def _stamp(fed: Federation) -> tuple:
+    """Changes when a hospital is revoked (federation.json and the CRL)."""
+    return tuple(p.stat().st_mtime_ns if p.exists() else 0
+                 for p in (fed.root / "federation.json", fed.server_dir / "crl.pem"))
+
+
+def check_ca_key_away(fed: Federation) -> None:
+    """The CA key must not be in the folder the server serves from (the ServerApp runs there)."""
+    for path in (fed.root / "ca.key", fed.root / "ca" / "ca.key", fed.server_dir / "ca.key"):
+        if path.exists():
+            raise RuntimeError(f"{path}: the federation's CA key is in the server's folder; anyone who runs code as "
+                               "the server could issue hospital certificates. Keep it where provisioning runs "
+                               "(docs/security.md)")
+
+
 def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
-    """`aseanfl server start`: SuperLink in the foreground, hospitals registered once it answers."""
+    """`aseanfl server start`: the SuperLink on loopback, its executor and the public front, in the
+    foreground; hospitals registered once it answers; revocations applied while it runs."""
+    from . import front
+
+    check_ca_key_away(fed)
+    front.nginx_binary()  # fail before anything starts
     if not (fed.server_dir / "state.db").exists():
         (fed.server_dir / "registered.json").unlink(missing_ok=True)
-    proc = subprocess.Popen(superlink_command(fed), env=flwr_env(fed))
-    signal.signal(signal.SIGTERM, _exit)  # systemd's stop: take the SuperLink down with us
+    env = {**flwr_env(fed), "ASEANFL_SERVER_APPROVED": str(server_allowlist(fed))}
+    procs: dict[str, subprocess.Popen] = {"SuperLink": subprocess.Popen(superlink_command(fed), env=env)}
+    signal.signal(signal.SIGTERM, _exit)  # systemd's stop: take the children down with us
     try:
-        wait_ready(fed, proc=proc)
+        wait_ready(fed, proc=procs["SuperLink"])
+        procs["executor"] = subprocess.Popen(serverexec_command(fed), env=env)
         for site, node in register_sites(fed).items():
             log(f"registered {site}: node {node}")
-        log(f"SuperLink for {fed.name} on {fed.address} (TLS, registered hospitals only); Ctrl-C stops it")
-        return proc.wait()
+        procs["front"] = front.start(fed)
+        log(f"SuperLink for {fed.name}: public front on {fed.listen} (mutual TLS, Fleet API only), "
+            f"SuperLink on {fed.superlink} (loopback); registered hospitals only; Ctrl-C stops it")
+        stamp = _stamp(fed)
+        while True:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    log(f"error: the {name} exited (code {proc.returncode}); stopping the server")
+                    return 1
+            if _stamp(fed) != stamp:
+                stamp = _stamp(fed)
+                front.reload(procs["front"])
+                register_sites(fed)
+                log(f"revoked: {', '.join(sorted(fed.revoked)) or 'none'}; front reloaded, node keys unregistered")
+            time.sleep(1.0)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
+        for proc in reversed(list(procs.values())):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -188,6 +243,12 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
               echo: Callable[[str], None] = print, timeout: float = 3600) -> tuple[int, str, Path | None]:
     """Submit the run, stream its log until it ends, copy its folder to `out`.
     Returns (run id, final status, local run folder or None)."""
+    from aseanfl.allowlist import approved_hashes
+
+    digest = app_hash(app)
+    if digest not in approved_hashes(server_allowlist(fed)):
+        raise PermissionError(f"app bundle sha256 {digest} ({app}) is not approved on this server; review the change, "
+                              "then `aseanfl server approve`")
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file = Path(tmp) / "run.toml"
         cfg_file.write_text(tomli_w.dumps({"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}))
@@ -199,7 +260,7 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
         for line in proc.stdout:
             if run_id is None and (m := re.search(r"started run (\d+)", line)):
                 run_id = int(m.group(1))
-            if "aseanfl:" in line or "ERROR" in line or "started run" in line:
+            if "aseanfl:" in line or "ERROR" in line or "started run" in line or "refused" in line:
                 echo(line.rstrip())
             if time.monotonic() > deadline:
                 proc.kill()

@@ -1,5 +1,14 @@
-"""Federation provisioning: a CA, the SuperLink's TLS certificate, one node key pair per hospital
-and a kit per hospital (its private key, the CA certificate, the server address, a site.yaml).
+"""Federation provisioning: a CA, the server's TLS certificate, and per hospital a node key pair
+(Flower's SuperNode authentication) and a client certificate (mutual TLS at the server's front).
+
+Layout (`aseanfl provision --out federation`):
+  federation-ca/ca.key, ca.crt   the CA: only provisioning needs it; never on the server machine
+                                 in production (offline CA: docs/security.md)
+  federation/federation.json     name, public address, the SuperLink's loopback address, revoked sites
+  federation/ca.crt              the CA certificate (public)
+  federation/server/             what the server machine needs: server.crt/key, ca.crt, crl.pem,
+                                 approved-apps.yaml (app bundles the server runs)
+  federation/sites/<site>/       the kit sent to a hospital
 
 Re-running with more sites adds their kits and leaves every existing key and certificate alone.
 """
@@ -10,16 +19,18 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SITE_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 _VALID = dt.timedelta(days=3 * 365)
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -38,21 +49,39 @@ class Federation:
 
     @property
     def address(self) -> str:
+        """host:port the hospitals connect to (the front)."""
         return self.meta["address"]
 
     @property
+    def superlink(self) -> str:
+        """127.0.0.1:port of the SuperLink itself: loopback only, never public."""
+        return self.meta["superlink"]
+
+    @property
+    def listen(self) -> str:
+        """ip:port the front binds."""
+        return self.meta["listen"]
+
+    @property
     def ca_cert(self) -> Path:
-        return self.root / "ca" / "ca.crt"
+        return self.root / "ca.crt"
 
     @property
     def server_dir(self) -> Path:
         return self.root / "server"
 
+    @property
+    def revoked(self) -> dict[str, dict]:
+        return self.meta.get("revoked", {})
+
     def site_kit(self, site: str) -> Path:
         return self.root / "sites" / site
 
     def sites(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "sites").iterdir() if (p / "node.pub").is_file())
+        """Provisioned hospitals that are not revoked."""
+        revoked = self.revoked
+        return sorted(p.name for p in (self.root / "sites").iterdir()
+                      if (p / "node.pub").is_file() and p.name not in revoked)
 
     def public_key(self, site: str) -> Path:
         return self.site_kit(site) / "node.pub"
@@ -61,7 +90,15 @@ class Federation:
 def load_federation(root: Path) -> Federation:
     if not (root / "federation.json").is_file():
         raise ValueError(f"{root}: not a provisioned federation folder (no federation.json); run `aseanfl provision`")
-    return Federation(root.resolve())
+    fed = Federation(root.resolve())
+    if "superlink" not in fed.meta:
+        raise ValueError(f"{root}: provisioned by an older aseanfl (no front, no client certificates); "
+                         "provision the federation again")
+    return fed
+
+
+def default_ca_dir(out: Path) -> Path:
+    return out.resolve().parent / f"{out.resolve().name}-ca"
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -71,11 +108,28 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, ca: bool, hosts: list[str] = ()) -> x509.Certificate:
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _usage(ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
+                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                         encipher_only=False, decipher_only=False)
+
+
+def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, ca: bool, hosts: list[str] = (),
+          client: bool = False) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
     builder = (
         x509.CertificateBuilder()
@@ -86,13 +140,11 @@ def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, ca: bool, hosts
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + _VALID)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(_usage(ca), critical=True)
     )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False), critical=True)
-    else:
+    if client:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    elif not ca:
         names: list[x509.GeneralName] = []
         for host in hosts:
             try:
@@ -100,26 +152,45 @@ def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, ca: bool, hosts
             except ValueError:
                 names.append(x509.DNSName(host))
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        builder = builder.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _new_ca(root: Path, name: str) -> None:
-    key = ec.generate_private_key(ec.SECP384R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"aseanfl {name} CA")])
-    cert = _cert(f"aseanfl {name} CA", key, subject, key, ca=True)
-    _write_private(root / "ca" / "ca.key", _pem_key(key))
-    (root / "ca" / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+class _CA:
+    """The federation's CA, read from its folder (only where provisioning runs)."""
 
+    def __init__(self, folder: Path):
+        key_path = folder / "ca.key"
+        if not key_path.is_file():
+            raise ValueError(f"{key_path}: the federation's CA key is not here (pass --ca-dir where it is kept)")
+        self.folder = folder
+        self.key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        self.cert = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
 
-def _server_cert(root: Path, hosts: list[str]) -> None:
-    ca_key = serialization.load_pem_private_key((root / "ca" / "ca.key").read_bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate((root / "ca" / "ca.crt").read_bytes())
-    key = ec.generate_private_key(ec.SECP384R1())
-    cert = _cert(hosts[0], key, ca_cert.subject, ca_key, ca=False, hosts=hosts)
-    _write_private(root / "server" / "server.key", _pem_key(key))
-    (root / "server" / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (root / "server" / "ca.crt").write_bytes((root / "ca" / "ca.crt").read_bytes())
+    @classmethod
+    def create(cls, folder: Path, name: str) -> "_CA":
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        key = ec.generate_private_key(ec.SECP384R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"aseanfl {name} CA")])
+        _write_private(folder / "ca.key", _pem_key(key))
+        (folder / "ca.crt").write_bytes(_pem(_cert(f"aseanfl {name} CA", key, subject, key, ca=True)))
+        return cls(folder)
+
+    def issue(self, subject: str, hosts: list[str] = (), client: bool = False) -> tuple[bytes, bytes, int]:
+        """(certificate PEM, private key PEM, serial)."""
+        key = ec.generate_private_key(ec.SECP384R1())
+        cert = _cert(subject, key, self.cert.subject, self.key, ca=False, hosts=hosts, client=client)
+        return _pem(cert), _pem_key(key), cert.serial_number
+
+    def crl(self, serials: list[int]) -> bytes:
+        now = dt.datetime.now(dt.timezone.utc)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(now - dt.timedelta(minutes=5)).next_update(now + _VALID))
+        for serial in serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def site_yaml(site: str, address: str) -> str:
@@ -131,6 +202,8 @@ def site_yaml(site: str, address: str) -> str:
         f"  server: {address}\n"
         "  root_certificates: ca.crt\n"
         "  node_key: node.key\n"
+        "  client_certificate: client.crt     # proves this hospital at the server's door (mutual TLS)\n"
+        "  client_key: client.key\n"
         "data:\n"
         "  root: /path/to/pacs-export        # a folder per class, or a CSV manifest (path,label[,split])\n"
         "  # manifest: /path/to/labels.csv\n"
@@ -144,13 +217,22 @@ def site_yaml(site: str, address: str) -> str:
     )
 
 
-def _new_site(fed: Federation, site: str) -> None:
+def _client_cert(fed: Federation, ca: _CA, site: str) -> None:
+    cert, key, _ = ca.issue(site, client=True)
+    kit = fed.site_kit(site)
+    (kit / "client.key").unlink(missing_ok=True)
+    _write_private(kit / "client.key", key)
+    _write_atomic(kit / "client.crt", cert)
+
+
+def _new_site(fed: Federation, ca: _CA, site: str) -> None:
     kit = fed.site_kit(site)
     key = ec.generate_private_key(ec.SECP384R1())  # Flower's SuperNode auth: a NIST EC key in OpenSSH format
     _write_private(kit / "node.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                        serialization.NoEncryption()))
     (kit / "node.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                  serialization.PublicFormat.OpenSSH) + b"\n")
+    _client_cert(fed, ca, site)
     (kit / "ca.crt").write_bytes(fed.ca_cert.read_bytes())
     (kit / "server-address").write_text(fed.address + "\n")
     (kit / "site.yaml").write_text(site_yaml(site, fed.address))
@@ -158,28 +240,77 @@ def _new_site(fed: Federation, site: str) -> None:
                                            "approved: []\n")
 
 
-def provision(root: Path, name: str, sites: list[str], address: str = "127.0.0.1:9092",
-              hosts: list[str] | None = None) -> tuple[Federation, list[str]]:
-    """Create (or extend) the federation folder; returns it and the sites added now."""
-    import re
+def _listen(address: str) -> str:
+    """Where the front binds: a loopback address itself (testing on one machine), else every interface."""
+    host, port = address.rsplit(":", 1)
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return address
+    except ValueError:
+        if host == "localhost":
+            return f"127.0.0.1:{port}"
+    return f"0.0.0.0:{port}"
 
+
+def provision(root: Path, name: str, sites: list[str], address: str = "127.0.0.1:9092",
+              hosts: list[str] | None = None, ca_dir: Path | None = None,
+              local_port: int | None = None) -> tuple[Federation, list[str]]:
+    """Create (or extend) the federation folder; returns it and the sites added now."""
     for site in sites:
         if not re.match(SITE_PATTERN, site):
             raise ValueError(f"site id {site!r}: use lower-case letters, digits and '-' (e.g. 'hanoi-bach-mai')")
+    if not re.match(r"^[^:\s]+:\d+$", address):
+        raise ValueError(f"--address {address!r}: expected host:port")
+    ca_dir = (ca_dir or default_ca_dir(root)).resolve()
+    if ca_dir == root.resolve() or root.resolve() in ca_dir.parents:
+        raise ValueError(f"--ca-dir {ca_dir}: the CA must live outside the federation folder the server uses")
     if (root / "federation.json").is_file():
         fed = load_federation(root)
         if fed.name != name:
             raise ValueError(f"{root} holds federation {fed.name!r}, not {name!r}")
+        ca = _CA(ca_dir)
     else:
+        if (ca_dir / "ca.key").exists():
+            raise ValueError(f"{ca_dir} already holds a CA key; pass another --ca-dir or --out")
         root.mkdir(parents=True, exist_ok=True)
-        host = address.rsplit(":", 1)[0]
-        hosts = list(dict.fromkeys([host, *(hosts or []), "localhost", "127.0.0.1"]))
-        _new_ca(root, name)
-        _server_cert(root, hosts)
+        host, port = address.rsplit(":", 1)
+        hosts = list(dict.fromkeys([host, *(hosts or []), *_LOOPBACK[:2]]))
+        ca = _CA.create(ca_dir, name)
+        (root / "ca.crt").write_bytes(_pem(ca.cert))
+        cert, key, _ = ca.issue(hosts[0], hosts=hosts)  # the front and the loopback SuperLink both present it
+        server = root / "server"
+        _write_private(server / "server.key", key)
+        (server / "server.crt").write_bytes(cert)
+        (server / "ca.crt").write_bytes(_pem(ca.cert))
+        _write_atomic(server / "crl.pem", ca.crl([]))
         (root / "sites").mkdir(exist_ok=True)
-        (root / "federation.json").write_text(json.dumps({"name": name, "address": address, "hosts": hosts}, indent=1) + "\n")
+        meta = {"name": name, "address": address, "hosts": hosts, "listen": _listen(address),
+                "superlink": f"127.0.0.1:{local_port or int(port) + 1}", "revoked": {}}
+        (root / "federation.json").write_text(json.dumps(meta, indent=1) + "\n")
         fed = load_federation(root)
+    revoked = [s for s in sites if s in fed.revoked]
+    if revoked:
+        raise ValueError(f"{', '.join(revoked)}: revoked; provision the hospital under a new id")
     added = [s for s in sites if not fed.public_key(s).is_file()]
     for site in added:
-        _new_site(fed, site)
+        _new_site(fed, ca, site)
     return fed, added
+
+
+def revoke(root: Path, site: str, ca_dir: Path | None = None) -> Federation:
+    """Revoke a hospital: its client certificate goes on the CRL (server/crl.pem) and the site is
+    marked revoked (a running `aseanfl server start` reloads the front and unregisters its node key)."""
+    fed = load_federation(root)
+    cert_path = fed.site_kit(site) / "client.crt"
+    if site in fed.revoked:
+        raise ValueError(f"{site}: already revoked")
+    if not cert_path.is_file():
+        raise ValueError(f"{site}: not a hospital of federation {fed.name} (known: {', '.join(fed.sites()) or 'none'})")
+    ca = _CA((ca_dir or default_ca_dir(root)).resolve())
+    serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+    meta = fed.meta
+    meta.setdefault("revoked", {})[site] = {"serial": str(serial),
+                                            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    _write_atomic(fed.server_dir / "crl.pem", ca.crl([int(v["serial"]) for v in meta["revoked"].values()]))
+    _write_atomic(root / "federation.json", (json.dumps(meta, indent=1) + "\n").encode())
+    return fed

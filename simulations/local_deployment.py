@@ -33,24 +33,30 @@ def aseanfl(*args: str, timeout: float = 120, cwd: Path | None = None) -> subpro
 
 
 def write_pngs(root: Path, index: int, samples: int = 90, seed: int = 11) -> None:
-    """A synthetic hospital export: one folder per class of 8-bit PNGs."""
+    """A synthetic hospital export: one folder per class of 8-bit PNGs (the images are floats in
+    [0, 1]: scaled to 0-255, never blank)."""
     (x, y), _ = site_images(index, seed, samples, 10)
-    for j, (img, label) in enumerate(zip(x, y, strict=True)):
+    pixels = np.clip(np.rint(np.asarray(x, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
+    assert pixels.std() > 5, "synthetic hospital images came out blank"
+    for j, (img, label) in enumerate(zip(pixels, y, strict=True)):
         folder = root / ("lesion" if label else "normal")
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(img).squeeze().astype(np.uint8)).save(folder / f"patient-{index}-{j:04d}.png")
+        Image.fromarray(img.squeeze()).save(folder / f"patient-{index}-{j:04d}.png")
 
 
 class LocalDeployment:
-    def __init__(self, root: Path, sites: list[str], name: str = "local"):
+    def __init__(self, root: Path, sites: list[str], name: str = "local", host: str = "127.0.0.1"):
+        """`host`: the front's address (another loopback address, e.g. 127.0.0.2, stands for the
+        server's public interface); the SuperLink itself is on 127.0.0.1 at `local_port`."""
         self.root, self.sites, self.name = root, sites, name
         self.fed = root / "federation"
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = f"{host}:{free_port()}"
+        self.local_port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
 
     def provision(self, sites: list[str] | None = None) -> subprocess.CompletedProcess:
         return aseanfl("provision", "--federation", self.name, "--sites", ",".join(sites or self.sites),
-                       "--out", str(self.fed), "--address", self.address)
+                       "--out", str(self.fed), "--address", self.address, "--local-port", str(self.local_port))
 
     def kit(self, site: str) -> Path:
         return self.fed / "sites" / site
@@ -62,7 +68,7 @@ class LocalDeployment:
         path = self.kit(site) / "site.yaml"
         text = path.read_text().replace("/path/to/pacs-export", str(data))
         text = text.replace("  image_size: 64", f"  image_size: {image_size}")
-        text = text.replace("  node_key: node.key\n", f"  node_key: node.key\n  runtime_port: {free_port()}\n")
+        text = text.replace("  node_key: node.key\n", f"  node_key: node.key\n  runtime_port: {free_port()}\n", 1)
         if not dp:
             text = text.replace("  enabled: true", "  enabled: false")
         path.write_text(text)

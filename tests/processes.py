@@ -16,3 +16,41 @@ def live_processes() -> dict[int, tuple[int, str]]:
             continue
         found[int(entry.name)] = (ppid, cmdline)
     return found
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every live process below it."""
+    table = live_processes()
+    found, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, (ppid, _) in table.items() if ppid == parent and p not in found]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def listening(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the processes `pids` listen on, from /proc."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = str(fd.readlink()) if fd.is_symlink() else ""
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table, width in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = cols[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))  # each 32-bit word is little-endian
+            found.add((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
+    return found

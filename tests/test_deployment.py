@@ -1,29 +1,38 @@
-"""A real deployment on 127.0.0.1: `aseanfl provision`, `aseanfl server start` (SuperLink, TLS,
-node authentication, state database), four `aseanfl client start` daemons (Flower SuperNodes)
-each reading its own folder of PNG files, and `aseanfl run` (Flower's Control API). Three
-hospitals approved the app, one did not; the server is restarted before the run, so the run
-also shows that the daemons reconnect by themselves. Every process is stopped at the end."""
+"""A real deployment on loopback, attacked. `aseanfl provision`, `aseanfl server start` (the
+SuperLink on 127.0.0.1 only, its approved-apps-only executor, and the nginx front on 127.0.0.2,
+which stands for the server's public interface: mutual TLS, Fleet API only), four `aseanfl client
+start` daemons (SuperNodes presenting their client certificates) each reading its own folder of
+PNG files, and `aseanfl run` over loopback. Three hospitals approved the app, one did not; the
+server is restarted before the run, so the run also shows that the daemons reconnect by
+themselves. Then an outsider, a curious hospital and a local user on the server try what they
+should not, and a hospital is revoked. Every process is stopped at the end."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from processes import live_processes
+from attacks import PATHS, flwr_as, marker_app, post
+from PIL import Image
+from processes import descendants, listening, live_processes
 
 from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
 
 APPROVED, UNAPPROVED = ["site-a", "site-b", "site-c"], "site-d"
+REVOKED = "site-c"
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
-    with LocalDeployment(tmp, APPROVED, "asean-test") as dep:
+    with LocalDeployment(tmp, APPROVED, "asean-test", host="127.0.0.2") as dep:
         assert dep.provision().returncode == 0
         # a hospital joining later: provisioning it leaves the others' keys alone
         before = (dep.kit("site-a") / "node.key").read_bytes()
@@ -33,7 +42,8 @@ def deployed(tmp_path_factory):
         app_hash = aseanfl("app-hash").stdout.strip()
         assert len(app_hash) == 64
         for i, site in enumerate([*APPROVED, UNAPPROVED]):
-            dep.prepare_site(site, i, dp=site == "site-a")  # site-a trains with DP-SGD, the others without
+            # site-a trains with DP-SGD, the others without; 300 images each, so a federation can learn
+            dep.prepare_site(site, i, dp=site == "site-a", samples=300)
             if site != UNAPPROVED:
                 assert dep.approve(site, app_hash).returncode == 0
         dep.start_server()
@@ -43,11 +53,16 @@ def deployed(tmp_path_factory):
         dep.stop("server")  # the coordinator restarts its server: the hospitals find it again
         dep.start_server()
         started = time.monotonic()
-        run = dep.run("--rounds", "2", "--set", "task.image_size=32", "--set", "wait_for_sites=4",
-                      "--set", "wait_timeout_s=120", timeout=480)
+        run = dep.run("--rounds", "2", "--set", "task.image_size=32", "--set", "train.local_epochs=5",
+                      "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120", timeout=600)
         seconds = time.monotonic() - started
-        rogue = _rogue_supernode(tmp, dep.fed, dep.address)
-        yield {"fed": dep.fed, "tmp": tmp, "run": run, "seconds": seconds, "rogue": rogue, "hash": app_hash}
+        out = {"fed": dep.fed, "tmp": tmp, "run": run, "seconds": seconds, "hash": app_hash, "dep": dep,
+               "listening": _listening(dep)}
+        out["rogue"] = _rogue_supernode(tmp, dep)
+        out["no_cert"] = _supernode_without_client_certificate(dep)
+        out.update(_attack(dep, tmp, run.stdout))
+        out["revoked"] = _revoke(dep, REVOKED)
+        yield out
     time.sleep(2)
     assert _processes_using(tmp) == [], "processes left running after the deployment test"
 
@@ -57,16 +72,91 @@ def _processes_using(folder: Path) -> list[str]:
     return [cmd for _, cmd in live_processes().values() if str(folder) in cmd]
 
 
-def _rogue_supernode(tmp: Path, fed: Path, address: str) -> subprocess.CompletedProcess:
-    """A node key the coordinator never registered, with the right CA: it must not get in."""
+def _listening(dep: LocalDeployment) -> dict[str, set]:
+    """Listening sockets of the server's process tree and of each hospital daemon's."""
+    return {name: listening(descendants(proc.pid)) for name, proc in dep.procs.items()}
+
+
+def _rogue_supernode(tmp: Path, dep: LocalDeployment) -> subprocess.CompletedProcess:
+    """A node key the coordinator never registered, presented with a valid hospital certificate
+    (site-d's, say a curious hospital's second machine): the door admits it, node auth does not."""
     from server.provision import provision
 
-    other, _ = provision(tmp / "rogue", "rogue", ["intruder"], address)
+    other, _ = provision(tmp / "rogue", "rogue", ["intruder"], dep.address)
+    env = {**os.environ, "ASEANFL_SITE_CONFIG": str(dep.kit(UNAPPROVED) / "site.yaml")}
     return subprocess.run(
-        [str(BIN / "flower-supernode"), "--superlink", address, "--root-certificates", str(fed / "ca" / "ca.crt"),
+        [str(BIN / "aseanfl-supernode"), "--superlink", dep.address, "--root-certificates", str(dep.fed / "ca.crt"),
          "--auth-supernode-private-key", str(other.site_kit("intruder") / "node.key"), "--max-retries", "1",
          "--isolation", "process", "--port", str(free_port())],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, env=env)
+
+
+def _supernode_without_client_certificate(dep: LocalDeployment) -> str:
+    """Flower's own SuperNode with a registered hospital key but no client certificate; what it
+    said within 30 s (after the refusal it stays up, retrying nothing)."""
+    cmd = [str(BIN / "flower-supernode"), "--superlink", dep.address, "--root-certificates", str(dep.fed / "ca.crt"),
+           "--auth-supernode-private-key", str(dep.kit(UNAPPROVED) / "node.key"), "--max-retries", "1",
+           "--isolation", "process", "--port", str(free_port())]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        return res.stdout + res.stderr
+    except subprocess.TimeoutExpired as exc:
+        return b"".join(x or b"" for x in (exc.stdout, exc.stderr)).decode(errors="replace")
+
+
+def _attack(dep: LocalDeployment, tmp: Path, run_log: str) -> dict:
+    """The outsider (with the CA certificate every kit holds, and with none), the curious hospital
+    (a valid client certificate) and a local user on the server (loopback) try to take over."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    marker = tmp / "takeover-ran"
+    app = marker_app(tmp / "takeover", marker)
+    run_id = re.search(r"run (\d+):", run_log).group(1) if re.search(r"run (\d+):", run_log) else "1"
+    nodes = json.loads((dep.fed / "server" / "registered.json").read_text())
+    intruder_pub = tmp / "rogue" / "sites" / "intruder" / "node.pub"
+    ca, home = dep.fed / "ca.crt", tmp / "outsider"
+    outsider = {
+        "list runs": ["ls", "target", "--format", "json"],
+        "start a run": ["run", str(app), "target", "--format", "json"],
+        "stop a run": ["stop", run_id, "target", "--format", "json"],
+        "read a run's log": ["log", run_id, "target", "--show"],
+        "register a node": ["supernode", "register", str(intruder_pub), "target", "--format", "json"],
+        "unregister a hospital": ["supernode", "unregister", nodes["site-b"], "target", "--format", "json"],
+        "list hospitals": ["supernode", "ls", "target", "--format", "json"],
+    }
+    out = {"outsider": {what: flwr_as(home, dep.address, ca, *args) for what, args in outsider.items()}}
+    site = dep.kit("site-a")
+    body = ListRunsRequest().SerializeToString()
+    out["http"] = {(who, path): post(dep.address, path, **how, body=body) for path in PATHS for who, how in (
+        ("no certificate, no server check", {"ca": False}),
+        ("CA certificate only", {"ca": ca}),
+        ("hospital certificate", {"ca": ca, "cert": (site / "client.crt", site / "client.key")}))}
+    # the same request on the SuperLink's own (loopback) port is answered: the refused paths are real
+    out["loopback list-runs"] = post(f"127.0.0.1:{dep.local_port}", "/v1/control/list-runs",
+                                     ca=dep.fed / "server" / "ca.crt", body=body)
+    # a local user on the server machine reaches the loopback Control API and submits the bundle
+    local = flwr_as(tmp / "local-user", f"127.0.0.1:{dep.local_port}", dep.fed / "server" / "ca.crt",
+                    "run", str(app), "target", "--stream", timeout=180)
+    local_id = re.search(r"started run (\d+)", local.stdout)
+    status = flwr_as(tmp / "local-user", f"127.0.0.1:{dep.local_port}", dep.fed / "server" / "ca.crt",
+                     "ls", "target", "--run-id", local_id.group(1) if local_id else "0", "--format", "json")
+    out["local user"] = {"run": local, "status": status}
+    out["aseanfl run unapproved"] = dep.run("--app", str(app), "--rounds", "1", timeout=120)
+    out["marker"] = marker.exists()
+    return out
+
+
+def _revoke(dep: LocalDeployment, site: str, timeout: float = 90) -> dict:
+    """`aseanfl provision --revoke` while everything runs; the hospital's daemon must say why it is out."""
+    res = aseanfl("provision", "--federation", "asean-test", "--out", str(dep.fed), "--revoke", site)
+    log = dep.root / f"{site}.log"
+    deadline = time.monotonic() + timeout
+    while "certificate revoked" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(1)
+    kit = dep.kit(site)
+    door = post(dep.address, "/aseanfl/door", ca=dep.fed / "ca.crt", cert=(kit / "client.crt", kit / "client.key"))
+    return {"provision": res, "log": log.read_text(errors="replace"), "door": door,
+            "status": aseanfl("status", "-f", str(dep.fed)).stdout}
 
 
 def _rows(results: Path) -> list[dict]:
@@ -75,7 +165,7 @@ def _rows(results: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_two_rounds_complete_and_results_download(deployed):
+def test_two_rounds_complete_and_the_federation_learns(deployed):
     run = deployed["run"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "finished:completed" in run.stdout
@@ -86,9 +176,81 @@ def test_two_rounds_complete_and_results_download(deployed):
     for rnd in ("1", "2"):
         ok = {r["site"] for r in rows if r["round"] == rnd and r["status"] == "ok" and r["val_auc"]}
         assert ok == set(APPROVED), (rnd, ok)
+    # the inputs are real images (not blank), and the deployed federation learns from them
+    for site in APPROVED:
+        pixels = np.stack([np.asarray(Image.open(p)) for p in sorted((deployed["tmp"] / "pacs" / site).glob("*/*.png"))[:20]])
+        assert pixels.std() > 10, f"{site}'s PNG files are blank"
+    auc = {r["round"]: float(r["val_auc"]) for r in rows if r["site"] == "global"}
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"deployed: {len(summary['round_seconds'])} rounds, round seconds {summary['round_seconds']}, "
+    print(f"deployed: federated val AUC by round {auc}; round seconds {summary['round_seconds']}, "
           f"whole run incl. waiting {deployed['seconds']:.1f} s")
+    assert auc["2"] > 0.65, auc  # chance is 0.5 (blank images gave exactly 0.5)
+
+
+def test_outsider_can_do_nothing_on_the_public_address(deployed):
+    for what, res in deployed["outsider"].items():
+        said = res.stdout + res.stderr
+        assert "403 Forbidden" in said and '"success": true' not in said, (what, said[-800:])
+    for (who, path), resp in deployed["http"].items():
+        if who == "hospital certificate" and path == "/aseanfl/door":  # the certificate was presented and is good
+            assert resp.status_code == 200 and "admitted CN=site-a" in resp.text, resp.text
+            continue
+        assert resp.status_code == 403 and resp.text.startswith("aseanfl front: refused"), (who, path, resp.text[:200])
+        if who == "hospital certificate":
+            assert "only the Fleet API" in resp.text, (path, resp.text)
+    assert deployed["loopback list-runs"].status_code == 200  # the refused paths are real ones
+    assert not deployed["marker"], "code submitted by an attacker ran on the server"
+
+
+def test_local_user_cannot_run_unapproved_code_as_the_server(deployed):
+    local = deployed["local user"]
+    said = local["run"].stdout + local["run"].stderr
+    assert "is not approved on this server" in said, said[-2000:]
+    runs = json.loads(local["status"].stdout[local["status"].stdout.find("{"):])["runs"]
+    assert runs and runs[0]["status"] == "finished:failed", runs
+    res = deployed["aseanfl run unapproved"]
+    assert res.returncode == 1 and "is not approved on this server" in res.stderr, res.stderr
+    assert not deployed["marker"]
+
+
+def test_only_the_front_listens_beyond_loopback(deployed):
+    dep, found = deployed["dep"], deployed["listening"]
+    front_host, front_port = dep.address.rsplit(":", 1)
+    assert found["server"] == {(front_host, int(front_port)), ("127.0.0.1", dep.local_port)}, found["server"]
+    for site in [*APPROVED, UNAPPROVED]:
+        assert found[site] and {host for host, _ in found[site]} == {"127.0.0.1"}, (site, found[site])
+
+
+def test_supernode_without_client_certificate_is_refused_at_the_door(deployed):
+    said = deployed["no_cert"]
+    assert "403 Forbidden" in said and "activate-node" in said, said[-1500:]
+    assert "SuperNode ID" not in said  # it never got a node identity
+
+
+def test_revoked_hospital_is_refused_and_told_why(deployed):
+    rev = deployed["revoked"]
+    assert rev["provision"].returncode == 0, rev["provision"].stdout + rev["provision"].stderr
+    lines = [line for line in rev["log"].splitlines() if "refused at the federation server's door" in line]
+    assert lines and "certificate revoked" in lines[-1] and "ask the coordinator" in lines[-1], rev["log"][-2000:]
+    assert rev["door"].status_code == 403 and "FAILED:certificate revoked" in rev["door"].text
+    assert "unregistered" in rev["status"] and REVOKED not in rev["status"], rev["status"]
+
+
+def test_ca_key_stays_off_the_server(tmp_path):
+    res = aseanfl("provision", "--federation", "keys", "--sites", "h1", "--out", str(tmp_path / "federation"))
+    assert res.returncode == 0, res.stderr
+    ca = tmp_path / "federation-ca"
+    assert (ca / "ca.key").stat().st_mode & 0o777 == 0o600 and ca.stat().st_mode & 0o777 == 0o700
+    private = [p.relative_to(tmp_path).as_posix() for p in (tmp_path / "federation").rglob("*")
+               if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    assert sorted(private) == ["federation/server/server.key", "federation/sites/h1/client.key",
+                               "federation/sites/h1/node.key"], private
+    # a CA key copied into the server's folder: the server refuses to start, saying why
+    (tmp_path / "federation" / "ca").mkdir()
+    (tmp_path / "federation" / "ca" / "ca.key").write_bytes((ca / "ca.key").read_bytes())
+    res = aseanfl("server", "start", "-f", str(tmp_path / "federation"), timeout=60)
+    assert res.returncode == 1 and "CA key is in the server's folder" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_unapproved_app_is_refused_by_the_hospital(deployed):
@@ -101,7 +263,7 @@ def test_unapproved_app_is_refused_by_the_hospital(deployed):
     assert not apps.exists() or not any(apps.iterdir())
 
 
-def test_unregistered_key_is_refused(deployed):
+def test_unregistered_key_is_refused_even_with_a_valid_certificate(deployed):
     rogue = deployed["rogue"]
     assert rogue.returncode != 0
     assert "Failed to activate SuperNode" in rogue.stdout + rogue.stderr

@@ -1,0 +1,59 @@
+"""sha256 allow-lists of app bundles (FABs): a hospital's approved-apps.yaml and the server's.
+Shared by the hospital's gate and the coordinator's gate: each runs only bundles on its own list."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def approved_hashes(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    items = data.get("approved") or []
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: 'approved' must be a list of entries with a sha256")
+    return {str(e["sha256"]): e for e in items if isinstance(e, dict) and "sha256" in e}
+
+
+def approve(path: Path, sha256: str, note: str = "", who: str = "this hospital") -> bool:
+    """Add a bundle hash to the allow-list; False if it was there already."""
+    sha256 = sha256.strip().lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"{sha256!r} is not a sha256 (64 hex digits)")
+    entries = approved_hashes(path)
+    if sha256 in entries:
+        return False
+    entries[sha256] = {"sha256": sha256, "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": note}
+    text = (f"# sha256 of the app bundles {who} runs\n"
+            + yaml.safe_dump({"approved": list(entries.values())}, sort_keys=False))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+def fab_hash(path: Path) -> str:
+    """sha256 of a built app bundle (.fab), as Flower computes it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bundle_hash(fab_content: bytes) -> str:
+    return hashlib.sha256(fab_content).hexdigest()
+
+
+def only_task(task_type, command: str) -> None:
+    """Make this process's Flower SuperExec take tasks of one type only, run by `command`
+    (so no agent, connector or model task of a bundle ever runs here)."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+    from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
+
+    AutoExecPlugin.supported_task_types = frozenset({task_type})
+    AutoExecPlugin.visible_output_task_types = frozenset({task_type})  # its refusals reach the daemon's log
+    TASK_TYPE_TO_COMMAND[task_type] = str(Path(sys.executable).parent / command)

@@ -1,0 +1,115 @@
+"""The federation's public front: nginx terminating mutual TLS and forwarding only the Fleet API.
+
+Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port, and the
+open-source Control API has no authentication. So the SuperLink listens on 127.0.0.1 only, and
+the federation's public address is served by nginx (Debian's package; chosen over a Python proxy
+because it is a well-kept TLS terminator with client-certificate checks, CRL reloads without a
+restart, exact path allow-lists and an access log, all in configuration):
+
+* a connection must present a client certificate issued by the federation's CA and not on its
+  CRL (server/crl.pem); otherwise every request is answered 403 before any Flower code sees it;
+* only the Fleet API paths a SuperNode uses are forwarded; Control and Runtime paths, and the
+  Fleet API's own node (un)registration, are answered 403;
+* /aseanfl/door tells a hospital's daemon whether its certificate is admitted, and why not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from .provision import Federation
+
+# the Fleet API calls of an authenticated SuperNode (flwr 1.41); register/unregister are not among them
+FLEET_PATHS = ("activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages", "push-messages",
+               "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received")
+DOOR = "/aseanfl/door"
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None)
+    if found is None:
+        raise RuntimeError("nginx is not installed; the federation's public front needs it "
+                           "(Debian/Ubuntu: apt-get install nginx-light or nginx)")
+    return found
+
+
+def front_dir(fed: Federation) -> Path:
+    return fed.server_dir / "front"
+
+
+def config(fed: Federation) -> str:
+    s, d = fed.server_dir, front_dir(fed)
+    temp = "\n".join(f"  {kind}_temp_path {d / 'tmp' / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    refuse = '"aseanfl front: refused: a hospital client certificate of this federation is required ($ssl_client_verify)\\n"'
+    return f"""# written by `aseanfl server start`; edits are overwritten
+worker_processes 1;
+pid {d / 'nginx.pid'};
+error_log {d / 'error.log'} warn;
+worker_shutdown_timeout 10s;  # a reload (revocation) closes old connections soon
+events {{ worker_connections 1024; }}
+http {{
+  server_tokens off;
+  default_type text/plain;
+  log_format front '$time_iso8601 $remote_addr "$ssl_client_s_dn" $ssl_client_verify "$request" $status $bytes_sent $request_time';
+  access_log {d / 'access.log'} front;
+{temp}
+  client_max_body_size 0;
+  proxy_request_buffering off;
+  proxy_buffering off;
+  upstream superlink {{ server {fed.superlink}; keepalive 16; }}
+  server {{
+    listen {fed.listen} ssl;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_certificate {s / 'server.crt'};
+    ssl_certificate_key {s / 'server.key'};
+    ssl_client_certificate {s / 'ca.crt'};
+    ssl_crl {s / 'crl.pem'};
+    ssl_verify_client optional;
+    ssl_verify_depth 1;
+    error_page 495 496 =403 @refused;  # nginx's own refusal of a bad or missing certificate, said plainly
+    location @refused {{ return 403 {refuse}; }}
+    location = {DOOR} {{
+      if ($ssl_client_verify != SUCCESS) {{ return 403 {refuse}; }}
+      return 200 "aseanfl front: admitted $ssl_client_s_dn\\n";
+    }}
+    location ~ ^/v1/fleet/({'|'.join(FLEET_PATHS)})$ {{
+      if ($ssl_client_verify != SUCCESS) {{ return 403 {refuse}; }}
+      proxy_pass https://superlink;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_ssl_trusted_certificate {s / 'ca.crt'};
+      proxy_ssl_verify on;
+      proxy_ssl_name localhost;
+      proxy_ssl_session_reuse on;
+      proxy_read_timeout 600s;
+      proxy_send_timeout 600s;
+    }}
+    location / {{ return 403 "aseanfl front: refused: only the Fleet API is served on this address\\n"; }}
+  }}
+}}
+"""
+
+
+def start(fed: Federation) -> subprocess.Popen:
+    """Write the config, check it, start nginx in the foreground (a child of the server)."""
+    binary = nginx_binary()
+    d = front_dir(fed)
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / "tmp" / kind).mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(config(fed))
+    base = [binary, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")]
+    check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"the front's nginx config is refused: {(check.stderr or check.stdout).strip()[-400:]}")
+    return subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL)
+
+
+def reload(proc: subprocess.Popen) -> None:
+    """Re-read the CRL (and certificates): nginx's graceful reload."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGHUP)

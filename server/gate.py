@@ -1,0 +1,71 @@
+"""The coordinator's gate: its ServerApp processes run only app bundles the coordinator approved.
+
+Flower's SuperLink runs in `--isolation process`; `aseanfl server start` starts this executor
+beside it. It takes ServerApp tasks only (no agent, connector or model task of any bundle runs
+here) and launches each as `aseanfl-serverapp`: Flower's `flwr-serverapp` whose bundle is checked
+against server/approved-apps.yaml before it is unpacked. So a local user who reaches the
+SuperLink's loopback Control API can submit a run, but its code never runs as the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import yaml
+
+from aseanfl.allowlist import approved_hashes, bundle_hash, only_task
+
+SERVER_ALLOWLIST_ENV = "ASEANFL_SERVER_APPROVED"  # the server's approved-apps.yaml
+log = logging.getLogger("aseanfl")
+
+
+class AppNotApproved(Exception):
+    """The run's app bundle is not on the server's allow-list."""
+
+
+def check_bundle(allowlist: Path, fab_content: bytes) -> str:
+    """The bundle's sha256 if the server approved it; AppNotApproved otherwise."""
+    digest = bundle_hash(fab_content)
+    try:
+        approved = approved_hashes(allowlist)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise AppNotApproved(f"the server cannot read its app allow-list {allowlist} ({exc}); nothing runs") from None
+    if digest not in approved:
+        raise AppNotApproved(f"app bundle sha256 {digest} is not approved on this server; nothing of it ran "
+                             "(review it, then `aseanfl server approve`)")
+    return digest
+
+
+def serverapp_main() -> None:
+    """`aseanfl-serverapp`: Flower's flwr-serverapp behind the server's allow-list."""
+    import importlib
+
+    from flwr.superlink.cli import flwr_serverapp
+
+    # the module, not the function of the same name that flwr.superlink.runtime exports
+    run_serverapp = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+
+    allowlist = Path(os.environ[SERVER_ALLOWLIST_ENV])
+    install = run_serverapp.install_from_fab
+
+    def install_if_approved(fab_content: bytes, *args, **kwargs):
+        try:
+            check_bundle(allowlist, fab_content)
+        except AppNotApproved as exc:
+            print(f"aseanfl: refused: {exc}", flush=True)  # reaches the run's log and `aseanfl run`
+            raise
+        return install(fab_content, *args, **kwargs)
+
+    run_serverapp.install_from_fab = install_if_approved
+    flwr_serverapp()
+
+
+def serverexec_main() -> None:
+    """`aseanfl-serverexec`: Flower's SuperExec for the coordinator's ServerApp tasks only."""
+    from flwr.supercore.cli import flower_superexec
+    from flwr.supercore.constant import TaskType
+
+    only_task(TaskType.SERVER_APP, "aseanfl-serverapp")
+    flower_superexec()
