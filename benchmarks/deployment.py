@@ -1,7 +1,7 @@
 """Deployed vs simulated round time, measured in one run on the same images.
 
-Deployed: `aseanfl server start` + one `aseanfl client start` daemon per hospital on 127.0.0.1
-(TLS, node keys, app approval, audit log; one ClientApp process per task, as Flower's
+Deployed: `aseanfl server start` + one `aseanfl client start` daemon per hospital on loopback
+(the nginx front with mutual TLS, node keys, app approval, audit log; one ClientApp process per task, as Flower's
 deployment runtime does). Simulated: the same PNG files through `data.files` on Flower's
 Simulation Engine (Ray), split IID across the same number of hospitals. Prints mean seconds per
 round after the first (start-up excluded) and the ratio.
@@ -44,10 +44,16 @@ def main() -> None:
         for site in sites:
             dep.start_site(site)
         dep.wait_online(set(sites))
+        access = dep.fed / "server" / "front" / "access.log"
+        seen = access.stat().st_size
         run = dep.run("--rounds", str(args.rounds), "--set", "task.image_size=32", "--set", f"wait_for_sites={len(sites)}")
         if run.returncode != 0:
             raise SystemExit(f"deployed run failed:\n{run.stdout[-2000:]}")
         deployed = _steady(next((Path(tmp) / "results").glob("run-*")) / "summary.json")
+        with access.open("rb") as f:  # the Fleet requests the hospitals made during the run, by the front's log
+            f.seek(seen)
+            fleet = [line.split() for line in f.read().decode().splitlines() if " /v1/fleet/" in line]
+        per_round = len(fleet) / len(sites) / args.rounds
         dep.stop_all()
 
         manifest = Path(tmp) / "all.csv"
@@ -63,6 +69,7 @@ def main() -> None:
     print(f"{len(sites)} hospitals, {args.rounds} rounds, cnn at 32x32, mean seconds per round after the first")
     print(f"| setting | s/round |\n|---|---|\n| deployed (127.0.0.1, TLS, daemons) | {deployed:.1f} |\n"
           f"| simulated (Ray) | {simulated:.1f} |\n| ratio | {deployed / simulated:.2f}x |")
+    print(f"Fleet API requests through the front per hospital per round (polling while waiting included): {per_round:.0f}")
 
 
 if __name__ == "__main__":

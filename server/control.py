@@ -149,7 +149,7 @@ def register_sites(fed: Federation) -> dict[str, str]:
         res = _json(flwr(fed, "supernode", "unregister", known[site], fed.name, "--format", "json"))
         if not res.get("success") and "not found" not in str(res.get("error-message", "")).lower():
             raise RuntimeError(f"unregistering revoked {site}: {res.get('error-message', res)}")
-        del known[site]
+        known[f"{site} (revoked)"] = known.pop(site)  # `aseanfl status` still names its node
         path.write_text(json.dumps(known, indent=1) + "\n")
     for site in fed.sites():
         if site in known:
@@ -159,7 +159,7 @@ def register_sites(fed: Federation) -> dict[str, str]:
             raise RuntimeError(f"registering {site}: {res.get('error-message', res)}")
         known[site] = str(res["node-id"])
     path.write_text(json.dumps(known, indent=1) + "\n")
-    return known
+    return {site: node for site, node in known.items() if site in fed.sites()}
 
 
 def _exit(*_) -> None:

@@ -1,4 +1,4 @@
-"""A whole deployment on one machine (127.0.0.1): provisioned federation, `aseanfl server start`,
+"""A whole deployment on one machine (loopback): provisioned federation, `aseanfl server start`,
 one `aseanfl client start` daemon per hospital reading its own folder of PNG files. For trying
 the deployment out, for its tests and for the deployed-vs-simulated benchmark. Every process is
 started in its own session and stopped (with its children) on exit."""

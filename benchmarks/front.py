@@ -1,0 +1,96 @@
+"""What the federation's front (nginx: mutual TLS, Fleet API allow-list) adds per round.
+
+Two numbers, measured in one run on this machine: the latency of one real, signed Fleet API call
+(SendNodeHeartbeat of a registered hospital, on a kept-alive connection as the SuperNode makes
+it) through the front vs straight to the SuperLink's loopback port; and a new mutual-TLS
+connection through the front vs a plain-TLS one to the SuperLink. Multiplied by the Fleet
+requests a hospital makes per round (benchmarks/deployment.py counts them in the front's access
+log), that is the front's cost per round.
+
+    python -m benchmarks.front [--calls 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import ssl
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from simulations.local_deployment import LocalDeployment
+
+
+def _client(address: str, kit: Path, ca: Path, signed: bool = True):
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(kit / "client.crt"), str(kit / "client.key"))
+    key = load_ssh_private_key((kit / "node.key").read_bytes(), None)
+    return FleetHttpClient(f"https://{address}", interceptors=[NodeAuthHttpInterceptor(key, key.public_key())] * signed,
+                           verify=context)
+
+
+def _heartbeats(address: str, kit: Path, ca: Path, calls: int) -> list[float]:
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    with _client(address, kit, ca) as client:
+        key = load_ssh_private_key((kit / "node.key").read_bytes(), None)
+        node = Node(node_id=client.ActivateNode(ActivateNodeRequest(
+            public_key=public_key_to_bytes(key.public_key()), heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL)).node_id)
+        seconds = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            client.SendNodeHeartbeat(SendNodeHeartbeatRequest(node=node, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _connects(address: str, kit: Path, ca: Path, calls: int) -> list[float]:
+    """A new TLS connection (handshake with the client certificate) and one small request."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(kit / "client.crt"), str(kit / "client.key"))
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        with httpx.Client(verify=context) as client:
+            client.get(f"https://{address}/aseanfl/door")
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=300)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, LocalDeployment(Path(tmp), ["site-a"], "bench") as dep:
+        assert dep.provision().returncode == 0
+        dep.start_server()
+        kit, ca = dep.kit("site-a"), dep.fed / "server" / "ca.crt"
+        direct = f"127.0.0.1:{dep.local_port}"
+        rows = []
+        for what, fn in (("signed Fleet call, kept-alive connection", _heartbeats), ("new TLS connection + request", _connects)):
+            fn(dep.address, kit, ca, 20)  # warm up both paths
+            fn(direct, kit, ca, 20)
+            front = statistics.median(fn(dep.address, kit, ca, args.calls)) * 1000
+            plain = statistics.median(fn(direct, kit, ca, args.calls)) * 1000
+            rows.append((what, front, plain))
+    print(f"median of {args.calls} calls each, ms (front = nginx, mutual TLS; direct = the SuperLink's loopback port); "
+          f"{os.cpu_count()} CPU cores")
+    print("| what | via the front | direct | added |\n|---|---|---|---|")
+    for what, front, plain in rows:
+        print(f"| {what} | {front:.2f} | {plain:.2f} | {front - plain:+.2f} |")
+
+
+if __name__ == "__main__":
+    main()
