@@ -48,7 +48,7 @@ def main() -> None:
         seen = access.stat().st_size
         run = dep.run("--rounds", str(args.rounds), "--set", "task.image_size=32", "--set", f"wait_for_sites={len(sites)}")
         if run.returncode != 0:
-            raise SystemExit(f"deployed run failed:\n{run.stdout[-2000:]}")
+            raise SystemExit(f"deployed run failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
         deployed = _steady(next((Path(tmp) / "results").glob("run-*")) / "summary.json")
         with access.open("rb") as f:  # the Fleet requests the hospitals made during the run, by the front's log
             f.seek(seen)
@@ -67,7 +67,7 @@ def main() -> None:
                                  "data.files.image_size": 32, "data.files.test_fraction": 0.1})
         simulated = _steady(simulate(cfg) / "summary.json")
     print(f"{len(sites)} hospitals, {args.rounds} rounds, cnn at 32x32, mean seconds per round after the first")
-    print(f"| setting | s/round |\n|---|---|\n| deployed (127.0.0.1, TLS, daemons) | {deployed:.1f} |\n"
+    print(f"| setting | s/round |\n|---|---|\n| deployed (loopback: nginx front with mutual TLS, daemons) | {deployed:.1f} |\n"
           f"| simulated (Ray) | {simulated:.1f} |\n| ratio | {deployed / simulated:.2f}x |")
     print(f"Fleet API requests through the front per hospital per round (polling while waiting included): {per_round:.0f}")
 

@@ -26,37 +26,46 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from simulations.local_deployment import LocalDeployment
 
 
-def _client(address: str, kit: Path, ca: Path, signed: bool = True):
+def _client(address: str, kit: Path, ca: Path):
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
     from flwr.supernode.fleet_http_client import FleetHttpClient
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(str(kit / "client.crt"), str(kit / "client.key"))
     key = load_ssh_private_key((kit / "node.key").read_bytes(), None)
-    return FleetHttpClient(f"https://{address}", interceptors=[NodeAuthHttpInterceptor(key, key.public_key())] * signed,
-                           verify=context)
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperNode"), NodeAuthHttpInterceptor(key, key.public_key())]
+    return FleetHttpClient(f"https://{address}", interceptors=interceptors, verify=context)
 
 
-def _heartbeats(address: str, kit: Path, ca: Path, calls: int) -> list[float]:
+def _activate(address: str, kit: Path, ca: Path) -> int:
     from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
     from flwr.proto.fleet_pb2 import ActivateNodeRequest
-    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
-    from flwr.proto.node_pb2 import Node
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+    key = load_ssh_private_key((kit / "node.key").read_bytes(), None)
     with _client(address, kit, ca) as client:
-        key = load_ssh_private_key((kit / "node.key").read_bytes(), None)
-        node = Node(node_id=client.ActivateNode(ActivateNodeRequest(
-            public_key=public_key_to_bytes(key.public_key()), heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL)).node_id)
-        seconds = []
+        return client.ActivateNode(ActivateNodeRequest(public_key=public_key_to_bytes(key.public_key()),
+                                                       heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL)).node_id
+
+
+def _heartbeats(address: str, kit: Path, ca: Path, calls: int, node_id: int) -> list[float]:
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from flwr.proto.node_pb2 import Node
+
+    seconds = []
+    with _client(address, kit, ca) as client:
         for _ in range(calls):
             start = time.perf_counter()
-            client.SendNodeHeartbeat(SendNodeHeartbeatRequest(node=node, heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
+            res = client.SendNodeHeartbeat(SendNodeHeartbeatRequest(node=Node(node_id=node_id),
+                                                                    heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
             seconds.append(time.perf_counter() - start)
+            assert res.success
     return seconds
 
 
-def _connects(address: str, kit: Path, ca: Path, calls: int) -> list[float]:
+def _connects(address: str, kit: Path, ca: Path, calls: int, node_id: int) -> list[float]:
     """A new TLS connection (handshake with the client certificate) and one small request."""
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(str(kit / "client.crt"), str(kit / "client.key"))
@@ -78,12 +87,13 @@ def main() -> None:
         dep.start_server()
         kit, ca = dep.kit("site-a"), dep.fed / "server" / "ca.crt"
         direct = f"127.0.0.1:{dep.local_port}"
+        node_id = _activate(dep.address, kit, ca)
         rows = []
         for what, fn in (("signed Fleet call, kept-alive connection", _heartbeats), ("new TLS connection + request", _connects)):
-            fn(dep.address, kit, ca, 20)  # warm up both paths
-            fn(direct, kit, ca, 20)
-            front = statistics.median(fn(dep.address, kit, ca, args.calls)) * 1000
-            plain = statistics.median(fn(direct, kit, ca, args.calls)) * 1000
+            fn(dep.address, kit, ca, 20, node_id)  # warm up both paths
+            fn(direct, kit, ca, 20, node_id)
+            front = statistics.median(fn(dep.address, kit, ca, args.calls, node_id)) * 1000
+            plain = statistics.median(fn(direct, kit, ca, args.calls, node_id)) * 1000
             rows.append((what, front, plain))
     print(f"median of {args.calls} calls each, ms (front = nginx, mutual TLS; direct = the SuperLink's loopback port); "
           f"{os.cpu_count()} CPU cores")
