@@ -150,20 +150,21 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
         node = subprocess.Popen(commands, env=env)
         time.sleep(1.0)  # the SuperNode opens its Runtime API before the executor connects
         executor = subprocess.Popen(superexec_command(site), env=env)
-        checked = time.monotonic()
+        checked, refused = time.monotonic(), False
         try:
             while not stopping and node.poll() is None and executor.poll() is None:
                 time.sleep(0.5)
                 if time.monotonic() - checked > DOOR_CHECK_S:
                     checked = time.monotonic()
-                    if door(site)[0] is False:
+                    refused = door(site)[0] is False
+                    if refused:
                         break  # revoked while connected: the loop above says so
         finally:
             _stop([executor, node])
         if stopping:
             break
         backoff = 2.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
-        if node.returncode is not None:
+        if not refused:
             log(f"{site.site}: the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s")
         pause(backoff)
     return 0

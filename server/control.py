@@ -171,9 +171,9 @@ def _say(line: str) -> None:
 
 
 def _stamp(fed: Federation) -> tuple:
-    """Changes when a hospital is revoked (federation.json and the CRL)."""
-    return tuple(p.stat().st_mtime_ns if p.exists() else 0
-                 for p in (fed.root / "federation.json", fed.server_dir / "crl.pem"))
+    """Changes when a hospital is revoked (federation.json, the CRL) or added (a new kit)."""
+    return (*(p.stat().st_mtime_ns if p.exists() else 0 for p in (fed.root / "federation.json", fed.server_dir / "crl.pem")),
+            *fed.sites())
 
 
 def check_ca_key_away(fed: Federation) -> None:
@@ -192,6 +192,11 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
 
     check_ca_key_away(fed)
     front.nginx_binary()  # fail before anything starts
+    from .provision import default_ca_dir
+
+    if os.access(default_ca_dir(fed.root) / "ca.key", os.R_OK):
+        log(f"warning: this account can read the CA key {default_ca_dir(fed.root) / 'ca.key'}; in production keep it "
+            "off this machine, or run the server as an account that cannot (docs/security.md)")
     if not (fed.server_dir / "state.db").exists():
         (fed.server_dir / "registered.json").unlink(missing_ok=True)
     env = {**flwr_env(fed), "ASEANFL_SERVER_APPROVED": str(server_allowlist(fed))}
@@ -205,17 +210,25 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
         procs["front"] = front.start(fed)
         log(f"SuperLink for {fed.name}: public front on {fed.listen} (mutual TLS, Fleet API only), "
             f"SuperLink on {fed.superlink} (loopback); registered hospitals only; Ctrl-C stops it")
-        stamp = _stamp(fed)
+        stamp, active = _stamp(fed), set(fed.sites())
         while True:
             for name, proc in procs.items():
                 if proc.poll() is not None:
                     log(f"error: the {name} exited (code {proc.returncode}); stopping the server")
                     return 1
-            if _stamp(fed) != stamp:
-                stamp = _stamp(fed)
+            if _stamp(fed) != stamp:  # a hospital revoked or added while we run
                 front.reload(procs["front"])
-                register_sites(fed)
-                log(f"revoked: {', '.join(sorted(fed.revoked)) or 'none'}; front reloaded, node keys unregistered")
+                try:
+                    registered = register_sites(fed)
+                except RuntimeError as exc:  # the SuperLink busy or restarting: try again in a second
+                    log(f"error: {exc}; retrying")
+                else:
+                    stamp, now = _stamp(fed), set(registered)
+                    for site in sorted(active - now):
+                        log(f"revoked {site}: its certificate is refused at the front, its node key unregistered")
+                    for site in sorted(now - active):
+                        log(f"registered {site}: node {registered[site]}")
+                    active = now
             time.sleep(1.0)
     finally:
         for proc in reversed(list(procs.values())):

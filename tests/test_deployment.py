@@ -61,6 +61,7 @@ def deployed(tmp_path_factory):
         out["rogue"] = _rogue_supernode(tmp, dep)
         out["no_cert"] = _supernode_without_client_certificate(dep)
         out.update(_attack(dep, tmp, run.stdout))
+        out["added"] = _add_while_running(dep, "site-e")
         out["revoked"] = _revoke(dep, REVOKED)
         yield out
     time.sleep(2)
@@ -144,6 +145,15 @@ def _attack(dep: LocalDeployment, tmp: Path, run_log: str) -> dict:
     out["aseanfl run unapproved"] = dep.run("--app", str(app), "--rounds", "1", timeout=120)
     out["marker"] = marker.exists()
     return out
+
+
+def _add_while_running(dep: LocalDeployment, site: str, timeout: float = 60) -> str:
+    """A hospital provisioned while the server runs: the server registers its key by itself."""
+    assert dep.provision([site]).returncode == 0
+    log, deadline = dep.root / "server.log", time.monotonic() + timeout
+    while f"registered {site}: node" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(1)
+    return aseanfl("status", "-f", str(dep.fed)).stdout
 
 
 def _revoke(dep: LocalDeployment, site: str, timeout: float = 90) -> dict:
@@ -235,6 +245,11 @@ def test_revoked_hospital_is_refused_and_told_why(deployed):
     assert rev["door"].status_code == 403 and "FAILED:certificate revoked" in rev["door"].text
     row = [line for line in rev["status"].splitlines() if f"{REVOKED} (revoked)" in line]
     assert row and "unregistered" in row[0], rev["status"]
+
+
+def test_hospital_added_while_running_is_registered(deployed):
+    row = [line for line in deployed["added"].splitlines() if "site-e " in line]
+    assert row and "registered" in row[0], deployed["added"]
 
 
 def test_ca_key_stays_off_the_server(tmp_path):
