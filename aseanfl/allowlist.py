@@ -12,6 +12,14 @@ from pathlib import Path
 import yaml
 
 
+class AppNotApproved(Exception):
+    """A bundle is not on the allow-list of the party asked to run it (hospital or server)."""
+
+
+class AllowListUnreadable(Exception):
+    """The allow-list file cannot be read or parsed."""
+
+
 def approved_hashes(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
@@ -46,6 +54,17 @@ def fab_hash(path: Path) -> str:
 
 def bundle_hash(fab_content: bytes) -> str:
     return hashlib.sha256(fab_content).hexdigest()
+
+
+def check_approved(path: Path, fab_content: bytes) -> tuple[bool, str]:
+    """(is the bundle on the allow-list at `path`, its sha256); AllowListUnreadable if the list
+    cannot be read. Each gate words its own refusal (a hospital's reply names no local path)."""
+    digest = bundle_hash(fab_content)
+    try:
+        approved = approved_hashes(path)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise AllowListUnreadable(str(exc)) from None
+    return digest in approved, digest
 
 
 def only_task(task_type, command: str) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import ssl
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from client.gate import mutual_tls
 from simulations.local_deployment import LocalDeployment
 
 
@@ -31,8 +31,7 @@ def _client(address: str, kit: Path, ca: Path):
     from flwr.supernode.fleet_http_client import FleetHttpClient
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(kit / "client.crt"), str(kit / "client.key"))
+    context = mutual_tls(ca, kit / "client.crt", kit / "client.key")
     key = load_ssh_private_key((kit / "node.key").read_bytes(), None)
     interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperNode"), NodeAuthHttpInterceptor(key, key.public_key())]
     return FleetHttpClient(f"https://{address}", interceptors=interceptors, verify=context)
@@ -67,8 +66,7 @@ def _heartbeats(address: str, kit: Path, ca: Path, calls: int, node_id: int) -> 
 
 def _connects(address: str, kit: Path, ca: Path, calls: int, node_id: int) -> list[float]:
     """A new TLS connection (handshake with the client certificate) and one small request."""
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(kit / "client.crt"), str(kit / "client.key"))
+    context = mutual_tls(ca, kit / "client.crt", kit / "client.key")
     seconds = []
     for _ in range(calls):
         start = time.perf_counter()

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
-import yaml
-
-from aseanfl.allowlist import approved_hashes, bundle_hash, only_task
+from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, check_approved, only_task
 
 from .audit import AuditLog, describe
 from .config import SiteConfig, load_site
@@ -32,22 +29,18 @@ SITE_ENV = "ASEANFL_SITE_CONFIG"  # the daemon's site.yaml, inherited by the exe
 log = logging.getLogger("aseanfl")
 
 
-class AppNotApproved(Exception):
-    """The run's app bundle is not on this hospital's allow-list."""
-
-
 def _gated_install(site: SiteConfig, install):
     def install_if_approved(fab_content: bytes, *args, **kwargs):
-        digest = bundle_hash(fab_content)
-        try:
-            approved = approved_hashes(site.approved_apps) if site.require_approval else {}
-        except (OSError, ValueError, yaml.YAMLError) as exc:  # the local log names the file, the reply does not
-            log.error("%s: cannot read the allow-list: %s", site.site, exc)
-            raise AppNotApproved(f"hospital {site.site} cannot read its app allow-list; nothing runs") from None
-        if site.require_approval and digest not in approved:
-            log.error("%s: refused app bundle %s (not in %s)", site.site, digest, site.approved_apps)
-            raise AppNotApproved(f"app bundle sha256 {digest} is not approved by hospital {site.site} "
-                                 "(`aseanfl client approve` there)")
+        if site.require_approval:
+            try:
+                approved, digest = check_approved(site.approved_apps, fab_content)
+            except AllowListUnreadable as exc:  # the local log names the file, the reply does not
+                log.error("%s: cannot read the allow-list: %s", site.site, exc)
+                raise AppNotApproved(f"hospital {site.site} cannot read its app allow-list; nothing runs") from None
+            if not approved:
+                log.error("%s: refused app bundle %s (not in %s)", site.site, digest, site.approved_apps)
+                raise AppNotApproved(f"app bundle sha256 {digest} is not approved by hospital {site.site} "
+                                     "(`aseanfl client approve` there)")
         return install(fab_content, *args, **kwargs)
 
     return install_if_approved
@@ -83,14 +76,19 @@ def superexec_main() -> None:
     flower_superexec()
 
 
-def client_tls(site: SiteConfig):
-    """TLS to the federation's front: its CA, and this hospital's client certificate."""
+def mutual_tls(ca: Path, cert: Path, key: Path):
+    """An SSL context that checks the server against `ca` and presents `cert`."""
     import ssl
 
-    c = site.connection
-    context = ssl.create_default_context(cafile=str(c.root_certificates))
-    context.load_cert_chain(str(c.client_certificate), str(c.client_key))
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
     return context
+
+
+def client_tls(site: SiteConfig):
+    """TLS to the federation's front: its CA, and this hospital's client certificate."""
+    c = site.connection
+    return mutual_tls(c.root_certificates, c.client_certificate, c.client_key)
 
 
 def supernode_main() -> None:

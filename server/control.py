@@ -66,13 +66,13 @@ def app_hash(app: Path) -> str:
     return hashlib.sha256(app_bundle(app)).hexdigest()
 
 
-def staged_app(app: Path, stage: Path) -> Path:
-    """A copy of the files that go into `app`'s bundle, for `flwr run` to bundle quickly."""
+def staged_app(bundle: bytes, stage: Path) -> Path:
+    """A copy of the files in an app bundle (`app_bundle`), for `flwr run` to bundle quickly."""
     import zipfile
     from io import BytesIO
 
     shutil.rmtree(stage, ignore_errors=True)
-    with zipfile.ZipFile(BytesIO(app_bundle(app))) as fab:
+    with zipfile.ZipFile(BytesIO(bundle)) as fab:
         for name in fab.namelist():
             if not name.startswith(".info/"):  # Flower's own metadata, written again by `flwr run`
                 target = stage / name
@@ -145,13 +145,15 @@ def register_sites(fed: Federation) -> dict[str, str]:
     database is new)."""
     path = fed.server_dir / "registered.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
-    for site in [s for s in known if s in fed.revoked]:
+    revoked = fed.revoked
+    for site in [s for s in known if s in revoked]:
         res = _json(flwr(fed, "supernode", "unregister", known[site], fed.name, "--format", "json"))
         if not res.get("success") and "not found" not in str(res.get("error-message", "")).lower():
             raise RuntimeError(f"unregistering revoked {site}: {res.get('error-message', res)}")
         known[f"{site} (revoked)"] = known.pop(site)  # `aseanfl status` still names its node
         path.write_text(json.dumps(known, indent=1) + "\n")
-    for site in fed.sites():
+    active = fed.sites()
+    for site in active:
         if site in known:
             continue
         res = _json(flwr(fed, "supernode", "register", str(fed.public_key(site)), fed.name, "--name", site, "--format", "json"))
@@ -159,7 +161,7 @@ def register_sites(fed: Federation) -> dict[str, str]:
             raise RuntimeError(f"registering {site}: {res.get('error-message', res)}")
         known[site] = str(res["node-id"])
     path.write_text(json.dumps(known, indent=1) + "\n")
-    return {site: node for site, node in known.items() if site in fed.sites()}
+    return {site: node for site, node in known.items() if site in active}
 
 
 def _exit(*_) -> None:
@@ -189,6 +191,7 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
     """`aseanfl server start`: the SuperLink on loopback, its executor and the public front, in the
     foreground; hospitals registered once it answers; revocations applied while it runs."""
     from . import front
+    from .gate import SERVER_ALLOWLIST_ENV
 
     check_ca_key_away(fed)
     front.nginx_binary()  # fail before anything starts
@@ -199,7 +202,7 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
             "off this machine, or run the server as an account that cannot (docs/security.md)")
     if not (fed.server_dir / "state.db").exists():
         (fed.server_dir / "registered.json").unlink(missing_ok=True)
-    env = {**flwr_env(fed), "ASEANFL_SERVER_APPROVED": str(server_allowlist(fed))}
+    env = {**flwr_env(fed), SERVER_ALLOWLIST_ENV: str(server_allowlist(fed))}
     procs: dict[str, subprocess.Popen] = {"SuperLink": subprocess.Popen(superlink_command(fed), env=env)}
     signal.signal(signal.SIGTERM, _exit)  # systemd's stop: take the children down with us
     try:
@@ -256,17 +259,18 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
               echo: Callable[[str], None] = print, timeout: float = 3600) -> tuple[int, str, Path | None]:
     """Submit the run, stream its log until it ends, copy its folder to `out`.
     Returns (run id, final status, local run folder or None)."""
-    from aseanfl.allowlist import approved_hashes
+    from aseanfl.allowlist import approved_hashes, bundle_hash
 
-    digest = app_hash(app)
+    bundle = app_bundle(app)
+    digest = bundle_hash(bundle)
     if digest not in approved_hashes(server_allowlist(fed)):
         raise PermissionError(f"app bundle sha256 {digest} ({app}) is not approved on this server; review the change, "
                               "then `aseanfl server approve`")
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file = Path(tmp) / "run.toml"
         cfg_file.write_text(tomli_w.dumps({"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}))
-        bundle = staged_app(app, Path(tmp) / "app")  # same bundle, same hash; Flower would walk a .venv too
-        proc = subprocess.Popen([str(_BIN / "flwr"), "run", str(bundle), fed.name, "--run-config", str(cfg_file), "--stream"],
+        staged = staged_app(bundle, Path(tmp) / "app")  # same bundle, same hash; Flower would walk a .venv too
+        proc = subprocess.Popen([str(_BIN / "flwr"), "run", str(staged), fed.name, "--run-config", str(cfg_file), "--stream"],
                                 env=flwr_env(fed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         run_id = None
         deadline = time.monotonic() + timeout

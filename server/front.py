@@ -27,6 +27,7 @@ from .provision import Federation
 FLEET_PATHS = ("activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages", "push-messages",
                "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received")
 DOOR = "/aseanfl/door"
+_TEMP = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx's temp folders, kept in the front's own
 
 
 def nginx_binary() -> str:
@@ -43,7 +44,7 @@ def front_dir(fed: Federation) -> Path:
 
 def config(fed: Federation) -> str:
     s, d = fed.server_dir, front_dir(fed)
-    temp = "\n".join(f"  {kind}_temp_path {d / 'tmp' / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(f"  {kind}_temp_path {d / 'tmp' / kind};" for kind in _TEMP)
     refuse = '"aseanfl front: refused: a hospital client certificate of this federation is required ($ssl_client_verify)\\n"'
     return f"""# written by `aseanfl server start`; edits are overwritten
 worker_processes 1;
@@ -98,7 +99,7 @@ def start(fed: Federation) -> subprocess.Popen:
     """Write the config, check it, start nginx in the foreground (a child of the server)."""
     binary = nginx_binary()
     d = front_dir(fed)
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+    for kind in _TEMP:
         (d / "tmp" / kind).mkdir(parents=True, exist_ok=True)
     conf = d / "nginx.conf"
     conf.write_text(config(fed))

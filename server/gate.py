@@ -13,26 +13,19 @@ import logging
 import os
 from pathlib import Path
 
-import yaml
-
-from aseanfl.allowlist import approved_hashes, bundle_hash, only_task
+from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, check_approved, only_task
 
 SERVER_ALLOWLIST_ENV = "ASEANFL_SERVER_APPROVED"  # the server's approved-apps.yaml
 log = logging.getLogger("aseanfl")
 
 
-class AppNotApproved(Exception):
-    """The run's app bundle is not on the server's allow-list."""
-
-
 def check_bundle(allowlist: Path, fab_content: bytes) -> str:
     """The bundle's sha256 if the server approved it; AppNotApproved otherwise."""
-    digest = bundle_hash(fab_content)
     try:
-        approved = approved_hashes(allowlist)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+        approved, digest = check_approved(allowlist, fab_content)
+    except AllowListUnreadable as exc:
         raise AppNotApproved(f"the server cannot read its app allow-list {allowlist} ({exc}); nothing runs") from None
-    if digest not in approved:
+    if not approved:
         raise AppNotApproved(f"app bundle sha256 {digest} is not approved on this server; nothing of it ran "
                              "(review it, then `aseanfl server approve`)")
     return digest

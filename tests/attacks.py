@@ -47,9 +47,12 @@ def post(address: str, path: str, ca: Path | bool, cert: tuple[Path, Path] | Non
     """One protobuf-over-HTTP POST as Flower's clients send it (ca=False: no server check, like curl -k)."""
     import ssl
 
-    context = ssl.create_default_context(cafile=str(ca)) if ca else ssl._create_unverified_context()
+    from client.gate import mutual_tls
+
     if cert:
-        context.load_cert_chain(str(cert[0]), str(cert[1]))
+        context = mutual_tls(ca, *cert)
+    else:
+        context = ssl.create_default_context(cafile=str(ca)) if ca else ssl._create_unverified_context()
     with httpx.Client(verify=context, timeout=30) as client:
         return client.post(f"https://{address}{path}", content=body,
                            headers={"content-type": "application/protobuf", "accept": "application/protobuf"})

@@ -112,7 +112,7 @@ def _attack(dep: LocalDeployment, tmp: Path, run_log: str) -> dict:
 
     marker = tmp / "takeover-ran"
     app = marker_app(tmp / "takeover", marker)
-    run_id = re.search(r"run (\d+):", run_log).group(1) if re.search(r"run (\d+):", run_log) else "1"
+    run_id = found.group(1) if (found := re.search(r"run (\d+):", run_log)) else "1"
     nodes = json.loads((dep.fed / "server" / "registered.json").read_text())
     intruder_pub = tmp / "rogue" / "sites" / "intruder" / "node.pub"
     ca, home = dep.fed / "ca.crt", tmp / "outsider"
