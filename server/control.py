@@ -217,7 +217,8 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
         while True:
             for name, proc in procs.items():
                 if proc.poll() is not None:
-                    log(f"error: the {name} exited (code {proc.returncode}); stopping the server")
+                    why = f": {front.last_error(fed)}" if name == "front" and front.last_error(fed) else ""
+                    log(f"error: the {name} exited (code {proc.returncode}){why}; stopping the server")
                     return 1
             if _stamp(fed) != stamp:  # a hospital revoked or added while we run
                 front.reload(procs["front"])

@@ -110,6 +110,16 @@ def start(fed: Federation) -> subprocess.Popen:
     return subprocess.Popen([*base, "-g", "daemon off;"], stdin=subprocess.DEVNULL)
 
 
+def last_error(fed: Federation) -> str:
+    """nginx's last complaint (e.g. the public port already in use), for the operator's one line."""
+    log = front_dir(fed) / "error.log"
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    # "2026/11/23 18:15:35 [emerg] 5217#5217: bind() to ... failed (98: ...)"; nginx's retries add "still could not"
+    said = [line.split(": ", 1)[-1] for line in lines if "[emerg]" in line or "[crit]" in line]
+    said = [line for line in said if not line.startswith("still could not")] or said
+    return said[-1] if said else ""
+
+
 def reload(proc: subprocess.Popen) -> None:
     """Re-read the CRL (and certificates): nginx's graceful reload."""
     if proc.poll() is None:

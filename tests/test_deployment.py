@@ -322,3 +322,20 @@ def test_run_config_errors_are_named_before_anything_is_sent(tmp_path):
     assert res.returncode == 2
     for field in ("task.num_classes", "strategy.name", "server.rounds"):
         assert f"config error: {field}" in res.stderr, res.stderr
+
+
+def test_public_port_in_use_is_named(tmp_path):
+    import socket
+
+    with socket.socket() as taken:  # something else already holds the federation's public port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = aseanfl("provision", "--federation", "busy", "--sites", "h1", "--out", str(tmp_path / "federation"),
+                      "--address", f"127.0.0.1:{port}", "--local-port", str(free_port()))
+        assert res.returncode == 0, res.stderr
+        res = aseanfl("server", "start", "-f", str(tmp_path / "federation"), timeout=120)
+    said = res.stdout + res.stderr
+    assert res.returncode == 1 and "error: the front exited" in said and "Address already in use" in said, said[-1500:]
+    assert "Traceback" not in said
+    assert _processes_using(tmp_path) == []  # the SuperLink and the executor went down with it
