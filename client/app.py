@@ -24,7 +24,7 @@ from .config import PrivacyConfig
 from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from .mods import central_dp_mod, private_errors_mod
 from .secure import secure_aggregation_mod
-from .site import SITE_CONFIG_KEY, SiteDataError, load_site_hospital
+from .site import SiteDataError, load_site_hospital
 from .privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
 
 log = logging.getLogger("aseanfl")
@@ -44,14 +44,6 @@ class Hospital:
 
 # (node context, image side in px) -> this hospital.
 HospitalLoader = Callable[[Context, int], Hospital]
-
-
-def _default_loader(context: Context, image_size: int) -> Hospital:
-    if SITE_CONFIG_KEY in context.node_config:  # a deployed SuperNode names its site.yaml
-        return load_site_hospital(context, image_size)
-    from simulations.federation import hospital_from_context  # simulation nodes carry a partition-id
-
-    return hospital_from_context(context, image_size)
 
 
 def _load(load_hospital: HospitalLoader, context: Context, task: TaskSpec) -> Hospital:
@@ -138,8 +130,9 @@ def _finetuned(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> di
     return evaluate(tuned, hospital.data.val, task.num_classes)
 
 
-def build_client_app(load_hospital: HospitalLoader = _default_loader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
-    """A ClientApp reading its hospital's data and policy through `load_hospital`. `extra_mods`
+def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
+    hospital: its site.yaml; a simulation hands its own). `extra_mods`
     run just inside the error guard, before SecAgg+ and clipping (e.g. a site's own audit)."""
     app = ClientApp(mods=[private_errors_mod, *extra_mods, secure_aggregation_mod, central_dp_mod])
 
@@ -174,4 +167,4 @@ def build_client_app(load_hospital: HospitalLoader = _default_loader, extra_mods
     return app
 
 
-app = build_client_app()
+app = build_client_app(load_site_hospital)  # a deployed hospital (its SuperNode names its site.yaml)

@@ -1,7 +1,7 @@
 """`aseanfl client start`: the hospital daemon. A Flower SuperNode (mutual TLS to the federation's
 front with the hospital's client certificate, authenticated with the site's node key) plus the
-gate's SuperExec, which runs each task as an `aseanfl-clientapp` process (app approval + audit
-log). Every port they open is on 127.0.0.1. The daemon asks the front's door whether this
+gate's SuperExec, which runs each run's tasks in a warm worker (client/warm.py: app approval,
+audit log). Every port they open is on 127.0.0.1. The daemon asks the front's door whether this
 hospital is admitted before it connects, and again every DOOR_CHECK_S while connected: a refusal
 (revoked, or a kit of another federation) is one clear line in its log, and it stops connecting
 until the door admits it again. The SuperNode retries the server without limit, so a restarted
@@ -56,6 +56,7 @@ def daemon_env(site: SiteConfig, site_path: Path) -> dict[str, str]:
         "FLWR_HOME": str(site.state_dir / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # a local call: a task waits 0.2 s, not Flower's 1 s
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
     }
 

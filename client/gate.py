@@ -1,11 +1,10 @@
-"""The hospital's gate around Flower's app processes: app approval and the audit log.
+"""The hospital's gate around the app code it runs: app approval and the audit log.
 
-Flower's SuperNode hands each task to an executor (SuperExec) that starts one `flwr-clientapp`
-process per task; that process installs the run's app bundle (FAB) and runs it. The daemon
-starts its own SuperExec whose ClientApp command is `aseanfl-clientapp`: Flower's
-`flwr-clientapp` with two checks wrapped around it, outside the app's own code:
+Flower's SuperNode hands each task to an executor (SuperExec). The daemon starts its own,
+`aseanfl-superexec`, which runs the tasks in warm workers (client/warm.py) with two checks
+around the app's own code:
 
-* before the bundle is installed, its sha256 must be on the hospital's allow-list
+* before a task's bundle is installed, its sha256 must be on the hospital's allow-list
   (approved-apps.yaml); otherwise the bundle is never unpacked or imported and the server gets
   an error reply saying so;
 * every reply is written to the audit log before it is handed to the SuperNode.
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, check_approved, only_task
@@ -29,7 +29,7 @@ SITE_ENV = "ASEANFL_SITE_CONFIG"  # the daemon's site.yaml, inherited by the exe
 log = logging.getLogger("aseanfl")
 
 
-def _gated_install(site: SiteConfig, install):
+def gated_install(site: SiteConfig, install):
     def install_if_approved(fab_content: bytes, *args, **kwargs):
         if site.require_approval:
             try:
@@ -46,7 +46,7 @@ def _gated_install(site: SiteConfig, install):
     return install_if_approved
 
 
-def _audited_push(site: SiteConfig, push):
+def audited_push(site: SiteConfig, push):
     audit = AuditLog(site.audit_log)
 
     def push_and_record(client, message, context):
@@ -56,23 +56,15 @@ def _audited_push(site: SiteConfig, push):
     return push_and_record
 
 
-def clientapp_main() -> None:
-    """`aseanfl-clientapp`: Flower's flwr-clientapp behind the approval check and the audit log."""
-    from flwr.supernode.cli import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp
-
-    site = load_site(Path(os.environ[SITE_ENV]))
-    run_clientapp.install_from_fab = _gated_install(site, run_clientapp.install_from_fab)
-    run_clientapp.push_message = _audited_push(site, run_clientapp.push_message)
-    flwr_clientapp()
-
-
 def superexec_main() -> None:
-    """Flower's SuperExec, launching `aseanfl-clientapp` instead of `flwr-clientapp`."""
+    """Flower's SuperExec, taking ClientApp tasks only and running them in warm workers."""
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.constant import TaskType
 
-    only_task(TaskType.CLIENT_APP, "aseanfl-clientapp")
+    from .warm import install
+
+    only_task(TaskType.CLIENT_APP, "flwr-clientapp")
+    install()
     flower_superexec()
 
 
@@ -91,10 +83,28 @@ def client_tls(site: SiteConfig):
     return mutual_tls(c.root_certificates, c.client_certificate, c.client_key)
 
 
+POLL_S = 1.0  # an idle SuperNode asks the server for work this often (Flower: every 3 s)
+
+
+class _PollClock:
+    """The `time` module as Flower's SuperNode loop sees it, with its 3 s wait between empty pulls
+    shortened: each message otherwise waits up to 3 s before a hospital sees it (2 per round)."""
+
+    def __init__(self, poll: float):
+        self.poll = poll
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.poll if seconds == 3 else seconds)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
 def supernode_main() -> None:
     """`aseanfl-supernode`: Flower's SuperNode whose Fleet client presents the hospital's client
     certificate (Flower's own has no option for one)."""
     from flwr.supernode.cli import flower_supernode
+    from flwr.supernode import start_client_internal
     from flwr.supernode.fleet_http_client import FleetHttpClient
 
     context = client_tls(load_site(Path(os.environ[SITE_ENV])))
@@ -104,4 +114,5 @@ def supernode_main() -> None:
         return cls(f"https://{server_address}", interceptors=interceptors, verify=context, retry_invoker=retry_invoker)
 
     FleetHttpClient.from_server_address = classmethod(from_server_address)
+    start_client_internal.time = _PollClock(POLL_S)
     flower_supernode()

@@ -45,11 +45,17 @@ def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.nd
 
 
 def load_site_hospital(context: Context, image_size: int):
-    """The Hospital behind a deployed SuperNode."""
+    """The Hospital behind a deployed SuperNode. A warm worker serves a whole run: its images are
+    decoded and split once (until site.yaml changes), not once per message."""
+    path = Path(str(context.node_config[SITE_CONFIG_KEY]))
+    return _hospital(str(path), path.stat().st_mtime, image_size)
+
+
+@lru_cache(maxsize=2)
+def _hospital(path: str, mtime: float, image_size: int):
     from .app import Hospital
 
-    path = Path(str(context.node_config[SITE_CONFIG_KEY]))
-    site, x, y, classes = _site_arrays(str(path), path.stat().st_mtime)
+    site, x, y, classes = _site_arrays(path, mtime)
     if len(y) < 2:
         raise SiteDataError("no usable training images at this hospital")
     train, val = split_train_val(to_tensor(x, image_size), targets(y, image_size), VAL_FRACTION, 0)

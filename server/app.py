@@ -11,13 +11,9 @@ from .loop import Plan, run_federation
 from .report import write_report
 
 
-def _plan_from_run_config(context: Context) -> Plan:
-    from simulations.runner import plan_from_run_config  # `flwr run .` of a simulation
-
-    return plan_from_run_config(context.run_config)
-
-
-def build_server_app(make_plan: Callable[[Context], Plan] = _plan_from_run_config) -> ServerApp:
+def build_server_app(make_plan: Callable[[Context], Plan] | None = None) -> ServerApp:
+    """The ServerApp: a deployment (`aseanfl run`) plans itself from its run config; a simulation
+    hands its `make_plan`."""
     app = ServerApp()
 
     @app.main()
@@ -26,6 +22,8 @@ def build_server_app(make_plan: Callable[[Context], Plan] = _plan_from_run_confi
             from .deployment import deployment_plan
 
             plan = deployment_plan(context, grid)
+        elif make_plan is None:
+            raise ValueError("this ServerApp runs deployments (`aseanfl run`); a simulation hands it its plan")
         else:
             plan = make_plan(context)
         run_federation(grid, plan)
@@ -34,4 +32,4 @@ def build_server_app(make_plan: Callable[[Context], Plan] = _plan_from_run_confi
     return app
 
 
-app = build_server_app()
+app = build_server_app()  # deployments only

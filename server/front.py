@@ -55,7 +55,7 @@ events {{ worker_connections 1024; }}
 http {{
   server_tokens off;
   default_type text/plain;
-  log_format front '$time_iso8601 $remote_addr "$ssl_client_s_dn" $ssl_client_verify "$request" $status $bytes_sent $request_time';
+  log_format front '$time_iso8601 $msec $remote_addr "$ssl_client_s_dn" $ssl_client_verify "$request" $status $bytes_sent $request_time';
   access_log {d / 'access.log'} front;
 {temp}
   client_max_body_size 0;

@@ -55,10 +55,36 @@ def serverapp_main() -> None:
     flwr_serverapp()
 
 
+class _Reaping:
+    """Flower's subprocess executor starts each ServerApp process and never waits for it, so a
+    finished one stays a zombie under the executor: wait for finished children at every poll."""
+
+    def __init__(self, executor):
+        self.executor = executor
+
+    def reconcile(self) -> None:
+        self.executor.reconcile()
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def __getattr__(self, name):
+        return getattr(self.executor, name)
+
+
 def serverexec_main() -> None:
     """`aseanfl-serverexec`: Flower's SuperExec for the coordinator's ServerApp tasks only."""
+    import importlib
+
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.constant import TaskType
 
     only_task(TaskType.SERVER_APP, "aseanfl-serverapp")
+    superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")  # the module, not the function
+    make = superexec.get_executor
+    superexec.get_executor = lambda *args, **kwargs: _Reaping(make(*args, **kwargs))
     flower_superexec()

@@ -30,6 +30,18 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def zombies(pids: set[int]) -> list[int]:
+    """The processes among `pids` that ended and were never waited for (state Z)."""
+    found = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                found.append(pid)
+        except (OSError, IndexError):
+            continue
+    return found
+
+
 def listening(pids: set[int]) -> set[tuple[str, int]]:
     """(address, port) of every TCP socket the processes `pids` listen on, from /proc."""
     import ipaddress

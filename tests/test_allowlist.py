@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, approve, bundle_hash, check_approved
-from client.gate import _gated_install
+from client.gate import gated_install
 from server.gate import check_bundle
 
 BUNDLE, OTHER = b"PK\x03\x04 an approved bundle", b"PK\x03\x04 someone else's bundle"
@@ -30,7 +30,7 @@ def test_each_gate_words_its_refusal(tmp_path):
     approve(path, bundle_hash(BUNDLE))
     installed = []
     site = SimpleNamespace(site="site-x", require_approval=True, approved_apps=path)
-    gated = _gated_install(site, lambda content, *a, **k: installed.append(content))
+    gated = gated_install(site, lambda content, *a, **k: installed.append(content))
     gated(BUNDLE)
     assert installed == [BUNDLE] and check_bundle(path, BUNDLE) == bundle_hash(BUNDLE)
     with pytest.raises(AppNotApproved, match="is not approved by hospital site-x"):

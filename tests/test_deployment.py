@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from attacks import PATHS, flwr_as, marker_app, post
 from PIL import Image
-from processes import descendants, listening, live_processes
+from processes import descendants, listening, live_processes, zombies
 
 from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
 
@@ -56,8 +56,9 @@ def deployed(tmp_path_factory):
         run = dep.run("--rounds", "2", "--set", "task.image_size=32", "--set", "train.local_epochs=5",
                       "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120", timeout=600)
         seconds = time.monotonic() - started
+        time.sleep(3)  # the last tasks' processes end
         out = {"fed": dep.fed, "tmp": tmp, "run": run, "seconds": seconds, "hash": app_hash, "dep": dep,
-               "listening": _listening(dep)}
+               "listening": _listening(dep), "zombies": {n: zombies(descendants(p.pid)) for n, p in dep.procs.items()}}
         out["rogue"] = _rogue_supernode(tmp, dep)
         out["no_cert"] = _supernode_without_client_certificate(dep)
         out.update(_attack(dep, tmp, run.stdout))
@@ -195,6 +196,31 @@ def test_two_rounds_complete_and_the_federation_learns(deployed):
     print(f"deployed: federated val AUC by round {auc}; round seconds {summary['round_seconds']}, "
           f"whole run incl. waiting {deployed['seconds']:.1f} s")
     assert auc["2"] > 0.65, auc  # chance is 0.5 (blank images gave exactly 0.5)
+
+
+def _worker_lines(site: str, deployed) -> list[tuple[str, str, str]]:
+    """(worker pid, message type, the rest) of each task the hospital's daemon served in the run."""
+    run_id = re.search(r"run (\d+): finished", deployed["run"].stdout).group(1)
+    text = (deployed["tmp"] / f"{site}.log").read_text(errors="replace")
+    return re.findall(rf"aseanfl worker (\d+): run {run_id} (\w+) task: (.*)", text)
+
+
+def test_each_hospital_serves_its_run_from_one_warm_worker(deployed):
+    """No process per message: one worker per run at each hospital, forked from a parent that
+    imported torch/MONAI/Opacus before the run; the bundle is imported once, at the first task,
+    after its check; later tasks only check it again."""
+    for site in APPROVED:
+        lines = _worker_lines(site, deployed)
+        assert [t for _, t, _ in lines] == ["train", "evaluate"] * 2, lines
+        assert len({pid for pid, _, _ in lines}) == 1, lines
+        assert "bundle check + import" in lines[0][2] and all("+ import" not in rest for _, _, rest in lines[1:]), lines
+    # the hospital that did not approve the bundle checked it and imported nothing of it
+    assert _worker_lines(UNAPPROVED, deployed) == []
+    assert "site-d: refused app bundle" in (deployed["tmp"] / f"{UNAPPROVED}.log").read_text(errors="replace")
+
+
+def test_finished_app_processes_leave_no_zombies(deployed):
+    assert deployed["zombies"] == {name: [] for name in deployed["zombies"]}, deployed["zombies"]
 
 
 def test_outsider_can_do_nothing_on_the_public_address(deployed):
