@@ -4,6 +4,7 @@ hospitals are whichever registered SuperNodes are connected."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -109,4 +110,13 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
     log.info("%d hospital(s) connected; run folder %s", connected, run_dir)
     t = cfg.task
     return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
-                private=cfg.dp_models, sites=connected)
+                private=cfg.dp_models, sites=connected, node_names=_registered(runs.parent / "registered.json"))
+
+
+def _registered(path: Path) -> dict[int, str]:
+    """Node id -> hospital, as `aseanfl server start` registered them (so a hospital that goes
+    silent before its first reply is still named)."""
+    try:
+        return {int(node): site for site, node in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}

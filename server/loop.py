@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 from pydantic import ValidationError
@@ -85,6 +86,7 @@ class Plan:
     private: bool = False  # some hospital trains with DP-SGD: build DP-compatible models
     sites: int | None = None  # hospitals expected per round (central DP scales its noise by it)
     stop: threading.Event = field(default_factory=threading.Event)  # set when the engine under the run died
+    node_names: dict[int, str] = field(default_factory=dict)  # a deployment's registered hospitals by node id
 
     def __getstate__(self) -> dict:  # a copy sent to another process gets its own stop signal
         return {k: v for k, v in self.__dict__.items() if k != "stop"}
@@ -111,20 +113,36 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-def _site_name(reply: Message) -> str:
+def _site_name(reply: Message, names: dict[int, str]) -> str:
+    """The hospital a reply is from: its own 'site' record, else (an error reply) the name the
+    node id is known by (registered hospitals, earlier replies)."""
     if not reply.has_error() and "site" in reply.content.config_records:
         return str(reply.content.config_records["site"]["name"])
-    return f"node-{reply.metadata.src_node_id}"
+    return names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
 
 
-def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop: threading.Event) -> list[Message]:
+# Flower's own replies for a hospital that went away (no heartbeat): not an answer from the site.
+GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop: threading.Event,
+                      arrived: dict[int, float] | None = None) -> list[Message]:
     """Grid.send_and_receive, but it gives up as soon as `stop` is set, and a deployed grid is
-    polled every 0.5 s (Flower's polls every 3 s, which adds seconds to each round)."""
-    pending = set(grid.push_messages(messages))
+    polled every 0.5 s (Flower's polls every 3 s, which adds seconds to each round). Each reply
+    is attributed to the node it was asked of (Flower's 'node unavailable' reply comes from the
+    SuperLink's own id); `arrived`: node id -> seconds after sending."""
+    ids = list(grid.push_messages(messages))
+    asked = dict(zip(ids, (m.metadata.dst_node_id for m in messages), strict=True))
+    pending, start = set(ids), time.monotonic()
     interval = getattr(grid, "pull_interval", 0.5)
-    deadline, replies = time.monotonic() + timeout, []
+    deadline, replies = start + timeout, []
     while pending and time.monotonic() < deadline:
         got = list(grid.pull_messages(pending))
+        for m in got:
+            node = asked.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+            m.metadata.__dict__["_src_node_id"] = node
+            if arrived is not None:
+                arrived[node] = time.monotonic() - start
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         if pending and stop.wait(interval):
@@ -133,19 +151,26 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop:
 
 
 def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: dict[int, str],
-              silent: Callable[[int, int], None], stop: threading.Event) -> tuple[list[Message], dict[str, int]]:
+              silent: Callable[[int, int, str], None], stop: threading.Event) -> tuple[list[Message], dict[str, int]]:
     """Send, wait up to `timeout`, return replies sorted by site and the bytes sent to each site.
-    `known` learns node id -> site name; `silent(node id, bytes sent)` for each node that did
-    not reply in time."""
+    `known` learns node id -> site name; `silent(node id, bytes sent, why)` for each node that
+    did not reply in time or went away (Flower answered for it), which are not among the replies."""
     messages = list(messages)
     sent_to = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
-    replies = sorted(_send_and_receive(grid, messages, timeout, stop), key=_site_name)
+    arrived: dict[int, float] = {}
+    got = _send_and_receive(grid, messages, timeout, stop, arrived)
+    replies = sorted((r for r in got if not (r.has_error() and r.error.code in GONE)), key=lambda r: _site_name(r, known))
     for r in replies:
         if not r.has_error() and "site" in r.content.config_records:
-            known[r.metadata.src_node_id] = _site_name(r)
-    sent = {_site_name(r): sent_to.get(r.metadata.src_node_id, 0) for r in replies}
-    for nid in sorted(set(sent_to) - {r.metadata.src_node_id for r in replies}):
-        silent(nid, sent_to[nid])
+            known[r.metadata.src_node_id] = _site_name(r, known)
+    sent = {_site_name(r, known): sent_to.get(r.metadata.src_node_id, 0) for r in replies}
+    for r in got:
+        if r.has_error() and r.error.code in GONE:
+            nid = r.metadata.src_node_id
+            silent(nid, sent_to.get(nid, 0), f"went offline {arrived.get(nid, 0):.0f} s after the task was sent "
+                                             f"(its SuperNode stopped sending heartbeats; Flower: {r.error.reason})")
+    for nid in sorted(set(sent_to) - {r.metadata.src_node_id for r in got}):
+        silent(nid, sent_to[nid], f"did not reply within {timeout:g} s")
     return replies, sent
 
 
@@ -159,7 +184,7 @@ def _in_round(messages: Iterable[Message], rnd: int) -> list[Message]:
 
 def _checked(
     replies: list[Message], schema, progress: Progress, rnd: int, phase: str, refusals: dict[str, Refusal],
-    arrays: bool = True,
+    names: dict[int, str], arrays: bool = True,
 ) -> list[Message]:
     """Keep replies fit to aggregate. Error replies, refusals and metrics that break the schema
     are left out, each reported with the site's name and the reason. `arrays`: a training
@@ -167,7 +192,7 @@ def _checked(
     kept = []
     for reply in replies:
         progress.received(rnd, phase, reply)
-        site = _site_name(reply)
+        site = _site_name(reply, names)
         if reply.has_error():
             progress.problem(f"round {rnd} {phase}: {site} replied with an error: {reply.error.reason}")
             continue
@@ -192,10 +217,11 @@ def _checked(
     return kept
 
 
-def _count_traffic(replies: list[Message], sent: dict[str, int], row: Callable[[str], dict]) -> None:
+def _count_traffic(replies: list[Message], sent: dict[str, int], row: Callable[[str], dict],
+                   names: dict[int, str]) -> None:
     """Bytes both ways for every reply, used or not; a failed reply marks its site's row."""
     for reply in replies:
-        r = row(_site_name(reply))
+        r = row(_site_name(reply, names))
         r["bytes_to_site"] += sent[r["site"]]
         if reply.has_error():
             r["status"] = "error"
@@ -242,7 +268,7 @@ def _update_problem(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> tu
 
 
 def _screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, progress: Progress, rnd: int,
-              row: Callable[[str], dict]) -> list[Message]:
+              row: Callable[[str], dict], names: dict[int, str]) -> list[Message]:
     """Server-side update validation, before any strategy: an update with NaN/Inf, the wrong
     arrays, shapes or dtypes, or a norm beyond norm_factor x the round's median is left out,
     its site and the reason reported; the round goes on with the rest."""
@@ -258,16 +284,16 @@ def _screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, 
                                        for k, ref in reference.items() if np.issubdtype(ref.dtype, np.floating))))
             kept.append(reply)
             continue
-        row(_site_name(reply))["status"] = f"rejected:{problem[0]}"
-        progress.problem(f"round {rnd} training: update from {_site_name(reply)} rejected: {problem[1]}")
+        row(_site_name(reply, names))["status"] = f"rejected:{problem[0]}"
+        progress.problem(f"round {rnd} training: update from {_site_name(reply, names)} rejected: {problem[1]}")
     if len(kept) < cfg.min_sites_for_norm:
         return kept
     median = statistics.median(norms)
     out = []
     for reply, norm in zip(kept, norms, strict=True):
         if median > 0 and norm > cfg.norm_factor * median:
-            row(_site_name(reply))["status"] = "rejected:norm"
-            progress.problem(f"round {rnd} training: update from {_site_name(reply)} rejected: its norm {norm:.4g} is "
+            row(_site_name(reply, names))["status"] = "rejected:norm"
+            progress.problem(f"round {rnd} training: update from {_site_name(reply, names)} rejected: its norm {norm:.4g} is "
                              f"{norm / median:.1f}x the round's median {median:.4g} (limit {cfg.norm_factor:g}x)")
         else:
             out.append(reply)
@@ -308,7 +334,7 @@ def _secure_phase(grid: Grid, plan: Plan, workflow, tasks, arrays: ArrayRecord, 
         if nid in result.failed:
             r["status"] = "error"
     replies = sorted(result.replies, key=_site_name)
-    trained = _checked(replies, TrainMetrics, plan.progress, rnd, "training", refusals, arrays=False)
+    trained = _checked(replies, TrainMetrics, plan.progress, rnd, "training", refusals, result.sites, arrays=False)
     for nid in sorted(result.failed):
         plan.progress.problem(f"round {rnd} training: {result.sites.get(nid, f'node-{nid}')} dropped out of SecAgg+")
     if result.problem:
@@ -339,7 +365,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     best = {"round": None, "score": float("-inf")}
     started = time.time()
     round_seconds: list[float] = []
-    known: dict[int, str] = {}  # node id -> site name, from replies so far
+    known: dict[int, str] = dict(plan.node_names)  # node id -> site name: registered hospitals, replies so far
 
     if plan.test is not None:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
@@ -361,11 +387,11 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         def row(site: str) -> dict:
             return rows.setdefault(site, {"round": rnd, "site": site, "status": "ok", "bytes_to_site": 0, "bytes_from_site": 0})
 
-        def silent(phase: str) -> Callable[[int, int], None]:
-            def report(nid: int, sent_bytes: int) -> None:
+        def silent(phase: str) -> Callable[[int, int, str], None]:
+            def report(nid: int, sent_bytes: int, why: str) -> None:
                 r = row(known.get(nid, f"node-{nid}"))
                 r["status"], r["bytes_to_site"] = "no-reply", r["bytes_to_site"] + sent_bytes
-                progress.problem(f"round {rnd} {phase}: {r['site']} did not reply within {timeout:g} s; left out")
+                progress.problem(f"round {rnd} {phase}: {r['site']} {why}; left out")
             return report
 
         progress.round_started(rnd, rounds, "training")
@@ -373,17 +399,17 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd)
         if workflow is None:
             replies, sent = _exchange(grid, tasks, timeout, known, silent("training"), plan.stop)
-            _count_traffic(replies, sent, row)
-            trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals)
+            _count_traffic(replies, sent, row, known)
+            trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals, known)
         else:
             trained, new_arrays, train_agg = _secure_phase(grid, plan, workflow, tasks, shared, rnd, row, refusals)
         for site, refusal in refusals.items():
             row(site).update(status=f"refused:{refusal.code}", epsilon=refusal.epsilon_spent)
         for reply in trained:
-            m, r = _metrics(reply), row(_site_name(reply))
+            m, r = _metrics(reply), row(_site_name(reply, known))
             r.update(train_loss=m["train-loss"], num_train=m["num-examples"], epsilon=m["epsilon"])
         if workflow is None:
-            used = _screened(trained, shared, cfg.strategy.validation, progress, rnd, row)
+            used = _screened(trained, shared, cfg.strategy.validation, progress, rnd, row, known)
             new_arrays, train_agg = strategy.aggregate_train(rnd, used) if used else (None, None)
         else:
             used = trained
@@ -400,10 +426,10 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         progress.round_started(rnd, rounds, "validating")
         evals = _in_round(strategy.configure_evaluate(rnd, shared, task.to_config(), grid), rnd)
         replies, sent = _exchange(grid, evals, timeout, known, silent("validation"), plan.stop)
-        _count_traffic(replies, sent, row)
-        replies = _checked(replies, EvalMetrics, progress, rnd, "validation", {})
+        _count_traffic(replies, sent, row, known)
+        replies = _checked(replies, EvalMetrics, progress, rnd, "validation", {}, known)
         for reply in replies:
-            m, r = _metrics(reply), row(_site_name(reply))
+            m, r = _metrics(reply), row(_site_name(reply, known))
             r.update(val_loss=m["val-loss"], val_accuracy=m["val-accuracy"], val_auc=m["val-auc"], num_val=m["num-examples"],
                      ft_val_accuracy=m.get("ft-val-accuracy"), ft_val_auc=m.get("ft-val-auc"), val_dice=m.get("val-dice"),
                      ft_val_dice=m.get("ft-val-dice"))

@@ -59,7 +59,7 @@ def test_only_schema_conformant_replies_are_kept():
         failed,
     ]
     progress, refusals = Collect(), {}
-    kept = _checked(replies, TrainMetrics, progress, 3, "training", refusals)
+    kept = _checked(replies, TrainMetrics, progress, 3, "training", refusals, {})
     assert [m.content.config_records["site"]["name"] for m in kept] == ["bangkok"]
     text = "\n".join(progress.problems)
     assert "hanoi sent metrics that break the schema" in text and "patient-age" in text
@@ -93,3 +93,51 @@ def test_hospital_errors_reach_the_server_without_local_detail(caplog):
     assert reply.has_error()
     assert reply.error.reason == "FileNotFoundError at the hospital (details in its local log)"
     assert "NGUYEN" not in reply.error.reason and secret in caplog.text, "full detail stays in the local log"
+
+
+class _LinkThatLostANode:
+    """Flower's grid as the ServerApp sees it when one hospital's SuperNode stopped sending
+    heartbeats: the SuperLink answers for it with a NODE_UNAVAILABLE error from its own node id."""
+
+    pull_interval = 0.01
+
+    def __init__(self, lost: int):
+        self.lost, self.sent = lost, []
+
+    def push_messages(self, messages):
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+        self.sent = list(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        from flwr.common.constant import ErrorCode
+
+        out = []
+        for m in self.sent:
+            if m.metadata.message_id not in ids:
+                continue
+            if m.metadata.dst_node_id == self.lost:
+                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node unavailable"), reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            else:
+                reply = Message(RecordDict({"site": ConfigRecord({"name": f"site-{m.metadata.dst_node_id}"})}), reply_to=m)
+            out.append(reply)
+        return out
+
+
+def test_a_hospital_that_went_away_gets_its_own_no_reply_row_not_the_links():
+    """A vanished hospital is named (from the registered node ids) with the true reason; no row
+    for the SuperLink's own node id (the `node-1,error` row of before)."""
+    import threading
+
+    from server.loop import _exchange
+
+    messages = [Message(RecordDict({"config": ConfigRecord({"task": "{}"})}), dst_node_id=n, message_type=MessageType.TRAIN)
+                for n in (11, 12, 13)]
+    silent = []
+    replies, sent = _exchange(_LinkThatLostANode(lost=13), messages, 5.0, {13: "site-c"},
+                              lambda nid, nbytes, why: silent.append((nid, why)), threading.Event())
+    assert sorted(sent) == ["site-11", "site-12"] and len(replies) == 2
+    assert [nid for nid, _ in silent] == [13] and "went offline" in silent[0][1] and "Node unavailable" in silent[0][1]
+    assert all(r.metadata.src_node_id != SUPERLINK_NODE_ID for r in replies)
