@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aseanfl.allowlist import AppNotApproved, bundle_hash
@@ -178,7 +178,8 @@ class TaskRunner:
 
 
 def _serve(conn, superexec_pid: int) -> None:
-    """A worker: tasks from `conn` until the run is idle, the executor says stop or goes away."""
+    """A worker: tasks from `conn` until the executor says stop (its run idle, another run) or goes
+    away. Only the executor decides when a worker leaves, so no task is sent to a leaving one."""
     from flwr.supercore.app_utils import start_parent_process_monitor
 
     from .config import load_site
@@ -187,10 +188,7 @@ def _serve(conn, superexec_pid: int) -> None:
     start_parent_process_monitor(superexec_pid)  # the daemon killed: no worker lingers
     runner = TaskRunner(load_site(Path(os.environ[SITE_ENV])))
     try:
-        while conn.poll(IDLE_S):
-            spec = conn.recv()
-            if spec is None:
-                return
+        while (spec := conn.recv()) is not None:
             conn.send(runner.run(spec))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         return
@@ -202,13 +200,14 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: object
     busy: bool = False
+    used: float = field(default_factory=time.monotonic)
 
     def settle(self) -> None:
         """Take the worker's 'task done' notes; a worker that died is no longer busy."""
         try:
             while self.conn.poll():
                 self.conn.recv()
-                self.busy = False
+                self.busy, self.used = False, time.monotonic()
         except (EOFError, OSError):
             self.busy = False
 
@@ -264,13 +263,15 @@ class WarmExecutor:
             worker.conn.send(spec)
         except (OSError, ValueError) as exc:
             return LaunchResult.failed(f"could not hand the task to a worker: {exc}")
-        worker.busy = True
+        worker.busy, worker.used = True, time.monotonic()
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
         for worker in list(self.workers):
             worker.settle()
-            if not worker.process.is_alive():  # idle timeout, or it crashed: reaped by now
+            if not worker.busy and time.monotonic() - worker.used > IDLE_S:
+                worker.stop()  # its run has been quiet for long: free its memory
+            if not worker.process.is_alive():  # stopped, or it crashed: reaped by the forkserver
                 worker.process.join(timeout=0)
                 self.workers.remove(worker)
 

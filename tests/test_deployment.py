@@ -297,8 +297,10 @@ def test_ca_key_stays_off_the_server(tmp_path):
 
 def test_unapproved_app_is_refused_by_the_hospital(deployed):
     rows = _rows(deployed["tmp"] / "results")
-    refused = [r for r in rows if r["site"].startswith("node-")]
-    assert refused and all(r["status"] == "error" for r in refused)
+    # its error replies carry no site record: the server names it by its registered node id
+    refused = [r for r in rows if r["site"] == UNAPPROVED]
+    assert [r["status"] for r in refused] == ["error", "error"], refused
+    assert not [r for r in rows if r["site"].startswith("node-")], rows
     assert "is not approved by hospital site-d" in deployed["run"].stdout
     # the bundle was never unpacked at site-d
     apps = deployed["fed"] / "sites" / UNAPPROVED / "state" / "flwr-home" / "apps"
