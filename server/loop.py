@@ -333,7 +333,7 @@ def _secure_phase(grid: Grid, plan: Plan, workflow, tasks, arrays: ArrayRecord, 
         r["bytes_from_site"] += from_site
         if nid in result.failed:
             r["status"] = "error"
-    replies = sorted(result.replies, key=_site_name)
+    replies = sorted(result.replies, key=lambda r: _site_name(r, result.sites))
     trained = _checked(replies, TrainMetrics, plan.progress, rnd, "training", refusals, result.sites, arrays=False)
     for nid in sorted(result.failed):
         plan.progress.problem(f"round {rnd} training: {result.sites.get(nid, f'node-{nid}')} dropped out of SecAgg+")
