@@ -67,12 +67,14 @@ def check_approved(path: Path, fab_content: bytes) -> tuple[bool, str]:
     return digest in approved, digest
 
 
-def only_task(task_type, command: str) -> None:
-    """Make this process's Flower SuperExec take tasks of one type only, run by `command`
-    (so no agent, connector or model task of a bundle ever runs here)."""
+def only_task(task_type, command: str | None = None) -> None:
+    """Make this process's Flower SuperExec take tasks of one type only, run by `command` (None:
+    the executor runs them its own way), so no agent, connector or model task of a bundle ever
+    runs here."""
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
     from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
 
     AutoExecPlugin.supported_task_types = frozenset({task_type})
     AutoExecPlugin.visible_output_task_types = frozenset({task_type})  # its refusals reach the daemon's log
-    TASK_TYPE_TO_COMMAND[task_type] = str(Path(sys.executable).parent / command)
+    if command is not None:
+        TASK_TYPE_TO_COMMAND[task_type] = str(Path(sys.executable).parent / command)

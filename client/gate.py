@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, check_approved, only_task
+from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, bundle_hash, check_approved, only_task
 
 from .audit import AuditLog, describe
 from .config import SiteConfig, load_site
@@ -29,21 +29,21 @@ SITE_ENV = "ASEANFL_SITE_CONFIG"  # the daemon's site.yaml, inherited by the exe
 log = logging.getLogger("aseanfl")
 
 
-def gated_install(site: SiteConfig, install):
-    def install_if_approved(fab_content: bytes, *args, **kwargs):
-        if site.require_approval:
-            try:
-                approved, digest = check_approved(site.approved_apps, fab_content)
-            except AllowListUnreadable as exc:  # the local log names the file, the reply does not
-                log.error("%s: cannot read the allow-list: %s", site.site, exc)
-                raise AppNotApproved(f"hospital {site.site} cannot read its app allow-list; nothing runs") from None
-            if not approved:
-                log.error("%s: refused app bundle %s (not in %s)", site.site, digest, site.approved_apps)
-                raise AppNotApproved(f"app bundle sha256 {digest} is not approved by hospital {site.site} "
-                                     "(`aseanfl client approve` there)")
-        return install(fab_content, *args, **kwargs)
-
-    return install_if_approved
+def approved_bundle(site: SiteConfig, fab_content: bytes) -> str:
+    """The bundle's sha256, once it passed the hospital's allow-list (when approval is on);
+    AppNotApproved, worded for the server's log (no local path), otherwise."""
+    if not site.require_approval:
+        return bundle_hash(fab_content)
+    try:
+        approved, digest = check_approved(site.approved_apps, fab_content)
+    except AllowListUnreadable as exc:  # the local log names the file, the reply does not
+        log.error("%s: cannot read the allow-list: %s", site.site, exc)
+        raise AppNotApproved(f"hospital {site.site} cannot read its app allow-list; nothing runs") from None
+    if not approved:
+        log.error("%s: refused app bundle %s (not in %s)", site.site, digest, site.approved_apps)
+        raise AppNotApproved(f"app bundle sha256 {digest} is not approved by hospital {site.site} "
+                             "(`aseanfl client approve` there)")
+    return digest
 
 
 def audited_push(site: SiteConfig, push):
@@ -63,7 +63,7 @@ def superexec_main() -> None:
 
     from .warm import install
 
-    only_task(TaskType.CLIENT_APP, "flwr-clientapp")
+    only_task(TaskType.CLIENT_APP)  # run by the warm workers, not by a command
     install()
     flower_superexec()
 

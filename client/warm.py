@@ -31,7 +31,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aseanfl.allowlist import AppNotApproved, bundle_hash
+from aseanfl.allowlist import AppNotApproved
+
+from .config import load_site
+from .gate import SITE_ENV, approved_bundle, audited_push
 
 log = logging.getLogger("aseanfl")
 IDLE_S = 1800.0  # a worker whose run has sent nothing for this long leaves (its memory is freed)
@@ -63,10 +66,7 @@ class TaskRunner:
         from flwr.cli.install import install_from_fab
         from flwr.supernode.runtime import run_clientapp as rc
 
-        from .gate import audited_push, gated_install
-
-        self.rc = rc
-        self.check = gated_install(site, lambda *args, **kwargs: None)  # the allow-list check alone
+        self.rc, self.site = rc, site
         self.install = install_from_fab
         self.push = audited_push(site, rc.push_message)
         self.bundle: str | None = None
@@ -142,8 +142,8 @@ class TaskRunner:
             t0 = time.monotonic()
             message, context, run, fab = self._pull(client)
             t1 = time.monotonic()
-            self.check(fab.content)  # every task's bundle, before anything of it is unpacked or imported
-            if bundle_hash(fab.content) != fab.hash_str:
+            # every task's bundle, before anything of it is unpacked or imported
+            if approved_bundle(self.site, fab.content) != fab.hash_str:
                 raise AppNotApproved(f"the app bundle's content does not match its stated sha256 {fab.hash_str}")
             first = self.bundle is None
             if first:
@@ -182,8 +182,6 @@ def _serve(conn, superexec_pid: int) -> None:
     away. Only the executor decides when a worker leaves, so no task is sent to a leaving one."""
     from flwr.supercore.app_utils import start_parent_process_monitor
 
-    from .config import load_site
-    from .gate import SITE_ENV
 
     start_parent_process_monitor(superexec_pid)  # the daemon killed: no worker lingers
     runner = TaskRunner(load_site(Path(os.environ[SITE_ENV])))

@@ -125,6 +125,10 @@ def _site_name(reply: Message, names: dict[int, str]) -> str:
 GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
+def _gone(reply: Message) -> bool:
+    return reply.has_error() and reply.error.code in GONE
+
+
 def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop: threading.Event,
                       arrived: dict[int, float] | None = None) -> list[Message]:
     """Grid.send_and_receive, but it gives up as soon as `stop` is set, and a deployed grid is
@@ -159,16 +163,15 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: di
     sent_to = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
     arrived: dict[int, float] = {}
     got = _send_and_receive(grid, messages, timeout, stop, arrived)
-    replies = sorted((r for r in got if not (r.has_error() and r.error.code in GONE)), key=lambda r: _site_name(r, known))
+    replies = sorted((r for r in got if not _gone(r)), key=lambda r: _site_name(r, known))
     for r in replies:
         if not r.has_error() and "site" in r.content.config_records:
             known[r.metadata.src_node_id] = _site_name(r, known)
     sent = {_site_name(r, known): sent_to.get(r.metadata.src_node_id, 0) for r in replies}
-    for r in got:
-        if r.has_error() and r.error.code in GONE:
-            nid = r.metadata.src_node_id
-            silent(nid, sent_to.get(nid, 0), f"went offline {arrived.get(nid, 0):.0f} s after the task was sent "
-                                             f"(its SuperNode stopped sending heartbeats; Flower: {r.error.reason})")
+    for r in filter(_gone, got):
+        nid = r.metadata.src_node_id
+        silent(nid, sent_to.get(nid, 0), f"went offline {arrived.get(nid, 0):.0f} s after the task was sent "
+                                         f"(its SuperNode stopped sending heartbeats; Flower: {r.error.reason})")
     for nid in sorted(set(sent_to) - {r.metadata.src_node_id for r in got}):
         silent(nid, sent_to[nid], f"did not reply within {timeout:g} s")
     return replies, sent

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, approve, bundle_hash, check_approved
-from client.gate import gated_install
+from client.gate import approved_bundle
 from server.gate import check_bundle
 
 BUNDLE, OTHER = b"PK\x03\x04 an approved bundle", b"PK\x03\x04 someone else's bundle"
@@ -28,22 +28,17 @@ def test_check_approved(tmp_path):
 def test_each_gate_words_its_refusal(tmp_path):
     path = tmp_path / "approved-apps.yaml"
     approve(path, bundle_hash(BUNDLE))
-    installed = []
     site = SimpleNamespace(site="site-x", require_approval=True, approved_apps=path)
-    gated = gated_install(site, lambda content, *a, **k: installed.append(content))
-    gated(BUNDLE)
-    assert installed == [BUNDLE] and check_bundle(path, BUNDLE) == bundle_hash(BUNDLE)
+    assert approved_bundle(site, BUNDLE) == bundle_hash(BUNDLE) and check_bundle(path, BUNDLE) == bundle_hash(BUNDLE)
     with pytest.raises(AppNotApproved, match="is not approved by hospital site-x"):
-        gated(OTHER)
+        approved_bundle(site, OTHER)
     with pytest.raises(AppNotApproved, match="is not approved on this server"):
         check_bundle(path, OTHER)
     path.write_text("approved: [unclosed\n")
     with pytest.raises(AppNotApproved) as refused:  # the reply goes to the server: it names no local path
-        gated(BUNDLE)
+        approved_bundle(site, BUNDLE)
     assert "cannot read its app allow-list" in str(refused.value) and str(tmp_path) not in str(refused.value)
     with pytest.raises(AppNotApproved, match="the server cannot read its app allow-list"):
         check_bundle(path, BUNDLE)
-    assert installed == [BUNDLE]  # nothing else was ever installed
     site.require_approval = False  # a hospital that turned approval off runs what it is sent
-    gated(OTHER)
-    assert installed == [BUNDLE, OTHER]
+    assert approved_bundle(site, OTHER) == bundle_hash(OTHER)
