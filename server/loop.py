@@ -33,6 +33,7 @@ from medimaging.training import evaluate
 from strategies.config import UpdateValidation
 from strategies.factory import build_secure_workflow, build_strategy, client_clipping, weighted_mean
 
+from . import checkpoint
 from .config import RunConfig
 from .outputs import RunRecorder, score_of
 from .secure import secure_train
@@ -87,6 +88,7 @@ class Plan:
     sites: int | None = None  # hospitals expected per round (central DP scales its noise by it)
     stop: threading.Event = field(default_factory=threading.Event)  # set when the engine under the run died
     node_names: dict[int, str] = field(default_factory=dict)  # a deployment's registered hospitals by node id
+    resume: bool = False  # continue the run in run_dir from its checkpoint
 
     def __getstate__(self) -> dict:  # a copy sent to another process gets its own stop signal
         return {k: v for k, v in self.__dict__.items() if k != "stop"}
@@ -352,29 +354,50 @@ def _secure_phase(grid: Grid, plan: Plan, workflow, tasks, arrays: ArrayRecord, 
     return trained, new_arrays, weighted_mean(metrics, "num-examples") if trained else None
 
 
+def _start(plan: Plan, strategy) -> tuple[RunRecorder, ArrayRecord, checkpoint.Checkpoint | None]:
+    """A new run's recorder and initial model, or a resumed run's, restored from its checkpoint
+    (strategy state included) before anything in the folder changes."""
+    cfg, rounds = plan.config, plan.config.server.rounds
+    if not plan.resume:
+        return RunRecorder(plan.run_dir), initial_arrays(cfg, plan.shape, plan.private), None
+    ckpt = checkpoint.load(plan.run_dir, cfg, strategy)
+    if ckpt.round >= rounds:
+        raise checkpoint.CheckpointError(f"{plan.run_dir}: the run finished all its {rounds} rounds; nothing to resume")
+    recorder = RunRecorder(plan.run_dir, keep_rounds=ckpt.round)
+    random.setstate(ckpt.random_state)
+    recorder.save_model(ckpt.arrays, "model.safetensors", round=ckpt.round)
+    if ckpt.best.get("round") == ckpt.round:  # the crash may have come before the best model was written
+        recorder.save_model(ckpt.arrays, "model_best.safetensors", round=ckpt.round, selected_by=f"federated "
+                            f"{score_key(plan.shape.task)}")
+    plan.progress.problem(f"resuming {plan.run_dir.name} at round {ckpt.round + 1}/{rounds}: rounds 1-{ckpt.round} are "
+                          "kept from its checkpoint; an interrupted round runs again")
+    return recorder, ckpt.arrays, ckpt
+
+
 def run_federation(grid: Grid, plan: Plan) -> dict:
-    """Run all rounds; write rows and checkpoints into plan.run_dir; return the summary."""
+    """Run all rounds; write rows and checkpoints into plan.run_dir; return the summary. With
+    plan.resume, continue the run in plan.run_dir after its last checkpointed round."""
     cfg, shape, progress = plan.config, plan.shape, plan.progress
     random.seed(cfg.seed)  # Flower samples nodes with `random`
     strategy = build_strategy(cfg.strategy, plan.sites or cfg.strategy.min_sites)
     secagg = cfg.strategy.secure_aggregation
     workflow = build_secure_workflow(secagg, cfg.server.round_timeout_s) if secagg is not None else None
-    recorder = RunRecorder(plan.run_dir)
-    arrays = initial_arrays(cfg, shape, plan.private)
+    recorder, arrays, resumed = _start(plan, strategy)
     local = local_keys(cfg, shape, plan.private)
     if workflow is not None and cfg.strategy.validation.enabled:
         progress.problem("update validation is off under SecAgg+: the server never sees one hospital's update")
     rounds, timeout = cfg.server.rounds, cfg.server.round_timeout_s
-    best = {"round": None, "score": float("-inf")}
-    started = time.time()
-    round_seconds: list[float] = []
-    known: dict[int, str] = dict(plan.node_names)  # node id -> site name: registered hospitals, replies so far
+    best = resumed.best if resumed else {"round": None, "score": float("-inf")}
+    started = time.time() - (resumed.seconds if resumed else 0.0)
+    round_seconds: list[float] = resumed.round_seconds if resumed else []
+    known: dict[int, str] = {**(resumed.names if resumed else {}), **plan.node_names}  # node id -> site name
+    first = resumed.round + 1 if resumed else 1
 
-    if plan.test is not None:
+    if plan.test is not None and not resumed:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
         recorder.write_rows([{"round": 0, "site": "global", **{f"test_{k}": v for k, v in test.items()}}])
 
-    for rnd in range(1, rounds + 1):
+    for rnd in range(first, rounds + 1):
         round_start = time.time()
         task = TaskSpec(
             run=plan.run_dir.name, server_round=rnd, total_rounds=rounds, seed=cfg.seed, private=plan.private,
@@ -460,14 +483,19 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         if plan.test is not None:
             glob.update({f"test_{k}": v for k, v in server_evaluate(cfg, shape, arrays, plan.test, plan.private).items()})
         recorder.write_rows(site_rows + [glob])
-        recorder.save_model(arrays, "model.safetensors", round=rnd)
         key = score_key(shape.task)
         score = glob[key] if glob[key] is not None and not math.isnan(glob[key]) else -(glob["val_loss"] or float("inf"))
-        if score > best["score"]:
+        improved = score > best["score"]
+        if improved:
             best = {"round": rnd, "score": score}
+        round_seconds.append(round(time.time() - round_start, 2))
+        checkpoint.save(plan.run_dir, checkpoint.Checkpoint(
+            round=rnd, arrays=arrays, best=best, seconds=time.time() - started, round_seconds=round_seconds,
+            random_state=checkpoint.random_state(), names=known), strategy, cfg)
+        recorder.save_model(arrays, "model.safetensors", round=rnd)
+        if improved:
             recorder.save_model(arrays, "model_best.safetensors", round=rnd, selected_by=f"federated {key}")
         progress.round_finished(rnd, rounds, site_rows + [glob])
-        round_seconds.append(round(time.time() - round_start, 2))
 
     summary = {
         "rounds": rounds,
@@ -476,5 +504,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         "round_seconds": round_seconds,
         "final": glob if rounds else {},
     }
+    if resumed:
+        summary["resumed_after_round"] = resumed.round
     recorder.write_summary(summary)
     return summary

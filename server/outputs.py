@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord
@@ -22,16 +23,19 @@ def _clean(value):
 
 
 class RunRecorder:
-    """Appends each round's rows as soon as the round ends, so a crash loses nothing recorded."""
+    """Appends each round's rows as soon as the round ends, so a crash loses nothing recorded.
+    `keep_rounds`: a resumed run keeps the rows of rounds up to its checkpoint's and drops any
+    later ones (a round the crash interrupted after its rows were written runs again)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, keep_rounds: int | None = None) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path, self.jsonl_path = run_dir / "metrics.csv", run_dir / "metrics.jsonl"
-        for path in (self.csv_path, self.jsonl_path):
-            path.unlink(missing_ok=True)
-        with self.csv_path.open("w", newline="") as f:
-            csv.writer(f).writerow(COLUMNS)
+        kept = [r for r in read_rows(run_dir) if int(r["round"]) <= keep_rounds] if keep_rounds is not None else []
+        _replace(self.csv_path, lambda f: csv.writer(f).writerow(COLUMNS))
+        _replace(self.jsonl_path, lambda f: None)
+        if kept:
+            self.write_rows(kept)
 
     def write_rows(self, rows: list[dict]) -> None:
         with self.csv_path.open("a", newline="") as f:
@@ -42,13 +46,22 @@ class RunRecorder:
                 f.write(json.dumps({k: _clean(row.get(k)) for k in COLUMNS}) + "\n")
 
     def save_model(self, arrays: ArrayRecord, name: str, **metadata) -> Path:
-        path = self.run_dir / name
+        path, tmp = self.run_dir / name, self.run_dir / f".{name}.tmp"
         state = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
-        save_file(state, str(path), metadata={k: str(v) for k, v in metadata.items()})
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)  # a crash leaves the previous round's file, never half a file
         return path
 
     def write_summary(self, summary: dict) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        _replace(self.run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2, default=str) + "\n"))
+
+
+def _replace(path: Path, write) -> None:
+    """Write a file through a temporary one renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def score_of(rows: list[dict]) -> tuple[str, str]:
@@ -59,5 +72,12 @@ def score_of(rows: list[dict]) -> tuple[str, str]:
 
 
 def read_rows(run_dir: Path) -> list[dict]:
+    """The run's rows; a line cut short by a crash mid-write is left out."""
+    rows = []
     with (run_dir / "metrics.jsonl").open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
