@@ -119,32 +119,62 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="any field, dotted: --set train.lr=0.01"),
     out: Path = typer.Option(Path("runs"), help="where the run folder is downloaded to"),
     app: Optional[Path] = typer.Option(None, help="the Flower App folder (default: this aseanfl)"),
+    resume: Optional[int] = typer.Option(None, "--resume", metavar="RUN_ID",
+                                         help="continue a run the server lost, after its last finished round "
+                                              "(same settings; default: the run's own config.yaml)"),
 ) -> None:
     """Start a federated run on the connected hospitals, stream its progress, download its results."""
     from medimaging.yamlconfig import ConfigError, parse_sets, read_config
+    from server.checkpoint import CheckpointError, inspect
     from server.control import app_dir, start_run
-    from server.deployment import DeploymentConfig, flat_overrides
+    from server.deployment import DeploymentConfig, flat_overrides, run_busy, run_folder
 
+    fed = _federation(federation_dir) if resume is not None else None
+    old = run_folder(fed.server_dir / "runs", resume) if fed is not None else None
+    if config is None and old is not None and (old / "config.yaml").is_file():
+        config = old / "config.yaml"  # the settings the run was started with
     text = config.read_text() if config else ""
     named = [f"server.rounds={rounds}"] * (rounds is not None) + [f"strategy.name={strategy}"] * (strategy is not None)
     try:  # the same validation the ServerApp runs, before anything is sent
         import yaml
 
         tree = yaml.safe_load(text) or {}
-        read_config(None, {**flat_overrides(tree), **parse_sets([*set_, *named])}, DeploymentConfig)
+        cfg = read_config(None, {**flat_overrides(tree), **parse_sets([*set_, *named])}, DeploymentConfig)
     except (ConfigError, yaml.YAMLError) as exc:
         typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
         raise typer.Exit(2) from None
-    fed = _federation(federation_dir)
+    if old is not None:
+        try:
+            if not old.is_dir():
+                raise CheckpointError(f"no run {resume} on this server ({old} does not exist)")
+            if run_busy(old):
+                raise CheckpointError(f"run {resume} is still running on this server; nothing to resume")
+            done = inspect(old, cfg)
+        except CheckpointError as exc:
+            typer.echo(f"error: cannot resume: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"resuming run {resume} after round {done} of {cfg.server.rounds}")
+    fed = fed or _federation(federation_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        run_id, final, local = start_run(fed, text, [*set_, *named], app or app_dir(), out)
+        run_id, final, local = start_run(fed, text, [*set_, *named], app or app_dir(), out, resume=resume)
     except (PermissionError, RuntimeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"run {run_id}: {final or 'status unknown'}")
+    label = f"run {run_id}" + (f" (continuing run {resume})" if resume is not None else "")
+    if final == "lost":
+        from server.checkpoint import round_of
+
+        folder = resume if resume is not None else run_id
+        done = round_of(run_folder(fed.server_dir / "runs", folder))
+        kept = f"rounds 1-{done} are kept in its folder" if done else "no round was finished"
+        typer.echo(f"{label}: the server was lost (its SuperLink stopped answering); {kept}. Once `aseanfl server "
+                   f"start` runs again: aseanfl run -f {federation_dir} --resume {folder}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{label}: {final or 'status unknown'}")
     if local is not None:
-        typer.echo(f"results: {local}  (report: {local / 'report.md'})")
+        report = local / "report.md"
+        typer.echo(f"results: {local}" + (f"  (report: {report})" if report.is_file() else ""))
     if not final.endswith("completed"):
         raise typer.Exit(1)
 
@@ -156,11 +186,11 @@ def status(federation_dir: Path = FED_OPTION) -> None:
     info = read(_federation(federation_dir))
     console = Console()
     nodes = Table(title="hospitals")
-    for col in ("site", "node id", "status", "online at", "offline at"):
+    for col in ("site", "node id", "status", "online at", "offline at", "last seen at the front"):
         nodes.add_column(col)
     for n in info["nodes"]:
         nodes.add_row(n.get("site", "?"), str(n.get("node-id")), str(n.get("status")), str(n.get("online-at") or ""),
-                      str(n.get("offline-at") or ""))
+                      str(n.get("offline-at") or ""), str(n.get("last-seen") or ""))
     console.print(nodes)
     runs = Table(title="runs")
     for col in ("run id", "status", "elapsed"):

@@ -119,20 +119,36 @@ def save(run_dir: Path, ckpt: Checkpoint, strategy, config) -> Path:
     return path
 
 
-def load(run_dir: Path, config, strategy) -> Checkpoint:
-    """Read the run folder's checkpoint for `config`, and put its state into `strategy` (built
-    from the same config). CheckpointError names the folder and the reason."""
+def inspect(run_dir: Path, config) -> int:
+    """The round a run folder's checkpoint was written after, if `config` may resume from it
+    (CheckpointError if not: missing, unreadable, other settings, or all rounds done)."""
     path = run_dir / NAME
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {NAME} (the run finished no round, or is not an aseanfl run folder); "
                               "start it again instead")
     try:
+        meta = json.loads(_metadata(path)[KEY])
+        done = int(meta["round"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc}); the run cannot be resumed from it, "
+                              "nothing in the folder was changed") from None
+    if meta.get("settings") != settings_digest(config):
+        raise CheckpointError(f"{path}: written under other settings than this run's (its config.yaml has them); "
+                              "resume with the same federation.yaml and --set options, or start a new run")
+    if done >= config.server.rounds:
+        raise CheckpointError(f"{run_dir}: the run finished all its {config.server.rounds} rounds; nothing to resume")
+    return done
+
+
+def load(run_dir: Path, config, strategy) -> Checkpoint:
+    """Read the run folder's checkpoint for `config`, and put its state into `strategy` (built
+    from the same config). CheckpointError names the folder and the reason."""
+    inspect(run_dir, config)
+    path = run_dir / NAME
+    try:
         tensors = load_file(str(path))
         meta = json.loads(_metadata(path)[KEY])
         names = [type(s).__name__ for s in _layers(strategy)]
-        if meta["settings"] != settings_digest(config):
-            raise CheckpointError(f"{path}: written under other settings than this run's (its config.yaml has them); "
-                                  "resume with the same federation.yaml and --set options, or start a new run")
         if meta["strategy_types"] != names:
             raise CheckpointError(f"{path}: written by strategy {meta['strategy_types']}, this run's is {names}")
         arrays = ArrayRecord({k: Array(tensors[f"model/{i}"]) for i, k in enumerate(meta["model_keys"])})
@@ -162,6 +178,14 @@ def _metadata(path: Path) -> dict[str, str]:
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(size))["__metadata__"]
+
+
+def round_of(run_dir: Path) -> int | None:
+    """The last round a run folder's checkpoint holds, or None."""
+    try:
+        return int(json.loads(_metadata(run_dir / NAME)[KEY])["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def random_state() -> list:

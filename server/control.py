@@ -187,6 +187,25 @@ def check_ca_key_away(fed: Federation) -> None:
                                "(docs/security.md)")
 
 
+MAX_RESTARTS = 3  # SuperLink crashes tolerated within 10 minutes before the server gives up
+
+
+def _start_link(fed: Federation, env: dict, procs: dict[str, subprocess.Popen]) -> None:
+    """(Re)start the SuperLink and, once it answers, its executor (stopping what is left of both)."""
+    for name in ("executor", "SuperLink"):
+        proc = procs.pop(name, None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    procs["SuperLink"] = subprocess.Popen(superlink_command(fed), env=env)
+    wait_ready(fed, proc=procs["SuperLink"])
+    procs["executor"] = subprocess.Popen(serverexec_command(fed), env=env)
+
+
 def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
     """`aseanfl server start`: the SuperLink on loopback, its executor and the public front, in the
     foreground; hospitals registered once it answers; revocations applied while it runs."""
@@ -203,23 +222,38 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
     if not (fed.server_dir / "state.db").exists():
         (fed.server_dir / "registered.json").unlink(missing_ok=True)
     env = {**flwr_env(fed), SERVER_ALLOWLIST_ENV: str(server_allowlist(fed))}
-    procs: dict[str, subprocess.Popen] = {"SuperLink": subprocess.Popen(superlink_command(fed), env=env)}
+    procs: dict[str, subprocess.Popen] = {}
     signal.signal(signal.SIGTERM, _exit)  # systemd's stop: take the children down with us
     try:
-        wait_ready(fed, proc=procs["SuperLink"])
-        procs["executor"] = subprocess.Popen(serverexec_command(fed), env=env)
+        _start_link(fed, env, procs)
+        (fed.server_dir / "started-at").write_text(f"{time.time():.3f}\n")  # `aseanfl status`: seen since?
         for site, node in register_sites(fed).items():
             log(f"registered {site}: node {node}")
         procs["front"] = front.start(fed)
         log(f"SuperLink for {fed.name}: public front on {fed.listen} (mutual TLS, Fleet API only), "
             f"SuperLink on {fed.superlink} (loopback); registered hospitals only; Ctrl-C stops it")
         stamp, active = _stamp(fed), set(fed.sites())
+        restarts: list[float] = []
         while True:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    why = f": {front.last_error(fed)}" if name == "front" and front.last_error(fed) else ""
-                    log(f"error: the {name} exited (code {proc.returncode}){why}; stopping the server")
+            for name, proc in list(procs.items()):
+                if proc.poll() is None:
+                    continue
+                if name == "front":
+                    why = f": {front.last_error(fed)}" if front.last_error(fed) else ""
+                    log(f"error: the front exited (code {proc.returncode}){why}; stopping the server")
                     return 1
+                restarts = [t for t in restarts if t > time.monotonic() - 600] + [time.monotonic()]
+                if len(restarts) > MAX_RESTARTS:
+                    log(f"error: the {name} exited (code {proc.returncode}) {len(restarts)} times in 10 minutes; "
+                        "stopping the server (see the lines above for why)")
+                    return 1
+                log(f"error: the {name} exited (code {proc.returncode}); restarting the SuperLink and its executor "
+                    "(state and registrations are kept in state.db). A run it was serving is lost after its last "
+                    "finished round: continue it with `aseanfl run --resume RUN_ID`")
+                _start_link(fed, env, procs)
+                (fed.server_dir / "started-at").write_text(f"{time.time():.3f}\n")
+                log("SuperLink restarted")
+                break
             if _stamp(fed) != stamp:  # a hospital revoked or added while we run
                 front.reload(procs["front"])
                 try:
@@ -245,21 +279,48 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
                 proc.kill()
 
 
+def _started_at(fed: Federation) -> float | None:
+    try:
+        return float((fed.server_dir / "started-at").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def status(fed: Federation) -> dict:
+    from . import front
+
     nodes = _json(flwr(fed, "supernode", "list", fed.name, "--format", "json"))
     runs = _json(flwr(fed, "list", fed.name, "--format", "json"))
     path = fed.server_dir / "registered.json"
     names = {v: k for k, v in (json.loads(path.read_text()) if path.is_file() else {}).items()}
+    seen = front.last_seen(fed)
+    started = _started_at(fed)
     for node in nodes.get("nodes", []):
-        node["site"] = names.get(str(node.get("node-id")), "?")
+        node["site"] = site = names.get(str(node.get("node-id")), "?")
+        if site in seen:
+            node["last-seen"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen[site]))
+        if node.get("status") == "online" and started and seen.get(site, 0) < started:
+            # Flower keeps a node "online" from before a restart until its heartbeat would have expired
+            node["status"] = "not seen since the server restarted"
     return {"nodes": nodes.get("nodes", []), "runs": runs.get("runs", []),
             "problems": [r["error-message"] for r in (nodes, runs) if not r.get("success")]}
 
 
+def _run_status(fed: Federation, run_id: int) -> str | None:
+    """The run's status on the SuperLink, or None when the SuperLink does not answer."""
+    res = _json(flwr(fed, "list", fed.name, "--run-id", str(run_id), "--format", "json"))
+    if not res.get("success"):
+        return None
+    runs = res.get("runs", [])
+    return runs[0].get("status", "") if runs else ""
+
+
 def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path, out: Path,
-              echo: Callable[[str], None] = print, timeout: float = 3600) -> tuple[int, str, Path | None]:
-    """Submit the run, stream its log until it ends, copy its folder to `out`.
-    Returns (run id, final status, local run folder or None)."""
+              echo: Callable[[str], None] = print, timeout: float = 3600,
+              resume: int | None = None) -> tuple[int, str, Path | None]:
+    """Submit the run (or one that continues run `resume` in its folder), stream its log until it
+    ends, copy its folder to `out`. Returns (run id, final status or "lost" when the SuperLink
+    stopped answering, local run folder or None)."""
     from aseanfl.allowlist import approved_hashes, bundle_hash
 
     bundle = app_bundle(app)
@@ -267,9 +328,13 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
     if digest not in approved_hashes(server_allowlist(fed)):
         raise PermissionError(f"app bundle sha256 {digest} ({app}) is not approved on this server; review the change, "
                               "then `aseanfl server approve`")
+    run_config = {"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}
+    if resume is not None:  # the lost run's ServerApp is dead (its folder is free): Flower still says "running"
+        run_config["resume"] = str(resume)
+        flwr(fed, "stop", str(resume), fed.name, "--format", "json")
     with tempfile.TemporaryDirectory() as tmp:
         cfg_file = Path(tmp) / "run.toml"
-        cfg_file.write_text(tomli_w.dumps({"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}))
+        cfg_file.write_text(tomli_w.dumps(run_config))
         staged = staged_app(bundle, Path(tmp) / "app")  # same bundle, same hash; Flower would walk a .venv too
         proc = subprocess.Popen([str(_BIN / "flwr"), "run", str(staged), fed.name, "--run-config", str(cfg_file), "--stream"],
                                 env=flwr_env(fed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -286,16 +351,17 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
         proc.wait()
     if run_id is None:
         raise RuntimeError("the SuperLink did not start the run (is `aseanfl server start` running?)")
-    final = ""
+    final: str | None = ""
     for _ in range(30):  # the stream ends a moment before the status is written
-        runs = _json(flwr(fed, "list", fed.name, "--run-id", str(run_id), "--format", "json")).get("runs", [])
-        final = runs[0].get("status", "") if runs else ""
-        if final.startswith("finished"):
+        final = _run_status(fed, run_id)
+        if final is None or final.startswith("finished"):
             break
         time.sleep(1)
-    source = fed.server_dir / "runs" / f"run-{run_id}"
+    if final is None:
+        return run_id, "lost", None
+    source = fed.server_dir / "runs" / f"run-{resume if resume is not None else run_id}"
     local = None
     if source.is_dir():
         local = out / source.name
-        shutil.copytree(source, local, dirs_exist_ok=True)
+        shutil.copytree(source, local, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
     return run_id, final, local

@@ -4,6 +4,7 @@ hospitals are whichever registered SuperNodes are connected."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pydantic import Field, model_validator
 from medimaging.config import MODEL_MIN_SIZE, Dims, Strict, Task, check_augment, check_model_task
 from medimaging.yamlconfig import ConfigError, parse_sets, read_config
 
+from . import checkpoint
 from .config import RunConfig
 from .control import RUNS_ENV
 from .loop import Plan, TaskShape
@@ -94,13 +96,56 @@ def await_sites(grid: Grid, wanted: int, timeout: float) -> int:
         time.sleep(1.0)
 
 
+_HELD: list = []  # run folder locks, held as long as this ServerApp process lives
+
+
+def lock_run_dir(run_dir: Path) -> bool:
+    """Take the run folder for this process (the kernel lets go when it dies, kill -9 included);
+    False if a live process holds it."""
+    handle = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return False
+    _HELD.append(handle)
+    return True
+
+
+def run_busy(run_dir: Path) -> bool:
+    """A live ServerApp holds the run folder (`lock_run_dir`)."""
+    if not (run_dir / ".lock").exists():
+        return False
+    with open(run_dir / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def run_folder(runs: Path, run_id: int | str) -> Path:
+    return (runs / f"run-{run_id}").resolve()
+
+
 def deployment_plan(context: Context, grid: Grid) -> Plan:
     _stream_logs()
     cfg = config_from_run_config(context.run_config)
     runs = Path(os.environ.get(RUNS_ENV) or cfg.server.output_dir)
-    run_dir = (runs / f"run-{context.run_id}").resolve()
+    resume = str(context.run_config.get("resume", "") or "")
+    run_dir = run_folder(runs, resume or context.run_id)
+    if resume:  # `aseanfl run --resume`: the old folder, checked before anything in it changes
+        if not run_dir.is_dir():
+            raise ConfigError(f"resume: no run folder {run_dir}")
+        checkpoint.inspect(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if not lock_run_dir(run_dir):
+        raise ConfigError(f"{run_dir}: another server process is running this run")
+    if resume:
+        log.info("run %s continues run %s in %s", context.run_id, resume, run_dir)
+    else:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     wanted = cfg.wait_for_sites or cfg.strategy.min_sites
     log.info("waiting for %d hospital(s) (up to %g s)", wanted, cfg.wait_timeout_s)
     connected = await_sites(grid, wanted, cfg.wait_timeout_s)
@@ -110,7 +155,8 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
     log.info("%d hospital(s) connected; run folder %s", connected, run_dir)
     t = cfg.task
     return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
-                private=cfg.dp_models, sites=connected, node_names=_registered(runs.parent / "registered.json"))
+                private=cfg.dp_models, sites=connected, node_names=_registered(runs.parent / "registered.json"),
+                resume=bool(resume))
 
 
 def _registered(path: Path) -> dict[int, str]:

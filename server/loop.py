@@ -361,8 +361,6 @@ def _start(plan: Plan, strategy) -> tuple[RunRecorder, ArrayRecord, checkpoint.C
     if not plan.resume:
         return RunRecorder(plan.run_dir), initial_arrays(cfg, plan.shape, plan.private), None
     ckpt = checkpoint.load(plan.run_dir, cfg, strategy)
-    if ckpt.round >= rounds:
-        raise checkpoint.CheckpointError(f"{plan.run_dir}: the run finished all its {rounds} rounds; nothing to resume")
     recorder = RunRecorder(plan.run_dir, keep_rounds=ckpt.round)
     random.setstate(ckpt.random_state)
     recorder.save_model(ckpt.arrays, "model.safetensors", round=ckpt.round)
