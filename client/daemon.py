@@ -90,7 +90,10 @@ def superexec_command(site: SiteConfig) -> list[str]:
 
 
 def _port_free(port: int) -> bool:
+    """No live listener on the port. Connections of a daemon that was just killed linger in
+    TIME_WAIT; the SuperNode's server binds over them (SO_REUSEADDR), so this check does too."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

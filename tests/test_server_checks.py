@@ -141,3 +141,23 @@ def test_a_hospital_that_went_away_gets_its_own_no_reply_row_not_the_links():
     assert sorted(sent) == ["site-11", "site-12"] and len(replies) == 2
     assert [nid for nid, _ in silent] == [13] and "went offline" in silent[0][1] and "Node unavailable" in silent[0][1]
     assert all(r.metadata.src_node_id != SUPERLINK_NODE_ID for r in replies)
+
+
+def test_a_killed_daemons_port_is_free_again_at_once_but_a_live_one_is_not():
+    """systemd restarts a daemon killed with -9 within seconds; its runtime port still has
+    connections in TIME_WAIT, which must not read as 'in use' (the SuperNode binds over them)."""
+    import socket
+
+    from client.daemon import _port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's server does
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not _port_free(port)  # a live daemon holds it
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    assert _port_free(port)
