@@ -120,6 +120,24 @@ def last_error(fed: Federation) -> str:
     return said[-1] if said else ""
 
 
+def last_seen(fed: Federation, tail: int = 4 << 20) -> dict[str, float]:
+    """Hospital (certificate CN) -> when its last request the front admitted arrived (epoch
+    seconds), from the end of the access log (its last `tail` bytes)."""
+    import re
+
+    log = front_dir(fed) / "access.log"
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - tail))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return {}
+    seen: dict[str, float] = {}
+    for msec, cn in re.findall(r"^\S+ (\d+\.\d+) \S+ \"[^\"]*CN=([^,\"]+)[^\"]*\" SUCCESS \"[^\"]*\" 200 ", text, re.M):
+        seen[cn] = float(msec)
+    return seen
+
+
 def reload(proc: subprocess.Popen) -> None:
     """Re-read the CRL (and certificates): nginx's graceful reload."""
     if proc.poll() is None:
