@@ -167,8 +167,11 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
             _stop([executor, node])
         if stopping:
             break
-        backoff = 2.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+        quick = time.monotonic() - started < 60
+        backoff = min(backoff * 2, 10.0) if quick else 2.0
         if not refused:
-            log(f"{site.site}: the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s")
+            hint = (" (right after this daemon was restarted, the server refuses the node until it lets the previous "
+                    "connection go, within 60 s of its last heartbeat)") if quick else ""
+            log(f"{site.site}: the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s{hint}")
         pause(backoff)
     return 0

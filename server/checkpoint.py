@@ -28,7 +28,8 @@ KEY = "aseanfl-checkpoint"
 # DP wrappers); the rest is built again from the config.
 STATE = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
 # Settings that may differ on resume: they do not change what a round computes.
-FREE = {("server", "round_timeout_s"), ("server", "output_dir"), ("wait_for_sites",), ("wait_timeout_s",)}
+FREE = {("server", "round_timeout_s"), ("server", "rejoin_wait_s"), ("server", "output_dir"), ("wait_for_sites",),
+        ("wait_timeout_s",)}
 
 
 class CheckpointError(ValueError):

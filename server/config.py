@@ -14,6 +14,9 @@ from strategies.config import StrategyConfig
 class ServerConfig(Strict):
     rounds: int = Field(8, ge=1, le=10_000)
     round_timeout_s: float = Field(600.0, gt=0, description="how long a round waits for hospitals' replies")
+    rejoin_wait_s: float = Field(90.0, ge=0, description="a round waits this long for a hospital that was connected at "
+                                                         "the round before and is reconnecting (a daemon restarted "
+                                                         "after a crash needs up to ~60 s); once per absence")
     output_dir: Path = Field(Path("runs"), description="run folders are created inside it")
 
 

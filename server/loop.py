@@ -179,6 +179,26 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: di
     return replies, sent
 
 
+def _await_rejoin(grid: Grid, before: set[int], wait: float, plan: "Plan", names: dict[int, str], rnd: int) -> set[int]:
+    """The connected nodes; if one connected at the round before is gone (a daemon restarting),
+    first wait up to `wait` s for it to come back, so it trains in this round."""
+    now = set(grid.get_node_ids())
+    missing = before - now
+    if not missing or wait <= 0:
+        return now
+    who = ", ".join(sorted(names.get(n, f"node-{n}") for n in missing))
+    plan.progress.problem(f"round {rnd}: {who} disconnected since the round before; waiting up to {wait:g} s for it to "
+                          "reconnect")
+    deadline = time.monotonic() + wait
+    while missing and time.monotonic() < deadline:
+        if plan.stop.wait(1.0):
+            raise RunAborted("the federation engine stopped while the server waited for hospitals")
+        now = set(grid.get_node_ids())
+        missing = before - now
+    plan.progress.problem(f"round {rnd}: {who} " + ("still away; the round goes on without it" if missing else "is back"))
+    return now
+
+
 def _in_round(messages: Iterable[Message], rnd: int) -> list[Message]:
     """Flower's group_id = the round; replies inherit it (hospitals' audit logs record it)."""
     messages = list(messages)
@@ -390,6 +410,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     round_seconds: list[float] = resumed.round_seconds if resumed else []
     known: dict[int, str] = {**(resumed.names if resumed else {}), **plan.node_names}  # node id -> site name
     first = resumed.round + 1 if resumed else 1
+    present: set[int] = set()  # nodes connected as the round before started
 
     if plan.test is not None and not resumed:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
@@ -418,6 +439,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
                 progress.problem(f"round {rnd} {phase}: {r['site']} {why}; left out")
             return report
 
+        present = _await_rejoin(grid, present, cfg.server.rejoin_wait_s, plan, known, rnd)
         progress.round_started(rnd, rounds, "training")
         shared = _without(arrays, local)
         tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd)

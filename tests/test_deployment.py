@@ -59,6 +59,7 @@ def deployed(tmp_path_factory):
         time.sleep(3)  # the last tasks' processes end
         out = {"fed": dep.fed, "tmp": tmp, "run": run, "seconds": seconds, "hash": app_hash, "dep": dep,
                "listening": _listening(dep), "zombies": {n: zombies(descendants(p.pid)) for n, p in dep.procs.items()}}
+        out["crash"] = _server_killed_then_resumed(dep, tmp)
         out["rogue"] = _rogue_supernode(tmp, dep)
         out["no_cert"] = _supernode_without_client_certificate(dep)
         out.update(_attack(dep, tmp, run.stdout))
@@ -67,6 +68,64 @@ def deployed(tmp_path_factory):
         yield out
     time.sleep(2)
     assert _processes_using(tmp) == [], "processes left running after the deployment test"
+
+
+def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
+    """A 3-round FedAvgM run: `kill -9` of the whole server (aseanfl server start, SuperLink,
+    executor, ServerApp, front) while round 2 trains; the server started again; `aseanfl run
+    --resume`; while the resumed round 2 trains, site-a's daemon is killed (-9) and started again
+    (as systemd would). site-a trains with DP-SGD; its hospital allows 40 epsilon in all, so the
+    rounds that run again are accounted, not refused."""
+    from server.checkpoint import round_of
+
+    kit = dep.kit("site-a")
+    (kit / "site.yaml").write_text((kit / "site.yaml").read_text().replace(
+        "  target_epsilon: 8.0\n", "  target_epsilon: 8.0\n  budget_epsilon: 40.0\n"))
+    runs, results = dep.fed / "server" / "runs", tmp / "resumed"
+    before = set(runs.iterdir())
+    args = ["--rounds", "3", "--strategy", "fedavgm", "--set", "strategy.server_momentum=0.5", "--set", "task.image_size=32",
+            "--set", "train.local_epochs=8", "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120"]
+    proc = subprocess.Popen([str(BIN / "aseanfl"), "run", "-f", str(dep.fed), "--out", str(results), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+    deadline, folder = time.monotonic() + 300, None
+    while time.monotonic() < deadline and (folder is None or round_of(folder) != 1):
+        folder = next(iter(set(runs.iterdir()) - before), None)
+        time.sleep(0.2)
+    assert folder is not None and round_of(folder) == 1, "round 1 of the run to crash did not finish"
+    time.sleep(2)  # round 2's training is under way
+    server = dep.procs.pop("server")
+    os.killpg(server.pid, 9)
+    killed = time.monotonic()
+    server.wait()
+    lost_said = proc.communicate(timeout=300)[0]
+    out = {"lost": (proc.returncode, lost_said, time.monotonic() - killed), "folder": folder,
+           "rows after crash": (folder / "metrics.csv").read_text(),
+           "left": [cmd for cmd in _processes_using(tmp)  # the hospitals' daemons live on
+                    if not any(k in cmd for k in ("client start", "aseanfl-supernode", "aseanfl-superexec"))]}
+    dep.start_server()
+    ledger = kit / "state" / "privacy" / "site-a.json"
+
+    def charged() -> list:
+        return [e["round"] for e in json.loads(ledger.read_text())["entries"] if e["run"] == folder.name]
+
+    before_resume = charged()
+    proc = subprocess.Popen([str(BIN / "aseanfl"), "run", "-f", str(dep.fed), "--out", str(results), "--resume",
+                             folder.name.removeprefix("run-")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(charged()) == len(before_resume):
+        time.sleep(0.05)
+    out["ledger at kill"] = charged()
+    if len(out["ledger at kill"]) > len(before_resume):  # site-a charged the re-run round 2: it is training now
+        daemon = dep.procs.pop("site-a")
+        os.killpg(daemon.pid, 9)
+        daemon.wait()
+        dep.start_site("site-a")  # as systemd would
+    out["resumed"] = (proc.communicate(timeout=600)[0], proc.returncode)
+    out["ledger before resume"] = before_resume
+    out["results"] = results / folder.name
+    out["ledger"] = json.loads((kit / "state" / "privacy" / "site-a.json").read_text())
+    return out
 
 
 def _processes_using(folder: Path) -> list[str]:
@@ -219,6 +278,45 @@ def test_each_hospital_serves_its_run_from_one_warm_worker(deployed):
     assert "site-d: refused app bundle" in (deployed["tmp"] / f"{UNAPPROVED}.log").read_text(errors="replace")
 
 
+def test_run_resumes_after_the_server_is_killed_and_loses_at_most_the_round_in_flight(deployed):
+    crash = deployed["crash"]
+    code, said, seconds = crash["lost"]
+    run_id = crash["folder"].name.removeprefix("run-")
+    assert code == 1 and "the server was lost" in said and f"--resume {run_id}" in said, said[-2000:]
+    assert "rounds 1-1 are kept" in said and "Traceback" not in said, said[-2000:]
+    print(f"`aseanfl run` said the server was lost {seconds:.0f} s after the kill")
+    assert crash["left"] == [], crash["left"]  # kill -9 took the ServerApp down with the rest
+    resumed, code = crash["resumed"]
+    assert code == 0 and "finished:completed" in resumed, resumed[-3000:]
+    assert f"continuing run {run_id}" in resumed and "resuming run-" in resumed, resumed[-3000:]
+    rows = list(csv.DictReader((crash["results"] / "metrics.csv").open()))
+    glob = [r["round"] for r in rows if r["site"] == "global"]
+    assert glob == ["1", "2", "3"], glob  # every round once
+    summary = json.loads((crash["results"] / "summary.json").read_text())
+    assert summary["resumed_after_round"] == 1 and len(summary["round_seconds"]) == 3
+    assert (crash["results"] / "report.md").is_file()
+
+
+def test_a_hospital_killed_while_training_is_left_out_then_rejoins(deployed):
+    crash = deployed["crash"]
+    at_kill = crash["ledger at kill"]
+    assert at_kill == crash["ledger before resume"] + [2], at_kill  # killed after it charged the re-run round 2
+    rows = {(r["round"], r["site"]): r for r in csv.DictReader((crash["results"] / "metrics.csv").open())}
+    lost = rows[("2", "site-a")]
+    assert lost["status"] == "no-reply", lost
+    assert "site-a went offline" in crash["resumed"][0], crash["resumed"][0][-3000:]
+    assert {rows[("2", s)]["status"] for s in ("site-b", "site-c")} == {"ok"}
+    # restarted as systemd would, it trains again in the next round
+    back = rows[("3", "site-a")]
+    assert back["status"] == "ok" and back["train_loss"] and back["val_auc"], back
+    # its privacy ledger: every round charged before it trained, the interrupted ones too, within its budget
+    entries = [e for e in crash["ledger"]["entries"] if e["run"] == crash["folder"].name]
+    assert [e["round"] for e in entries] == at_kill + [3], entries
+    spent = [e["epsilon_after"] for e in crash["ledger"]["entries"]]
+    assert spent == sorted(spent) and spent[-1] <= 40.0, spent
+    assert float(back["epsilon"]) == spent[-1]
+
+
 def test_finished_app_processes_leave_no_zombies(deployed):
     assert deployed["zombies"] == {name: [] for name in deployed["zombies"]}, deployed["zombies"]
 
@@ -319,7 +417,9 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
         res = aseanfl("client", "audit", "-c", str(fed / "sites" / site / "site.yaml"))
         assert res.returncode == 0, res.stdout
         entries = [json.loads(line) for line in (fed / "sites" / site / "audit.jsonl").read_text().splitlines()]
-        assert {(e["round"], e["type"]) for e in entries} == {(r, t) for r in ("1", "2") for t in ("train", "evaluate")}
+        first = int(re.search(r"run (\d+): finished", deployed["run"].stdout).group(1))
+        assert {(e["round"], e["type"]) for e in entries if e["run"] == first} == \
+            {(r, t) for r in ("1", "2") for t in ("train", "evaluate")}
         assert all(set(e["records"]) <= {"arrays", "metrics", "site"} for e in entries)
         raw = (fed / "sites" / site / "audit.jsonl").read_text()
         assert "patient-" not in raw and "pacs" not in raw
