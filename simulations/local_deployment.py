@@ -77,9 +77,10 @@ class LocalDeployment:
     def approve(self, site: str, sha256: str) -> subprocess.CompletedProcess:
         return aseanfl("client", "approve", "-c", str(self.kit(site) / "site.yaml"), "--sha256", sha256)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, prefix: list[str] | tuple = ()) -> subprocess.Popen:
+        """`prefix`: e.g. `ip netns exec NS` (simulations.links), which execs into the command."""
         with open(self.root / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen([str(BIN / "aseanfl"), *args], stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([*prefix, str(BIN / "aseanfl"), *args], stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -97,8 +98,8 @@ class LocalDeployment:
                 raise RuntimeError(f"the server did not come up; see {log}")
             time.sleep(0.3)
 
-    def start_site(self, site: str) -> None:
-        self.start(site, "client", "start", "-c", str(self.kit(site) / "site.yaml"))
+    def start_site(self, site: str, prefix: list[str] | tuple = ()) -> None:
+        self.start(site, "client", "start", "-c", str(self.kit(site) / "site.yaml"), prefix=prefix)
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)

@@ -102,7 +102,9 @@ def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
            "rows after crash": (folder / "metrics.csv").read_text(),
            "left": [cmd for cmd in _processes_using(tmp)  # the hospitals' daemons live on
                     if not any(k in cmd for k in ("client start", "aseanfl-supernode", "aseanfl-superexec"))]}
+    restarted = time.time()
     dep.start_server()
+    out["status after restart"] = (restarted, aseanfl("status", "-f", str(dep.fed)).stdout)
     ledger = kit / "state" / "privacy" / "site-a.json"
 
     def charged() -> list:
@@ -295,6 +297,17 @@ def test_run_resumes_after_the_server_is_killed_and_loses_at_most_the_round_in_f
     summary = json.loads((crash["results"] / "summary.json").read_text())
     assert summary["resumed_after_round"] == 1 and len(summary["round_seconds"]) == 3
     assert (crash["results"] / "report.md").is_file()
+
+
+def test_status_right_after_a_restart_calls_no_hospital_online_that_was_not_heard_since(deployed):
+    restarted, said = deployed["crash"]["status after restart"]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in said.splitlines() if line.startswith("│ site-")]
+    assert {r[0] for r in rows} >= set(APPROVED), said
+    for site, _, state, *_, seen in rows:
+        if state == "online":  # Flower's word: only if the hospital reached the front since the restart
+            assert seen and time.mktime(time.strptime(seen, "%Y-%m-%d %H:%M:%S")) >= int(restarted), (site, said)
+        else:
+            assert state in ("not seen since the server restarted", "offline", "registered"), (site, said)
 
 
 def test_a_hospital_killed_while_training_is_left_out_then_rejoins(deployed):
