@@ -110,15 +110,24 @@ def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
     def charged() -> list:
         return [e["round"] for e in json.loads(ledger.read_text())["entries"] if e["run"] == folder.name]
 
-    before_resume = charged()
+    log, crashed_run = dep.root / "site-a.log", re.search(r"run (\d+): the server was lost", lost_said)
+    start = log.stat().st_size
     proc = subprocess.Popen([str(BIN / "aseanfl"), "run", "-f", str(dep.fed), "--out", str(results), "--resume",
                              folder.name.removeprefix("run-")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(charged()) == len(before_resume):
+    # the resumed run's round 2 reaches site-a (a task of the dead run may still be finishing
+    # there: it charges the ledger too, rightly, and its reply is refused by the SuperLink)
+    deadline, before_resume = time.monotonic() + 300, None
+    while time.monotonic() < deadline and before_resume is None:
+        text = log.read_bytes()[start:].decode(errors="replace")
+        if any(run != (crashed_run and crashed_run.group(1)) for run in
+               re.findall(r"\[RUN (\d+), ROUND 2\]\n.*Receiving: train message", text)):
+            before_resume = charged()
+        time.sleep(0.05)
+    while time.monotonic() < deadline and before_resume is not None and len(charged()) == len(before_resume):
         time.sleep(0.05)
     out["ledger at kill"] = charged()
-    if len(out["ledger at kill"]) > len(before_resume):  # site-a charged the re-run round 2: it is training now
+    if before_resume is not None and len(out["ledger at kill"]) > len(before_resume):  # charged: it trains now
         daemon = dep.procs.pop("site-a")
         os.killpg(daemon.pid, 9)
         daemon.wait()
@@ -127,7 +136,25 @@ def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
     out["ledger before resume"] = before_resume
     out["results"] = results / folder.name
     out["ledger"] = json.loads((kit / "state" / "privacy" / "site-a.json").read_text())
+    out["superlink killed"] = _kill_the_superlink_alone(dep)
     return out
+
+
+def _kill_the_superlink_alone(dep: LocalDeployment, timeout: float = 120) -> str:
+    """kill -9 of the SuperLink process only: `aseanfl server start` restarts it (the attacks
+    and the revocation that follow run against the restarted one)."""
+    log = dep.root / "server.log"
+    start = log.stat().st_size
+    links = [pid for pid, (_, cmd) in live_processes().items()
+             if "flower-superlink" in cmd and str(dep.fed) in cmd]
+    for pid in links:
+        os.kill(pid, 9)
+    deadline = time.monotonic() + timeout
+    while "SuperLink restarted" not in (said := log.read_bytes()[start:].decode(errors="replace")):
+        if time.monotonic() > deadline or dep.procs["server"].poll() is not None:
+            break
+        time.sleep(0.5)
+    return said if links else "no SuperLink process found"
 
 
 def _processes_using(folder: Path) -> list[str]:
@@ -310,9 +337,17 @@ def test_status_right_after_a_restart_calls_no_hospital_online_that_was_not_hear
             assert state in ("not seen since the server restarted", "offline", "registered"), (site, said)
 
 
+def test_server_restarts_a_superlink_that_died_under_it(deployed):
+    said = deployed["crash"]["superlink killed"]
+    lines = [line for line in said.splitlines() if line.startswith("error: the SuperLink exited")]
+    assert lines and "restarting the SuperLink" in lines[0] and "--resume" in lines[0], said[-2000:]
+    assert "SuperLink restarted" in said and deployed["dep"].procs["server"].poll() is None, said[-2000:]
+
+
 def test_a_hospital_killed_while_training_is_left_out_then_rejoins(deployed):
     crash = deployed["crash"]
     at_kill = crash["ledger at kill"]
+    assert crash["ledger before resume"] is not None, "the resumed run's round 2 never reached site-a"
     assert at_kill == crash["ledger before resume"] + [2], at_kill  # killed after it charged the re-run round 2
     rows = {(r["round"], r["site"]): r for r in csv.DictReader((crash["results"] / "metrics.csv").open())}
     lost = rows[("2", "site-a")]
