@@ -45,7 +45,6 @@ class Checkpoint:
     round_seconds: list[float]
     random_state: tuple
     names: dict[int, str] = field(default_factory=dict)
-    strategy: dict = field(default_factory=dict)  # layer.attribute -> value, as _strategy_state gives
 
 
 def settings_digest(config) -> str:
@@ -166,7 +165,7 @@ def load(run_dir: Path, config, strategy) -> Checkpoint:
         state = meta["random_state"]
         return Checkpoint(round=int(meta["round"]), arrays=arrays, best=meta["best"], seconds=float(meta["seconds"]),
                           round_seconds=list(meta["round_seconds"]), random_state=(state[0], tuple(state[1]), state[2]),
-                          names={int(k): v for k, v in meta["names"].items()}, strategy=meta["strategy"])
+                          names={int(k): v for k, v in meta["names"].items()})
     except CheckpointError:
         raise
     except (OSError, SafetensorError, ValueError, KeyError, TypeError, IndexError) as exc:

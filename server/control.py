@@ -203,6 +203,7 @@ def _start_link(fed: Federation, env: dict, procs: dict[str, subprocess.Popen]) 
                 proc.wait()
     procs["SuperLink"] = subprocess.Popen(superlink_command(fed), env=env)
     wait_ready(fed, proc=procs["SuperLink"])
+    (fed.server_dir / "started-at").write_text(f"{time.time():.3f}\n")  # `aseanfl status`: seen since?
     procs["executor"] = subprocess.Popen(serverexec_command(fed), env=env)
 
 
@@ -226,7 +227,6 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
     signal.signal(signal.SIGTERM, _exit)  # systemd's stop: take the children down with us
     try:
         _start_link(fed, env, procs)
-        (fed.server_dir / "started-at").write_text(f"{time.time():.3f}\n")  # `aseanfl status`: seen since?
         for site, node in register_sites(fed).items():
             log(f"registered {site}: node {node}")
         procs["front"] = front.start(fed)
@@ -251,7 +251,6 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
                     "(state and registrations are kept in state.db). A run it was serving is lost after its last "
                     "finished round: continue it with `aseanfl run --resume RUN_ID`")
                 _start_link(fed, env, procs)
-                (fed.server_dir / "started-at").write_text(f"{time.time():.3f}\n")
                 log("SuperLink restarted")
                 break
             if _stamp(fed) != stamp:  # a hospital revoked or added while we run

@@ -11,7 +11,11 @@ import os
 import random
 import secrets
 import shutil
+import socket
 import subprocess
+import sys
+import threading
+import time
 
 PREFIX = "aflk"  # namespaces and interfaces made here start with it
 
@@ -100,11 +104,6 @@ class Links:
     def uplink_mbit(self, i: int, nbytes: int = 400_000) -> float:
         """Measured throughput from hospital i's namespace to the server (Mbit/s): a TCP upload
         of `nbytes`, timed at the receiving end."""
-        import socket
-        import sys
-        import threading
-        import time
-
         got: dict[str, float] = {}
         with socket.socket() as server:
             server.bind((self.server_ip, 0))
