@@ -18,6 +18,8 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from aseanfl.packing import STYPE, header, is_packed
+
 from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TrainMetrics
 
 GENESIS = "0" * 64
@@ -49,6 +51,25 @@ def _value(v):
     return v
 
 
+def _dtype(code: str) -> str:
+    """numpy's name for a safetensors dtype code (F32 -> float32, BF16 -> bfloat16)."""
+    kind = code.rstrip("0123456789")
+    return {"F": "float", "BF": "bfloat", "I": "int", "U": "uint"}.get(kind, kind.lower()) + code[len(kind):]
+
+
+def _arrays(record) -> tuple[dict, int, bytes]:
+    """(entries, bytes, what the digest covers) of an ArrayRecord; a packed one is described by
+    the arrays inside it, from its header."""
+    if is_packed(record):
+        blob = next(iter(record.values())).data
+        order, head = header(blob)
+        entries = {k: {"dtype": _dtype(head[k]["dtype"]), "shape": head[k]["shape"],
+                       "bytes": head[k]["data_offsets"][1] - head[k]["data_offsets"][0], "packed": STYPE} for k in order}
+        return entries, len(blob), blob
+    entries = {k: {"dtype": a.dtype, "shape": list(a.shape), "bytes": len(a.data)} for k, a in record.items()}
+    return entries, sum(len(a.data) for a in record.values()), b"".join(k.encode() + a.data for k, a in record.items())
+
+
 def describe(msg: Message) -> dict:
     """The log entry's body for one outbound message."""
     body: dict = {
@@ -62,10 +83,8 @@ def describe(msg: Message) -> dict:
     for name, record in sorted(msg.content.items()):
         kind = {"ArrayRecord": "arrays", "MetricRecord": "metrics", "ConfigRecord": "configs"}[type(record).__name__]
         if kind == "arrays":
-            entries = {k: {"dtype": a.dtype, "shape": list(a.shape), "bytes": len(a.data)} for k, a in record.items()}
-            size = sum(len(a.data) for a in record.values())
-            for k, a in record.items():
-                digest.update(k.encode() + a.data)
+            entries, size, covered = _arrays(record)
+            digest.update(covered)
         else:
             entries = {k: _value(v) for k, v in record.items()}
             blob = json.dumps(entries, sort_keys=True, default=str).encode()

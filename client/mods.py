@@ -1,14 +1,17 @@
-"""Client mods: error replies that carry no local detail, and hospital-side clipping for
-Flower's client-side central-DP wrappers."""
+"""Client mods: error replies that carry no local detail, model arrays packed on the wire, and
+hospital-side clipping for Flower's client-side central-DP wrappers."""
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from flwr.app import Context, Error, Message, MessageType
 from flwr.common.constant import ErrorCode
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+
+from aseanfl.packing import packed, unpacked
 
 from .messages import REFUSAL_KEY, TaskSpec
 from .site import SiteDataError
@@ -28,7 +31,16 @@ def private_errors_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable
         reason = f"{type(exc).__name__} at the hospital (details in its local log)"
         if isinstance(exc, SiteDataError):  # phrased to name no file and no value
             reason = f"{reason}: {exc}"
+        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            reason = f"{reason}: no space left on the hospital's disk"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def packing_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Just inside the error guard: the server's arrays unpacked before anything reads them, the
+    reply's arrays packed as the last step before it leaves (aseanfl/packing.py)."""
+    reply = call_next(unpacked(msg), ctxt)
+    return packed([reply])[0]
 
 
 def central_dp_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

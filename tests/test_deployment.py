@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from attacks import PATHS, flwr_as, marker_app, post
 from PIL import Image
+from safetensors.numpy import load_file
 from processes import descendants, listening, live_processes, zombies
 
 from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
@@ -469,6 +470,12 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
         assert {(e["round"], e["type"]) for e in entries if e["run"] == first} == \
             {(r, t) for r in ("1", "2") for t in ("train", "evaluate")}
         assert all(set(e["records"]) <= {"arrays", "metrics", "site"} for e in entries)
+        # model arrays left packed (one object per record), and the log names every tensor inside
+        model = load_file(str(next((deployed["tmp"] / "results").glob("run-*")) / "model.safetensors"))
+        for e in (e for e in entries if e["run"] == first and e["type"] == "train"):
+            sent = e["records"]["arrays"]["entries"]
+            assert set(sent) == set(model) and all(v["packed"] == "safetensors" for v in sent.values()), sent
+            assert all(sent[k]["shape"] == list(v.shape) and sent[k]["bytes"] == v.nbytes for k, v in model.items())
         raw = (fed / "sites" / site / "audit.jsonl").read_text()
         assert "patient-" not in raw and "pacs" not in raw
     # the refusing hospital logged its error replies, which carry no data
