@@ -7,6 +7,7 @@ one of its files."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -110,8 +111,14 @@ class AuditLog:
             prev = _last_hash(self.path)
             entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **body, "prev": prev}
             entry["hash"] = _hash(entry)
-            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
-            os.fsync(fd)
+            line, size = (json.dumps(entry, sort_keys=True) + "\n").encode(), os.fstat(fd).st_size
+            try:
+                if os.write(fd, line) != len(line):  # a full disk can take part of it
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)  # no half line: the chain stays intact
+                raise
             return entry
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)

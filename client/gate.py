@@ -47,11 +47,18 @@ def approved_bundle(site: SiteConfig, fab_content: bytes) -> str:
     return digest
 
 
+class AuditUnwritable(OSError):
+    """The audit log could not be written (a full disk, say): the reply must not leave."""
+
+
 def audited_push(site: SiteConfig, push):
     audit = AuditLog(site.audit_log)
 
     def push_and_record(client, message, context):
-        audit.append(describe(message))  # recorded before it leaves: a failed push still shows
+        try:
+            audit.append(describe(message))  # recorded before it leaves: a failed push still shows
+        except OSError as exc:
+            raise AuditUnwritable(exc.errno, f"the audit log {site.audit_log} cannot be written: {exc.strerror}") from exc
         return push(client, message, context)
 
     return push_and_record

@@ -149,13 +149,21 @@ class PrivacyLedger:
             run=run, round=rnd, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
             steps=plan.steps_per_round, epsilon_after=epsilon, time=time.time(),
         ))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.data.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(self.data.model_dump_json(indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:  # e.g. a full disk: the ledger on disk stays as it was, and nothing trains
+            self.data.entries.pop()
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            raise LedgerError(f"the privacy ledger cannot be written ({exc.strerror or exc.__class__.__name__}); "
+                              "refusing to train rather than train unaccounted", self.path) from None
         return epsilon
 
 

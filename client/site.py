@@ -6,6 +6,7 @@ usable images answers with a clear error that names no file, and the federation 
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,9 +30,14 @@ class SiteDataError(ValueError):
 
 
 @lru_cache(maxsize=2)
-def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.ndarray, list[str]]:
+def _site_config(path: str, mtime: float) -> SiteConfig:
     del mtime  # part of the cache key: an edited site.yaml is read again
-    site = load_site(Path(path))
+    return load_site(Path(path))
+
+
+@lru_cache(maxsize=2)
+def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.ndarray, list[str]]:
+    site = _site_config(path, mtime)
     try:
         decoded = decode(site.data)
     except ValueError as exc:
@@ -44,11 +50,24 @@ def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.nd
     return site, arrays["train_images"], arrays["train_labels"], decoded.inventory.classes
 
 
+def _check_data_folder(site: SiteConfig) -> None:
+    """The images must still be there for every task: a folder that was unmounted, moved or
+    removed mid-run (the hospital withdrew it) is not trained on from the worker's memory."""
+    root = site.data.root
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        log.error("%s: the data folder %s is gone or unreadable; this task is refused", site.site, root)
+        raise SiteDataError("the hospital's data folder is no longer available (unmounted, moved or removed); "
+                            "nothing was trained; see the hospital's log and run `aseanfl client check-data` there")
+
+
 def load_site_hospital(context: Context, image_size: int):
     """The Hospital behind a deployed SuperNode. A warm worker serves a whole run: its images are
-    decoded and split once (until site.yaml changes), not once per message."""
+    decoded and split once (until site.yaml changes), not once per message; the data folder is
+    checked for every message."""
     path = Path(str(context.node_config[SITE_CONFIG_KEY]))
-    return _hospital(str(path), path.stat().st_mtime, image_size)
+    mtime = path.stat().st_mtime
+    _check_data_folder(_site_config(str(path), mtime))
+    return _hospital(str(path), mtime, image_size)
 
 
 @lru_cache(maxsize=2)

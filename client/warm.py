@@ -14,7 +14,8 @@ does, with the hospital's gate around it:
 * a worker runs one bundle only: its first approved bundle is imported afresh from the
   unpacked bundle (the daemon's own copies of the same package names are dropped first, so
   the approved code is what runs) and a task with another bundle is refused;
-* every reply is written to the audit log (hash chain, in order) before it leaves;
+* every reply is written to the audit log (hash chain, in order) before it leaves; where the
+  log cannot be written (a full disk), the reply stays and a fixed error reply goes instead;
 * the site's decoded images stay in the worker's memory for the run (client/site.py caches
   them), so they are read once per run, not once per message.
 
@@ -34,9 +35,10 @@ from pathlib import Path
 from aseanfl.allowlist import AppNotApproved
 
 from .config import load_site
-from .gate import SITE_ENV, approved_bundle, audited_push
+from .gate import SITE_ENV, AuditUnwritable, approved_bundle, audited_push
 
 log = logging.getLogger("aseanfl")
+AUDIT_DOWN = "the hospital cannot write its audit log (disk full or not writable), so it sends nothing else"
 IDLE_S = 1800.0  # a worker whose run has sent nothing for this long leaves (its memory is freed)
 # Third-party modules an aseanfl ClientApp imports; none of them is app-bundle code.
 PRELOAD = [
@@ -124,6 +126,24 @@ class TaskRunner:
         message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: the id is not in the content
         return message, context, run, fab
 
+    def deliver(self, client, reply, message, context) -> bool:
+        """Audit the reply, then hand it to the SuperNode. If the audit log cannot be written, the
+        reply does not leave; a fixed error reply (no arrays, no metrics) goes in its place, so the
+        server is told and the SuperNode, which waits for a reply to every task, does not hang.
+        False when that happened."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.common.constant import ErrorCode
+
+        try:
+            self.push(client, reply, context)
+            return True
+        except AuditUnwritable as exc:
+            log.error("%s: %s; the reply was not sent, an error reply went instead", self.site.site, exc)
+            self.rc.push_message(client, Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=AUDIT_DOWN),
+                                                 reply_to=message), context)
+            return False
+
     def run(self, spec) -> str:
         """Serve one task (its token is in `spec`); '' when it completed, else the reason."""
         from flwr.app import Message
@@ -164,11 +184,11 @@ class TaskRunner:
             if message is not None:
                 reply = Message(Error(code=code, reason=details), reply_to=message)
         try:
-            if reply is not None and context is not None:
-                self.push(client, reply, context)
+            if reply is not None and context is not None and not self.deliver(client, reply, message, context):
+                status, details = SubStatus.FAILED, details or "the reply could not be audited; an error reply went instead"
         except Exception as ex:  # noqa: BLE001
             log.error("Failed to push reply message", exc_info=ex)
-            details = details or "the reply could not be handed to the SuperNode"
+            status, details = SubStatus.FAILED, details or "the reply could not be handed to the SuperNode"
         finally:
             retry.max_tries = 1
             rc.push_task_output(client=client, context=context, sub_status=status, details=details)
