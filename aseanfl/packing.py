@@ -2,9 +2,9 @@
 
 Flower sends every array of a message as separate objects (an Array and its chunks, each one
 request per hop: server -> SuperLink -> front -> SuperNode -> the hospital's worker, and back),
-so a cnn's 8 tensors cost ~25 requests per message and a resnet18's 122 ~250. Packing each
+so a cnn's 8 tensors cost ~25 requests per message and a resnet18's 65 ~75. Packing each
 ArrayRecord into a single safetensors blob (one Array, chunked by Flower only past 5 MiB) cuts
-that to ~6, whatever the model. Both ends are the same approved app bundle: the server packs
+that to ~6 (plus one per 5 MiB), whatever the model. Both ends are the same approved app bundle: the server packs
 what it sends and unpacks replies before anything checks them (server.loop wraps its Grid), the
 hospital unpacks before its app and packs its reply (client.mods.packing_mod), so strategies,
 SecAgg+, clipping and update validation see ordinary ArrayRecords in simulation and deployment.
@@ -62,7 +62,8 @@ def header(blob: bytes) -> tuple[list[str], dict]:
         order = json.loads(meta.get(_ORDER, "null"))
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
         raise PackingError(f"its header is not readable ({exc})") from None
-    if set(meta) != {_ORDER} or not isinstance(order, list) or sorted(order) != sorted(head) or len(set(order)) != len(order):
+    names = order if isinstance(order, list) and all(isinstance(n, str) for n in order) else None
+    if set(meta) != {_ORDER} or names is None or sorted(names) != sorted(head) or len(set(names)) != len(names):
         raise PackingError("its header does not list its arrays exactly once (or carries other metadata)")
     return order, head
 

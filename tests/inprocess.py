@@ -10,6 +10,21 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.loop import Progress
+
+
+class Collect(Progress):
+    """What the round loop tells its display: problem lines, and refusals as (round, site, Refusal)."""
+
+    def __init__(self):
+        self.problems, self.refusals = [], []
+
+    def problem(self, text):
+        self.problems.append(text)
+
+    def refused(self, rnd, site, refusal):
+        self.refusals.append((rnd, site, refusal))
+
 
 class InProcessGrid:
     pull_interval = 0.0

@@ -17,7 +17,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
-from inprocess import InProcessGrid
+from inprocess import Collect, InProcessGrid
 
 from client.app import app as deployed_app
 from client.audit import AuditLog, verify
@@ -25,7 +25,7 @@ from client.config import load_site
 from client.gate import AuditUnwritable, audited_push
 from client.site import SITE_CONFIG_KEY
 from client.warm import AUDIT_DOWN, TaskRunner
-from server.loop import Progress, run_federation
+from server.loop import run_federation
 from server.outputs import read_rows
 from simulations.config import load_config
 from simulations.local_deployment import write_pngs
@@ -73,17 +73,6 @@ def _site(root: Path, name: str, index: int, state: Path, dp: bool) -> Path:
     return path
 
 
-class _Collect(Progress):
-    def __init__(self):
-        self.problems, self.refusals = [], []
-
-    def problem(self, text):
-        self.problems.append(text)
-
-    def refused(self, rnd, site, refusal):
-        self.refusals.append((rnd, site, refusal.code, refusal.reason))
-
-
 def test_data_folder_gone_and_full_disk_mid_run_are_answered_and_the_hospital_comes_back(tmp_path, full_disk):
     sites = {"site-a": _site(tmp_path, "site-a", 0, tmp_path / "site-a" / "state", dp=False),
              "site-b": _site(tmp_path, "site-b", 1, full_disk.path / "state", dp=True),
@@ -91,7 +80,7 @@ def test_data_folder_gone_and_full_disk_mid_run_are_answered_and_the_hospital_co
     cfg = load_config(None, {"sites": 3, "server.rounds": 3, "train.local_epochs": 1, "data.image_size": 32,
                              "server.output_dir": str(tmp_path / "runs"), "strategy.min_sites": 1})
     plan = prepare_run(cfg)
-    plan.progress = _Collect()
+    plan.progress = Collect()
     plan.node_names = {100 + i: name for i, name in enumerate(sites)}
     folder_a = load_site(sites["site-a"]).data.root
     ledger = full_disk.path / "state" / "privacy"
@@ -117,10 +106,10 @@ def test_data_folder_gone_and_full_disk_mid_run_are_answered_and_the_hospital_co
     assert {rows[(3, s)]["status"] for s in sites} == {"ok"}, "both hospitals train again once the problem is gone"
     said = [p for p in plan.progress.problems if "site-a" in p]
     assert any("data folder is no longer available" in p for p in said), said
-    refusal = [r for r in plan.progress.refusals if r[1] == "site-b"]
-    assert refusal == [(2, "site-b", "privacy-ledger", refusal[0][3])] and "cannot be written" in refusal[0][3]
+    refusal = [(rnd, r.code, r.reason) for rnd, site, r in plan.progress.refusals if site == "site-b"]
+    assert [r[:2] for r in refusal] == [(2, "privacy-ledger")] and "cannot be written" in refusal[0][2], refusal
     # nothing named a file or folder of the hospitals, and site-b's ledger holds rounds 1 and 3 only
-    for text in said + [r[3] for r in refusal]:
+    for text in said + [r[2] for r in refusal]:
         assert str(tmp_path) not in text and "patient-" not in text and str(full_disk.path) not in text, text
     entries = json.loads(next(ledger.glob("*.json")).read_text())["entries"]
     assert [e["round"] for e in entries] == [1, 3]

@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
-from inprocess import InProcessGrid
+from inprocess import Collect, InProcessGrid
 from safetensors.numpy import save
 
 from aseanfl import packing
@@ -25,7 +25,7 @@ from client.app import build_client_app
 from client.audit import AuditLog, describe, verify
 from medimaging.config import ModelConfig
 from medimaging.models import build_model
-from server.loop import Progress, run_federation
+from server.loop import run_federation
 from server.outputs import read_rows
 from simulations.config import load_config
 from simulations.federation import hospital
@@ -73,6 +73,8 @@ def _blob(data: bytes) -> ArrayRecord:
     (save({"w": np.ones(2, np.float32)}), "exactly once"),  # no order
     (save({"w": np.ones(2, np.float32)}, metadata={"order": '["w"]', "note": "patient 17"}), "other metadata"),
     (save({"w": np.ones(2, np.float32)}, metadata={"order": '["w", "w"]'}), "exactly once"),
+    (save({"w": np.ones(2, np.float32)}, metadata={"order": '["w", 1]'}), "exactly once"),
+    (save({"w": np.ones(2, np.float32)}, metadata={"order": '{"w": 1}'}), "exactly once"),
     (save({"w": np.ones(4, np.float32)}, metadata={"order": '["w"]'})[:-3], "do not decode"),  # cut in transit
 ])
 def test_a_packed_record_that_does_not_decode_is_refused_with_its_reason(data, reason):
@@ -109,14 +111,6 @@ def test_the_audit_log_names_every_tensor_inside_a_packed_reply(tmp_path):
     assert json.loads(log.path.read_text())["records"]["arrays"]["entries"] == sent
 
 
-class _Collect(Progress):
-    def __init__(self):
-        self.problems = []
-
-    def problem(self, text):
-        self.problems.append(text)
-
-
 class _Tampered(InProcessGrid):
     """A grid on which partition 0's training replies arrive cut short (a broken upload)."""
 
@@ -135,7 +129,7 @@ def test_a_reply_whose_arrays_do_not_decode_is_left_out_and_named(tmp_path):
                              "data.synthetic.test_per_site": 20, "data.image_size": 28, "server.output_dir": str(tmp_path),
                              "strategy.min_sites": 2})
     plan = prepare_run(cfg)
-    plan.progress = _Collect()
+    plan.progress = Collect()
     plan.node_names = {100 + i: site for i, site in enumerate(cfg.sites)}  # as a deployment's registered.json
 
     def load(context, image_size):

@@ -6,9 +6,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from inprocess import Collect
 
 from client.messages import REFUSAL_KEY, Refusal, TrainMetrics
-from server.loop import Progress, _checked
+from server.loop import _checked
 
 _ids = iter(range(1, 1000))
 
@@ -30,17 +31,6 @@ def _reply(site: str, metrics: dict | None = None, arrays: bool = True, refusal:
     if refusal is not None:
         content[REFUSAL_KEY] = refusal.record()
     return Message(content=RecordDict(content), reply_to=out)
-
-
-class Collect(Progress):
-    def __init__(self):
-        self.problems, self.refusals = [], []
-
-    def problem(self, text):
-        self.problems.append(text)
-
-    def refused(self, rnd, site, refusal):
-        self.refusals.append((site, refusal.code))
 
 
 GOOD = TrainMetrics(num_examples=10, train_loss=0.5, steps=3, epsilon=float("nan")).record()
@@ -65,7 +55,7 @@ def test_only_schema_conformant_replies_are_kept():
     assert "hanoi sent metrics that break the schema" in text and "patient-age" in text
     assert "jakarta sent no model arrays" in text
     assert "replied with an error: site data unreadable" in text
-    assert progress.refusals == [("manila", "privacy-budget")] and refusals["manila"].epsilon_spent == 7.9
+    assert [(site, r.code) for _, site, r in progress.refusals] == [("manila", "privacy-budget")] and refusals["manila"].epsilon_spent == 7.9
 
 
 def test_hospital_errors_reach_the_server_without_local_detail(caplog):
