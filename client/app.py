@@ -40,6 +40,8 @@ class Hospital:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ledger_root: Path = Path("privacy")  # ledgers go to <ledger_root>/<run>/privacy unless policy.ledger_dir
     num_classes: int | None = None  # a deployed site's classes, checked against the run's model
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where it trains and evaluates
+    threads: int = 1  # CPU threads (a simulated hospital shares the machine: one)
 
 
 # (node context, image side in px) -> this hospital.
@@ -138,11 +140,11 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)  # one core per simulated hospital; the engine runs them side by side
         task = TaskSpec.from_config(msg.content["config"])
         hospital = _load(load_hospital, context, task)
+        torch.set_num_threads(hospital.threads)
         torch.manual_seed(_site_seed(task, hospital.data.name))
-        model = _model(task, msg, context)
+        model = _model(task, msg, context).to(hospital.device)  # the reply's arrays go back to the CPU (Flower's Array)
         mu = float(msg.content["config"].get(PROXIMAL_KEY, 0.0))  # Flower's FedProx sends it
         records = _train(task, hospital, model, mu)
         if REFUSAL_KEY not in records:
@@ -151,10 +153,10 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
 
     @app.evaluate()
     def validate(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
         task = TaskSpec.from_config(msg.content["config"])
         hospital = _load(load_hospital, context, task)
-        site, model = hospital.data, _model(task, msg, context)
+        torch.set_num_threads(hospital.threads)
+        site, model = hospital.data, _model(task, msg, context).to(hospital.device)
         scores = evaluate(model, site.val, task.num_classes)
         tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}
         metrics = EvalMetrics(

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from medimaging.compute import ComputeConfig
 from medimaging.config import AugmentConfig, FilesConfig, Strict
 
 
@@ -54,6 +55,7 @@ class SiteConfig(Strict):
     site: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the hospital's id in the federation")
     data: FilesConfig
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig, description="this hospital's device and CPU threads")
     connection: ConnectionConfig | None = Field(None, description="needed by `aseanfl client start`")
     require_approval: bool = Field(True, description="run only app bundles listed in approved_apps")
     approved_apps: Path = Field(Path("approved-apps.yaml"), description="sha256 allow-list of app bundles")

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from medimaging.compute import ComputeUnavailable, resolve_device
+
 from .config import SiteConfig
 from .gate import SITE_ENV, client_tls
 from .site import SITE_CONFIG_KEY
@@ -115,6 +117,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
     """Run until SIGTERM/SIGINT. If the SuperNode gives up (server down for long, key not yet
     registered) both processes are started again after a back-off of up to 30 s."""
+    try:
+        resolve_device(site.compute.device)  # a GPU asked for and missing: said now, not at the first task
+    except ComputeUnavailable as exc:
+        raise ValueError(f"{site_path}: {exc}") from None
     commands = supernode_command(site, site_path)
     if not _port_free(site.connection.runtime_port):
         raise ValueError(f"{site_path}: connection.runtime_port {site.connection.runtime_port} is in use on this "

@@ -25,6 +25,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from pydantic import BaseModel, ValidationError
 
+from medimaging.compute import device_of
 from medimaging.datasets import Split
 from medimaging.augment import augmenter
 from medimaging.training import loader, loss_for, make_optimizer, proximal_step, run_epochs
@@ -183,7 +184,7 @@ def train_private(
     common = dict(
         module=model, optimizer=opt, data_loader=data, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=policy.max_grad_norm, poisson_sampling=True,
-        noise_generator=torch.Generator().manual_seed(seed + 1), grad_sample_mode=policy.grad_sample_mode,
+        noise_generator=torch.Generator(device_of(model)).manual_seed(seed + 1), grad_sample_mode=policy.grad_sample_mode,
     )
     if policy.grad_sample_mode == "ghost":
         private, opt, loss_fn, data = engine.make_private(criterion=loss_for(split), **common)

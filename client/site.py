@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from medimaging.compute import cores, resolve_device
 from medimaging.datasets import SiteData, load_npz, split_train_val, targets, to_tensor
 from medimaging.files import decode
 
@@ -79,4 +80,5 @@ def _hospital(path: str, mtime: float, image_size: int):
         raise SiteDataError("no usable training images at this hospital")
     train, val = split_train_val(to_tensor(x, image_size), targets(y, image_size), VAL_FRACTION, 0)
     return Hospital(data=SiteData(name=site.site, train=train, val=val), privacy=site.privacy,
-                    ledger_root=site.state_dir, num_classes=len(classes))
+                    ledger_root=site.state_dir, num_classes=len(classes), device=resolve_device(site.compute.device),
+                    threads=site.compute.threads or cores())

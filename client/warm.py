@@ -152,6 +152,8 @@ class TaskRunner:
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 
+        import torch
+
         rc = self.rc
         client, retry = self._client(spec)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -173,8 +175,8 @@ class TaskRunner:
             reply = app(message=message, context=context)
             t3 = time.monotonic()
             print(f"aseanfl worker {os.getpid()}: run {run.run_id} {message.metadata.message_type} task: message "
-                  f"{t1 - t0:.2f} s, bundle check{' + import' if first else ''} {t2 - t1:.2f} s, app {t3 - t2:.2f} s",
-                  flush=True)  # where a round's time goes, in the daemon's log
+                  f"{t1 - t0:.2f} s, bundle check{' + import' if first else ''} {t2 - t1:.2f} s, app {t3 - t2:.2f} s "
+                  f"(torch threads {torch.get_num_threads()})", flush=True)  # where a round's time goes, in the daemon's log
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # noqa: BLE001 - Flower's flwr-clientapp answers every failure
             code, details = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"

@@ -11,6 +11,7 @@ from monai.metrics import compute_dice, compute_roc_auc
 from torch.utils.data import DataLoader, TensorDataset
 
 from .augment import augmenter
+from .compute import device_of
 from .config import AugmentConfig
 from .datasets import Split
 
@@ -80,9 +81,11 @@ def run_epochs(
     loss_fn: Callable | None = None, after_step: Callable[[], None] | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, int]:
-    """The training loop; `batches(epoch)` yields (x, y), `augment` changes x. Returns (mean
-    loss of the last epoch, steps)."""
+    """The training loop; `batches(epoch)` yields (x, y) on the CPU, `augment` changes x there (its
+    own seeded generator), then both go to the model's device. Returns (mean loss of the last
+    epoch, steps)."""
     loss_fn = loss_fn or torch.nn.CrossEntropyLoss()
+    device = device_of(model)
     model.train()
     steps, last_loss = 0, math.nan
     for epoch in range(epochs):
@@ -91,6 +94,7 @@ def run_epochs(
             opt.zero_grad()
             if augment is not None:
                 x = augment(x)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
@@ -147,8 +151,9 @@ def dice_scores(model: torch.nn.Module, split: Split, num_classes: int, batch_si
     """Segmentation: loss, voxel accuracy, Dice per foreground label (mean over the images where
     the label is present; MONAI's compute_dice) and their mean as `dice`. AUC is NaN."""
     loss_fn, losses, correct, voxels, dice = SegmentationLoss(), [], 0, 0, []
+    device = device_of(model)
     for x, y in loader(split, batch_size, shuffle=False):
-        logits = model(x)
+        logits = model(x.to(device, non_blocking=True)).float().cpu()  # scores on the CPU, as the labels
         losses.append(loss_fn(logits, y) * len(y))
         pred = logits.argmax(1)
         correct, voxels = correct + int((pred == y).sum()), voxels + y.numel()
@@ -164,11 +169,14 @@ def dice_scores(model: torch.nn.Module, split: Split, num_classes: int, batch_si
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int = 256) -> dict[str, float]:
     """Loss, accuracy and AUC of `model` on `split`, and per class (or finding) AUC and accuracy;
-    for segmentation Dice per label instead (see dice_scores)."""
+    for segmentation Dice per label instead (see dice_scores). Batches run on the model's
+    device; the scores are computed on the CPU."""
     model.eval()
     if split.segmentation:
         return dice_scores(model, split, num_classes, max(1, batch_size // 16))
-    logits = torch.cat([model(x) for x, _ in loader(split, batch_size, shuffle=False)])
+    device = device_of(model)
+    logits = torch.cat([model(x.to(device, non_blocking=True)).float().cpu()
+                        for x, _ in loader(split, batch_size, shuffle=False)])
     if split.multilabel:
         return multilabel_scores(logits, split.y)
     loss = torch.nn.functional.cross_entropy(logits, split.y).item()

@@ -136,8 +136,12 @@ def cached_site(cfg: SimulationConfig, index: int, image_size: int) -> SiteData:
 
 
 def hospital(cfg: SimulationConfig, index: int, image_size: int, ledger_root: Path) -> Hospital:
+    """Simulated hospital `index`, on the resources the engine gives each one: its share of a
+    GPU (Ray makes it the actor's visible CUDA device) or the CPU, and cpus_per_site threads."""
     site = cached_site(cfg, index, image_size)
-    return Hospital(data=site, privacy=cfg.site_policy(site.name), ledger_root=ledger_root)
+    device = torch.device("cuda" if cfg.engine.gpus_per_site > 0 else "cpu")
+    return Hospital(data=site, privacy=cfg.site_policy(site.name), ledger_root=ledger_root, device=device,
+                    threads=max(1, int(cfg.engine.cpus_per_site)))
 
 
 def hospital_from_context(context: Context, image_size: int) -> Hospital:

@@ -61,8 +61,11 @@ class LocalDeployment:
     def kit(self, site: str) -> Path:
         return self.fed / "sites" / site
 
-    def prepare_site(self, site: str, index: int, image_size: int = 32, dp: bool = False, samples: int = 90) -> Path:
-        """Write the site's images and fill in its site.yaml; returns the site.yaml."""
+    def prepare_site(self, site: str, index: int, image_size: int = 32, dp: bool = False, samples: int = 90,
+                     threads: int | None = 1) -> Path:
+        """Write the site's images and fill in its site.yaml; returns the site.yaml. `threads`:
+        its compute.threads (1: the hospitals share this one machine, as simulated ones do;
+        None: the kit's default, every core)."""
         data = self.root / "pacs" / site
         write_pngs(data, index, samples)
         path = self.kit(site) / "site.yaml"
@@ -71,6 +74,8 @@ class LocalDeployment:
         text = text.replace("  node_key: node.key\n", f"  node_key: node.key\n  runtime_port: {free_port()}\n", 1)
         if not dp:
             text = text.replace("  enabled: true", "  enabled: false")
+        if threads is not None:
+            text = text.replace("  # threads: 8 ", f"  threads: {threads}  ", 1)
         path.write_text(text)
         return path
 

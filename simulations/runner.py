@@ -16,6 +16,7 @@ for _key, _value in (
 ):
     os.environ.setdefault(_key, _value)
 
+import torch  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from client.app import build_client_app  # noqa: E402
@@ -113,9 +114,17 @@ def check_ray_address(address: str | None) -> None:
                           "start one with `ray start --head` or leave the field out") from None
 
 
+def check_gpus(cfg: SimulationConfig) -> None:
+    """A GPU share asked for on a machine without one: Ray would wait forever for the resource."""
+    if cfg.engine.gpus_per_site > 0 and not cfg.engine.ray_address and not torch.cuda.is_available():
+        raise ConfigError(f"engine.gpus_per_site: {cfg.engine.gpus_per_site:g} asks for a share of a GPU for each "
+                          "simulated hospital, but this machine has no CUDA GPU that torch can use; leave it at 0")
+
+
 def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
     """Run the whole federation; return the run folder (metrics, models, report)."""
     check_ray_address(cfg.engine.ray_address)
+    check_gpus(cfg)
     plan = prepare_run(cfg, progress)
     site_cfg, ledger_root = plan.config, plan.run_dir.parent
 

@@ -4,6 +4,7 @@ federations (no Ray start-up, one thread, so a seed reproduces a run byte for by
 
 from __future__ import annotations
 
+from pathlib import Path
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
@@ -11,6 +12,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.loop import Progress
+from simulations.local_deployment import write_pngs
 
 
 class Collect(Progress):
@@ -52,3 +54,16 @@ class InProcessGrid:
 
     def pull_messages(self, ids) -> list[Message]:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def site_yaml(root: Path, name: str, index: int, state: Path, dp: bool = False, extra: str = "") -> Path:
+    """A deployed hospital's site.yaml under root/name, reading 60 synthetic PNGs of its own
+    (simulations.local_deployment.write_pngs, never blank); `extra`: more YAML lines."""
+    data = root / "pacs" / name
+    write_pngs(data, index, samples=60)
+    path = root / name / "site.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(f"site: {name}\ndata:\n  root: {data}\n  image_size: 32\n  cache_dir: {root / name / 'cache'}\n"
+                    f"privacy:\n  enabled: {str(dp).lower()}\n  target_epsilon: 50\nstate_dir: {state}\n"
+                    f"audit_log: audit.jsonl\nrequire_approval: false\n{extra}")
+    return path

@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 from processes import descendants, listening, live_processes, zombies
 
+from medimaging.compute import cores
 from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
 
 APPROVED, UNAPPROVED = ["site-a", "site-b", "site-c"], "site-d"
@@ -44,7 +45,8 @@ def deployed(tmp_path_factory):
         assert len(app_hash) == 64
         for i, site in enumerate([*APPROVED, UNAPPROVED]):
             # site-a trains with DP-SGD, the others without; 300 images each, so a federation can learn
-            dep.prepare_site(site, i, dp=site == "site-a", samples=300)
+            # site-b trains on every core (the kit's default), the others on one thread each
+            dep.prepare_site(site, i, dp=site == "site-a", samples=300, threads=None if site == "site-b" else 1)
             if site != UNAPPROVED:
                 assert dep.approve(site, app_hash).returncode == 0
         dep.start_server()
@@ -303,6 +305,9 @@ def test_each_hospital_serves_its_run_from_one_warm_worker(deployed):
         assert [t for _, t, _ in lines] == ["train", "evaluate"] * 2, lines
         assert len({pid for pid, _, _ in lines}) == 1, lines
         assert "bundle check + import" in lines[0][2] and all("+ import" not in rest for _, _, rest in lines[1:]), lines
+        # its site.yaml's compute.threads, or every core the daemon may use (not Flower's or our old 1)
+        threads = {re.search(r"\(torch threads (\d+)\)", rest).group(1) for _, _, rest in lines}
+        assert threads == {str(cores() if site == "site-b" else 1)}, (site, threads)
     # the hospital that did not approve the bundle checked it and imported nothing of it
     assert _worker_lines(UNAPPROVED, deployed) == []
     assert "site-d: refused app bundle" in (deployed["tmp"] / f"{UNAPPROVED}.log").read_text(errors="replace")

@@ -10,14 +10,13 @@ import errno
 import json
 import os
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
-from inprocess import Collect, InProcessGrid
+from inprocess import Collect, InProcessGrid, site_yaml
 
 from client.app import app as deployed_app
 from client.audit import AuditLog, verify
@@ -28,7 +27,6 @@ from client.warm import AUDIT_DOWN, TaskRunner
 from server.loop import run_federation
 from server.outputs import read_rows
 from simulations.config import load_config
-from simulations.local_deployment import write_pngs
 from simulations.runner import prepare_run
 
 
@@ -62,21 +60,10 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def _site(root: Path, name: str, index: int, state: Path, dp: bool) -> Path:
-    data = root / "pacs" / name
-    write_pngs(data, index, samples=60)
-    path = root / name / "site.yaml"
-    path.parent.mkdir(parents=True)
-    path.write_text(f"site: {name}\ndata:\n  root: {data}\n  image_size: 32\n  cache_dir: {root / name / 'cache'}\n"
-                    f"privacy:\n  enabled: {str(dp).lower()}\n  target_epsilon: 50\nstate_dir: {state}\n"
-                    f"audit_log: audit.jsonl\nrequire_approval: false\n")
-    return path
-
-
 def test_data_folder_gone_and_full_disk_mid_run_are_answered_and_the_hospital_comes_back(tmp_path, full_disk):
-    sites = {"site-a": _site(tmp_path, "site-a", 0, tmp_path / "site-a" / "state", dp=False),
-             "site-b": _site(tmp_path, "site-b", 1, full_disk.path / "state", dp=True),
-             "site-c": _site(tmp_path, "site-c", 2, tmp_path / "site-c" / "state", dp=False)}
+    sites = {"site-a": site_yaml(tmp_path, "site-a", 0, tmp_path / "site-a" / "state", dp=False),
+             "site-b": site_yaml(tmp_path, "site-b", 1, full_disk.path / "state", dp=True),
+             "site-c": site_yaml(tmp_path, "site-c", 2, tmp_path / "site-c" / "state", dp=False)}
     cfg = load_config(None, {"sites": 3, "server.rounds": 3, "train.local_epochs": 1, "data.image_size": 32,
                              "server.output_dir": str(tmp_path / "runs"), "strategy.min_sites": 1})
     plan = prepare_run(cfg)
@@ -118,9 +105,9 @@ def test_data_folder_gone_and_full_disk_mid_run_are_answered_and_the_hospital_co
 
 def test_a_reply_that_cannot_be_audited_does_not_leave_and_an_error_goes_instead(tmp_path, full_disk):
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    site_yaml = _site(tmp_path, "site-a", 0, tmp_path / "state", dp=False)
-    site_yaml.write_text(site_yaml.read_text().replace("audit_log: audit.jsonl", f"audit_log: {full_disk.path / 'audit.jsonl'}"))
-    site = load_site(site_yaml)
+    path = site_yaml(tmp_path, "site-a", 0, tmp_path / "state", dp=False)
+    path.write_text(path.read_text().replace("audit_log: audit.jsonl", f"audit_log: {full_disk.path / 'audit.jsonl'}"))
+    site = load_site(path)
     log = AuditLog(site.audit_log)
     task = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=7, message_type=MessageType.TRAIN)
     task.metadata.__dict__["_message_id"] = "m1"

@@ -1,0 +1,53 @@
+"""Training on a GPU, where the machine has one (skipped, saying so, where it has none; CI has
+none). Models, batches and loss on the device, DP-SGD with Opacus there too, the model's arrays
+back on the CPU for the wire, and a simulation whose hospitals share one GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from client.config import PrivacyConfig, TrainConfig
+from client.privacy import make_plan, train_private
+from medimaging.config import ModelConfig
+from medimaging.models import build_model
+from medimaging.synthetic import site_images
+from medimaging.datasets import split_train_val, targets, to_tensor
+from medimaging.training import evaluate, train_epochs
+from simulations.config import load_config
+from simulations.runner import simulate
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+def _split():
+    (x, y), _ = site_images(0, 3, 200, 10)
+    return split_train_val(to_tensor(x, 32), targets(y, 32), 0.2, 0)
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_training_and_evaluation_run_on_the_gpu_and_the_arrays_come_back_to_the_cpu(private):
+    train, val = _split()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn"), 1, 2, 32, private, 2).cuda()
+    if private:
+        cfg = TrainConfig(local_epochs=2)
+        policy = PrivacyConfig(enabled=True, target_epsilon=8.0)
+        loss, steps, _ = train_private(model, train, cfg, policy, make_plan(policy, len(train), cfg, 1), seed=1)
+    else:
+        loss, steps = train_epochs(model, train, 2, 32, 1e-3, "adam", seed=1)
+    assert steps > 0 and loss == loss and all(p.is_cuda for p in model.parameters())
+    scores = evaluate(model, val, 2)
+    assert 0.0 <= scores["auc"] <= 1.0
+    arrays = ArrayRecord(model.state_dict())
+    assert all(a.numpy().dtype.kind == "f" or a.numpy().dtype.kind == "i" for a in arrays.values())
+
+
+def test_four_simulated_hospitals_share_one_gpu_and_learn(tmp_path):
+    run = simulate(load_config(None, {"sites": 4, "server.rounds": 3, "engine.gpus_per_site": 0.25,
+                                      "server.output_dir": str(tmp_path)}))
+    final = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["site"] == "global"][-1]
+    assert final["status"].startswith("4 trained") and final["test_auc"] > 0.6, final
