@@ -56,14 +56,17 @@ class InProcessGrid:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
-def site_yaml(root: Path, name: str, index: int, state: Path, dp: bool = False, extra: str = "") -> Path:
+def site_yaml(root: Path, name: str, index: int, state: Path, dp: bool = False, extra: str = "",
+              threads: int | None = 1, device: str = "auto") -> Path:
     """A deployed hospital's site.yaml under root/name, reading 60 synthetic PNGs of its own
-    (simulations.local_deployment.write_pngs, never blank); `extra`: more YAML lines."""
+    (simulations.local_deployment.write_pngs, never blank); `threads`: its compute.threads (1:
+    it shares the test machine; None: every core); `extra`: more YAML lines."""
     data = root / "pacs" / name
     write_pngs(data, index, samples=60)
     path = root / name / "site.yaml"
     path.parent.mkdir(parents=True)
     path.write_text(f"site: {name}\ndata:\n  root: {data}\n  image_size: 32\n  cache_dir: {root / name / 'cache'}\n"
                     f"privacy:\n  enabled: {str(dp).lower()}\n  target_epsilon: 50\nstate_dir: {state}\n"
-                    f"audit_log: audit.jsonl\nrequire_approval: false\n{extra}")
+                    f"audit_log: audit.jsonl\nrequire_approval: false\ncompute:\n  device: {device}\n"
+                    + (f"  threads: {threads}\n" if threads else "") + extra)
     return path

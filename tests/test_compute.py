@@ -37,15 +37,14 @@ def test_auto_is_the_cpu_here_and_a_missing_gpu_is_named(tmp_path):
     else:
         with pytest.raises(ComputeUnavailable, match=r"cuda:99, but this machine has \d+ CUDA device"):
             resolve_device("cuda:99")
-    path = site_yaml(tmp_path, "site-a", 0, tmp_path / "state", extra="compute:\n  device: gpu\n")
+    path = site_yaml(tmp_path, "site-a", 0, tmp_path / "state", device="gpu")
     with pytest.raises(ConfigError, match="compute.device"):
         load_site(path)
 
 
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU: a cuda request is valid here")
 def test_a_daemon_asked_for_a_gpu_the_machine_lacks_says_so_in_one_line_and_does_not_start(tmp_path):
-    path = site_yaml(tmp_path, "site-a", 0, tmp_path / "state",
-                     extra="compute:\n  device: cuda\nconnection:\n  server: 127.0.0.1:9\n")
+    path = site_yaml(tmp_path, "site-a", 0, tmp_path / "state", device="cuda", extra="connection:\n  server: 127.0.0.1:9\n")
     res = subprocess.run([str(BIN / "aseanfl"), "client", "start", "-c", str(path)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
@@ -64,8 +63,7 @@ def test_a_simulation_asking_for_gpu_shares_without_a_gpu_is_a_config_error(tmp_
 
 @pytest.mark.parametrize("threads", [None, 1, 2])
 def test_a_deployed_hospital_trains_on_its_own_threads_and_a_simulated_one_on_the_engines(tmp_path, threads):
-    extra = f"compute:\n  device: cpu\n  threads: {threads}\n" if threads else ""
-    path = site_yaml(tmp_path, "site-a", 0, tmp_path / "state", extra=extra)
+    path = site_yaml(tmp_path, "site-a", 0, tmp_path / "state", threads=threads, device="cpu")
     cfg = load_config(None, {"sites": 1, "server.rounds": 1, "train.local_epochs": 1, "data.image_size": 32,
                              "server.output_dir": str(tmp_path / "runs"), "strategy.min_sites": 1})
     plan = prepare_run(cfg)
