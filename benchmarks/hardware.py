@@ -1,0 +1,81 @@
+"""Training throughput on the hardware a hospital has: samples/s per built-in model, on the CPU
+with 1 thread and with every core, and on the GPU where there is one; without DP and with
+DP-SGD (Opacus hooks). Each case runs in its own process, so its thread count and memory are
+its own. The device and thread settings are the ones a hospital's site.yaml `compute` gives
+(medimaging/compute.py); batches go to the device as in training.
+
+    python -m benchmarks.hardware [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = [("cnn", 2, 64), ("resnet18", 2, 64), ("densenet121", 2, 64), ("unet", 3, 32)]
+
+
+def measure(model_name: str, dims: int, size: int, device: str, threads: int, dp: bool, steps: int,
+            batch: int = 16) -> dict:
+    from client.config import PrivacyConfig, TrainConfig
+    from client.privacy import DPPlan, train_private
+    from medimaging.compute import resolve_device
+    from medimaging.config import ModelConfig
+    from medimaging.datasets import Split
+    from medimaging.models import build_model
+    from medimaging.training import train_epochs
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    n = steps * batch
+    shape = (n, 1) + (size,) * dims
+    y = torch.randint(0, 2, (n,) + (size,) * dims) if model_name == "unet" else torch.randint(0, 2, (n,))
+    data = Split(torch.randn(shape), y)
+    model = build_model(ModelConfig(name=model_name), 1, 2, size, private=dp, spatial_dims=dims).to(resolve_device(device))
+    start = time.perf_counter()
+    if dp:
+        plan = DPPlan(noise_multiplier=1.0, sample_rate=1 / steps, steps_per_round=steps, delta=1e-5, accountant="rdp")
+        train_private(model, data, TrainConfig(local_epochs=1, batch_size=batch), PrivacyConfig(enabled=True), plan, 0)
+    else:
+        train_epochs(model, data, 1, batch, 1e-3, "adam", 0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"samples_per_s": n / (time.perf_counter() - start)}
+
+
+def main() -> None:
+    from medimaging.compute import cores
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        name, dims, size, device, threads, dp = args.one
+        print(json.dumps(measure(name, int(dims), int(size), device, int(threads), dp == "dp", args.steps)))
+        return
+    settings = [("cpu", 1), ("cpu", cores())] + ([("cuda", 1)] if torch.cuda.is_available() else [])
+    where = f"{cores()} CPU cores" + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU")
+    print(f"{where}; batch 16, {args.steps} steps, fp32; samples/s (DP-SGD with Opacus hooks)")
+    print("| model | input | " + " | ".join(f"{d} {t} thread{'s' * (t > 1)}" if d == "cpu" else d for d, t in settings)
+          + " | DP-SGD: " + " | DP-SGD: ".join(f"{d} {t}" if d == "cpu" else d for d, t in settings) + " |")
+    print("|---|---|" + "---|" * (2 * len(settings)))
+    for name, dims, size in MODELS:
+        cells = []
+        for dp in ("plain", "dp"):
+            for device, threads in settings:
+                out = subprocess.run([sys.executable, "-m", "benchmarks.hardware", "--steps", str(args.steps), "--one",
+                                      name, str(dims), str(size), device, str(threads), dp],
+                                     capture_output=True, text=True)
+                cells.append(f"{json.loads(out.stdout.strip().splitlines()[-1])['samples_per_s']:.1f}"
+                             if out.returncode == 0 else f"failed ({out.stderr.strip().splitlines()[-1][:60]})")
+        print(f"| {name} | {dims}D {size}px | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
