@@ -82,14 +82,15 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({name: Array(arrays[name]) for name in order})
 
 
-def pack_content(content: RecordDict, memo: dict[int, ArrayRecord] | None = None) -> RecordDict:
+def pack_content(content: RecordDict, memo: dict[int, ArrayRecord]) -> RecordDict:
     """A copy of `content` with each ArrayRecord packed; the records themselves are not changed
-    (a strategy sends one to every hospital: `memo` packs it once)."""
-    memo = {} if memo is None else memo
+    (a strategy sends one to every hospital: `memo`, by record id, packs it once)."""
     out = {}
     for name, rec in content.items():
         if isinstance(rec, ArrayRecord):
-            rec = memo[id(rec)] if id(rec) in memo else memo.setdefault(id(rec), pack(rec))
+            if id(rec) not in memo:
+                memo[id(rec)] = pack(rec)
+            rec = memo[id(rec)]
         out[name] = rec
     return RecordDict(out)
 
@@ -98,9 +99,10 @@ def unpack_content(content: RecordDict) -> RecordDict:
     return RecordDict({name: unpack(rec) if isinstance(rec, ArrayRecord) else rec for name, rec in content.items()})
 
 
-def packed(messages, memo: dict[int, ArrayRecord] | None = None) -> list[Message]:
-    """The messages, each with its content packed (in place: a message is sent once)."""
-    memo = {} if memo is None else memo
+def packed(messages) -> list[Message]:
+    """The messages, each with its content packed (in place: a message is sent once); a record
+    several of them share is packed once."""
+    memo: dict[int, ArrayRecord] = {}
     messages = list(messages)
     for msg in messages:
         if msg.has_content():

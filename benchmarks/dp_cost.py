@@ -20,26 +20,19 @@ CASES = [("cnn", "none"), ("cnn", "hooks"), ("resnet18", "none"), ("resnet18", "
 
 
 def measure(model_name: str, mode: str, steps: int, batch: int = 32, size: int = 32) -> dict:
-    from client.config import PrivacyConfig, TrainConfig
-    from client.privacy import DPPlan, train_private
+    from benchmarks.throughput import train_case
     from medimaging.config import ModelConfig
     from medimaging.datasets import Split
     from medimaging.models import build_model
-    from medimaging.training import train_epochs
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     n = steps * batch
     data = Split(torch.randn(n, 1, size, size), torch.randint(0, 2, (n,)))
     model = build_model(ModelConfig(name=model_name), 1, 2, size, private=mode != "none")
-    train = TrainConfig(local_epochs=1, batch_size=batch)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    if mode == "none":
-        train_epochs(model, data, 1, batch, 1e-3, "adam", 0)
-    else:
-        plan = DPPlan(noise_multiplier=1.0, sample_rate=1 / steps, steps_per_round=steps, delta=1e-5, accountant="rdp")
-        train_private(model, data, train, PrivacyConfig(enabled=True, grad_sample_mode=mode), plan, 0)
+    train_case(model, data, steps, batch, mode)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"samples_per_s": n / seconds, "peak_mb": peak / 1024, "train_mb": (peak - base) / 1024}

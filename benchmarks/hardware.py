@@ -22,13 +22,11 @@ MODELS = [("cnn", 2, 64), ("resnet18", 2, 64), ("densenet121", 2, 64), ("unet", 
 
 def measure(model_name: str, dims: int, size: int, device: str, threads: int, dp: bool, steps: int,
             batch: int = 16) -> dict:
-    from client.config import PrivacyConfig, TrainConfig
-    from client.privacy import DPPlan, train_private
+    from benchmarks.throughput import train_case
     from medimaging.compute import resolve_device
     from medimaging.config import ModelConfig
     from medimaging.datasets import Split
     from medimaging.models import build_model
-    from medimaging.training import train_epochs
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -38,11 +36,7 @@ def measure(model_name: str, dims: int, size: int, device: str, threads: int, dp
     data = Split(torch.randn(shape), y)
     model = build_model(ModelConfig(name=model_name), 1, 2, size, private=dp, spatial_dims=dims).to(resolve_device(device))
     start = time.perf_counter()
-    if dp:
-        plan = DPPlan(noise_multiplier=1.0, sample_rate=1 / steps, steps_per_round=steps, delta=1e-5, accountant="rdp")
-        train_private(model, data, TrainConfig(local_epochs=1, batch_size=batch), PrivacyConfig(enabled=True), plan, 0)
-    else:
-        train_epochs(model, data, 1, batch, 1e-3, "adam", 0)
+    train_case(model, data, steps, batch, "hooks" if dp else "none")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return {"samples_per_s": n / (time.perf_counter() - start)}
