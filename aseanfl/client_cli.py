@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -65,8 +66,11 @@ def check_data(config: Path = SITE_OPTION) -> None:
     if decoded.spacings:
         rows = [v[0] for v in decoded.spacings.values()]
         console.print(f"pixel spacing (mm): {min(rows):.3g} to {max(rows):.3g} ({len(rows)} files with spacing)")
-    for p in inv.problems:
-        console.print(f"[yellow]skipped[/] {p.file}: {p.reason}")
+    for file, notes in decoded.notes.items():  # what the decoders said of files, in their report, not as warnings
+        for note in notes:
+            console.print(f"[dim]note[/] {escape(file)}: {escape(note)}", soft_wrap=True)
+    for p in inv.problems:  # one whole line per file, however narrow the terminal
+        console.print(f"[yellow]skipped[/] {escape(p.file)}: {escape(p.reason)}", soft_wrap=True)
     if not usable:
         raise typer.Exit(1)
 

@@ -2,7 +2,11 @@
 cache (cold), and reopening them from the cache (warm), in one run; the same in volumes/s for
 NIfTI volumes and DICOM series (one file per slice).
 
-    python -m benchmarks.loading [--images 600] [--side 512] [--volumes 40] [--slices 48]
+    python -m benchmarks.loading [--images 600] [--side 512] [--volumes 40] [--slices 48] [--syntax-images 100]
+
+Then images/s cold for each DICOM transfer syntax (medimaging.dicomgen's test pattern, 512x512,
+12-bit; 8-bit for JPEG Baseline), with pydicom's decoders as installed (pylibjpeg), and with
+python-gdcm alone where it is installed (`pip install python-gdcm` to compare).
 """
 
 from __future__ import annotations
@@ -63,6 +67,56 @@ def _measure(kind: str, n: int, side: int, slices: int, size: int) -> tuple[floa
         return cold, n / (time.perf_counter() - t)
 
 
+def _syntax_rate(syntax: str, n: int, side: int, plugin: str = "") -> float | None:
+    """Images/s reading (header, decode, Modality LUT, window) files in one transfer syntax."""
+    from medimaging import dicomgen
+    from medimaging.dicom import DicomConfig, read_dicom
+
+    pixels = dicomgen.test_pattern(side, side)
+    if syntax in dicomgen.EIGHT_BIT:
+        pixels = (pixels // 16).astype(np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [dicomgen.write(Path(tmp) / f"IM{i:04d}", pixels, syntax) for i in range(n)]
+        plugin = "" if syntax in dicomgen.NATIVE else plugin
+        if plugin:
+            from pydicom.pixels import get_decoder
+
+            decoder = get_decoder(dicomgen.SYNTAXES[syntax][0])
+            if plugin not in decoder.available_plugins:
+                return None
+            saved = dict(decoder._available)
+            for name in list(decoder.available_plugins):
+                if name != plugin:
+                    decoder.remove_plugin(name)
+        t = time.perf_counter()
+        try:
+            for path in paths:
+                read_dicom(path, 2, DicomConfig(), [])
+        except ValueError:
+            return None
+        finally:
+            if plugin:
+                decoder._available.update(saved)
+        return n / (time.perf_counter() - t)
+
+
+def _syntaxes(n: int, side: int) -> None:
+    from importlib.util import find_spec
+
+    from medimaging import dicomgen
+
+    gdcm = find_spec("gdcm") is not None
+    print(f"\n{n} DICOM files of {side}x{side} per transfer syntax, read cold (images/s)")
+    print("| transfer syntax | pylibjpeg (default) |" + (" python-gdcm |" if gdcm else "") + "\n|---|---|" + ("---|" if gdcm else ""))
+    for syntax, (uid, lossless) in dicomgen.SYNTAXES.items():
+        default = _syntax_rate(syntax, n, side, "pylibjpeg")
+        row = f"| {syntax} ({'lossless' if lossless else 'lossy'}) | {default:.0f} |"
+        if gdcm:
+            other = _syntax_rate(syntax, n, side, "gdcm") if syntax not in dicomgen.NATIVE else default
+            row += " no plug-in for it |" if other is None else f" {other:.0f} |"
+        print(row)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=600)
@@ -70,6 +124,7 @@ def main() -> None:
     ap.add_argument("--volumes", type=int, default=40)
     ap.add_argument("--slices", type=int, default=48, help="slices per volume, each --vside square")
     ap.add_argument("--vside", type=int, default=256)
+    ap.add_argument("--syntax-images", type=int, default=100, help="files per DICOM transfer syntax")
     args = ap.parse_args()
     print(f"{args.images} images of {args.side}x{args.side}, decoded to 64x64; {args.volumes} volumes of "
           f"{args.slices}x{args.vside}x{args.vside}, decoded to 32^3")
@@ -80,6 +135,7 @@ def main() -> None:
     for kind in ("nifti", "dicom series"):
         cold, warm = _measure(kind, args.volumes, args.vside, args.slices, 32)
         print(f"| {kind} (volumes/s) | {cold:.1f} | {warm:.0f} | {warm / cold:.0f}x |")
+    _syntaxes(args.syntax_images, args.side)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,21 @@ class SyntheticConfig(Strict):
     spatial_dims: Dims = Field(2, description="2 = images, 3 = volumes (CT/MRI-like)")
 
 
+class DicomConfig(Strict):
+    """`data.files.dicom`: how DICOM pixels become the image a model sees."""
+
+    window: Literal["auto", "none"] | tuple[float, float] = Field(
+        "auto", description="auto: the file's VOI LUT or window centre/width where it has one; none: the full "
+        "range after the Modality LUT; [centre, width]: this window for every file (e.g. [40, 400] for CT soft tissue)")
+
+    @field_validator("window")
+    @classmethod
+    def _width(cls, window):
+        if isinstance(window, tuple) and window[1] < 1:
+            raise ValueError(f"a window's width must be at least 1 (got {window[1]})")
+        return window
+
+
 class FilesConfig(Strict):
     """`data.files`: a folder of image files (the manifest's paths are relative to `root`)."""
 
@@ -50,6 +65,7 @@ class FilesConfig(Strict):
     image_size: int = Field(64, ge=8, le=512, description="side the images are decoded and cached at")
     test_fraction: float = Field(0.2, ge=0, lt=0.9, description="share held out as test where no split is given")
     cache_dir: Path = Field(Path(".aseanfl-cache"), description="decoded images (stays at the hospital)")
+    dicom: DicomConfig = Field(default_factory=DicomConfig, description="windowing of DICOM pixels")
 
 
 class DataConfig(Strict):

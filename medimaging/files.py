@@ -15,13 +15,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from .config import FilesConfig
 
-IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".dcm": "dicom", ".nii": "nifti", ".gz": "nifti"}
+from .config import DicomConfig, FilesConfig
+from .dicom import read_dicom, read_series
+
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".dcm": "dicom",
+                  ".dicom": "dicom", ".ima": "dicom", ".nii": "nifti", ".gz": "nifti"}
 SPLITS = ("train", "val", "test")  # "val" rows train: each site splits its own validation
 
 
@@ -52,7 +57,16 @@ def _kind(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix == ".gz":
         return None
-    return IMAGE_SUFFIXES.get(suffix, "dicom" if suffix == "" else None)  # PACS exports often lack .dcm
+    if suffix in IMAGE_SUFFIXES:
+        return IMAGE_SUFFIXES[suffix]
+    # PACS exports often lack .dcm, or are named by their UID (1.2.840...77.5): the name or content says DICOM
+    if suffix == "" or suffix[1:].isdigit():
+        return "dicom"
+    try:
+        with path.open("rb") as f:
+            return "dicom" if f.read(132)[128:] == b"DICM" else None
+    except OSError:
+        return None
 
 
 NO_FINDING = "none"  # a multi-label row without findings
@@ -93,14 +107,59 @@ def _manifest(cfg: FilesConfig, inv: Inventory) -> None:
                 inv.items.append(Item(cfg.root / rel, target, split or None))
 
 
+def _walk(root: Path, inv: Inventory) -> list[Path]:
+    """Every file under root, following links to folders (a class folder may live on another
+    mount) once each; a broken link, a link loop or an unreadable folder is a problem, not skipped."""
+    files, seen = [], set()
+
+    def visit(folder: Path) -> None:
+        real = folder.resolve()
+        if real in seen:
+            inv.problems.append(Problem(_rel_to(root, folder), "a link loop: this folder links back to one already read"))
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            inv.problems.append(Problem(_rel_to(root, folder), f"folder cannot be read ({exc.strerror})"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):  # hidden files, and a cache kept inside root
+                continue
+            if entry.is_symlink() and not path.exists():
+                target = os.readlink(path)
+                why = "a link loop" if _loops(path) else f"a broken link (its target {target} does not exist)"
+                inv.problems.append(Problem(_rel_to(root, path), why))
+            elif entry.is_dir():
+                visit(path)
+            elif entry.is_file():
+                files.append(path)
+
+    visit(root)
+    return files
+
+
+def _loops(path: Path) -> bool:
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return True
+    except OSError as exc:
+        return exc.errno == 40  # ELOOP
+    return False
+
+
+def _rel_to(root: Path, path: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def _folders(cfg: FilesConfig, inv: Inventory) -> None:
     if cfg.multilabel:
         raise ValueError("data.files.multilabel needs a manifest (a folder per class gives one label per image)")
     seen: set[Path] = set()
-    for path in sorted(p for p in cfg.root.rglob("*") if p.is_file()):
+    for path in _walk(cfg.root, inv):
         parts = path.relative_to(cfg.root).parts
-        if any(part.startswith(".") for part in parts):  # hidden files, and a cache kept inside root
-            continue
         split = parts[0] if len(parts) >= 3 and parts[0] in SPLITS else None
         label_parts = parts[1:] if split else parts
         if len(label_parts) < 2:
@@ -149,58 +208,25 @@ def _rel(cfg: FilesConfig, path: Path) -> str:
         return str(path)
 
 
-def read_series(folder: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
-    """A folder of single-slice DICOM files -> (3D array in slice order, spacing); the slices are
-    ordered by their position along the scan axis (else by InstanceNumber)."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    slices = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        try:
-            ds = pydicom.dcmread(path)  # the header stays in this function
-            pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
-        except Exception as exc:  # noqa: BLE001 - every decoder error becomes a reason
-            raise ValueError(f"slice {path.name}: cannot decode as dicom: {type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
-        position = ds.get("ImagePositionPatient")
-        order = float(position[2]) if position else float(ds.get("InstanceNumber", len(slices)))
-        spacing = tuple(float(v) for v in ds.get("PixelSpacing", []) or []) + (float(ds.get("SliceThickness", 0) or 0),)
-        slices.append((order, pixels, spacing))
-    if not slices:
-        raise ValueError("empty series folder")
-    shapes = {s[1].shape for s in slices}
-    if len(shapes) > 1:
-        raise ValueError(f"slices of different sizes {sorted(shapes)}")
-    slices.sort(key=lambda s: s[0])
-    return np.stack([s[1] for s in slices]), slices[0][2] if len(slices[0][2]) == 3 else None
-
-
-def read_pixels(path: Path, spatial_dims: int = 2) -> tuple[np.ndarray, tuple[float, ...] | None]:
+def read_pixels(path: Path, spatial_dims: int = 2, dicom: DicomConfig | None = None,
+                notes: list[str] | None = None) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """(2D, or with spatial_dims=3 3D, float32 pixel array, spacing or None). Raises
-    ValueError with a reason."""
-    path = Path(path)
+    ValueError with a reason; library warnings about the file are appended to `notes`."""
+    path, dicom, notes = Path(path), dicom or DicomConfig(), [] if notes is None else notes
     if path.is_dir():
         if spatial_dims != 3:
             raise ValueError("a folder (DICOM series) is a volume: set data.files.spatial_dims: 3")
-        arr, spacing = read_series(path)
+        arr, spacing = read_series(path, dicom, notes)
         return _checked(arr, spatial_dims), spacing
     kind = _kind(path)
     if kind is None:
         raise ValueError(f"not an image type this reads (suffix '{path.suffix}')")
+    if kind == "dicom":
+        arr, spacing = read_dicom(path, spatial_dims, dicom, notes)
+        return _checked(np.squeeze(arr) if arr.ndim > spatial_dims else arr, spatial_dims), spacing
     try:
-        if kind in ("png", "jpeg"):
-            from PIL import Image
-
-            with Image.open(path) as img:
-                img.load()
-                arr, spacing = np.asarray(img.convert("L"), dtype=np.float32), None
-        elif kind == "dicom":
-            import pydicom
-            from pydicom.pixels import apply_modality_lut
-
-            ds = pydicom.dcmread(path)  # the header stays in this function
-            arr = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
-            spacing = tuple(float(v) for v in ds.get("PixelSpacing", []) or []) or None
+        if kind in ("png", "jpeg", "tiff"):
+            arr, spacing = _picture(path), None
         else:
             import nibabel as nib
 
@@ -208,11 +234,24 @@ def read_pixels(path: Path, spatial_dims: int = 2) -> tuple[np.ndarray, tuple[fl
             arr = np.asarray(img.get_fdata(dtype=np.float32))
             spacing = tuple(float(v) for v in img.header.get_zooms()[:spatial_dims])
     except Exception as exc:  # noqa: BLE001 - every decoder error becomes a reason
-        raise ValueError(f"cannot decode as {kind}: {type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
-    arr = np.squeeze(arr)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and kind == "dicom" and spatial_dims == 2:  # RGB ultrasound
-        arr = arr[..., :3].mean(-1)
-    return _checked(arr, spatial_dims), spacing
+        raise ValueError(f"cannot decode as {kind}: " + " ".join(f"{type(exc).__name__}: {exc}".split())) from None
+    return _checked(np.squeeze(arr), spatial_dims), spacing
+
+
+def _picture(path: Path) -> np.ndarray:
+    """A PNG/JPEG/TIFF at its full depth: 16-bit greyscale stays 16-bit (no 8-bit conversion),
+    colour becomes luminance."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. Pillow's "truncated" or EXIF notes: the reason or nothing
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+                return np.asarray(img, dtype=np.float32)
+            if img.mode in ("LA", "PA", "RGBA", "P") or "transparency" in img.info:
+                img = img.convert("RGBA").convert("RGB")
+            return np.asarray(img.convert("L"), dtype=np.float32)
 
 
 def _checked(arr: np.ndarray, spatial_dims: int) -> np.ndarray:
@@ -226,7 +265,7 @@ def _checked(arr: np.ndarray, spatial_dims: int) -> np.ndarray:
 
 def read_mask(path: Path, spatial_dims: int = 2) -> np.ndarray:
     """Integer labels (0 = background) of a mask file; a 0/255 image is read as 0/1."""
-    arr, _ = read_pixels(path, spatial_dims)
+    arr, _ = read_pixels(path, spatial_dims, DicomConfig(window="none"))
     if not np.array_equal(arr, np.round(arr)) or arr.min() < 0:
         raise ValueError("mask holds values that are not labels (integers >= 0)")
     values = set(np.unique(arr).tolist())
@@ -255,6 +294,7 @@ class Decoded:
     inventory: Inventory
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # file -> native shape
     spacings: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)  # file -> what the decoders said of it
     cache: Path | None = None
 
 
@@ -267,7 +307,8 @@ def _stamp(path: Path | None) -> str:
 
 
 def _key(cfg: FilesConfig, inv: Inventory) -> str:
-    h = hashlib.sha256(json.dumps([cfg.image_size, cfg.test_fraction, cfg.spatial_dims, inv.classes]).encode())
+    h = hashlib.sha256(json.dumps([cfg.image_size, cfg.test_fraction, cfg.spatial_dims, inv.classes,
+                                   cfg.dicom.model_dump(mode="json")]).encode())
     for item in inv.items:
         h.update(f"{_rel(cfg, item.path)}|{_stamp(item.path)}|{item.label}|{item.split}|{_stamp(item.mask)}\n".encode())
     return h.hexdigest()[:16]
@@ -316,17 +357,22 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
         saved = json.loads(report.read_text())
         inv.problems += [Problem(**p) for p in saved["problems"]]
         out.shapes, out.cache = {k: tuple(v) for k, v in saved["shapes"].items()}, cache
+        out.notes = saved.get("notes", {})
         inv.classes = saved.get("classes", inv.classes)  # a segmentation's labels are counted when decoding
         return out
     images, labels, splits = [], [], []
     for item in inv.items:
         name = _rel(cfg, item.path)
+        notes: list[str] = []
         try:
-            arr, spacing = read_pixels(item.path, cfg.spatial_dims)
+            arr, spacing = read_pixels(item.path, cfg.spatial_dims, cfg.dicom, notes)
             target = _target(cfg, inv, item, arr.shape)
         except ValueError as exc:
             inv.problems.append(Problem(name, str(exc)))
             continue
+        finally:
+            if notes:
+                out.notes[name] = notes
         out.shapes[name] = arr.shape
         if spacing:
             out.spacings[name] = spacing
@@ -353,6 +399,7 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
     np.savez(tmp, train_images=x[~is_test], train_labels=y[~is_test], test_images=x[is_test], test_labels=y[is_test])
     tmp.replace(cache)
     report.write_text(json.dumps({"problems": [p.__dict__ for p in inv.problems],
-                                  "shapes": {k: list(v) for k, v in out.shapes.items()}, "classes": inv.classes}))
+                                  "shapes": {k: list(v) for k, v in out.shapes.items()}, "classes": inv.classes,
+                                  "notes": out.notes}))
     out.cache = cache
     return out

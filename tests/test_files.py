@@ -57,7 +57,7 @@ def test_check_data_lists_counts_and_every_unusable_file(mixed, tmp_path):
     out = result.output
     assert result.exit_code == 0, out
     assert "bach-mai: 18 usable images, 4 problems" in out
-    for name, reason in [("normal/scan.dcm", "cannot decode as dicom"), ("pneumonia/cut.png", "cannot decode as png"),
+    for name, reason in [("normal/scan.dcm", "not a DICOM file"), ("pneumonia/cut.png", "cannot decode as png"),
                          ("pneumonia/volume.nii.gz", "3D image of shape [8, 8, 8]"), ("stray.png", "not inside a class folder")]:
         assert name in out and reason in out, (name, out)
     assert "40x36 (18)" in out and "pixel spacing (mm): 0.7 to 0.8" in out

@@ -86,7 +86,7 @@ def test_volume_files_decode_and_check_data_lists_problems(volumes, tmp_path):
     decoded = decode(cfg)
     problems = {p.file: p.reason for p in decoded.inventory.problems}
     assert problems["normal/scout.png"].startswith("2D image of shape [20, 20]: this task reads volumes")
-    assert problems["nodule/broken"].startswith("slice IM0002: cannot decode as dicom")
+    assert problems["nodule/broken"].startswith("slice IM0002: not a DICOM file")
     assert problems["nodule/odd"].startswith("slices of different sizes")
     assert len(decoded.shapes) == 24 and decoded.shapes["normal/series0"] == (24, 24, 24)
     with np.load(decoded.cache) as npz:
