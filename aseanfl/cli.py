@@ -19,6 +19,12 @@ def _fail(message: str, kind: str = "config error", code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _data_line(data) -> str:
+    if data.files is not None:
+        return f"files under {data.files.root}" + (f" (manifest {data.files.manifest.name})" if data.files.manifest else "")
+    return str(data.path) if data.path else "synthetic (embedded default)"
+
+
 @app.callback()
 def _root() -> None:
     """Federated medical imaging for ASEAN hospitals."""
@@ -30,7 +36,7 @@ def simulate(
     rounds: Optional[int] = typer.Option(None, help="federated rounds (server.rounds)"),
     sites: Optional[str] = typer.Option(None, help="number of hospitals or comma-separated names"),
     data: Optional[Path] = typer.Option(None, help="MedMNIST-style .npz (default: synthetic images)"),
-    model: Optional[str] = typer.Option(None, help="cnn | resnet18 | densenet121"),
+    model: Optional[str] = typer.Option(None, help="cnn | resnet18 | densenet121 (classification); unet (segmentation)"),
     partition: Optional[str] = typer.Option(None, help="iid | dirichlet | quantity (npz data)"),
     alpha: Optional[float] = typer.Option(None, help="Dirichlet alpha (partition.alpha)"),
     local_epochs: Optional[int] = typer.Option(None, help="train.local_epochs"),
@@ -70,7 +76,7 @@ def simulate(
     console = Console()
     console.print(f"[bold]aseanfl simulate[/]: {len(cfg.sites)} hospitals ({', '.join(cfg.sites)}), "
                   f"{cfg.server.rounds} rounds, model {cfg.model.name}, "
-                  f"data {cfg.data.path or 'synthetic (embedded default)'}")
+                  f"data {_data_line(cfg.data)}", soft_wrap=True)  # paths whole, however narrow
     try:
         with RichProgress(console) as progress:
             run_dir = run(cfg, progress)
@@ -78,7 +84,7 @@ def simulate(
         _fail(str(exc))
     except SimulationFailed as exc:  # e.g. Ray could not start
         _fail(str(exc), "error", 1)
-    console.print(f"[green]done[/]: {run_dir}  (report: {run_dir / 'report.md'})")
+    console.print(f"[green]done[/]: {run_dir}  (report: {run_dir / 'report.md'})", soft_wrap=True)
 
 
 from .client_cli import app as client_app  # noqa: E402

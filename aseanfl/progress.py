@@ -36,8 +36,12 @@ class RichProgress(Progress):
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
         table = Table(title=f"Round {rnd}/{total}", title_justify="left", show_edge=False)
         score, name = score_of(rows)
+        widest = max(len(r["site"]) for r in rows)  # site names whole, however narrow the terminal or pipe
         for col in ("site", "status", "epsilon", "train loss", "val loss", f"val {name}", f"test {name}", "examples", "bytes out"):
-            table.add_column(col, justify="left" if col == "site" else "right")
+            if col == "site":
+                table.add_column(col, justify="left", no_wrap=True, min_width=widest)
+            else:
+                table.add_column(col, justify="right")
         for r in rows:
             style = "bold" if r["site"] == "global" else None
             status = "" if r["site"] == "global" else r.get("status", "").split(":")[0]

@@ -121,27 +121,62 @@ NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 def check_npz(path: Path) -> None:
     """Raise ValueError naming the problem if `path` is not a usable MedMNIST-layout file:
-    images (N,H,W), (N,H,W,C) or volumes (N,D,H,W); labels (N,), (N,1), 0/1 findings (N,K),
-    or integer masks shaped like the images (segmentation)."""
+    images (N,H,W), (N,H,W,C) or volumes (N,D,H,W), uint8 or float in [0, 1] without NaN;
+    labels (N,), (N,1), 0/1 findings (N,K), or integer masks shaped like the images
+    (segmentation); as many labels as images in each split; at least two classes."""
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # np.load would try it as a pickle or a .npy
+        raise ValueError(f"{path.name} is not an .npz file (a MedMNIST-layout zip of numpy arrays with the keys "
+                         f"{', '.join(NPZ_KEYS)}); for a folder of DICOM/PNG/NIfTI files use data.files.root")
     try:
         with np.load(path) as npz:
             missing = [k for k in NPZ_KEYS if k not in npz.files]
             if missing:
                 raise ValueError(f"{path.name} lacks arrays {missing}; expected MedMNIST keys {list(NPZ_KEYS)}")
-            images, labels = npz["train_images"], npz["train_labels"]
+            arrays = {k: npz[k] for k in NPZ_KEYS}
     except ValueError:
         raise
-    except Exception as exc:  # zip/pickle errors: the file is not an npz
+    except Exception as exc:  # zip errors: a damaged file
         raise ValueError(f"{path.name} is not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    for split in ("train", "test"):
+        _check_split(path.name, split, arrays[f"{split}_images"], arrays[f"{split}_labels"])
+    labels = arrays["train_labels"]
+    if labels.ndim < 2 or labels.shape[1] == 1:
+        classes = np.unique(np.concatenate([arrays["train_labels"].reshape(-1), arrays["test_labels"].reshape(-1)]))
+        if len(classes) < 2:
+            raise ValueError(f"{path.name}: every label is {classes[0] if len(classes) else 'missing'}; "
+                             "a classifier needs at least two classes")
+
+
+def _check_split(name: str, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    where = f"{name}: {split}_images"
     if images.ndim not in (3, 4):
-        raise ValueError(f"{path.name}: train_images shape {images.shape} is not (N,H,W), (N,H,W,C) or (N,D,H,W)")
+        raise ValueError(f"{where} shape {images.shape} is not (N,H,W), (N,H,W,C) or (N,D,H,W)")
+    if len(labels) != len(images):
+        raise ValueError(f"{name}: {split}_labels holds {len(labels)} labels for {len(images)} {split}_images; "
+                         "each image needs one label")
+    if np.issubdtype(images.dtype, np.floating):
+        if not np.all(np.isfinite(images)):
+            bad = int(np.count_nonzero(~np.isfinite(images).reshape(len(images), -1).all(1)))
+            raise ValueError(f"{where}: {bad} images hold NaN or infinite values")
+        if images.size and (images.min() < 0 or images.max() > 1):
+            raise ValueError(f"{where}: float images must lie in [0, 1] (found {images.min():.4g} to "
+                             f"{images.max():.4g}); store uint8 (0-255) or scale them")
+    elif images.dtype != np.uint8:
+        raise ValueError(f"{where}: dtype {images.dtype}; store uint8 (0-255) or float images in [0, 1]")
     if labels.ndim >= 3:
         if labels.shape[1:] != images.shape[1:labels.ndim]:
-            raise ValueError(f"{path.name}: train_labels shape {labels.shape} is neither per-image labels nor "
-                             f"masks shaped like train_images {images.shape}")
+            raise ValueError(f"{name}: {split}_labels shape {labels.shape} is neither per-image labels nor "
+                             f"masks shaped like {split}_images {images.shape}")
         if np.issubdtype(labels.dtype, np.floating) or labels.min() < 0:
-            raise ValueError(f"{path.name}: segmentation masks must hold integer labels >= 0 (got {labels.dtype})")
+            raise ValueError(f"{name}: segmentation masks must hold integer labels >= 0 (got {labels.dtype})")
         return
+    if np.issubdtype(labels.dtype, np.floating) and not np.all(np.isfinite(labels)):
+        raise ValueError(f"{name}: {split}_labels holds NaN or infinite values")
     if labels.ndim == 2 and labels.shape[1] > 1 and not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{path.name} has {labels.shape[1]} label columns with values other than 0/1; "
+        raise ValueError(f"{name} has {labels.shape[1]} label columns with values other than 0/1; "
                          "multi-label targets must be 0/1 per finding")
+    if labels.ndim < 2 or labels.shape[1] == 1:
+        if not np.array_equal(labels, np.round(labels)) or labels.min(initial=0) < 0:
+            raise ValueError(f"{name}: {split}_labels must be class numbers (integers >= 0)")

@@ -56,9 +56,20 @@ def read_config(path: Path | None, overrides: dict | None, schema: type[BaseMode
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text); is it the right file?") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+        if "\0" in text:
+            raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text); is it the right file?")
+        try:
+            tree = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+            raise ConfigError(f"{path}: not valid YAML: " + " ".join(str(exc).split())) from None
+        if tree is None:
+            raise ConfigError(f"{path}: the file is empty (or only comments); write the settings in it, "
+                              "or leave out --config to use the defaults")
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for key, value in (overrides or {}).items():

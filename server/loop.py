@@ -413,6 +413,9 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     known: dict[int, str] = {**(resumed.names if resumed else {}), **plan.node_names}  # node id -> site name
     first = resumed.round + 1 if resumed else 1
     present: set[int] = set()  # nodes connected as the round before started
+    # rounds whose global model took in hospitals' updates (a resumed run counts the rounds before
+    # as trained when it had written a model: only trained models are written)
+    trained_rounds = 0 if not resumed else (resumed.round if (plan.run_dir / "model.safetensors").exists() else 0)
 
     if plan.test is not None and not resumed:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
@@ -469,6 +472,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             progress.problem(f"round {rnd}: the strategy returned no model; the global model is unchanged")
         else:
             arrays = _merged(arrays, new_arrays)
+            trained_rounds += 1
         shared = _without(arrays, local)
 
         progress.round_started(rnd, rounds, "validating")
@@ -507,16 +511,17 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         recorder.write_rows(site_rows + [glob])
         key = score_key(shape.task)
         score = glob[key] if glob[key] is not None and not math.isnan(glob[key]) else -(glob["val_loss"] or float("inf"))
-        improved = score > best["score"]
+        improved = trained_rounds > 0 and score > best["score"]  # the best model is a trained one
         if improved:
             best = {"round": rnd, "score": score}
         round_seconds.append(round(time.time() - round_start, 2))
         checkpoint.save(plan.run_dir, checkpoint.Checkpoint(
             round=rnd, arrays=arrays, best=best, seconds=time.time() - started, round_seconds=round_seconds,
             random_state=checkpoint.random_state(), names=known), strategy, cfg)
-        recorder.save_model(arrays, "model.safetensors", round=rnd)
-        if improved:
-            recorder.save_model(arrays, "model_best.safetensors", round=rnd, selected_by=f"federated {key}")
+        if trained_rounds:  # the initial model is never presented as a result
+            recorder.save_model(arrays, "model.safetensors", round=rnd)
+            if improved:
+                recorder.save_model(arrays, "model_best.safetensors", round=rnd, selected_by=f"federated {key}")
         progress.round_finished(rnd, rounds, site_rows + [glob])
 
     summary = {
@@ -524,6 +529,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         "best_round": best["round"],
         "seconds": round(time.time() - started, 2),
         "round_seconds": round_seconds,
+        "trained_rounds": trained_rounds,
         "final": glob if rounds else {},
     }
     if resumed:

@@ -97,13 +97,22 @@ def write_report(run_dir: Path) -> Path:
         s = json.loads(summary_path.read_text())
         lines += [f"Rounds: {s['rounds']}; best round by federated validation {_score(rows)[1]}: {s['best_round']}; "
                   f"wall time {s['seconds']} s.", ""]
+        if s.get("trained_rounds", 1) == 0 and s["rounds"]:
+            lines += ["**Nothing was trained**: no round took in an update from the hospitals (see each site's "
+                      "status below); no model was written.", ""]
     last = max(r["round"] for r in rows)
     key = _score(rows)[0]
     cols = ["site", "status", "epsilon", "num_train", "num_val", "train_loss", f"val_{key}", "val_accuracy", f"test_{key}",
-            "bytes_from_site"]
+            "test_accuracy", "bytes_from_site"]
     if any(r.get(f"ft_val_{key}") is not None for r in rows):  # fine-tuning evaluation was on
         cols[cols.index("val_accuracy") + 1:cols.index("val_accuracy") + 1] = [f"ft_val_{key}", "ft_val_accuracy"]
     per_class = ["test_dice_per_label"] if key == "dice" else ["test_auc_per_class", "test_accuracy_per_class"]
+    if key == "dice":
+        cols.remove("test_accuracy")
+    pairs = [r["test_auc_per_class"] for r in rows if r.get("test_auc_per_class")]
+    binary = bool(pairs) and all(len(p) == 2 and abs(p[0] - p[1]) < 1e-6 for p in pairs)
+    if binary:  # with two classes each one-vs-rest AUC is the test AUC itself
+        per_class.remove("test_auc_per_class")
     cols[cols.index(f"test_{key}") + 1:cols.index(f"test_{key}") + 1] = per_class
     lines += [f"## Final round ({last})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows if r["round"] == last]
@@ -117,8 +126,9 @@ def write_report(run_dir: Path) -> Path:
     if dist_path.exists():
         _plot_distribution(json.loads(dist_path.read_text()), run_dir / "data_distribution.png")
         lines += ["## Data per site", "", "![data distribution](data_distribution.png)", ""]
+    trained = (run_dir / "model.safetensors").exists()
     lines += ["Files: `config.yaml` (resolved), `metrics.csv`/`metrics.jsonl` (one row per round x site and "
-              "per round `global`), `model.safetensors` (final), `model_best.safetensors`.", ""]
+              "per round `global`)" + (", `model.safetensors` (final), `model_best.safetensors`." if trained else "."), ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report

@@ -68,7 +68,9 @@ class SimulationConfig(RunConfig):
     def _consistent(self) -> "SimulationConfig":
         if self.strategy.min_sites > len(self.sites):
             raise ValueError(
-                f"strategy.min_sites={self.strategy.min_sites} exceeds the {len(self.sites)} simulated sites"
+                f"strategy.min_sites={self.strategy.min_sites} exceeds the {len(self.sites)} simulated sites: "
+                f"simulate more hospitals (--sites {self.strategy.min_sites}) or let rounds start with fewer "
+                f"(--set strategy.min_sites={len(self.sites)})"
             )
         for site, override in self.site_privacy.items():
             if site not in self.sites:

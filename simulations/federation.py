@@ -122,6 +122,27 @@ def distribution(cfg: SimulationConfig) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+SMALL_SITE = 20  # training images below which a simulated hospital is warned about
+
+
+def small_sites(cfg: SimulationConfig) -> list[str]:
+    """One warning per simulated hospital whose share of the data is too small to learn from (a
+    handful of images, or one class); ConfigError where a hospital gets no training image."""
+    shape, out = task_shape(cfg), []
+    for i, name in enumerate(cfg.sites):
+        site = cached_site(cfg, i, shape.image_size)
+        n = len(site.train)
+        if n == 0:
+            raise ConfigError(f"partition: {name} gets no training image ({len(site.val)} in all) from "
+                              f"{len(cfg.sites)} sites; simulate fewer sites or use more data")
+        classes = sum(1 for c in site.train.class_counts(shape.num_classes) if c) if not site.train.segmentation else 2
+        if n < SMALL_SITE or classes < 2:
+            what = f"{n} training images" + (f" of a single class" if classes < 2 else "")
+            out.append(f"{name} gets {what}: too little to learn from; simulate fewer sites (--sites), "
+                       f"use partition.scheme iid, or more data")
+    return out
+
+
 _SITE_CACHE: dict[tuple, SiteData] = {}
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 for _key, _value in (
@@ -26,7 +27,7 @@ from server.loop import Plan, Progress, local_keys  # noqa: E402
 from strategies.factory import build_secure_workflow, build_strategy  # noqa: E402
 
 from .config import ConfigError, SimulationConfig, dump_config, load_config, parse_sets  # noqa: E402
-from .federation import check_budgets, distribution, global_test, hospital, resolved, task_shape  # noqa: E402
+from .federation import check_budgets, distribution, global_test, hospital, resolved, small_sites, task_shape  # noqa: E402
 
 
 def config_from_run_config(run_config: dict) -> SimulationConfig:
@@ -55,6 +56,12 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
             build_secure_workflow(cfg.strategy.secure_aggregation, None)
         except ValueError as exc:
             raise ConfigError(f"strategy.secure_aggregation: {exc}") from None
+    small = small_sites(cfg)
+    progress = progress or Progress()
+    for line in small[:10]:
+        progress.problem(line)
+    if len(small) > 10:
+        progress.problem(f"... and {len(small) - 10} more sites with too little data (data_distribution.json lists each)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = cfg.server.output_dir / f"{stamp}-{cfg.name}"
     suffix = 1
@@ -65,7 +72,7 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
     return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(), test=global_test(cfg),
-                progress=progress or Progress(), private=cfg.private, sites=len(cfg.sites))
+                progress=progress, private=cfg.private, sites=len(cfg.sites))
 
 
 def plan_from_run_config(run_config: dict) -> Plan:
@@ -78,6 +85,8 @@ def backend_config(cfg: SimulationConfig) -> dict:
     else:
         # "local": always a fresh instance, never a cluster someone else left running on this machine
         init_args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+        if not cfg.engine.verbose:  # the actors' own log lines (e.g. Flower's "Manually terminating
+            init_args["log_to_driver"] = False  # ClientAppActor" at shutdown); errors come back as replies
     return {
         "client_resources": {"num_cpus": cfg.engine.cpus_per_site, "num_gpus": cfg.engine.gpus_per_site},
         "init_args": init_args,
@@ -134,6 +143,8 @@ def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
     flwr_log = logging.getLogger("flwr")
     if not cfg.engine.verbose:
         flwr_log.setLevel(logging.WARNING)
+        # Ray's notice about a future default (accelerator env vars) is not the user's to act on
+        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", category=FutureWarning)
     hide = _HideDeprecation()
     flwr_log.addFilter(hide)
     try:
@@ -152,4 +163,20 @@ def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
         flwr_log.removeFilter(hide)
     if not (plan.run_dir / "summary.json").exists():
         raise SimulationFailed(f"the simulation ended before finishing its rounds; partial results in {plan.run_dir}")
+    nothing_trained(plan.run_dir)
     return plan.run_dir
+
+
+def nothing_trained(run_dir: Path) -> None:
+    """SimulationFailed where no round took in an update: say why from the rows, no model is written."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("trained_rounds", 1) or not summary.get("rounds"):
+        return
+    from collections import Counter
+
+    from server.outputs import read_rows
+
+    why = Counter(r["status"] for r in read_rows(run_dir) if r["site"] != "global" and r.get("status") != "ok")
+    said = ", ".join(f"{n} x {status}" for status, n in why.most_common()) or "no usable updates"
+    raise SimulationFailed(f"nothing was trained: no round took in an update from the hospitals ({said}); "
+                           f"no model was written; the rows are in {run_dir / 'metrics.csv'}")
