@@ -32,7 +32,7 @@ def load_site(path: Path):
 def check_data(config: Path = SITE_OPTION) -> None:
     """Read every image the site's data section names; print counts per class and split, image
     sizes and spacing, and every file that cannot be used, with the reason. Nothing is sent."""
-    from medimaging.files import decode
+    from medimaging.files import decode, item_name
 
     site = load_site(config)
     console = Console()
@@ -43,7 +43,7 @@ def check_data(config: Path = SITE_OPTION) -> None:
         raise typer.Exit(2) from None
     inv = decoded.inventory
     bad = {p.file for p in inv.problems}
-    usable = [i for i in inv.items if str(i.path.relative_to(site.data.root)) not in bad]
+    usable = [i for i in inv.items if item_name(site.data, i.path) not in bad]
     def names(item) -> list[str]:  # a class, the findings (multi-label), or "images with a mask"
         return ["images with a mask"] if item.mask is not None else item.label if isinstance(item.label, list) else [item.label]
 
@@ -122,13 +122,17 @@ def audit(config: Path = SITE_OPTION) -> None:
     """Verify the audit log: its hash chain, and that only model arrays and allowed aggregate
     metrics left (no other record or key, no data folder or file name in any value)."""
     from client.audit import verify
-    from medimaging.files import inventory
+    from medimaging.files import base, inventory
 
     site = load_site(config)
-    forbidden = [str(site.data.root)]
+    forbidden = [str(base(site.data))]
     try:
-        files = [p for i in inventory(site.data).items for p in (i.path, i.mask) if p is not None]
-        forbidden += sorted({p.name for p in files if len(p.stem) >= 4})
+        if site.data.dicomweb is not None:  # the UIDs of what was retrieved (the PACS is not asked again)
+            files = list(base(site.data).rglob("*")) if base(site.data).is_dir() else []
+            forbidden += sorted({p.name.partition("-")[2] or p.name for p in files})
+        else:
+            files = [p for i in inventory(site.data).items for p in (i.path, i.mask) if p is not None]
+            forbidden += sorted({p.name for p in files if len(p.stem) >= 4})
     except ValueError:
         pass  # an unreadable data folder still gets its log checked
     report = verify(site.audit_log, site.site, forbidden)

@@ -69,6 +69,9 @@ class SiteConfig(Strict):
 
         out = self.model_copy(deep=True)
         out.data.root, out.data.manifest, out.data.cache_dir = fix(out.data.root), fix(out.data.manifest), fix(out.data.cache_dir)
+        if out.data.dicomweb is not None:
+            web = out.data.dicomweb
+            web.manifest, web.password_file, web.ca_certificate = fix(web.manifest), fix(web.password_file), fix(web.ca_certificate)
         out.approved_apps, out.audit_log, out.state_dir = fix(out.approved_apps), fix(out.audit_log), fix(out.state_dir)
         # the ledger outlives runs: the hospital's budget counts every run it joined
         out.privacy.ledger_dir = fix(out.privacy.ledger_dir) or out.state_dir / "privacy"

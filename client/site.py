@@ -16,6 +16,7 @@ from flwr.app import Context
 
 from medimaging.compute import cores, resolve_device
 from medimaging.datasets import SiteData, load_npz, split_train_val, targets, to_tensor
+from medimaging.dicomweb import SourceError
 from medimaging.files import decode
 
 from .config import SiteConfig, load_site
@@ -41,6 +42,10 @@ def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.nd
     site = _site_config(path, mtime)
     try:
         decoded = decode(site.data)
+    except SourceError as exc:
+        log.error("%s: %s", site.site, exc)  # names the PACS: stays in the local log
+        raise SiteDataError("the hospital's PACS could not be read (unreachable or refused the account); nothing was "
+                            "trained; see the hospital's log and run `aseanfl client check-data` there") from None
     except ValueError as exc:
         log.error("%s: %s", site.site, exc)  # the full message (with the folder) stays in the local log
         raise SiteDataError("fewer than two classes with usable images (or no usable masks) at this hospital; "
@@ -55,6 +60,8 @@ def _check_data_folder(site: SiteConfig) -> None:
     """The images must still be there for every task: a folder that was unmounted, moved or
     removed mid-run (the hospital withdrew it) is not trained on from the worker's memory."""
     root = site.data.root
+    if root is None:  # the PACS: its retrieved instances are in the cache, a PACS down mid-run is no loss
+        return
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
         log.error("%s: the data folder %s is gone or unreadable; this task is refused", site.site, root)
         raise SiteDataError("the hospital's data folder is no longer available (unmounted, moved or removed); "

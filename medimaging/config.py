@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MODEL_MIN_SIZE = {"cnn": 16, "resnet18": 16, "densenet121": 32, "unet": 16}
 Task = Literal["classification", "segmentation"]
@@ -53,10 +53,50 @@ class DicomConfig(Strict):
         return window
 
 
-class FilesConfig(Strict):
-    """`data.files`: a folder of image files (the manifest's paths are relative to `root`)."""
+class QidoQuery(Strict):
+    """`data.files.dicomweb.query`: which of the manifest's studies' instances to use (QIDO-RS
+    matching: `*` wildcards in text, `YYYYMMDD-YYYYMMDD` date ranges)."""
 
-    root: Path = Field(description="folder holding the images")
+    modality: str | None = Field(None, description="e.g. CR, DX, CT, MR, US")
+    study_date: str | None = Field(None, pattern=r"^\d{8}(-\d{8})?$|^-\d{8}$|^\d{8}-$", description="YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    series_description: str | None = Field(None, description="e.g. 'CHEST PA*'")
+
+
+class DicomWebConfig(Strict):
+    """`data.files.dicomweb`: read the images from the hospital's PACS over DICOMweb (QIDO-RS and
+    WADO-RS; GET requests only, so a read-only account is enough)."""
+
+    url: str = Field(pattern=r"^https?://\S+$", description="the PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    username: str | None = Field(None, description="the account aseanfl reads with (read-only is enough)")
+    password_file: Path | None = Field(None, description="a file holding the password (never the password itself here)")
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="or: the environment variable holding it")
+    ca_certificate: Path | None = Field(None, description="the CA that signed the PACS's HTTPS certificate, if not a public one")
+    manifest: Path = Field(description="CSV: one UID column (study, series or instance), label[, split]")
+    query: QidoQuery = Field(default_factory=QidoQuery, description="narrow the manifest's rows to matching instances")
+    timeout_s: float = Field(30, gt=0, le=600, description="seconds to wait for each answer of the PACS")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, values):
+        if isinstance(values, dict) and "password" in values:
+            raise ValueError("no password in site.yaml: put it in a file (password_file) or an environment variable "
+                             "(password_env) and name that here")
+        return values
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "DicomWebConfig":
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("password_file and password_env: give one of them")
+        if (self.password_file is not None or self.password_env is not None) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+
+class FilesConfig(Strict):
+    """`data.files`: a folder of image files (the manifest's paths are relative to `root`), or
+    the hospital's PACS over DICOMweb (`dicomweb`)."""
+
+    root: Path | None = Field(None, description="folder holding the images (or use dicomweb)")
     manifest: Path | None = Field(
         None, description="CSV with columns path,label[,split] (or path,mask[,split] for segmentation); None = folder per class")
     classes: list[str] | None = Field(None, min_length=2, description="label names in order; None = sorted names found")
@@ -66,6 +106,15 @@ class FilesConfig(Strict):
     test_fraction: float = Field(0.2, ge=0, lt=0.9, description="share held out as test where no split is given")
     cache_dir: Path = Field(Path(".aseanfl-cache"), description="decoded images (stays at the hospital)")
     dicom: DicomConfig = Field(default_factory=DicomConfig, description="windowing of DICOM pixels")
+    dicomweb: DicomWebConfig | None = Field(None, description="read the images from the PACS instead of a folder")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "FilesConfig":
+        if (self.root is None) == (self.dicomweb is None):
+            raise ValueError("give either root (a folder of files) or dicomweb (the PACS), not both or neither")
+        if self.dicomweb is not None and self.manifest is not None:
+            raise ValueError("manifest: with dicomweb, the manifest goes in dicomweb.manifest (rows keyed by UID)")
+        return self
 
 
 class DataConfig(Strict):

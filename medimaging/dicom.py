@@ -25,23 +25,25 @@ DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg
 
 
 @contextmanager
-def captured(notes: list[str]):
-    """pydicom's warnings and log records while reading a file go to `notes`, not the terminal."""
+def captured(notes: list[str], loggers: tuple[str, ...] = ("pydicom",)):
+    """The libraries' warnings and log records while reading a file go to `notes`, not the terminal."""
     class Keep(logging.Handler):
         def emit(self, record):
             notes.append(record.getMessage().splitlines()[0])
 
-    logger, keep = logging.getLogger("pydicom"), Keep(logging.WARNING)
-    propagate = logger.propagate
-    logger.addHandler(keep)
-    logger.propagate = False
+    keep, taken = Keep(logging.WARNING), [logging.getLogger(name) for name in loggers]
+    propagate = [logger.propagate for logger in taken]
+    for logger in taken:
+        logger.addHandler(keep)
+        logger.propagate = False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
     finally:
-        logger.removeHandler(keep)
-        logger.propagate = propagate
+        for logger, before in zip(taken, propagate, strict=True):
+            logger.removeHandler(keep)
+            logger.propagate = before
         for w in caught:
             text = " ".join(str(w.message).split())
             if text not in notes:

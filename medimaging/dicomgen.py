@@ -140,3 +140,27 @@ def _native(frames: list[np.ndarray], colour: bool, planar: int, big: bool = Fal
             f = np.moveaxis(f, -1, 0)  # RRR...GGG...BBB...
         out += (f.astype(f.dtype.newbyteorder(">")) if big else f).tobytes()
     return out
+
+
+def as_modality(path: Path, image: np.ndarray, modality: str, header: dict | None = None) -> Path:
+    """A float image (or volume, for MR) in [0, 1] written as that modality's scanner stores it, so
+    that reading it back must apply the modality's pixel semantics to see the same picture:
+    CT in Hounsfield units (stored + 1024, Rescale Intercept -1024) with a soft-tissue window that
+    holds the picture; X-ray (DX) as MONOCHROME1 (inverted), JPEG Lossless; ultrasound (US) in
+    colour, JPEG Baseline YBR_FULL_422; MR a multi-frame volume, RLE."""
+    image = np.clip(np.asarray(image, dtype=np.float64), 0, 1)
+    if modality == "CT":
+        hu = np.round(image * 300 - 100)  # -100 .. 200 HU, inside the window [-160, 240]
+        return write(path, (hu + 1024).astype(np.uint16), "jpeg-ls", modality="CT", rescale=(1, -1024),
+                     window=(40, 400), header=header)
+    if modality == "DX":
+        return write(path, np.round((1 - image) * 4095).astype(np.uint16), "jpeg-lossless-sv1", modality="DX",
+                     photometric="MONOCHROME1", header=header)
+    if modality == "US":
+        grey = np.round(image * 255)
+        rgb = np.stack([grey, grey * 0.9, grey * 0.8], -1).astype(np.uint8)  # a warm-tinted B-mode display
+        return write(path, rgb, "jpeg-baseline", modality="US", header=header)
+    if modality == "MR":
+        return write(path, np.round(image * 2000).astype(np.uint16), "rle", modality="MR",
+                     spacing=(1.0, 1.0, 2.0), header=header)
+    raise ValueError(f"no generator for modality {modality}")

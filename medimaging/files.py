@@ -176,9 +176,13 @@ def _folders(cfg: FilesConfig, inv: Inventory) -> None:
 def inventory(cfg: FilesConfig) -> Inventory:
     """Every labelled file, and every problem with the labels (unknown class or finding, missing file)."""
     inv = Inventory()
-    if not cfg.root.is_dir():
+    if cfg.dicomweb is not None:
+        from .dicomweb import pacs_inventory
+
+        pacs_inventory(cfg, inv)
+    elif not cfg.root.is_dir():
         raise ValueError(f"data.files.root: folder not found: {cfg.root}")
-    if cfg.manifest is not None:
+    elif cfg.manifest is not None:
         if not cfg.manifest.is_file():
             raise ValueError(f"data.files.manifest: file not found: {cfg.manifest}")
         _manifest(cfg, inv)
@@ -194,18 +198,33 @@ def inventory(cfg: FilesConfig) -> Inventory:
         unknown = [n for n in names(item) if n not in inv.classes]
         if unknown:
             kind = "finding" if cfg.multilabel else "class"
-            inv.problems.append(Problem(_rel(cfg, item.path), f"unknown {kind} '{unknown[0]}' ({kind}s: {', '.join(inv.classes)})"))
+            inv.problems.append(Problem(item_name(cfg, item.path), f"unknown {kind} '{unknown[0]}' ({kind}s: {', '.join(inv.classes)})"))
         else:
             kept.append(item)
     inv.items = kept
     return inv
 
 
-def _rel(cfg: FilesConfig, path: Path) -> str:
+def base(cfg: FilesConfig) -> Path:
+    """The folder the items' names are relative to: root, or the store of instances from the PACS."""
+    if cfg.dicomweb is not None:
+        from .dicomweb import store_of
+
+        return store_of(cfg)
+    return cfg.root
+
+
+def item_name(cfg: FilesConfig, path: Path) -> str:
+    """How reports name an item: its path under root, or "study <uid>[, instance <uid>]" from the PACS."""
     try:
-        return str(path.relative_to(cfg.root))
+        name = str(path.relative_to(base(cfg)))
     except ValueError:
         return str(path)
+    if cfg.dicomweb is not None:  # <key>-<uid>/<instance uid> -> "study <uid>, instance <uid>"
+        row, _, sop = name.partition("/")
+        key, _, uid = row.partition("-")
+        return f"{key} {uid}" + (f", instance {sop}" if sop and key != "instance" else "")
+    return name
 
 
 def read_pixels(path: Path, spatial_dims: int = 2, dicom: DicomConfig | None = None,
@@ -298,6 +317,10 @@ class Decoded:
     cache: Path | None = None
 
 
+def _where(cfg: FilesConfig) -> str:
+    return f"from the PACS at {cfg.dicomweb.url}" if cfg.dicomweb is not None else f"under {cfg.root}"
+
+
 def _stamp(path: Path | None) -> str:
     """Size and modification time of a file, or of every file in a series folder."""
     if path is None:
@@ -310,7 +333,7 @@ def _key(cfg: FilesConfig, inv: Inventory) -> str:
     h = hashlib.sha256(json.dumps([cfg.image_size, cfg.test_fraction, cfg.spatial_dims, inv.classes,
                                    cfg.dicom.model_dump(mode="json")]).encode())
     for item in inv.items:
-        h.update(f"{_rel(cfg, item.path)}|{_stamp(item.path)}|{item.label}|{item.split}|{_stamp(item.mask)}\n".encode())
+        h.update(f"{item_name(cfg, item.path)}|{_stamp(item.path)}|{item.label}|{item.split}|{_stamp(item.mask)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -319,12 +342,12 @@ def _target(cfg: FilesConfig, inv: Inventory, item: Item, shape: tuple[int, ...]
     if item.mask is not None:
         mask = read_mask(item.mask, cfg.spatial_dims)
         if mask.shape != shape:
-            raise ValueError(f"its mask {_rel(cfg, item.mask)} is {list(mask.shape)}, the image {list(shape)}")
+            raise ValueError(f"its mask {item_name(cfg, item.mask)} is {list(mask.shape)}, the image {list(shape)}")
         if inv.classes and mask.max() >= len(inv.classes):
-            raise ValueError(f"its mask {_rel(cfg, item.mask)} holds label {mask.max()}, beyond data.files.classes "
+            raise ValueError(f"its mask {item_name(cfg, item.mask)} holds label {mask.max()}, beyond data.files.classes "
                              f"({len(inv.classes)} names, background first)")
         if mask.max() > 255:
-            raise ValueError(f"its mask {_rel(cfg, item.mask)} holds label {mask.max()} (at most 255 labels)")
+            raise ValueError(f"its mask {item_name(cfg, item.mask)} holds label {mask.max()} (at most 255 labels)")
         return np.asarray(_resize(mask.astype(np.float32), cfg.image_size, "nearest").round(), dtype=np.uint8)
     if isinstance(item.label, list):
         return np.array([c in item.label for c in inv.classes], dtype=np.uint8)
@@ -362,7 +385,7 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
         return out
     images, labels, splits = [], [], []
     for item in inv.items:
-        name = _rel(cfg, item.path)
+        name = item_name(cfg, item.path)
         notes: list[str] = []
         try:
             arr, spacing = read_pixels(item.path, cfg.spatial_dims, cfg.dicom, notes)
@@ -385,7 +408,7 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
         return out
     problem = _usable(labels, inv, cfg)
     if problem is not None:
-        raise ValueError(f"data.files: {len(images)} usable images under {cfg.root}: {problem} "
+        raise ValueError(f"data.files: {len(images)} usable images {_where(cfg)}: {problem} "
                          f"({len(inv.problems)} problems listed)")
     x = np.stack(images)
     y = np.asarray(labels, dtype=np.int64)[:, None] if isinstance(labels[0], int) else np.stack(labels)

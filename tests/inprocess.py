@@ -57,12 +57,12 @@ class InProcessGrid:
 
 
 def site_yaml(root: Path, name: str, index: int, state: Path, dp: bool = False, extra: str = "",
-              threads: int | None = 1, device: str = "auto") -> Path:
-    """A deployed hospital's site.yaml under root/name, reading 60 synthetic PNGs of its own
+              threads: int | None = 1, device: str = "auto", samples: int = 60) -> Path:
+    """A deployed hospital's site.yaml under root/name, reading `samples` (60) synthetic PNGs of its own
     (simulations.local_deployment.write_pngs, never blank); `threads`: its compute.threads (1:
     it shares the test machine; None: every core); `extra`: more YAML lines."""
     data = root / "pacs" / name
-    write_pngs(data, index, samples=60)
+    write_pngs(data, index, samples=samples)
     path = root / name / "site.yaml"
     path.parent.mkdir(parents=True)
     path.write_text(f"site: {name}\ndata:\n  root: {data}\n  image_size: 32\n  cache_dir: {root / name / 'cache'}\n"

@@ -150,3 +150,35 @@ def test_check_data_shows_each_reason_whole_and_library_warnings_as_notes(tmp_pa
     assert [line for line in lines if line.startswith("note a/PADDED: The pixel data is") and "padding" in line], out
     captured = capfd.readouterr()
     assert "Warning" not in captured.err and "padding" not in captured.err, captured.err
+
+
+def test_mr_multi_frame_volumes_decode_and_train(tmp_path):
+    """The contest's MR track: multi-frame MR files (one volume each) are read as volumes and a 3D
+    network learns from them (the CT, X-ray and ultrasound tracks train in tests/test_dicomweb.py)."""
+    import torch
+
+    from medimaging.config import FilesConfig, ModelConfig
+    from medimaging.datasets import Split, load_npz, targets, to_tensor
+    from medimaging.files import decode
+    from medimaging.models import build_model
+    from medimaging.synthetic import site_images
+    from medimaging.training import evaluate, train_epochs
+
+    (x, y), (tx, ty) = site_images(2, 3, 160, 120, dims=3)  # 200 volumes to train on, 120 held out
+    assert x.std() > 0.02 and 0.1 < y.mean() < 0.9 and 0.1 < ty.mean() < 0.9
+    for k, (volume, label) in enumerate(zip(np.concatenate([x, tx]), np.concatenate([y, ty]), strict=True)):
+        split = "train" if k < len(x) else "test"
+        path = dicomgen.as_modality(tmp_path / "mr" / split / ("nodule" if label else "normal") / f"MR{k:04d}", volume[0], "MR")
+    assert int(pydicom.dcmread(path).NumberOfFrames) == x.shape[2]
+    decoded = decode(FilesConfig(root=tmp_path / "mr", cache_dir=tmp_path / "cache", image_size=16, spatial_dims=3))
+    assert not decoded.inventory.problems and len(decoded.shapes) == len(y) + len(ty)
+    arrays = load_npz(str(decoded.cache))
+    train, test = (Split(to_tensor(arrays[f"{s}_images"], 16), targets(arrays[f"{s}_labels"], 16)) for s in ("train", "test"))
+    assert len(test) == len(ty)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), 1, 2, 16, spatial_dims=3)
+    before = evaluate(model, test, 2)["auc"]
+    for epoch in range(10):
+        train_epochs(model, train, 1, 16, 1e-3, "adam", epoch)
+    after = evaluate(model, test, 2)["auc"]
+    assert after > 0.65 and after > before + 0.1, (before, after)
