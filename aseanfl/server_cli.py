@@ -173,8 +173,14 @@ def run(
         raise typer.Exit(1)
     typer.echo(f"{label}: {final or 'status unknown'}")
     if local is not None:
+        from server.outputs import untrained
+
         report = local / "report.md"
         typer.echo(f"results: {local}" + (f"  (report: {report})" if report.is_file() else ""))
+        why = untrained(local)
+        if why:  # every hospital refused or failed every round: the initial model is no result
+            typer.echo(f"error: {label}: {why}", err=True)
+            raise typer.Exit(1)
     if not final.endswith("completed"):
         raise typer.Exit(1)
 

@@ -253,7 +253,8 @@ def read_pixels(path: Path, spatial_dims: int = 2, dicom: DicomConfig | None = N
             arr = np.asarray(img.get_fdata(dtype=np.float32))
             spacing = tuple(float(v) for v in img.header.get_zooms()[:spatial_dims])
     except Exception as exc:  # noqa: BLE001 - every decoder error becomes a reason
-        raise ValueError(f"cannot decode as {kind}: " + " ".join(f"{type(exc).__name__}: {exc}".split())) from None
+        advice = "; is it a partial copy? copy or export it again" if "truncated" in str(exc) or "EOF" in str(exc) else ""
+        raise ValueError(f"cannot decode as {kind}: " + " ".join(f"{type(exc).__name__}: {exc}".split()) + advice) from None
     return _checked(np.squeeze(arr), spatial_dims), spacing
 
 

@@ -81,3 +81,18 @@ def read_rows(run_dir: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def untrained(run_dir: Path) -> str | None:
+    """Why nothing was trained, where a finished run took in no update in any round (every
+    hospital refused, failed or was rejected): the statuses counted from its rows; else None."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if summary.get("trained_rounds", 1) or not summary.get("rounds"):
+        return None
+    from collections import Counter
+
+    why = Counter(r["status"] for r in read_rows(run_dir) if r["site"] != "global" and r.get("status") != "ok")
+    said = ", ".join(f"{n} x {status}" for status, n in why.most_common()) or "no usable updates"
+    return (f"nothing was trained: no round took in an update from the hospitals ({said}); "
+            f"no model was written; the rows are in {run_dir / 'metrics.csv'}")

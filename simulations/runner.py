@@ -23,6 +23,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 from client.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from server.loop import Plan, Progress, local_keys  # noqa: E402
+from server.outputs import untrained  # noqa: E402
 
 from strategies.factory import build_secure_workflow, build_strategy  # noqa: E402
 
@@ -168,15 +169,7 @@ def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
 
 
 def nothing_trained(run_dir: Path) -> None:
-    """SimulationFailed where no round took in an update: say why from the rows, no model is written."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if summary.get("trained_rounds", 1) or not summary.get("rounds"):
-        return
-    from collections import Counter
-
-    from server.outputs import read_rows
-
-    why = Counter(r["status"] for r in read_rows(run_dir) if r["site"] != "global" and r.get("status") != "ok")
-    said = ", ".join(f"{n} x {status}" for status, n in why.most_common()) or "no usable updates"
-    raise SimulationFailed(f"nothing was trained: no round took in an update from the hospitals ({said}); "
-                           f"no model was written; the rows are in {run_dir / 'metrics.csv'}")
+    """SimulationFailed where no round took in an update (server.outputs.untrained says why)."""
+    why = untrained(run_dir)
+    if why:
+        raise SimulationFailed(why)

@@ -143,6 +143,8 @@ def test_simulate_on_files_says_so_and_keeps_the_terminal_clean(tmp_path):
     out = result.stdout
     assert f"files under {root}" in out and "synthetic" not in out
     assert "bangkok-general" in out and "kuala-lumpur-general" in out  # whole, not "bangk…"
+    cut = [line for line in result.stderr.splitlines() if "clear/IM9999 skipped: " in line]
+    assert len(cut) == 1 and "export it again" in cut[0], result.stderr  # the cut file: named, one line
     for noise in ("Traceback", "Warning", "RAY_ACCEL", "Manually terminating", "pydicom"):
         assert noise not in result.stderr + out, (noise, result.stderr)
 

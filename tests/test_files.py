@@ -3,6 +3,7 @@
 the file and the reason; a federation trains on DICOM files and no header value leaves."""
 
 import csv
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -62,6 +63,9 @@ def test_check_data_lists_counts_and_every_unusable_file(mixed, tmp_path):
         assert name in out and reason in out, (name, out)
     assert "40x36 (18)" in out and "pixel spacing (mm): 0.7 to 0.8" in out
     assert not (mixed.parent / ".aseanfl-cache").exists()  # checking writes nothing
+    guide = (Path(__file__).parents[1] / "docs" / "hospital.md").read_text()
+    shown = guide.split("$ aseanfl client check-data --config site.yaml")[1].split("```")[0].splitlines()[1:]
+    assert shown == out.strip().splitlines(), "docs/hospital.md shows check-data's output as it is"
 
 
 def test_manifest_problems_and_splits(mixed, tmp_path):
