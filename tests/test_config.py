@@ -67,3 +67,10 @@ def test_corrupt_and_bad_multilabel_npz_are_named(tmp_path):
 def test_min_sites_cannot_exceed_sites():
     with pytest.raises(ConfigError, match="strategy.min_sites=4 exceeds the 3 simulated sites"):
         load_config(None, {"sites": 3, "strategy.min_sites": 4})
+
+
+def test_the_readme_shows_config_errors_as_they_are_printed():
+    from pathlib import Path
+
+    line = run_cli("--model", "vgg").stderr.strip()
+    assert line and line in (Path(__file__).parents[1] / "README.md").read_text()

@@ -48,6 +48,10 @@ def test_simulate_cli_learns_writes_everything_and_is_reproducible(tmp_path):
     for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "model.safetensors", "model_best.safetensors",
                  "report.md", "global_auc.png", "site_auc.png", "data_distribution.png", "summary.json"):
         assert (run_a / name).stat().st_size > 0, name
+    header = next(line for line in (run_a / "report.md").read_text().splitlines() if line.startswith("| site |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "test_accuracy" in columns and "test_accuracy_per_class" in columns
+    assert "test_auc_per_class" not in columns, "a binary task's per-class AUCs repeat its test AUC"
 
     rows = list(csv.DictReader((run_a / "metrics.csv").open()))
     assert {r["site"] for r in rows} == {"nanning", "hanoi", "bangkok", "global"}
