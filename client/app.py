@@ -8,6 +8,7 @@ import math
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from medimaging.compute import set_deterministic
 from medimaging.datasets import SiteData
 from medimaging.models import build_model, norm_keys
 from medimaging.training import evaluate, train_epochs
@@ -42,6 +44,8 @@ class Hospital:
     num_classes: int | None = None  # a deployed site's classes, checked against the run's model
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where it trains and evaluates
     threads: int = 1  # CPU threads (a simulated hospital shares the machine: one)
+    precision: torch.dtype | None = None  # autocast dtype (None: fp32), from compute.precision
+    deterministic: bool = False  # compute.deterministic
 
 
 # (node context, image side in px) -> this hospital.
@@ -114,12 +118,43 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float
                       f"above this hospital's budget {policy.cap}")
             return {REFUSAL_KEY: Refusal(code="privacy-budget", reason=reason, epsilon_spent=exc.spent,
                                          epsilon_budget=policy.cap).record()}
-        loss, steps, _ = train_private(model, site.train, cfg, policy, plan, seed, proximal_mu=mu)
+        loss, steps, _ = train_private(model, site.train, cfg, policy, plan, seed, proximal_mu=mu,
+                                       precision=hospital.precision)
     else:
         loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu,
-                                   cfg.augment)
+                                   cfg.augment, hospital.precision)
     metrics = TrainMetrics(num_examples=len(site.train), train_loss=loss, steps=steps, epsilon=epsilon)
     return {"metrics": metrics.record()}
+
+
+class OutOfDeviceMemory(SiteDataError):
+    """The task did not fit the hospital's GPU memory; said to the server (names no file or value)."""
+
+
+def _hardware(hospital: Hospital) -> None:
+    torch.set_num_threads(hospital.threads)
+    set_deterministic(hospital.deterministic)
+
+
+@contextmanager
+def _device_memory(task: TaskSpec, hospital: Hospital):
+    """An out-of-memory on the hospital's GPU becomes a named error for this site (the round goes
+    on with the others), and the memory is given back for the next task."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise  # the CPU allocator's out-of-memory is a RuntimeError; other RuntimeErrors are not this
+        log.error("%s: %s", hospital.data.name, " ".join(str(exc).split())[:300])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(hospital.precision, "fp32")
+        local = ("set compute.precision: bf16 or share the GPU with fewer tasks" if hospital.device.type == "cuda"
+                 else "give the daemon more memory")
+        raise OutOfDeviceMemory(
+            f"out of memory on the hospital's {hospital.device.type.upper()} ({task.model.name}, {task.image_size} px, "
+            f"train.batch_size {task.train.batch_size}, {precision}); the coordinator can lower train.batch_size, "
+            f"the hospital can {local}") from None
 
 
 def _finetuned(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> dict[str, float]:
@@ -128,8 +163,8 @@ def _finetuned(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> di
         raise ValueError("finetune_eval is not available for a hospital that trains with DP-SGD")
     tuned, cfg = copy.deepcopy(model), task.train
     train_epochs(tuned, hospital.data.train, 1, cfg.batch_size, cfg.lr, cfg.optimizer, _site_seed(task, hospital.data.name),
-                 augment=cfg.augment)
-    return evaluate(tuned, hospital.data.val, task.num_classes)
+                 augment=cfg.augment, precision=hospital.precision)
+    return evaluate(tuned, hospital.data.val, task.num_classes, precision=hospital.precision)
 
 
 def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
@@ -142,11 +177,12 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
     def train(msg: Message, context: Context) -> Message:
         task = TaskSpec.from_config(msg.content["config"])
         hospital = _load(load_hospital, context, task)
-        torch.set_num_threads(hospital.threads)
+        _hardware(hospital)
         torch.manual_seed(_site_seed(task, hospital.data.name))
         model = _model(task, msg, context).to(hospital.device)  # the reply's arrays go back to the CPU (Flower's Array)
         mu = float(msg.content["config"].get(PROXIMAL_KEY, 0.0))  # Flower's FedProx sends it
-        records = _train(task, hospital, model, mu)
+        with _device_memory(task, hospital):
+            records = _train(task, hospital, model, mu)
         if REFUSAL_KEY not in records:
             records = {"arrays": _outgoing(task, model, context), **records}
         return Message(content=_reply(hospital.data, records), reply_to=msg)
@@ -155,10 +191,11 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
     def validate(msg: Message, context: Context) -> Message:
         task = TaskSpec.from_config(msg.content["config"])
         hospital = _load(load_hospital, context, task)
-        torch.set_num_threads(hospital.threads)
+        _hardware(hospital)
         site, model = hospital.data, _model(task, msg, context).to(hospital.device)
-        scores = evaluate(model, site.val, task.num_classes)
-        tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}
+        with _device_memory(task, hospital):
+            scores = evaluate(model, site.val, task.num_classes, precision=hospital.precision)
+            tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}
         metrics = EvalMetrics(
             num_examples=len(site.val), val_loss=scores["loss"], val_accuracy=scores["accuracy"], val_auc=scores["auc"],
             ft_val_accuracy=tuned.get("accuracy"), ft_val_auc=tuned.get("auc"),

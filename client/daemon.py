@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from medimaging.compute import ComputeUnavailable, resolve_device
+from medimaging.compute import ComputeUnavailable, resolve_device, resolve_precision
 
 from .config import SiteConfig
 from .gate import SITE_ENV, client_tls
@@ -118,7 +118,8 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
     """Run until SIGTERM/SIGINT. If the SuperNode gives up (server down for long, key not yet
     registered) both processes are started again after a back-off of up to 30 s."""
     try:
-        resolve_device(site.compute.device)  # a GPU asked for and missing: said now, not at the first task
+        device = resolve_device(site.compute.device)  # a GPU asked for and missing: said now, not at the first task
+        resolve_precision(site.compute.precision, device, site.privacy.enabled)
     except ComputeUnavailable as exc:
         raise ValueError(f"{site_path}: {exc}") from None
     commands = supernode_command(site, site_path)

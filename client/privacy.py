@@ -170,9 +170,11 @@ class PrivacyLedger:
 
 def train_private(
     model: torch.nn.Module, split: Split, train: TrainConfig, policy: PrivacyConfig, plan: DPPlan, seed: int,
-    proximal_mu: float = 0.0,
+    proximal_mu: float = 0.0, precision: torch.dtype | None = None,
 ) -> tuple[float, int, list]:
-    """DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise) in place.
+    """DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise) in place; under bf16
+    autocast where `precision` says so (Opacus' hooks and ghost clipping both take it; the
+    per-sample gradients, their clipping and the noise stay in fp32 parameters' dtype).
     Returns (last-epoch loss, steps, the accountant's history of this round)."""
     with warnings.catch_warnings():
         # Known and documented: noise comes from torch's seeded RNG (reproducible runs), not a CSPRNG.
@@ -180,7 +182,7 @@ def train_private(
         engine = PrivacyEngine(accountant=plan.accountant)
     prox = proximal_step(model, proximal_mu, train.lr)
     opt = make_optimizer(model, train.optimizer, train.lr)
-    data = loader(split, train.batch_size, shuffle=True, seed=seed)  # its generator drives Poisson sampling
+    data = loader(split, train.batch_size, shuffle=True, seed=seed, device=device_of(model))  # its generator drives Poisson sampling
     common = dict(
         module=model, optimizer=opt, data_loader=data, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=policy.max_grad_norm, poisson_sampling=True,
@@ -195,7 +197,7 @@ def train_private(
         with warnings.catch_warnings():  # Opacus' hooks on the first layer, whose input needs no grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss, steps = run_epochs(private, opt, lambda _epoch: data, train.local_epochs, loss_fn, prox,
-                                     augmenter(train.augment, seed + 2))
+                                     augmenter(train.augment, seed + 2), precision)
     finally:
         private.remove_hooks()  # leave `model` a plain module again
     return loss, steps, list(engine.accountant.history)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
-from medimaging.compute import cores, resolve_device
+from medimaging.compute import cores, resolve_device, resolve_precision
 from medimaging.datasets import SiteData, load_npz, split_train_val, targets, to_tensor
 from medimaging.dicomweb import SourceError
 from medimaging.files import decode
@@ -86,6 +86,9 @@ def _hospital(path: str, mtime: float, image_size: int):
     if len(y) < 2:
         raise SiteDataError("no usable training images at this hospital")
     train, val = split_train_val(to_tensor(x, image_size), targets(y, image_size), VAL_FRACTION, 0)
+    device = resolve_device(site.compute.device)
     return Hospital(data=SiteData(name=site.site, train=train, val=val), privacy=site.privacy,
-                    ledger_root=site.state_dir, num_classes=len(classes), device=resolve_device(site.compute.device),
-                    threads=site.compute.threads or cores())
+                    ledger_root=site.state_dir, num_classes=len(classes), device=device,
+                    threads=site.compute.threads or cores(),
+                    precision=resolve_precision(site.compute.precision, device, site.privacy.enabled),
+                    deterministic=site.compute.deterministic)

@@ -5,6 +5,8 @@ simulated hospital), never by the coordinator."""
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -19,6 +21,11 @@ class ComputeConfig(Strict):
                         description="auto = a CUDA GPU when there is one, else the CPU; cpu; cuda; cuda:N")
     threads: int | None = Field(None, ge=1, le=4096,
                                 description="CPU threads for training and evaluation; None = every core this process may use")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 mixed precision on a GPU that has it (fp16 with a grad scaler on older GPUs "
+        "for non-private training), fp32 on the CPU; fp32; bf16; fp16 (GPU only, not with DP-SGD)")
+    deterministic: bool = Field(False, description="deterministic algorithms only (cuDNN, cuBLAS): same seed, same "
+                                "numbers on a GPU too, at some speed")
 
 
 class ComputeUnavailable(ValueError):
@@ -50,3 +57,42 @@ def resolve_device(spec: str, setting: str = "compute.device") -> torch.device:
 def device_of(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are (batches go there)."""
     return next(model.parameters()).device
+
+
+def resolve_precision(spec: str, device: torch.device, private: bool, setting: str = "compute.precision") -> torch.dtype | None:
+    """The autocast dtype for training and evaluation on `device`, or None for fp32.
+    ComputeUnavailable naming `setting` where the combination cannot work: fp16 on the CPU (no
+    fast kernels), bf16 on a GPU without it, fp16 with DP-SGD (a grad scaler scales the
+    per-sample gradients Opacus clips, so the clipping bound would be wrong)."""
+    cuda = device.type == "cuda"
+    bf16 = not cuda or torch.cuda.is_bf16_supported()
+    if spec == "auto":
+        if not cuda:
+            return None  # measured on this CPU: bf16 autocast is slower than fp32 (docs/benchmarks.md)
+        return torch.bfloat16 if bf16 else (None if private else torch.float16)
+    if spec == "fp32":
+        return None
+    if spec == "bf16":
+        if not bf16:
+            raise ComputeUnavailable(f"{setting}: bf16, but {torch.cuda.get_device_name(device)} has no bf16; use fp16 or fp32")
+        return torch.bfloat16
+    if not cuda:
+        raise ComputeUnavailable(f"{setting}: fp16 is for CUDA GPUs (the CPU has no fast fp16 kernels); use bf16 or fp32")
+    if private:
+        raise ComputeUnavailable(f"{setting}: fp16 needs a grad scaler, which scales the per-sample gradients DP-SGD "
+                                 "clips (the clipping bound would be wrong); use bf16 or fp32 with privacy.enabled")
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the forward pass and the loss, or nothing for fp32."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def set_deterministic(on: bool) -> None:
+    """Deterministic algorithms only (an op without one raises, naming itself), or torch's defaults."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False

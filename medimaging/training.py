@@ -11,14 +11,18 @@ from monai.metrics import compute_dice, compute_roc_auc
 from torch.utils.data import DataLoader, TensorDataset
 
 from .augment import augmenter
-from .compute import device_of
+from .compute import autocast, device_of
 from .config import AugmentConfig
 from .datasets import Split
 
 
-def loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0, device: torch.device | None = None) -> DataLoader:
+    """Batches of the in-memory split (no per-image decoding: the decoded cache is one tensor);
+    pinned host memory when they go to a GPU, so the copy overlaps the computation."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(TensorDataset(split.x, split.y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+    pin = device is not None and device.type == "cuda"
+    return DataLoader(TensorDataset(split.x, split.y), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      pin_memory=pin)
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
@@ -79,13 +83,15 @@ def loss_for(split: Split) -> torch.nn.Module:
 def run_epochs(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Callable[[int], Iterable], epochs: int,
     loss_fn: Callable | None = None, after_step: Callable[[], None] | None = None,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: torch.dtype | None = None,
 ) -> tuple[float, int]:
     """The training loop; `batches(epoch)` yields (x, y) on the CPU, `augment` changes x there (its
-    own seeded generator), then both go to the model's device. Returns (mean loss of the last
-    epoch, steps)."""
+    own seeded generator), then both go to the model's device. `precision`: the autocast dtype of
+    the forward pass and loss (None: fp32); fp16 steps through a grad scaler. Returns (mean loss
+    of the last epoch, steps)."""
     loss_fn = loss_fn or torch.nn.CrossEntropyLoss()
     device = device_of(model)
+    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
     model.train()
     steps, last_loss = 0, math.nan
     for epoch in range(epochs):
@@ -95,9 +101,15 @@ def run_epochs(
             if augment is not None:
                 x = augment(x)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
+            with autocast(device, precision):
+                loss = loss_fn(model(x), y)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             if after_step is not None:
                 after_step()
             steps += 1
@@ -109,13 +121,13 @@ def run_epochs(
 
 def train_epochs(
     model: torch.nn.Module, split: Split, epochs: int, batch_size: int, lr: float, optimizer: str, seed: int,
-    proximal_mu: float = 0.0, augment: AugmentConfig | None = None,
+    proximal_mu: float = 0.0, augment: AugmentConfig | None = None, precision: torch.dtype | None = None,
 ) -> tuple[float, int]:
     """Plain (non-private) local training, in place; returns (last-epoch loss, steps)."""
     opt = make_optimizer(model, optimizer, lr)
-    batches = lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch)  # noqa: E731
+    batches = lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch, device=device_of(model))  # noqa: E731
     return run_epochs(model, opt, batches, epochs, loss_for(split), after_step=proximal_step(model, proximal_mu, lr),
-                      augment=augmenter(augment, seed) if augment else None)
+                      augment=augmenter(augment, seed) if augment else None, precision=precision)
 
 
 def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -167,7 +179,8 @@ def dice_scores(model: torch.nn.Module, split: Split, num_classes: int, batch_si
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int = 256) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int = 256,
+             precision: torch.dtype | None = None) -> dict[str, float]:
     """Loss, accuracy and AUC of `model` on `split`, and per class (or finding) AUC and accuracy;
     for segmentation Dice per label instead (see dice_scores). Batches run on the model's
     device; the scores are computed on the CPU."""
@@ -175,8 +188,9 @@ def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size:
     if split.segmentation:
         return dice_scores(model, split, num_classes, max(1, batch_size // 16))
     device = device_of(model)
-    logits = torch.cat([model(x.to(device, non_blocking=True)).float().cpu()
-                        for x, _ in loader(split, batch_size, shuffle=False)])
+    with autocast(device, precision):
+        logits = torch.cat([model(x.to(device, non_blocking=True)).float().cpu()
+                            for x, _ in loader(split, batch_size, shuffle=False, device=device)])
     if split.multilabel:
         return multilabel_scores(logits, split.y)
     loss = torch.nn.functional.cross_entropy(logits, split.y).item()

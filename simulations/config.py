@@ -32,6 +32,9 @@ class EngineConfig(Strict):
     gpus_per_site: float = Field(0.0, ge=0)
     ray_address: str | None = Field(None, description="'auto' or host:port to join a running Ray cluster")
     verbose: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="each simulated hospital's autocast: as site.yaml's compute.precision (auto: bf16 on a GPU)")
+    deterministic: bool = Field(False, description="deterministic algorithms only (as compute.deterministic)")
 
 
 class SimulationConfig(RunConfig):

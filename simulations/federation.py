@@ -16,6 +16,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Line
 
 from client.app import Hospital
 from client.privacy import epsilon_of, make_plan
+from medimaging.compute import ComputeUnavailable, resolve_precision
 from medimaging.config import MODEL_MIN_SIZE, check_augment, check_model_task
 from medimaging.files import decode
 from medimaging.datasets import SiteData, Split, load_npz, npz_info, partition_labels, split_train_val, targets, to_tensor
@@ -161,8 +162,14 @@ def hospital(cfg: SimulationConfig, index: int, image_size: int, ledger_root: Pa
     GPU (Ray makes it the actor's visible CUDA device) or the CPU, and cpus_per_site threads."""
     site = cached_site(cfg, index, image_size)
     device = torch.device("cuda" if cfg.engine.gpus_per_site > 0 else "cpu")
-    return Hospital(data=site, privacy=cfg.site_policy(site.name), ledger_root=ledger_root, device=device,
-                    threads=max(1, int(cfg.engine.cpus_per_site)))
+    policy = cfg.site_policy(site.name)
+    try:
+        precision = resolve_precision(cfg.engine.precision, device, policy.enabled, "engine.precision")
+    except ComputeUnavailable as exc:
+        raise ConfigError(str(exc)) from None
+    return Hospital(data=site, privacy=policy, ledger_root=ledger_root, device=device,
+                    threads=max(1, int(cfg.engine.cpus_per_site)), precision=precision,
+                    deterministic=cfg.engine.deterministic)
 
 
 def hospital_from_context(context: Context, image_size: int) -> Hospital:

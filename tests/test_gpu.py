@@ -51,3 +51,63 @@ def test_four_simulated_hospitals_share_one_gpu_and_learn(tmp_path):
                                       "server.output_dir": str(tmp_path)}))
     final = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["site"] == "global"][-1]
     assert final["status"].startswith("4 trained") and final["test_auc"] > 0.6, final
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_bf16_mixed_precision_on_the_gpu_keeps_the_auc_plain_and_with_dp_sgd(mode):
+    from medimaging.compute import resolve_precision
+
+    device = torch.device("cuda")
+    assert resolve_precision("auto", device, False) in (torch.bfloat16, torch.float16)
+    train, val = _split()
+    aucs = {}
+    for precision in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name="resnet18"), 1, 2, 32).cuda()
+        train_epochs(model, train, 4, 32, 1e-3, "adam", seed=1, precision=precision)
+        aucs[precision] = evaluate(model, val, 2, precision=precision)["auc"]
+    assert abs(aucs[torch.bfloat16] - aucs[None]) < 0.03, aucs
+    policy, cfg = PrivacyConfig(enabled=True, target_epsilon=8.0, grad_sample_mode=mode), TrainConfig(local_epochs=2)
+    model = build_model(ModelConfig(name="resnet18"), 1, 2, 32, private=True).cuda()
+    loss, steps, _ = train_private(model, train, cfg, policy, make_plan(policy, len(train), cfg, 1), seed=1,
+                                   precision=torch.bfloat16)
+    assert steps > 0 and loss == loss and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_deterministic_mode_gives_identical_numbers_on_the_gpu():
+    from medimaging.compute import set_deterministic
+
+    train, val = _split()
+    results = []
+    try:
+        set_deterministic(True)
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(name="resnet18"), 1, 2, 32).cuda()
+            train_epochs(model, train, 2, 32, 1e-3, "adam", seed=1)
+            results.append(evaluate(model, val, 2))
+    finally:
+        set_deterministic(False)
+    assert results[0] == results[1]
+
+
+def test_out_of_gpu_memory_at_a_hospital_is_a_named_error(tmp_path):
+    from inprocess import Collect, InProcessGrid
+
+    from client.app import build_client_app
+    from server.loop import run_federation
+    from server.outputs import read_rows
+    from simulations.federation import hospital
+    from simulations.runner import prepare_run
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    side = 512 if total < 100e9 else 1024
+    cfg = load_config(None, {"sites": 1, "server.rounds": 1, "strategy.min_sites": 1, "model.name": "densenet121",
+                             "data.image_size": side, "train.batch_size": 4096, "train.local_epochs": 1,
+                             "engine.gpus_per_site": 1, "engine.precision": "fp32", "server.output_dir": str(tmp_path),
+                             "data.synthetic.samples_per_site": 4096, "data.synthetic.test_per_site": 10})
+    plan = prepare_run(cfg, Collect())
+    plan.node_names = {100: "nanning"}
+    run_federation(InProcessGrid(build_client_app(lambda ctx, size: hospital(plan.config, 0, size, tmp_path)), 1), plan)
+    assert [r["status"] for r in read_rows(plan.run_dir) if r["site"] == "nanning"] == ["error"]
+    assert any("out of memory on the hospital's CUDA" in p for p in plan.progress.problems), plan.progress.problems
