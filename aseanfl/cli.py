@@ -20,6 +20,8 @@ def _fail(message: str, kind: str = "config error", code: int = 2) -> None:
 
 
 def _data_line(data) -> str:
+    if data.files is not None and data.files.dicomweb is not None:
+        return f"the PACS at {data.files.dicomweb.url}"
     if data.files is not None:
         return f"files under {data.files.root}" + (f" (manifest {data.files.manifest.name})" if data.files.manifest else "")
     return str(data.path) if data.path else "synthetic (embedded default)"
