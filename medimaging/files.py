@@ -13,6 +13,7 @@ names, sizes, modification times and labels), so later runs and rounds do not de
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -146,7 +147,7 @@ def _loops(path: Path) -> bool:
     except RuntimeError:
         return True
     except OSError as exc:
-        return exc.errno == 40  # ELOOP
+        return exc.errno == errno.ELOOP
     return False
 
 
