@@ -4,8 +4,10 @@ including when the federation is started again on the same ledgers."""
 import csv
 import json
 
+import pytest
+
 from simulations.config import load_config
-from simulations.runner import simulate
+from simulations.runner import SimulationFailed, simulate
 
 
 def _rows(run_dir):
@@ -41,9 +43,13 @@ def test_budget_is_never_exceeded_even_after_restart(tmp_path):
     assert all(s["entries"][-1]["epsilon_after"] <= 4.0 for s in spent.values())
     hanoi_entries = len(spent["hanoi"]["entries"])
 
-    # Restart on the same ledgers: every hospital is at (or near) its cap, so none trains,
-    # and the run still completes with each refusal on record.
-    second = simulate(load_config(None, {**overrides, "server.output_dir": str(tmp_path / "b")}))
+    # Restart on the same ledgers: every hospital is at (or near) its cap, so none trains; the run
+    # goes through its rounds with each refusal on record, then says that nothing was trained and
+    # writes no model (the initial model is not a result)
+    with pytest.raises(SimulationFailed, match=r"nothing was trained: .*9 x refused:privacy-budget"):
+        simulate(load_config(None, {**overrides, "server.output_dir": str(tmp_path / "b")}))
+    second = next((tmp_path / "b").iterdir())
+    assert not (second / "model.safetensors").exists() and not (second / "model_best.safetensors").exists()
     rows = [r for r in _rows(second) if r["site"] != "global" and r["round"] != "0"]
     assert rows and all(r["status"] == "refused:privacy-budget" for r in rows)
     again = {p.stem: json.loads(p.read_text()) for p in ledgers.glob("*.json")}
