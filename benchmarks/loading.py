@@ -5,8 +5,8 @@ NIfTI volumes and DICOM series (one file per slice).
     python -m benchmarks.loading [--images 600] [--side 512] [--volumes 40] [--slices 48] [--syntax-images 100]
 
 Then images/s cold for each DICOM transfer syntax (medimaging.dicomgen's test pattern, 512x512,
-12-bit; 8-bit for JPEG Baseline), with pydicom's decoders as installed (pylibjpeg), and with
-python-gdcm alone where it is installed (`pip install python-gdcm` to compare).
+12-bit; 8-bit for JPEG Baseline), with aseanfl's decoders (pylibjpeg's plug-ins; pyjpegls for
+JPEG-LS), and with python-gdcm alone where it is installed (`pip install python-gdcm` to compare).
 """
 
 from __future__ import annotations
@@ -107,9 +107,9 @@ def _syntaxes(n: int, side: int) -> None:
 
     gdcm = find_spec("gdcm") is not None
     print(f"\n{n} DICOM files of {side}x{side} per transfer syntax, read cold (images/s)")
-    print("| transfer syntax | pylibjpeg (default) |" + (" python-gdcm |" if gdcm else "") + "\n|---|---|" + ("---|" if gdcm else ""))
+    print("| transfer syntax | aseanfl's decoders (pylibjpeg, pyjpegls) |" + (" python-gdcm |" if gdcm else "") + "\n|---|---|" + ("---|" if gdcm else ""))
     for syntax, (uid, lossless) in dicomgen.SYNTAXES.items():
-        default = _syntax_rate(syntax, n, side, "pylibjpeg")
+        default = _syntax_rate(syntax, n, side, "pyjpegls" if syntax.startswith("jpeg-ls") else "pylibjpeg")
         row = f"| {syntax} ({'lossless' if lossless else 'lossy'}) | {default:.0f} |"
         if gdcm:
             other = _syntax_rate(syntax, n, side, "gdcm") if syntax not in dicomgen.NATIVE else default
