@@ -23,7 +23,8 @@ class ComputeConfig(Strict):
                                 description="CPU threads for training and evaluation; None = every core this process may use")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 mixed precision on a GPU that has it (fp16 with a grad scaler on older GPUs "
-        "for non-private training), fp32 on the CPU; fp32; bf16; fp16 (GPU only, not with DP-SGD)")
+        "for non-private training), fp32 on the CPU; fp32; bf16 (also faster on CPUs with bf16 units); fp16 (GPU "
+        "only, not with DP-SGD)")
     deterministic: bool = Field(False, description="deterministic algorithms only (cuDNN, cuBLAS): same seed, same "
                                 "numbers on a GPU too, at some speed")
 
@@ -68,7 +69,7 @@ def resolve_precision(spec: str, device: torch.device, private: bool, setting: s
     bf16 = not cuda or torch.cuda.is_bf16_supported()
     if spec == "auto":
         if not cuda:
-            return None  # measured on this CPU: bf16 autocast is slower than fp32 (docs/benchmarks.md)
+            return None  # fp32: numbers that do not depend on whether the CPU has bf16 units (bf16: opt in)
         return torch.bfloat16 if bf16 else (None if private else torch.float16)
     if spec == "fp32":
         return None
