@@ -86,6 +86,9 @@ def _decode(ds) -> np.ndarray:
     """All frames, RGB where the file is colour (pydicom converts YBR and planar layouts)."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
     name = getattr(syntax, "name", str(syntax))
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ValueError("no image in it: the file ends before its pixel data (a partial transfer?) or is not an "
+                         "image (a report, a presentation state); export it again from the PACS")
     try:
         return ds.pixel_array
     except NotImplementedError as exc:

@@ -83,6 +83,11 @@ def _plot_distribution(dist: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _values(cell) -> list[float]:
+    """A per-class cell as numbers: the rows keep it as 'a;b;c' (or a list)."""
+    return [float(v) for v in (cell.split(";") if isinstance(cell, str) else cell)]
+
+
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -109,8 +114,8 @@ def write_report(run_dir: Path) -> Path:
     per_class = ["test_dice_per_label"] if key == "dice" else ["test_auc_per_class", "test_accuracy_per_class"]
     if key == "dice":
         cols.remove("test_accuracy")
-    pairs = [r["test_auc_per_class"] for r in rows if r.get("test_auc_per_class")]
-    binary = bool(pairs) and all(len(p) == 2 and abs(p[0] - p[1]) < 1e-6 for p in pairs)
+    pairs = [_values(r["test_auc_per_class"]) for r in rows if r.get("test_auc_per_class")]
+    binary = bool(pairs) and all(len(p) == 2 and abs(p[0] - p[1]) < 1e-3 for p in pairs)
     if binary:  # with two classes each one-vs-rest AUC is the test AUC itself
         per_class.remove("test_auc_per_class")
     cols[cols.index(f"test_{key}") + 1:cols.index(f"test_{key}") + 1] = per_class
