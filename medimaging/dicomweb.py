@@ -19,6 +19,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 from .config import DicomWebConfig, FilesConfig
 
 KEYS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID"}
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM's UID syntax: they name the store's folders and files
 log = logging.getLogger("aseanfl")
 LOGGERS = ("pydicom", "dicomweb_client", "retrying")  # their lines go to the local log, not the terminal
 
@@ -124,6 +126,8 @@ def _manifest(web: DicomWebConfig, problems: list) -> list[Row]:
             where = f"{web.manifest.name}:{line}"
             if not uid or not label:
                 problems.append(Problem(where, f"empty {keys[0]} UID or label"))
+            elif not UID.fullmatch(uid) or len(uid) > 64:
+                problems.append(Problem(where, f"{uid[:70]!r} is not a DICOM UID (digits and dots, at most 64)"))
             elif split and split not in SPLITS:
                 problems.append(Problem(where, f"split '{split}' is not one of {', '.join(SPLITS)}"))
             else:
@@ -149,7 +153,7 @@ def _instances(dw, row: Row, filters: dict) -> list[tuple[str, str, str]]:
                                     fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
                                     get_remaining=True)
     out = [(_value(i, "StudyInstanceUID"), _value(i, "SeriesInstanceUID"), _value(i, "SOPInstanceUID")) for i in found]
-    return sorted(u for u in out if all(u))
+    return sorted(u for u in out if all(u) and all(UID.fullmatch(v) for v in u))  # a PACS's answer names files
 
 
 def _retrieve(dw, uids: tuple[str, str, str]) -> bytes:

@@ -80,14 +80,15 @@ def check_data(site) -> tuple[int, list[str]]:
 
 def test_check_data_reads_the_pacs_like_files_with_get_requests_only(tmp_path, pacs, monkeypatch):
     missing = "1.2.826.0.1.3680043.8.498.999999999"
-    rows = pacs.rows + [{"study": missing, "label": "normal"}]
+    rows = pacs.rows + [{"study": missing, "label": "normal"}, {"study": "../../etc", "label": "normal"}]
     methods = []
     send = requests.Session.send
     monkeypatch.setattr(requests.Session, "send", lambda self, req, **kw: (methods.append(req.method), send(self, req, **kw))[1])
     code, lines = check_data(pacs_site(tmp_path, pacs, rows))
     assert code == 0, lines
-    assert "cho-ray: 240 usable images, 1 problems" in lines, lines
+    assert "cho-ray: 240 usable images, 2 problems" in lines, lines
     assert f"skipped study {missing}: not on the PACS (listed in studies.csv:242)" in lines, lines
+    assert "skipped studies.csv:243: '../../etc' is not a DICOM UID (digits and dots, at most 64)" in lines, lines
     assert any(line.startswith("image sizes: ") and "(240)" in line for line in lines), lines
     assert set(methods) == {"GET"} and len(methods) >= 480  # QIDO + WADO per study: a read-only account is enough
     stored = list(store_of(load_site(tmp_path / "site.yaml").data).iterdir())
