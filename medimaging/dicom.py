@@ -1,8 +1,8 @@
 """One DICOM file (or a folder of slices) -> float32 pixels as a viewer shows them, and the
 spacing. Nothing else leaves this module: the header is read and dropped here.
 
-Decoding is pydicom's, with its plug-ins (pylibjpeg's libjpeg, openjpeg and rle; see
-pyproject.toml): uncompressed (explicit, implicit, big endian), deflated, RLE, JPEG Baseline,
+Decoding is pydicom's, with its plug-ins (pylibjpeg's libjpeg, openjpeg and rle, and pyjpegls;
+see pyproject.toml): uncompressed (explicit, implicit, big endian), deflated, RLE, JPEG Baseline,
 Extended (12-bit), Lossless (process 14, SV1), JPEG-LS, JPEG 2000 and HTJ2K. Then, in DICOM's
 order: the Modality LUT (rescale, e.g. Hounsfield units), the VOI LUT or window
 (`data.files.dicom.window`), MONOCHROME1 inverted (so bone is bright as in MONOCHROME2), colour
@@ -21,7 +21,8 @@ import numpy as np
 
 from .config import DicomConfig
 
-DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle pyjpegls"
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> the luminance a grey display shows
 
 
 @contextmanager
@@ -131,33 +132,28 @@ def _spacing(ds, frames: int) -> tuple[float, ...] | None:
     return pixel
 
 
-def grey(arr: np.ndarray, ds) -> np.ndarray:
-    """The pixels one float32 channel per frame, as the image is to be viewed."""
-    from pydicom.pixels import apply_modality_lut
+def _view(arr: np.ndarray, ds, cfg: DicomConfig) -> np.ndarray:
+    """The decoded pixels as the image is to be viewed, one float32 channel per frame: colour
+    (RGB, YBR already converted by pydicom, palette) as luminance; greyscale through the Modality
+    LUT, then the window, with MONOCHROME1 inverted (low values are bright; the cache's
+    percentile scaling keeps the range)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-    samples = int(ds.get("SamplesPerPixel", 1))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if samples == 3:  # RGB (YBR already converted): luminance, as a grey display would show it
-        return np.asarray(arr[..., :3], dtype=np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        return np.asarray(arr[..., :3], dtype=np.float32) @ LUMA
     if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        rgb = np.asarray(apply_color_lut(arr, ds), dtype=np.float32)
-        return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        return np.asarray(apply_color_lut(arr, ds), dtype=np.float32) @ LUMA
+    pixels = _window(np.asarray(apply_modality_lut(arr, ds), dtype=np.float32), ds, cfg)
+    return -pixels if photometric == "MONOCHROME1" else pixels
 
 
 def read_dicom(path: Path, spatial_dims: int, cfg: DicomConfig, notes: list[str]) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """(float32 2D image or 3D volume, spacing). ValueError with the reason."""
     with captured(notes):
         ds = read_dataset(path)
-        arr = _decode(ds)
+        pixels = _view(_decode(ds), ds, cfg)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        pixels = grey(arr, ds)
-        if int(ds.get("SamplesPerPixel", 1)) == 1:
-            pixels = _window(pixels, ds, cfg)
-            if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-                pixels = -pixels  # low values are bright; the cache's percentile scaling keeps the range
         spacing = _spacing(ds, frames)
         modality = str(ds.get("Modality", "")) or "image"
     if frames > 1 and spatial_dims == 2:
@@ -176,13 +172,11 @@ def read_series(folder: Path, cfg: DicomConfig, notes: list[str]) -> tuple[np.nd
         try:
             with captured(notes):
                 ds = read_dataset(path)
-                pixels = _window(grey(_decode(ds), ds), ds, cfg)
+                pixels = _view(_decode(ds), ds, cfg)
         except ValueError as exc:
             raise ValueError(f"slice {path.name}: {exc}") from None
         if pixels.ndim != 2:
             raise ValueError(f"slice {path.name}: a multi-frame file inside a series folder; export single slices")
-        if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-            pixels = -pixels
         position = ds.get("ImagePositionPatient")
         order = float(position[2]) if position else float(ds.get("InstanceNumber", len(slices)))
         spacing = tuple(float(v) for v in ds.get("PixelSpacing", []) or []) + (float(ds.get("SliceThickness", 0) or 0),)

@@ -5,7 +5,7 @@ Each labelled row of the manifest (a study, series or instance UID) is looked up
 instances retrieved whole into a local store under cache_dir (the hospital's disk, like the
 decoded cache), one folder per row, written only once every instance of the row has arrived: a
 row that fails (not on the PACS, a timeout mid-retrieval) is a problem naming its UID and the
-HTTP status, and nothing of it is stored. An instance is rewritten only when its content hash
+HTTP status, and nothing of it is stored. An instance is rewritten only when its content
 changed, so the decoded cache (keyed by the stored files) is reused until the PACS changes.
 Then the stored files are read by the same code as exported files (medimaging.dicom). Only GET
 requests are made: a read-only account is enough. The password is read from a file or an
@@ -109,7 +109,7 @@ def _why(exc: BaseException, web: DicomWebConfig) -> tuple[str, bool]:
 
 
 def _manifest(web: DicomWebConfig, problems: list) -> list[Row]:
-    from .files import SPLITS, Problem
+    from .files import Problem, bad_split
 
     if not web.manifest.is_file():
         raise SourceError(f"data.files.dicomweb.manifest: file not found: {web.manifest}")
@@ -128,8 +128,8 @@ def _manifest(web: DicomWebConfig, problems: list) -> list[Row]:
                 problems.append(Problem(where, f"empty {keys[0]} UID or label"))
             elif not UID.fullmatch(uid) or len(uid) > 64:
                 problems.append(Problem(where, f"{uid[:70]!r} is not a DICOM UID (digits and dots, at most 64)"))
-            elif split and split not in SPLITS:
-                problems.append(Problem(where, f"split '{split}' is not one of {', '.join(SPLITS)}"))
+            elif why := bad_split(split):
+                problems.append(Problem(where, why))
             else:
                 rows.append(Row(keys[0], uid, label, split or None, where))
     return rows
@@ -167,12 +167,13 @@ def _retrieve(dw, uids: tuple[str, str, str]) -> bytes:
 
 
 def _write_row(folder: Path, instances: dict[str, bytes]) -> None:
-    """The row's folder holds exactly these instances; unchanged ones are not touched (their
-    modification time keys the decoded cache), changed ones replaced whole (write, then rename)."""
+    """The row's folder holds exactly these instances; unchanged ones (the same bytes) are not
+    touched (their modification time keys the decoded cache), changed ones replaced whole
+    (write, then rename)."""
     folder.mkdir(parents=True, exist_ok=True)
     for sop, data in instances.items():
         path = folder / sop
-        if path.is_file() and hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest():
+        if path.is_file() and path.read_bytes() == data:
             continue
         tmp = folder / f".{sop}.part"
         tmp.write_bytes(data)

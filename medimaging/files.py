@@ -31,6 +31,11 @@ IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff"
 SPLITS = ("train", "val", "test")  # "val" rows train: each site splits its own validation
 
 
+def bad_split(split: str) -> str | None:
+    """Why a manifest's split cell is wrong, or None (empty: no split given)."""
+    return f"split '{split}' is not one of {', '.join(SPLITS)}" if split and split not in SPLITS else None
+
+
 @dataclass
 class Item:
     path: Path  # a file, or a folder of DICOM slices (a series)
@@ -93,8 +98,8 @@ def _manifest(cfg: FilesConfig, inv: Inventory) -> None:
             where = f"{cfg.manifest.name}:{line}"
             if not rel or not target:
                 inv.problems.append(Problem(where, f"empty path or {'mask' if segmentation else 'label'}"))
-            elif split and split not in SPLITS:
-                inv.problems.append(Problem(where, f"split '{split}' is not one of {', '.join(SPLITS)}"))
+            elif why := bad_split(split):
+                inv.problems.append(Problem(where, why))
             elif not _exists(cfg, cfg.root / rel):
                 inv.problems.append(Problem(rel, f"listed in {where} but missing"))
             elif segmentation and not (cfg.root / target).is_file():
@@ -108,21 +113,22 @@ def _manifest(cfg: FilesConfig, inv: Inventory) -> None:
                 inv.items.append(Item(cfg.root / rel, target, split or None))
 
 
-def _walk(root: Path, inv: Inventory) -> list[Path]:
+def _walk(cfg: FilesConfig, inv: Inventory) -> list[Path]:
     """Every file under root, following links to folders (a class folder may live on another
     mount) once each; a broken link, a link loop or an unreadable folder is a problem, not skipped."""
     files, seen = [], set()
+    name = lambda path: item_name(cfg, path)  # noqa: E731
 
     def visit(folder: Path) -> None:
         real = folder.resolve()
         if real in seen:
-            inv.problems.append(Problem(_rel_to(root, folder), "a link loop: this folder links back to one already read"))
+            inv.problems.append(Problem(name(folder), "a link loop: this folder links back to one already read"))
             return
         seen.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            inv.problems.append(Problem(_rel_to(root, folder), f"folder cannot be read ({exc.strerror})"))
+            inv.problems.append(Problem(name(folder), f"folder cannot be read ({exc.strerror})"))
             return
         for entry in entries:
             path = Path(entry.path)
@@ -131,13 +137,13 @@ def _walk(root: Path, inv: Inventory) -> list[Path]:
             if entry.is_symlink() and not path.exists():
                 target = os.readlink(path)
                 why = "a link loop" if _loops(path) else f"a broken link (its target {target} does not exist)"
-                inv.problems.append(Problem(_rel_to(root, path), why))
+                inv.problems.append(Problem(name(path), why))
             elif entry.is_dir():
                 visit(path)
             elif entry.is_file():
                 files.append(path)
 
-    visit(root)
+    visit(cfg.root)
     return files
 
 
@@ -151,15 +157,11 @@ def _loops(path: Path) -> bool:
     return False
 
 
-def _rel_to(root: Path, path: Path) -> str:
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
 def _folders(cfg: FilesConfig, inv: Inventory) -> None:
     if cfg.multilabel:
         raise ValueError("data.files.multilabel needs a manifest (a folder per class gives one label per image)")
     seen: set[Path] = set()
-    for path in _walk(cfg.root, inv):
+    for path in _walk(cfg, inv):
         parts = path.relative_to(cfg.root).parts
         split = parts[0] if len(parts) >= 3 and parts[0] in SPLITS else None
         label_parts = parts[1:] if split else parts
@@ -243,7 +245,7 @@ def read_pixels(path: Path, spatial_dims: int = 2, dicom: DicomConfig | None = N
         raise ValueError(f"not an image type this reads (suffix '{path.suffix}')")
     if kind == "dicom":
         arr, spacing = read_dicom(path, spatial_dims, dicom, notes)
-        return _checked(np.squeeze(arr) if arr.ndim > spatial_dims else arr, spatial_dims), spacing
+        return _checked(arr, spatial_dims), spacing
     try:
         if kind in ("png", "jpeg", "tiff"):
             arr, spacing = _picture(path), None
