@@ -21,13 +21,10 @@ import torch
 MODELS = [("cnn", 2, 64), ("resnet18", 2, 64), ("densenet121", 2, 64), ("unet", 3, 32)]
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def measure(model_name: str, dims: int, size: int, device: str, threads: int, dp: bool, steps: int,
             batch: int = 16, precision: str = "fp32") -> dict:
     from benchmarks.throughput import train_case
-    from medimaging.compute import resolve_device
+    from medimaging.compute import PRECISIONS, resolve_device
     from medimaging.config import ModelConfig
     from medimaging.datasets import Split
     from medimaging.models import build_model
@@ -69,7 +66,7 @@ def main() -> None:
                  for dp in ("plain", "dp") for device, threads in settings]
         print(f"| {name} | {dims}D {size}px | " + " | ".join(cells) + " |")
     mixed = [("cpu", cores(), "bf16")] + ([("cuda", 1, "bf16"), ("cuda", 1, "fp16")] if torch.cuda.is_available() else [])
-    print(f"\nMixed precision (autocast), samples/s; fp32 of the same device in the table above; DP-SGD: fp16 is refused")
+    print("\nMixed precision (autocast), samples/s; fp32 of the same device in the table above; DP-SGD: fp16 is refused")
     print("| model | " + " | ".join(f"{d} {p}" for d, _, p in mixed) + " | DP-SGD: "
           + " | DP-SGD: ".join(f"{d} {p}" for d, _, p in mixed if p != "fp16") + " |")
     print("|---|" + "---|" * (len(mixed) + sum(p != "fp16" for _, _, p in mixed)))

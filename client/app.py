@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from medimaging.compute import set_deterministic
+from medimaging.compute import precision_name, set_deterministic
 from medimaging.datasets import SiteData
 from medimaging.models import build_model, norm_keys
 from medimaging.training import evaluate, train_epochs
@@ -148,12 +148,11 @@ def _device_memory(task: TaskSpec, hospital: Hospital):
         log.error("%s: %s", hospital.data.name, " ".join(str(exc).split())[:300])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(hospital.precision, "fp32")
         local = ("set compute.precision: bf16 or share the GPU with fewer tasks" if hospital.device.type == "cuda"
                  else "give the daemon more memory")
         raise OutOfDeviceMemory(
             f"out of memory on the hospital's {hospital.device.type.upper()} ({task.model.name}, {task.image_size} px, "
-            f"train.batch_size {task.train.batch_size}, {precision}); the coordinator can lower train.batch_size, "
+            f"train.batch_size {task.train.batch_size}, {precision_name(hospital.precision)}); the coordinator can lower train.batch_size, "
             f"the hospital can {local}") from None
 
 

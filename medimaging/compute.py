@@ -14,6 +14,14 @@ from pydantic import Field
 from .config import Strict
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype (None: off)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
+
+
 class ComputeConfig(Strict):
     """site.yaml `compute`: the hospital's own hardware."""
 
@@ -21,7 +29,7 @@ class ComputeConfig(Strict):
                         description="auto = a CUDA GPU when there is one, else the CPU; cpu; cuda; cuda:N")
     threads: int | None = Field(None, ge=1, le=4096,
                                 description="CPU threads for training and evaluation; None = every core this process may use")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto", description="auto = bf16 mixed precision on a GPU that has it (fp16 with a grad scaler on older GPUs "
         "for non-private training), fp32 on the CPU; fp32; bf16 (also faster on CPUs with bf16 units); fp16 (GPU "
         "only, not with DP-SGD)")

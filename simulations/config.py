@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from client.config import PrivacyConfig
+from medimaging.compute import Precision
 from medimaging.config import MODEL_MIN_SIZE, Strict
 from medimaging.yamlconfig import ConfigError, describe, parse_sets, read_config, set_dotted  # noqa: F401
 from server.config import RunConfig
@@ -32,7 +33,7 @@ class EngineConfig(Strict):
     gpus_per_site: float = Field(0.0, ge=0)
     ray_address: str | None = Field(None, description="'auto' or host:port to join a running Ray cluster")
     verbose: bool = False
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto", description="each simulated hospital's autocast: as site.yaml's compute.precision (auto: bf16 on a GPU)")
     deterministic: bool = Field(False, description="deterministic algorithms only (as compute.deterministic)")
 

@@ -138,7 +138,7 @@ def small_sites(cfg: SimulationConfig) -> list[str]:
                               f"{len(cfg.sites)} sites; simulate fewer sites or use more data")
         classes = sum(1 for c in site.train.class_counts(shape.num_classes) if c) if not site.train.segmentation else 2
         if n < SMALL_SITE or classes < 2:
-            what = f"{n} training images" + (f" of a single class" if classes < 2 else "")
+            what = f"{n} training images" + (" of a single class" if classes < 2 else "")
             out.append(f"{name} gets {what}: too little to learn from; simulate fewer sites (--sites), "
                        f"use partition.scheme iid, or more data")
     return out
@@ -161,15 +161,22 @@ def hospital(cfg: SimulationConfig, index: int, image_size: int, ledger_root: Pa
     """Simulated hospital `index`, on the resources the engine gives each one: its share of a
     GPU (Ray makes it the actor's visible CUDA device) or the CPU, and cpus_per_site threads."""
     site = cached_site(cfg, index, image_size)
-    device = torch.device("cuda" if cfg.engine.gpus_per_site > 0 else "cpu")
-    policy = cfg.site_policy(site.name)
+    return Hospital(data=site, privacy=cfg.site_policy(site.name), ledger_root=ledger_root, device=site_device(cfg),
+                    threads=max(1, int(cfg.engine.cpus_per_site)), precision=site_precision(cfg, site.name),
+                    deterministic=cfg.engine.deterministic)
+
+
+def site_device(cfg: SimulationConfig) -> torch.device:
+    """A simulated hospital's device: its GPU share (Ray makes it the actor's visible CUDA device) or the CPU."""
+    return torch.device("cuda" if cfg.engine.gpus_per_site > 0 else "cpu")
+
+
+def site_precision(cfg: SimulationConfig, site: str) -> torch.dtype | None:
+    """engine.precision for this simulated hospital's device and privacy policy; ConfigError naming it."""
     try:
-        precision = resolve_precision(cfg.engine.precision, device, policy.enabled, "engine.precision")
+        return resolve_precision(cfg.engine.precision, site_device(cfg), cfg.site_policy(site).enabled, "engine.precision")
     except ComputeUnavailable as exc:
         raise ConfigError(str(exc)) from None
-    return Hospital(data=site, privacy=policy, ledger_root=ledger_root, device=device,
-                    threads=max(1, int(cfg.engine.cpus_per_site)), precision=precision,
-                    deterministic=cfg.engine.deterministic)
 
 
 def hospital_from_context(context: Context, image_size: int) -> Hospital:

@@ -24,12 +24,13 @@ from client.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from server.loop import Plan, Progress, local_keys  # noqa: E402
 from server.outputs import untrained  # noqa: E402
-from medimaging.compute import ComputeUnavailable, resolve_precision  # noqa: E402
 
 from strategies.factory import build_secure_workflow, build_strategy  # noqa: E402
 
 from .config import ConfigError, SimulationConfig, dump_config, load_config, parse_sets  # noqa: E402
-from .federation import check_budgets, distribution, global_test, hospital, resolved, small_sites, task_shape  # noqa: E402
+from .federation import (  # noqa: E402
+    check_budgets, distribution, global_test, hospital, resolved, site_precision, small_sites, task_shape,
+)
 
 
 def config_from_run_config(run_config: dict) -> SimulationConfig:
@@ -131,12 +132,8 @@ def check_gpus(cfg: SimulationConfig) -> None:
         raise ConfigError(f"engine.gpus_per_site: {cfg.engine.gpus_per_site:g} asks for a share of a GPU for each "
                           "simulated hospital, but this machine has no CUDA GPU that torch can use; leave it at 0")
     if not cfg.engine.ray_address:  # a cluster's workers may have other devices: they say so per task
-        device = torch.device("cuda" if cfg.engine.gpus_per_site > 0 else "cpu")
         for name in cfg.sites:
-            try:
-                resolve_precision(cfg.engine.precision, device, cfg.site_policy(name).enabled, "engine.precision")
-            except ComputeUnavailable as exc:
-                raise ConfigError(str(exc)) from None
+            site_precision(cfg, name)
 
 
 def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
