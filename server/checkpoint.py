@@ -45,6 +45,7 @@ class Checkpoint:
     round_seconds: list[float]
     random_state: tuple
     names: dict[int, str] = field(default_factory=dict)
+    trained_rounds: int = 0  # rounds whose global model took in hospitals' updates
 
 
 def settings_digest(config) -> str:
@@ -110,6 +111,7 @@ def save(run_dir: Path, ckpt: Checkpoint, strategy, config) -> Path:
         "round": ckpt.round, "settings": settings_digest(config), "model_keys": model_keys, "strategy": layout,
         "strategy_types": [type(s).__name__ for s in _layers(strategy)], "best": ckpt.best, "seconds": ckpt.seconds,
         "round_seconds": ckpt.round_seconds, "random_state": ckpt.random_state, "names": ckpt.names,
+        "trained_rounds": ckpt.trained_rounds,
     }
     path, tmp = run_dir / NAME, run_dir / f".{NAME}.tmp"
     save_file(tensors, str(tmp), metadata={KEY: json.dumps(meta)})
@@ -165,7 +167,9 @@ def load(run_dir: Path, config, strategy) -> Checkpoint:
         state = meta["random_state"]
         return Checkpoint(round=int(meta["round"]), arrays=arrays, best=meta["best"], seconds=float(meta["seconds"]),
                           round_seconds=list(meta["round_seconds"]), random_state=(state[0], tuple(state[1]), state[2]),
-                          names={int(k): v for k, v in meta["names"].items()})
+                          names={int(k): v for k, v in meta["names"].items()},
+                          # a checkpoint from before trained_rounds was kept: every round wrote a model then
+                          trained_rounds=int(meta.get("trained_rounds", meta["round"])))
     except CheckpointError:
         raise
     except (OSError, SafetensorError, ValueError, KeyError, TypeError, IndexError) as exc:

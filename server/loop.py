@@ -413,9 +413,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     known: dict[int, str] = {**(resumed.names if resumed else {}), **plan.node_names}  # node id -> site name
     first = resumed.round + 1 if resumed else 1
     present: set[int] = set()  # nodes connected as the round before started
-    # rounds whose global model took in hospitals' updates (a resumed run counts the rounds before
-    # as trained when it had written a model: only trained models are written)
-    trained_rounds = 0 if not resumed else (resumed.round if (plan.run_dir / "model.safetensors").exists() else 0)
+    trained_rounds = resumed.trained_rounds if resumed else 0  # rounds whose global model took in updates
 
     if plan.test is not None and not resumed:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
@@ -517,7 +515,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         round_seconds.append(round(time.time() - round_start, 2))
         checkpoint.save(plan.run_dir, checkpoint.Checkpoint(
             round=rnd, arrays=arrays, best=best, seconds=time.time() - started, round_seconds=round_seconds,
-            random_state=checkpoint.random_state(), names=known), strategy, cfg)
+            random_state=checkpoint.random_state(), names=known, trained_rounds=trained_rounds), strategy, cfg)
         if trained_rounds:  # the initial model is never presented as a result
             recorder.save_model(arrays, "model.safetensors", round=rnd)
             if improved:
