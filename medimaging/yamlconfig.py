@@ -56,12 +56,14 @@ def read_config(path: Path | None, overrides: dict | None, schema: type[BaseMode
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            text = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text); is it the right file?") from None
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
-        if "\0" in text:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\0" in text:  # not UTF-8, or binary that happens to decode
             raise ConfigError(f"{path}: not a text file (a YAML config is UTF-8 text); is it the right file?")
         try:
             tree = yaml.safe_load(text)
