@@ -4,6 +4,7 @@ federations (no Ray start-up, one thread, so a seed reproduces a run byte for by
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from uuid import uuid4
 
@@ -26,6 +27,25 @@ class Collect(Progress):
 
     def refused(self, rnd, site, refusal):
         self.refusals.append((rnd, site, refusal))
+
+
+class Wire(Collect):
+    """Collect, and the bytes of every reply the server got (arrays, metric and config values, the
+    metadata, an error's reason), for tests that look for what must not leave a hospital."""
+
+    def __init__(self):
+        super().__init__()
+        self.blobs = []
+
+    def received(self, rnd, phase, reply):
+        self.blobs.append(json.dumps(reply.metadata.__dict__, default=str).encode())
+        if not reply.has_content():  # an error reply
+            self.blobs.append(str(reply.error.reason).encode())
+            return
+        content = reply.content
+        self.blobs += [a.data for rec in content.array_records.values() for a in rec.values()]
+        for rec in list(content.metric_records.values()) + list(content.config_records.values()):
+            self.blobs += [str(v).encode() for v in rec.values()]
 
 
 class InProcessGrid:

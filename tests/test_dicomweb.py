@@ -9,14 +9,13 @@ password nor a UID leaves."""
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pydicom
 import pytest
 import requests
 import torch
-from inprocess import Collect, InProcessGrid, site_yaml
+from inprocess import InProcessGrid, Wire, site_yaml
 from orthanc import READER, READER_PASSWORD, start_orthanc, stop_orthanc
 from typer.testing import CliRunner
 
@@ -177,22 +176,6 @@ def test_a_query_narrows_the_manifest_to_matching_instances(tmp_path, pacs):
     assert len(decoded.shapes) == 3  # the three ultrasound studies
     assert len(decoded.inventory.problems) == 6
     assert all(p.reason.startswith("matches no instance of the query") for p in decoded.inventory.problems)
-
-
-class Wire(Collect):
-    def __init__(self):
-        super().__init__()
-        self.blobs = []
-
-    def received(self, rnd, phase, reply):
-        if not reply.has_content():  # an error reply: its reason is checked with the problems
-            self.blobs.append(str(reply.error.reason).encode())
-            return
-        content = reply.content
-        self.blobs += [a.data for rec in content.array_records.values() for a in rec.values()]
-        for rec in list(content.metric_records.values()) + list(content.config_records.values()):
-            self.blobs += [str(v).encode() for v in rec.values()]
-        self.blobs.append(json.dumps(reply.metadata.__dict__, default=str).encode())
 
 
 def test_a_federation_of_one_hospital_on_files_and_one_on_the_pacs_learns(tmp_path, pacs):

@@ -19,7 +19,7 @@ from conftest import simulate_plan
 from medimaging.config import FilesConfig
 from medimaging.files import decode, read_pixels
 from medimaging.synthetic import site_images, synthetic_dicom
-from server.loop import Progress
+from inprocess import Wire
 from simulations.config import ConfigError, load_config
 from simulations.runner import prepare_run, simulate
 
@@ -112,17 +112,6 @@ def test_no_usable_images_is_a_clear_config_error(tmp_path):
     (root / "normal" / "x.dcm").write_text("garbage")
     with pytest.raises(ConfigError, match="0 usable images under .*: no usable images"):
         simulate(load_config(None, {"data.files.root": str(root), "server.output_dir": str(tmp_path / "runs")}))
-
-
-class Wire(Progress):
-    def __init__(self):
-        self.blobs = []
-
-    def received(self, rnd, phase, reply):
-        content = reply.content
-        self.blobs += [a.data for rec in content.array_records.values() for a in rec.values()]
-        for rec in list(content.metric_records.values()) + list(content.config_records.values()):
-            self.blobs += [str(v).encode() for v in rec.values()]
 
 
 def test_federation_on_dicom_files_learns_and_no_header_leaves(tmp_path):
