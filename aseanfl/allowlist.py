@@ -30,20 +30,41 @@ def approved_hashes(path: Path) -> dict[str, dict]:
     return {str(e["sha256"]): e for e in items if isinstance(e, dict) and "sha256" in e}
 
 
-def approve(path: Path, sha256: str, note: str = "", who: str = "this hospital") -> bool:
-    """Add a bundle hash to the allow-list; False if it was there already."""
+def _check(sha256: str) -> str:
     sha256 = sha256.strip().lower()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError(f"{sha256!r} is not a sha256 (64 hex digits)")
-    entries = approved_hashes(path)
-    if sha256 in entries:
-        return False
-    entries[sha256] = {"sha256": sha256, "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": note}
+    return sha256
+
+
+def _write(path: Path, entries: dict[str, dict], who: str) -> None:
     text = (f"# sha256 of the app bundles {who} runs\n"
             + yaml.safe_dump({"approved": list(entries.values())}, sort_keys=False))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # never half a list
+
+
+def approve(path: Path, sha256: str, note: str = "", who: str = "this hospital", by: str = "") -> bool:
+    """Add a bundle hash to the allow-list (`by`: the person, kept with it); False if it was there already."""
+    sha256 = _check(sha256)
+    entries = approved_hashes(path)
+    if sha256 in entries:
+        return False
+    entries[sha256] = {"sha256": sha256, "approved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": note}
+    if by:
+        entries[sha256]["approved_by"] = by
+    _write(path, entries, who)
+    return True
+
+
+def revoke(path: Path, sha256: str, who: str = "this hospital") -> bool:
+    """Take a bundle hash off the allow-list; False if it was not on it."""
+    sha256 = _check(sha256)
+    entries = approved_hashes(path)
+    if entries.pop(sha256, None) is None:
+        return False
+    _write(path, entries, who)
     return True
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -28,50 +28,49 @@ def load_site(path: Path):
         raise typer.Exit(2) from None
 
 
+def operator() -> str:
+    """Who runs this command, for the audit log's decisions."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid {os.getuid()}"
+
+
 @app.command("check-data")
 def check_data(config: Path = SITE_OPTION) -> None:
     """Read every image the site's data section names; print counts per class and split, image
     sizes and spacing, and every file that cannot be used, with the reason. Nothing is sent."""
-    from medimaging.files import decode, item_name
+    from client.datacheck import check
 
     site = load_site(config)
     console = Console()
     try:
-        decoded = decode(site.data, write_cache=False)
+        found = check(site)
     except ValueError as exc:
         typer.echo(f"data error: {exc}", err=True)
         raise typer.Exit(2) from None
-    inv = decoded.inventory
-    bad = {p.file for p in inv.problems}
-    usable = [i for i in inv.items if item_name(site.data, i.path) not in bad]
-    def names(item) -> list[str]:  # a class, the findings (multi-label), or "images with a mask"
-        return ["images with a mask"] if item.mask is not None else item.label if isinstance(item.label, list) else [item.label]
-
-    counts = Counter((name, i.split or "unsplit") for i in usable for name in names(i))
-    splits = sorted({s for _, s in counts} or {"unsplit"})
-    console.print(f"{site.site}: {len(usable)} usable images, {len(inv.problems)} problems")
+    console.print(f"{site.site}: {found.usable} usable images, {len(found.problems)} problems")
     table = Table()
-    table.add_column("finding" if site.data.multilabel else "class")
-    for s in splits:
+    table.add_column(found.row_label)
+    for s in found.splits:
         table.add_column(s, justify="right")
-    rows = ["images with a mask"] if any(i.mask is not None for i in inv.items) else inv.classes
-    for c in rows:
-        table.add_row(c, *(str(counts.get((c, s), 0)) for s in splits))
+    for name, counts in found.rows:
+        table.add_row(name, *map(str, counts))
     console.print(table)
-    if rows != inv.classes and inv.classes:
-        console.print("mask labels: " + ", ".join(f"{k} = {c}" for k, c in enumerate(inv.classes)))
-    if decoded.shapes:
-        shapes = Counter(decoded.shapes.values())
-        console.print("image sizes: " + ", ".join(f"{'x'.join(map(str, k))} ({n})" for k, n in shapes.most_common(5)))
-    if decoded.spacings:
-        rows = [v[0] for v in decoded.spacings.values()]
-        console.print(f"pixel spacing (mm): {min(rows):.3g} to {max(rows):.3g} ({len(rows)} files with spacing)")
-    for file, notes in decoded.notes.items():  # what the decoders said of files, in their report, not as warnings
-        for note in notes:
-            console.print(f"[dim]note[/] {escape(file)}: {escape(note)}", soft_wrap=True)
-    for p in inv.problems:  # one whole line per file, however narrow the terminal
-        console.print(f"[yellow]skipped[/] {escape(p.file)}: {escape(p.reason)}", soft_wrap=True)
-    if not usable:
+    if found.mask_labels:
+        console.print("mask labels: " + ", ".join(f"{k} = {c}" for k, c in enumerate(found.mask_labels)))
+    if found.sizes:
+        console.print("image sizes: " + ", ".join(f"{k} ({n})" for k, n in found.sizes))
+    if found.spacing:
+        lo, hi, n = found.spacing
+        console.print(f"pixel spacing (mm): {lo:.3g} to {hi:.3g} ({n} files with spacing)")
+    for file, note in found.notes:  # what the decoders said of files, in their report, not as warnings
+        console.print(f"[dim]note[/] {escape(file)}: {escape(note)}", soft_wrap=True)
+    for file, reason in found.problems:  # one whole line per file, however narrow the terminal
+        console.print(f"[yellow]skipped[/] {escape(file)}: {escape(reason)}", soft_wrap=True)
+    if not found.usable:
         raise typer.Exit(1)
 
 
@@ -97,7 +96,8 @@ def approve(
     note: str = typer.Option("", help="why / who approved it"),
 ) -> None:
     """Add an app bundle to this hospital's allow-list (the daemon runs nothing else)."""
-    from aseanfl.allowlist import approve as add, fab_hash
+    from aseanfl.allowlist import fab_hash
+    from client.approvals import approve as add
 
     site = load_site(config)
     if sum(x is not None for x in (sha256, fab, app_dir)) != 1:
@@ -110,7 +110,7 @@ def approve(
 
         sha256 = app_hash(app_dir)
     try:
-        new = add(site.approved_apps, sha256, note, f"hospital {site.site}")
+        new = add(site, sha256, f"{operator()} (command line)", note)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -121,27 +121,78 @@ def approve(
 def audit(config: Path = SITE_OPTION) -> None:
     """Verify the audit log: its hash chain, and that only model arrays and allowed aggregate
     metrics left (no other record or key, no data folder or file name in any value)."""
-    from client.audit import verify
-    from medimaging.files import base, inventory
+    from client.audit import forbidden_strings, verify
 
     site = load_site(config)
-    forbidden = [str(base(site.data))]
-    try:
-        if site.data.dicomweb is not None:  # the UIDs of what was retrieved (the PACS is not asked again)
-            files = list(base(site.data).rglob("*")) if base(site.data).is_dir() else []
-            forbidden += sorted({p.name.partition("-")[2] or p.name for p in files})
-        else:
-            files = [p for i in inventory(site.data).items for p in (i.path, i.mask) if p is not None]
-            forbidden += sorted({p.name for p in files if len(p.stem) >= 4})
-    except ValueError:
-        pass  # an unreadable data folder still gets its log checked
+    forbidden = forbidden_strings(site)
     report = verify(site.audit_log, site.site, forbidden)
     console = Console()
     rounds = sum(len(r) for r in report.runs.values())
     console.print(f"{site.audit_log}: {report.entries} messages sent, {report.bytes:,} bytes, "
-                  f"{len(report.runs)} run(s), {rounds} (run, round) pairs")
+                  f"{len(report.runs)} run(s), {rounds} (run, round) pairs"
+                  + (f"; {report.decisions} app decision(s) recorded" if report.decisions else ""))
     for problem in report.problems:
         console.print(f"[red]problem[/] {problem}")
     if report.problems:
         raise typer.Exit(1)
     console.print("[green]ok[/]: only model arrays and allowed aggregate metrics left this hospital")
+
+
+def read_password(confirm: bool = True) -> str:
+    """From the terminal (asked twice), or the first line of stdin when it is not one."""
+    import sys
+
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    return typer.prompt("password", hide_input=True, confirmation_prompt=confirm)
+
+
+def serve_console(build, add_user: str, host: str, port: int, cert, key, idle: float) -> None:
+    """Start a console (hospital or coordinator); one line and exit 2 where it cannot."""
+    from aseanfl.web import ConsoleError, serve
+
+    app, console = build()
+    console.sessions.idle_s, console.add_user = idle * 60, add_user
+    try:
+        serve(app, console, host, port, cert, key, say=typer.echo)
+    except ConsoleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+HOST_OPTION = typer.Option("127.0.0.1", help="address to listen on; beyond loopback needs --tls-cert/--tls-key")
+CERT_OPTION = typer.Option(None, "--tls-cert", help="TLS certificate (PEM), e.g. one the federation's CA issued")
+KEY_OPTION = typer.Option(None, "--tls-key", help="its private key (PEM)")
+IDLE_OPTION = typer.Option(30.0, "--idle-minutes", help="a session ends after this long without a request")
+
+
+@app.command()
+def console(
+    config: Path = SITE_OPTION,
+    host: str = HOST_OPTION,
+    port: int = typer.Option(8470, help="port"),
+    tls_cert: Optional[Path] = CERT_OPTION,
+    tls_key: Optional[Path] = KEY_OPTION,
+    idle_minutes: float = IDLE_OPTION,
+) -> None:
+    """The hospital's web console: data, app approvals, privacy ledgers, audit log, daemon status."""
+    from client.console import build_console
+
+    site = load_site(config)
+    serve_console(lambda: build_console(site), f"aseanfl client console-user -c {config}", host, port, tls_cert,
+                  tls_key, idle_minutes)
+
+
+@app.command("console-user")
+def console_user(config: Path = SITE_OPTION, name: str = typer.Argument(..., help="the user's login name")) -> None:
+    """Add a console user, or set a user's password (asked twice; or the first line of stdin)."""
+    from aseanfl.web import ConsoleError, add_user
+    from client.console import users_path
+
+    site = load_site(config)
+    try:
+        new = add_user(users_path(site), name, read_password())
+    except ConsoleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{'added' if new else 'password changed for'} console user {name} ({users_path(site)})")

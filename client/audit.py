@@ -39,6 +39,8 @@ ALLOWED = {
     "fitres.status": ("configs", {"code", "message"}),
     "fitres.num_examples": ("metrics", {"num_examples"}),
 }
+EVENTS = {"app approved", "app rejected", "app approval revoked"}
+EVENT_KEYS = {"time", "event", "sha256", "by", "note", "prev", "hash"}
 _FLOAT_KINDS = ("float", "bfloat", "int", "uint")
 
 
@@ -143,6 +145,7 @@ class AuditReport:
     entries: int = 0
     bytes: int = 0
     runs: dict[int, set] = field(default_factory=dict)  # run -> rounds seen
+    decisions: int = 0  # the steward's app decisions (local records, not sent)
     problems: list[str] = field(default_factory=list)
 
 
@@ -172,6 +175,11 @@ def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
         if entry.get("prev") != prev or entry.get("hash") != _hash(entry):
             report.problems.append(f"{where}: the hash chain breaks here (an entry was edited, removed or reordered)")
         prev = entry.get("hash")
+        if "event" in entry:  # a decision taken at the hospital (client/approvals.py); nothing left
+            if entry["event"] not in EVENTS or set(entry) - EVENT_KEYS:
+                report.problems.append(f"{where}: not a message and not a known local decision")
+            report.decisions += 1
+            continue
         report.entries += 1
         report.bytes += int(entry.get("bytes", 0))
         report.runs.setdefault(entry.get("run"), set()).add(entry.get("round"))
@@ -197,3 +205,21 @@ def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
             if f and f in reason:
                 report.problems.append(f"{where}: an error reason contains {f!r}")
     return report
+
+
+def forbidden_strings(site) -> list[str]:
+    """What must never appear in a sent value: the data folder, and the names of its files (of
+    a PACS source: the UIDs of what was retrieved; the PACS is not asked again)."""
+    from medimaging.files import base, inventory
+
+    forbidden = [str(base(site.data))]
+    try:
+        if site.data.dicomweb is not None:
+            files = list(base(site.data).rglob("*")) if base(site.data).is_dir() else []
+            forbidden += sorted({p.name.partition("-")[2] or p.name for p in files})
+        else:
+            files = [p for i in inventory(site.data).items for p in (i.path, i.mask) if p is not None]
+            forbidden += sorted({p.name for p in files if len(p.stem) >= 4})
+    except ValueError:
+        pass  # an unreadable data folder still gets its log checked
+    return forbidden

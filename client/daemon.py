@@ -22,6 +22,7 @@ from medimaging.compute import ComputeUnavailable, resolve_device, resolve_preci
 from .config import SiteConfig
 from .gate import SITE_ENV, client_tls
 from .site import SITE_CONFIG_KEY
+from .status import write as write_status
 
 DOOR_CHECK_S = 15.0
 
@@ -137,6 +138,15 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     backoff, last = 2.0, ""
+    server = site.connection.server
+
+    problem = {"error": "", "at": None}
+
+    def state(now: str, said: str = "") -> None:  # for the console's daemon page
+        if now in ("refused", "waiting", "reconnecting"):
+            problem.update(error=said, at=time.time())
+        write_status(site, "daemon", pid=os.getpid(), server=server, state=now, said=said, since=time.time(),
+                     last_error=problem["error"], last_error_at=problem["at"])
 
     def pause(seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -148,6 +158,7 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
         if admitted is not True:
             if said != last:  # one line per change, not one per retry
                 what = "refused at the federation server's door" if admitted is False else "waiting for the server"
+                state("refused" if admitted is False else "waiting", said)
                 log(f"{site.site}: {what}: {said}" + ("; ask the coordinator (revoked hospital, or another "
                                                        "federation's kit)" if admitted is False else ""))
                 last = said
@@ -158,6 +169,7 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
             log(f"{site.site}: {said}")
             last = ""
         started = time.monotonic()
+        state("connected", said)
         node = subprocess.Popen(commands, env=env)
         time.sleep(1.0)  # the SuperNode opens its Runtime API before the executor connects
         executor = subprocess.Popen(superexec_command(site), env=env)
@@ -180,5 +192,7 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
             hint = (" (right after this daemon was restarted, the server refuses the node until it lets the previous "
                     "connection go, within 60 s of its last heartbeat)") if quick else ""
             log(f"{site.site}: the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s{hint}")
+            state("reconnecting", f"the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s")
         pause(backoff)
+    state("stopped")
     return 0

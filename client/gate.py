@@ -30,9 +30,10 @@ SITE_ENV = "ASEANFL_SITE_CONFIG"  # the daemon's site.yaml, inherited by the exe
 log = logging.getLogger("aseanfl")
 
 
-def approved_bundle(site: SiteConfig, fab_content: bytes) -> str:
+def approved_bundle(site: SiteConfig, fab_content: bytes, run_id: int | None = None) -> str:
     """The bundle's sha256, once it passed the hospital's allow-list (when approval is on);
-    AppNotApproved, worded for the server's log (no local path), otherwise."""
+    AppNotApproved, worded for the server's log (no local path), otherwise; a refused bundle
+    is listed for the steward as a request (client/approvals.py)."""
     if not site.require_approval:
         return bundle_hash(fab_content)
     try:
@@ -42,6 +43,12 @@ def approved_bundle(site: SiteConfig, fab_content: bytes) -> str:
         raise AppNotApproved(f"hospital {site.site} cannot read its app allow-list; nothing runs") from None
     if not approved:
         log.error("%s: refused app bundle %s (not in %s)", site.site, digest, site.approved_apps)
+        try:
+            from .approvals import record_refusal
+
+            record_refusal(site, digest, run_id, len(fab_content))
+        except OSError as exc:
+            log.error("%s: the refused bundle could not be listed for approval: %s", site.site, exc)
         raise AppNotApproved(f"app bundle sha256 {digest} is not approved by hospital {site.site} "
                              "(`aseanfl client approve` there)")
     return digest

@@ -36,6 +36,7 @@ from aseanfl.allowlist import AppNotApproved
 
 from .config import load_site
 from .gate import SITE_ENV, AuditUnwritable, approved_bundle, audited_push
+from .status import write as write_status
 
 log = logging.getLogger("aseanfl")
 AUDIT_DOWN = "the hospital cannot write its audit log (disk full or not writable), so it sends nothing else"
@@ -165,7 +166,7 @@ class TaskRunner:
             message, context, run, fab = self._pull(client)
             t1 = time.monotonic()
             # every task's bundle, before anything of it is unpacked or imported
-            if approved_bundle(self.site, fab.content) != fab.hash_str:
+            if approved_bundle(self.site, fab.content, run.run_id) != fab.hash_str:
                 raise AppNotApproved(f"the app bundle's content does not match its stated sha256 {fab.hash_str}")
             first = self.bundle is None
             if first:
@@ -193,6 +194,9 @@ class TaskRunner:
             status, details = SubStatus.FAILED, details or "the reply could not be handed to the SuperNode"
         finally:
             retry.max_tries = 1
+            if message is not None:  # for the console's daemon page
+                write_status(self.site, "last-task", run=message.metadata.run_id, type=message.metadata.message_type,
+                             round=message.metadata.group_id, ok=not details, details=details[:500])
             rc.push_task_output(client=client, context=context, sub_status=status, details=details)
             heartbeat.stop()
             client.close()

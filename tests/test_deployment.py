@@ -470,7 +470,10 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
     for site in APPROVED:
         res = aseanfl("client", "audit", "-c", str(fed / "sites" / site / "site.yaml"))
         assert res.returncode == 0, res.stdout
-        entries = [json.loads(line) for line in (fed / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (fed / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        # the approval given before the run is in the chain, as a local decision, first
+        assert logged[0]["event"] == "app approved" and logged[0]["sha256"] == deployed["hash"], logged[0]
+        entries = [e for e in logged if "event" not in e]
         first = int(re.search(r"run (\d+): finished", deployed["run"].stdout).group(1))
         assert {(e["round"], e["type"]) for e in entries if e["run"] == first} == \
             {(r, t) for r in ("1", "2") for t in ("train", "evaluate")}
@@ -492,12 +495,13 @@ def test_audit_detects_an_edited_log(deployed, tmp_path):
     fed = deployed["fed"]
     kit = fed / "sites" / "site-b"
     lines = (kit / "audit.jsonl").read_text().splitlines()
-    entry = json.loads(lines[0])
+    sent = next(i for i, line in enumerate(lines) if "records" in json.loads(line))  # the first message
+    entry = json.loads(lines[sent])
     entry["records"]["metrics"]["entries"]["patient-name"] = "DOE^JANE"  # something that must not leave
     site_yaml = tmp_path / "site.yaml"
     site_yaml.write_text((kit / "site.yaml").read_text().replace("audit_log: audit.jsonl", f"audit_log: {tmp_path / 'audit.jsonl'}")
                          .replace("approved_apps: approved-apps.yaml", f"approved_apps: {kit / 'approved-apps.yaml'}"))
-    (tmp_path / "audit.jsonl").write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
+    (tmp_path / "audit.jsonl").write_text("\n".join([*lines[:sent], json.dumps(entry), *lines[sent + 1:]]) + "\n")
     res = aseanfl("client", "audit", "-c", str(site_yaml))
     assert res.returncode == 1
     assert "hash chain breaks" in res.stdout and "metrics.patient-name is not an allowed key" in res.stdout

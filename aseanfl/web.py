@@ -1,0 +1,365 @@
+"""What the hospital's and the coordinator's web consoles share: console users with scrypt-hashed
+passwords, sessions that expire, a CSRF token on every state-changing request, a rate limit on
+wrong passwords, strict security headers, and TLS required off loopback. Pages are Jinja2
+templates (aseanfl/templates), assets are served from the package (aseanfl/static): nothing is
+fetched from a CDN, at build or run time.
+
+Every path but /login and /static needs a session: a page asked for without one redirects to
+the login page, anything else (a POST, a JSON or download route) gets 401. Every POST, the
+login's included, must carry the form field `csrf` matching the session's (the login form's:
+a cookie set with it), or it gets 403 and nothing happens."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qs, quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+COOKIE, LOGIN_COOKIE = "aseanfl_session", "aseanfl_login"
+SCRYPT = {"n": 2**15, "r": 8, "p": 1}  # ~0.1 s and 32 MiB per check: costly to guess offline
+IDLE_S, MAX_S = 30 * 60, 12 * 3600  # a session ends after 30 idle minutes, and after 12 hours in any case
+FAILS, WINDOW_S, LOCK_S = 5, 15 * 60, 60  # 5 wrong passwords in 15 min: locked 60 s, doubling each time
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+PUBLIC = ("/login", "/static/")
+
+
+class ConsoleError(Exception):
+    """A console cannot start as asked (no user yet, no TLS off loopback...): one line for the operator."""
+
+
+# ---- users ------------------------------------------------------------------------------------
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, maxmem=64 * 2**20, dklen=32, **SCRYPT)
+    return "scrypt${n}${r}${p}$".format(**SCRYPT) + base64.b64encode(salt).decode() + "$" + base64.b64encode(digest).decode()
+
+
+def password_ok(stored: str, password: str) -> bool:
+    try:
+        kind, n, r, p, salt, digest = stored.split("$")
+        if kind != "scrypt":
+            return False
+        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+                             maxmem=64 * 2**20, dklen=32)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def read_users(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("users", {}))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConsoleError(f"{path}: the console's user file cannot be read ({exc.__class__.__name__})") from None
+
+
+def add_user(path: Path, name: str, password: str) -> bool:
+    """Add or replace a user (only the hash is kept; the file is private to its owner); True if new."""
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConsoleError(f"{name!r}: a user name is letters, digits, '-', '_' or '.'")
+    if len(password) < 12:
+        raise ConsoleError("the password must have at least 12 characters")
+    users = read_users(path)
+    new = name not in users
+    users[name] = {"password": hash_password(password), "set_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"users": users}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return new
+
+
+# ---- sessions and the login throttle -------------------------------------------------------------
+
+@dataclass
+class Session:
+    user: str
+    csrf: str
+    created: float
+    seen: float
+
+
+@dataclass
+class Sessions:
+    idle_s: float = IDLE_S
+    max_s: float = MAX_S
+    items: dict[str, Session] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def new(self, user: str) -> tuple[str, Session]:
+        token, now = secrets.token_urlsafe(32), time.monotonic()
+        with self.lock:
+            self.items[token] = s = Session(user, secrets.token_urlsafe(32), now, now)
+        return token, s
+
+    def get(self, token: str | None) -> Session | None:
+        now = time.monotonic()
+        with self.lock:
+            s = self.items.get(token or "")
+            if s is None:
+                return None
+            if now - s.seen > self.idle_s or now - s.created > self.max_s:
+                del self.items[token]
+                return None
+            s.seen = now
+            return s
+
+    def end(self, token: str | None) -> None:
+        with self.lock:
+            self.items.pop(token or "", None)
+
+
+@dataclass
+class Throttle:
+    """Wrong passwords per client address: FAILS within WINDOW_S lock it out for LOCK_S, doubling."""
+
+    fails: dict[str, list[float]] = field(default_factory=dict)
+    until: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def wait(self, who: str) -> float:
+        end, _ = self.until.get(who, (0.0, 0))
+        return max(0.0, end - time.monotonic())
+
+    def failed(self, who: str) -> None:
+        now = time.monotonic()
+        recent = [t for t in self.fails.get(who, []) if now - t < WINDOW_S] + [now]
+        self.fails[who] = recent
+        if len(recent) >= FAILS:
+            _, times = self.until.get(who, (0.0, 0))
+            self.until[who] = (now + LOCK_S * 2**times, times + 1)
+            self.fails[who] = []
+
+    def passed(self, who: str) -> None:
+        self.fails.pop(who, None)
+        self.until.pop(who, None)
+
+
+# ---- the app --------------------------------------------------------------------------------
+
+_templates = Environment(loader=PackageLoader("aseanfl", "templates"), autoescape=select_autoescape(["html"]))
+
+
+@dataclass
+class Console:
+    """One console: its title, its pages (path, label) for the menu, its users' file."""
+
+    title: str
+    subtitle: str
+    pages: list[tuple[str, str]]
+    users: Path
+    secure: bool = False  # served over TLS: the session cookie is Secure
+    add_user: str = "console-user"  # the command that adds a user, for the 'no user yet' line
+    sessions: Sessions = field(default_factory=Sessions)
+    throttle: Throttle = field(default_factory=Throttle)
+
+    def render(self, request: Request, template: str, status: int = 200, **values) -> HTMLResponse:
+        session: Session | None = request.scope.get("aseanfl.session")
+        html = _templates.get_template(template).render(
+            console=self, path=request.url.path, user=session.user if session else None,
+            csrf=session.csrf if session else "", **values)
+        return HTMLResponse(html, status_code=status)
+
+
+def form(request: Request) -> dict[str, str]:
+    """The POST's fields (url-encoded forms only; the middleware has read and checked them)."""
+    return request.scope.get("aseanfl.form", {})
+
+
+def _client(scope) -> str:
+    return (scope.get("client") or ("?", 0))[0]
+
+
+def build(console: Console) -> FastAPI:
+    """A FastAPI app with the console's login, logout, assets and guard; the caller adds pages."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(packages=[("aseanfl", "static")]), name="static")
+
+    @app.get("/login")
+    def login_page(request: Request, next: str = "/") -> HTMLResponse:
+        token = secrets.token_urlsafe(32)
+        resp = console.render(request, "login.html", next=_local(next), login_csrf=token, error="")
+        resp.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=console.secure, path="/login")
+        return resp
+
+    @app.post("/login")
+    def login(request: Request) -> Response:
+        fields, who = form(request), _client(request.scope)
+        wait = console.throttle.wait(who)
+        if wait > 0:
+            return PlainTextResponse(f"too many wrong passwords: try again in {wait:.0f} s", status_code=429,
+                                     headers={"Retry-After": str(int(wait) + 1)})
+        user = fields.get("user", "")
+        stored = read_users(console.users).get(user, {}).get("password", "")
+        if not stored or not password_ok(stored, fields.get("password", "")):
+            console.throttle.failed(who)
+            token = secrets.token_urlsafe(32)
+            resp = console.render(request, "login.html", status=401, next=_local(fields.get("next", "/")),
+                                  login_csrf=token, error="wrong user name or password")
+            resp.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=console.secure, path="/login")
+            return resp
+        console.throttle.passed(who)
+        token, _ = console.sessions.new(user)
+        resp = RedirectResponse(_local(fields.get("next", "/")), status_code=303)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=console.secure)
+        resp.delete_cookie(LOGIN_COOKIE, path="/login")
+        return resp
+
+    @app.post("/logout")
+    def logout(request: Request) -> Response:
+        console.sessions.end(request.cookies.get(COOKIE))
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(COOKIE)
+        return resp
+
+    app.add_middleware(_Guard, console=console)
+    return app
+
+
+def _local(target: str) -> str:
+    """A redirect target on this console only (no //host or scheme: no open redirect)."""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+
+
+class _Guard:
+    """ASGI middleware: security headers on every answer; a session for every non-public path; on
+    every POST the form is read here, and its csrf field checked, before any route runs."""
+
+    def __init__(self, app, console: Console):
+        self.app, self.console = app, console
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+
+        async def send_headers(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], *((k.lower().encode(), v.encode()) for k, v in HEADERS.items())]
+            await send(message)
+
+        if path == "/favicon.ico":
+            return await Response(status_code=204)(scope, receive, send_headers)
+        request = Request(scope)
+        session = self.console.sessions.get(request.cookies.get(COOKIE))
+        public = path == "/login" or path.startswith("/static/")
+        if session is None and not public:
+            if method == "GET" and "text/html" in request.headers.get("accept", ""):
+                resp = RedirectResponse("/login?next=" + quote(path), status_code=303)
+            else:
+                resp = PlainTextResponse("log in first", status_code=401)
+            return await resp(scope, receive, send_headers)
+        scope["aseanfl.session"] = session
+        if method not in ("GET", "HEAD"):
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > 2_000_000:
+                    return await PlainTextResponse("request too large", status_code=413)(scope, receive, send_headers)
+            kind = request.headers.get("content-type", "").split(";")[0].strip()
+            fields = {k: v[0] for k, v in parse_qs(body.decode(errors="replace"), keep_blank_values=True).items()} \
+                if kind == "application/x-www-form-urlencoded" else {}
+            expected = session.csrf if session is not None else request.cookies.get(LOGIN_COOKIE, "")
+            if not expected or not hmac.compare_digest(fields.get("csrf", ""), expected):
+                return await PlainTextResponse("refused: the form's CSRF token is missing or wrong (reload the page)",
+                                               status_code=403)(scope, receive, send_headers)
+            scope["aseanfl.form"] = fields
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if sent:
+                    return await receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            return await self._run(scope, replay, send_headers)
+        return await self._run(scope, receive, send_headers)
+
+    async def _run(self, scope, receive, send):
+        """The page, or one line in the console's output and a plain 500 where it fails (no traceback)."""
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:  # noqa: BLE001 - one line for the operator, the page says what failed
+            line = f"{scope['method']} {scope['path']} failed: {exc.__class__.__name__}: {exc}"
+            print(f"{self.console.title}: error: {line}", file=sys.stderr, flush=True)
+            if not started:
+                await PlainTextResponse(f"the console failed on this page ({line})", status_code=500)(scope, receive, send)
+
+
+def loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(app: FastAPI, console: Console, host: str, port: int, cert: Path | None, key: Path | None,
+          say: Callable[[str], None] = print) -> None:
+    """Serve until interrupted; ConsoleError where it must not start (no user, no TLS off loopback)."""
+    import uvicorn
+
+    if not read_users(console.users):
+        raise ConsoleError(f"no console user yet ({console.users}); add one first: {console.add_user} NAME")
+    if (cert is None) != (key is None):
+        raise ConsoleError("give both --tls-cert and --tls-key, or neither")
+    if not loopback(host) and cert is None:
+        raise ConsoleError(f"listening on {host} (beyond this machine) needs TLS: give --tls-cert and --tls-key")
+    for label, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if path is not None and not path.is_file():
+            raise ConsoleError(f"{label}: file not found: {path}")
+    import socket
+
+    try:  # said in one line here, rather than by uvicorn's log
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        raise ConsoleError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    console.secure = cert is not None
+    scheme = "https" if cert else "http"
+    say(f"{console.title}: {scheme}://{host}:{port}/ (log in as a console user; Ctrl-C stops it)")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except (OSError, SystemExit) as exc:
+        raise ConsoleError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None

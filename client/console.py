@@ -1,0 +1,186 @@
+"""`aseanfl client console`: the hospital's web console for its data steward, beside the daemon.
+Pages: Data (what check-data shows), Apps (approved bundles, refused ones as requests to approve
+or reject, revoke), Privacy (each ledger against the budget), Audit (the log, its chain checked),
+Daemon (connected or not, last task, last error). It reads the hospital's own files and writes
+only approved-apps.yaml, the requests file and the audit log; it never talks to the server.
+File names appear (local only); no patient identifier or DICOM header value does: the decoders'
+notes are shown with their quoted values hidden."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import RedirectResponse
+
+from aseanfl.allowlist import approved_hashes
+from aseanfl.charts import line_chart
+from aseanfl.web import Console, build, form
+
+from . import approvals, status
+from .audit import EVENTS, forbidden_strings, verify
+from .config import SiteConfig
+
+PAGES = [("/data", "Data"), ("/apps", "Apps"), ("/privacy", "Privacy"), ("/audit", "Audit"), ("/daemon", "Daemon")]
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+AUDIT_ROWS = 300  # newest entries shown (the whole log is checked)
+DONE = {"approved": "approved: the daemon runs this bundle from its next task",
+        "rejected": "rejected: it stays refused, and listed as rejected",
+        "revoked": "approval revoked: the daemon refuses this bundle from its next task",
+        "unchanged": "nothing changed (already decided)"}
+
+
+def users_path(site: SiteConfig) -> Path:
+    return site.state_dir / "console-users.json"
+
+
+def _hide_values(text: str) -> str:
+    """A decoder's note with what it quotes (a header's value, say) left out."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
+
+
+def _time(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def _ledgers(site: SiteConfig) -> list[dict]:
+    from .privacy import LedgerFile, epsilon_of
+
+    out = []
+    for path in sorted(site.privacy.ledger_dir.glob("*.json")) if site.privacy.ledger_dir.is_dir() else []:
+        try:
+            ledger = LedgerFile.model_validate_json(path.read_text())
+        except (ValueError, OSError) as exc:
+            out.append({"file": path.name, "error": f"unreadable ({exc.__class__.__name__}): the daemon refuses to train"})
+            continue
+        entries, cap = ledger.entries, site.privacy.cap
+        spent = entries[-1].epsilon_after if entries else 0.0
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+        after = epsilon_of(history + history[-1:], ledger.delta, ledger.accountant) if entries else None
+        runs: dict[str, list] = {}
+        for e in entries:
+            runs.setdefault(e.run, []).append(e)
+        chart = line_chart([("epsilon spent", [(i + 1, e.epsilon_after) for i, e in enumerate(entries)])],
+                           "rounds trained (every run, in order)", "epsilon", y_min=0.0, limit=cap,
+                           limit_label=f"budget {cap:g}", name="privacy")
+        out.append({"file": path.name, "ledger": ledger, "spent": spent, "cap": cap, "left": cap - spent,
+                    "next": after, "next_cost": None if after is None else after - spent,
+                    "next_fits": after is not None and after <= cap, "runs": runs, "chart": chart,
+                    "time": _time})
+    return out
+
+
+def _audit_entries(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = {"broken": True}
+        entry["line"] = number
+        out.append(entry)
+    return out
+
+
+def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
+    console = Console(f"hospital console: {site.site}", "data, apps, privacy, audit", PAGES, users_path(site))
+    app = build(console)
+    checks = site.state_dir / "console" / "data-check.json"
+
+    @app.get("/")
+    def home() -> RedirectResponse:
+        return RedirectResponse("/data", status_code=303)
+
+    @app.get("/data")
+    def data(request: Request):
+        from .datacheck import DataCheck
+
+        found, error = None, ""
+        if checks.is_file():
+            try:
+                found = DataCheck.model_validate_json(checks.read_text())
+            except ValueError:
+                error = "the last check's results cannot be read; check again"
+        notes = [(f, _hide_values(n)) for f, n in found.notes] if found else []
+        return console.render(request, "hospital_data.html", found=found, notes=notes, error=error,
+                              checked=_time(found.checked_at) if found else "")
+
+    @app.post("/data/check")
+    def data_check(request: Request):
+        from .datacheck import check
+
+        try:
+            found = check(site)
+        except ValueError as exc:
+            return console.render(request, "hospital_data.html", status=422, found=None, notes=[], checked="",
+                                  error=f"data error: {exc}")
+        checks.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checks.with_name(".data-check.json.tmp")
+        tmp.write_text(found.model_dump_json())
+        tmp.replace(checks)
+        return RedirectResponse("/data", status_code=303)
+
+    @app.get("/apps")
+    def apps(request: Request):
+        done = request.query_params.get("done", "")
+        try:
+            approved = list(approved_hashes(site.approved_apps).values())
+            problem = ""
+        except (OSError, ValueError) as exc:
+            approved, problem = [], f"{site.approved_apps} cannot be read ({exc}); the daemon runs nothing"
+        asked = approvals.requests(site)
+        return console.render(request, "hospital_apps.html", approved=approved, problem=problem,
+                              pending=[r for r in asked if r.get("state") == "pending"],
+                              rejected=[r for r in asked if r.get("state") == "rejected"],
+                              required=site.require_approval, allowlist=site.approved_apps, notice=DONE.get(done))
+
+    def decide(request: Request, action) -> RedirectResponse:
+        fields = form(request)
+        digest = fields.get("sha256", "").strip().lower()
+        if not SHA256.match(digest):
+            return RedirectResponse("/apps", status_code=303)
+        who = request.scope["aseanfl.session"].user
+        changed = action(site, digest, f"{who} (console)", fields.get("note", "")[:500])
+        return RedirectResponse(f"/apps?done={action.__name__ + 'd' if changed else 'unchanged'}", status_code=303)
+
+    @app.post("/apps/approve")
+    def approve(request: Request):
+        return decide(request, approvals.approve)
+
+    @app.post("/apps/reject")
+    def reject(request: Request):
+        return decide(request, approvals.reject)
+
+    @app.post("/apps/revoke")
+    def revoke(request: Request):
+        return decide(request, approvals.revoke)
+
+    @app.get("/privacy")
+    def privacy(request: Request):
+        return console.render(request, "hospital_privacy.html", ledgers=_ledgers(site), policy=site.privacy)
+
+    @app.get("/audit")
+    def audit(request: Request, run: str = "", type: str = ""):
+        entries = _audit_entries(site.audit_log)
+        kinds = sorted({e.get("type") or e.get("event") for e in entries if not e.get("broken")} - {None})
+        runs = sorted({str(e["run"]) for e in entries if e.get("run") is not None}, key=lambda r: (len(r), r))
+        shown = [e for e in reversed(entries)
+                 if (not run or str(e.get("run")) == run) and (not type or type in (e.get("type"), e.get("event")))]
+        report = verify(site.audit_log, site.site, forbidden_strings(site))
+        return console.render(request, "hospital_audit.html", entries=shown[:AUDIT_ROWS], total=len(shown), kinds=kinds,
+                              runs=runs, run=run, type=type, report=report, events=EVENTS, log_path=site.audit_log,
+                              first_problem=report.problems[0] if report.problems else "")
+
+    @app.get("/daemon")
+    def daemon(request: Request):
+        said, task = status.read(site, "daemon"), status.read(site, "last-task")
+        running = bool(said) and said.get("state") != "stopped" and status.alive(said.get("pid"))
+        return console.render(request, "hospital_daemon.html", said=said, task=task, running=running, time=_time,
+                              server=site.connection.server if site.connection else "")
+
+    return app, console
