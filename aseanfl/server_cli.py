@@ -124,10 +124,10 @@ def run(
                                               "(same settings; default: the run's own config.yaml)"),
 ) -> None:
     """Start a federated run on the connected hospitals, stream its progress, download its results."""
-    from medimaging.yamlconfig import ConfigError, parse_sets, read_config
+    from medimaging.yamlconfig import ConfigError
     from server.checkpoint import CheckpointError, inspect
     from server.control import app_dir, start_run
-    from server.deployment import DeploymentConfig, flat_overrides, run_busy, run_folder
+    from server.deployment import check_run_config, run_busy, run_folder
 
     fed = _federation(federation_dir) if resume is not None else None
     old = run_folder(fed.server_dir / "runs", resume) if fed is not None else None
@@ -136,11 +136,8 @@ def run(
     text = config.read_text() if config else ""
     named = [f"server.rounds={rounds}"] * (rounds is not None) + [f"strategy.name={strategy}"] * (strategy is not None)
     try:  # the same validation the ServerApp runs, before anything is sent
-        import yaml
-
-        tree = yaml.safe_load(text) or {}
-        cfg = read_config(None, {**flat_overrides(tree), **parse_sets([*set_, *named])}, DeploymentConfig)
-    except (ConfigError, yaml.YAMLError) as exc:
+        cfg = check_run_config(text, [*set_, *named])
+    except ConfigError as exc:
         typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
         raise typer.Exit(2) from None
     if old is not None:
@@ -215,3 +212,43 @@ def app_hash(app: Optional[Path] = typer.Option(None, help="the Flower App folde
     from server.control import app_dir, app_hash as digest
 
     typer.echo(digest(app or app_dir()))
+
+
+@server_app.command("console")
+def console(
+    federation_dir: Path = FED_OPTION,
+    host: str = typer.Option("127.0.0.1", help="address to listen on; beyond loopback it serves TLS"),
+    port: int = typer.Option(8480, help="port"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="TLS certificate (default off loopback: the "
+                                                                     "server's, issued by the federation's CA)"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="its private key (PEM)"),
+    idle_minutes: float = typer.Option(30.0, "--idle-minutes", help="a session ends after this long without a request"),
+) -> None:
+    """The coordinator's web console: hospitals, runs (live, downloadable), start and stop runs."""
+    from aseanfl.web import loopback
+    from server.console import build_console
+
+    from .client_cli import serve_console
+
+    fed = _federation(federation_dir)
+    if not loopback(host) and tls_cert is None and tls_key is None:
+        tls_cert, tls_key = fed.server_dir / "server.crt", fed.server_dir / "server.key"
+    serve_console(lambda: build_console(fed), f"aseanfl server console-user -f {federation_dir}", host, port,
+                  tls_cert, tls_key, idle_minutes)
+
+
+@server_app.command("console-user")
+def console_user(federation_dir: Path = FED_OPTION, name: str = typer.Argument(..., help="the user's login name")) -> None:
+    """Add a console user, or set a user's password (asked twice; or the first line of stdin)."""
+    from aseanfl.web import ConsoleError, add_user
+    from server.console import users_path
+
+    from .client_cli import read_password
+
+    fed = _federation(federation_dir)
+    try:
+        new = add_user(users_path(fed), name, read_password())
+    except ConsoleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{'added' if new else 'password changed for'} console user {name} ({users_path(fed)})")

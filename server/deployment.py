@@ -56,13 +56,22 @@ class DeploymentConfig(RunConfig):
 
 def config_from_run_config(run_config: dict) -> DeploymentConfig:
     """run config: config-yaml (the coordinator's federation.yaml, as text) and set (overrides)."""
-    tree = yaml.safe_load(str(run_config.get("config-yaml", "") or "")) or {}
+    return check_run_config(str(run_config.get("config-yaml", "") or ""), str(run_config.get("set", "") or "").split())
+
+
+def check_run_config(text: str, sets: list[str]) -> DeploymentConfig:
+    """federation.yaml's text plus dotted overrides -> the run's config, validated as the ServerApp
+    validates it (`aseanfl run` and the console call it before anything is sent); ConfigError
+    with one line per problem, each starting with the field's dotted name."""
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("config: not valid YAML: " + " ".join(str(exc).split())) from None
     if not isinstance(tree, dict):
-        raise ConfigError("config-yaml: expected a mapping of sections")
-    overrides = parse_sets(str(run_config.get("set", "") or "").split())
-    cfg = read_config(None, {**flat_overrides(tree), **overrides}, DeploymentConfig)
+        raise ConfigError("config: expected a mapping of sections (task:, model:, strategy:, ...)")
+    cfg = read_config(None, {**flat_overrides(tree), **parse_sets(sets)}, DeploymentConfig)
     if cfg.task.image_size < MODEL_MIN_SIZE[cfg.model.name]:
-        raise ConfigError(f"task.image_size={cfg.task.image_size} is too small for model.name={cfg.model.name}")
+        raise ConfigError(f"task.image_size: {cfg.task.image_size} is too small for model.name={cfg.model.name}")
     return cfg
 
 

@@ -1,0 +1,299 @@
+"""`aseanfl server console`: the coordinator's web console, on the server machine beside
+`aseanfl server start`. Pages: Hospitals (provisioned, registered, online, last seen), Runs (each
+run folder: status, rounds, strategy; per run a live view of the score per round and site, each
+site's status per round, epsilon and bytes, and the run folder as one zip), Start (a run from a
+federation.yaml, validated as `aseanfl run` validates it; nothing is sent when invalid; a running
+run can be stopped). It reads the server's folder and asks the SuperLink on its loopback port,
+as the `aseanfl` commands do; it opens no other port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse
+from starlette.background import BackgroundTask
+
+from aseanfl.charts import line_chart
+from aseanfl.web import Console, build, form
+
+from .provision import Federation
+
+PAGES = [("/hospitals", "Hospitals"), ("/runs", "Runs"), ("/start", "Start a run")]
+RUN_NAME = re.compile(r"^run-[0-9]{1,12}$")
+FIELDS = ("server.rounds", "strategy.name")  # the form's own fields; other problems go next to the config
+
+
+def users_path(fed: Federation) -> Path:
+    return fed.server_dir / "console-users.json"
+
+
+def _time(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def run_dirs(fed: Federation) -> list[Path]:
+    runs = fed.server_dir / "runs"
+    found = [p for p in runs.iterdir() if p.is_dir() and RUN_NAME.match(p.name)] if runs.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[4:]), reverse=True)
+
+
+def _config(run_dir: Path) -> dict:
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def run_info(run_dir: Path, link: dict[int, str] | None = None) -> dict:
+    """One run folder: what the runs page and the run page say of it."""
+    from .deployment import run_busy
+    from .outputs import read_rows
+
+    cfg, run_id = _config(run_dir), int(run_dir.name[4:])
+    summary_path = run_dir / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        summary = {}
+    try:
+        rows = read_rows(run_dir)
+    except OSError:
+        rows = []
+    done = max((int(r["round"]) for r in rows if r["site"] == "global"), default=0)
+    busy = run_busy(run_dir)
+    said = (link or {}).get(run_id, "")
+    if busy:
+        state = "running"
+    elif summary:
+        state = said or "finished"
+    else:
+        state = said if said.startswith("finished") else "stopped or lost (no summary)"
+    started = (run_dir / "config.yaml").stat().st_mtime if (run_dir / "config.yaml").is_file() else None
+    return {"name": run_dir.name, "id": run_id, "state": state, "running": busy, "done": done,
+            "planned": (cfg.get("server") or {}).get("rounds"), "strategy": (cfg.get("strategy") or {}).get("name", ""),
+            "started": _time(started), "ended": _time(summary_path.stat().st_mtime) if summary else "",
+            "rows": rows, "summary": summary}
+
+
+def _status_class(status: str) -> str:
+    word = (status or "").split(":")[0]
+    return f"status-{word}" if word in ("ok", "refused", "error", "rejected", "no-reply") else ""
+
+
+def run_view(info: dict) -> dict:
+    """Chart, site x round statuses, epsilon per site and bytes per round, from the run's rows."""
+    from .outputs import score_of
+
+    rows = info["rows"]
+    suffix, label = score_of(rows)
+    key = f"val_{suffix}"
+    sites = sorted({r["site"] for r in rows if r["site"] != "global"})
+    rounds = sorted({int(r["round"]) for r in rows})
+    series = [("federation (global)", [(int(r["round"]), float(r[key])) for r in rows
+                                       if r["site"] == "global" and r.get(key) is not None])]
+    series += [(s, [(int(r["round"]), float(r[key])) for r in rows if r["site"] == s and r.get(key) is not None])
+               for s in sites]
+    chart = line_chart(series, "round", f"validation {label}", y_min=0.0, y_max=1.0, name="score")
+    cell = {(r["site"], int(r["round"])): r.get("status") or "" for r in rows}
+    epsilon = {}
+    for r in rows:
+        if r["site"] != "global" and r.get("epsilon") is not None:
+            epsilon[r["site"]] = float(r["epsilon"])
+    traffic = [(int(r["round"]), r.get("bytes_to_site") or 0, r.get("bytes_from_site") or 0) for r in rows
+               if r["site"] == "global"]
+    return {"chart": chart, "label": label, "sites": sites, "rounds": rounds, "cell": cell, "epsilon": epsilon,
+            "traffic": traffic, "status_class": _status_class, "points": sum(len(p) for _, p in series)}
+
+
+class Launches:
+    """Runs started from the console: `aseanfl run` processes, each with its log file."""
+
+    def __init__(self, fed: Federation):
+        self.fed, self.folder = fed, fed.server_dir / "console" / "launches"
+        self.items: list[dict] = []
+        self.lock = threading.Lock()
+
+    def start(self, text: str, sets: list[str], by: str) -> dict:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{len(self.items)}"
+        config, log = self.folder / f"{stamp}.yaml", self.folder / f"{stamp}.log"
+        config.write_text(text)
+        cmd = [str(Path(sys.executable).parent / "aseanfl"), "run", "-f", str(self.fed.root), "--config", str(config),
+               "--out", str(self.fed.server_dir / "console" / "downloads")]
+        for s in sets:
+            cmd += ["--set", s]
+        with log.open("w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=self.folder)
+        item = {"stamp": stamp, "by": by, "proc": proc, "log": log, "started": time.time()}
+        with self.lock:
+            self.items.insert(0, item)
+        return item
+
+    def view(self) -> list[dict]:
+        out = []
+        for item in self.items[:20]:
+            code = item["proc"].poll()
+            try:
+                lines = item["log"].read_text(errors="replace").splitlines()
+            except OSError:
+                lines = []
+            found = next((m.group(1) for line in lines if (m := re.search(r"started run (\d+)|^run (\d+)", line))), None)
+            out.append({**item, "code": code, "tail": lines[-6:], "run": found, "when": _time(item["started"])})
+        return out
+
+
+def _zip_run(run_dir: Path) -> Path:
+    """The run folder as one zip (the files as they are now; a running run's lock and temp files left out)."""
+    fd, name = tempfile.mkstemp(prefix=f"{run_dir.name}-", suffix=".zip")
+    os.close(fd)
+    with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(run_dir.rglob("*")):
+            rel = path.relative_to(run_dir)
+            if path.is_file() and not path.is_symlink() and rel.name != ".lock" and not rel.name.endswith(".tmp"):
+                z.write(path, f"{run_dir.name}/{rel.as_posix()}")
+    return Path(name)
+
+
+def _errors(text: str) -> dict[str, list[str]]:
+    """A ConfigError's lines, by the form field they belong next to ('config' for the rest)."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        field = line.split(":", 1)[0].strip()
+        found.setdefault(field if field in FIELDS else "config", []).append(line)
+    return found
+
+
+def build_console(fed: Federation) -> tuple[FastAPI, Console]:
+    from medimaging.yamlconfig import ConfigError
+    from strategies.config import STRATEGIES
+
+    from . import control
+    from .deployment import check_run_config
+
+    console = Console(f"coordinator console: {fed.name}", "hospitals, runs", PAGES, users_path(fed))
+    app = build(console)
+    launches = Launches(fed)
+
+    down = (f"the SuperLink on {fed.superlink} does not answer (is `aseanfl server start` running?); "
+            "what is shown comes from the server's folder")
+
+    def said(problem: str) -> str:
+        return down if not problem or "unavailable" in problem else problem
+
+    def link_runs() -> tuple[dict[int, str], str]:
+        res = control._json(control.flwr(fed, "list", fed.name, "--format", "json", timeout=30))
+        if not res.get("success"):
+            return {}, said(res.get("error-message", ""))
+        return {int(r["run-id"]): str(r.get("status", "")) for r in res.get("runs", [])}, ""
+
+    def find(name: str) -> Path | None:
+        """The run folder `name` names, or None: only run-<digits> folders directly in the runs folder."""
+        if not RUN_NAME.match(name):
+            return None
+        runs = (fed.server_dir / "runs").resolve()
+        path = (runs / name).resolve()
+        return path if path.parent == runs and path.is_dir() else None
+
+    @app.get("/")
+    def home() -> RedirectResponse:
+        return RedirectResponse("/runs", status_code=303)
+
+    @app.get("/hospitals")
+    def hospitals(request: Request):
+        try:
+            info = control.status(fed)
+        except Exception as exc:  # noqa: BLE001 - the SuperLink's answer could not be read
+            info = {"nodes": [], "runs": [], "problems": [f"the SuperLink's answer could not be read: {exc}"]}
+        nodes = {n.get("site"): n for n in info["nodes"]}
+        revoked = fed.revoked
+        rows = []
+        for site in sorted({*fed.sites(), *revoked}):
+            n = nodes.get(site, {})
+            state = "revoked" if site in revoked else n.get("status") or "provisioned, not registered yet"
+            rows.append({"site": site, "node": n.get("node-id", ""), "state": state, "online": n.get("online-at") or "",
+                         "offline": n.get("offline-at") or "", "seen": n.get("last-seen") or ""})
+        return console.render(request, "coordinator_hospitals.html", rows=rows,
+                              problems=sorted({said(p) for p in info["problems"]}),
+                              address=fed.address)
+
+    @app.get("/runs")
+    def runs(request: Request):
+        link, problem = link_runs()
+        infos = [run_info(p, link) for p in run_dirs(fed)]
+        return console.render(request, "coordinator_runs.html", runs=infos, problem=problem,
+                              launches=launches.view(), notice=request.query_params.get("started") and
+                              "the run was handed to `aseanfl run`: it appears here once the SuperLink starts it")
+
+    @app.get("/runs/{name}")
+    def run_page(request: Request, name: str):
+        path = find(name)
+        if path is None:
+            return PlainTextResponse("no such run", status_code=404)
+        link, problem = link_runs()
+        info = run_info(path, link)
+        notice = {"1": "stop requested: the SuperLink ends the run", "0": "the SuperLink did not stop the run"}.get(
+            request.query_params.get("stopped", ""))
+        return console.render(request, "coordinator_run.html", run=info, view=run_view(info), problem=problem,
+                              notice=notice, notice_kind="ok" if request.query_params.get("stopped") == "1" else "bad")
+
+    @app.get("/runs/{name}/live")
+    def run_live(request: Request, name: str):
+        path = find(name)
+        if path is None:
+            return PlainTextResponse("no such run", status_code=404)
+        info = run_info(path)
+        resp = console.render(request, "coordinator_run_live.html", run=info, view=run_view(info))
+        if not info["running"]:
+            resp.headers["X-Live-Done"] = "1"
+        return resp
+
+    @app.get("/runs/{name}/download")
+    def download(name: str):
+        path = find(name)
+        if path is None:
+            return PlainTextResponse("no such run", status_code=404)
+        archive = _zip_run(path)
+        return FileResponse(archive, media_type="application/zip", filename=f"{fed.name}-{name}.zip",
+                            background=BackgroundTask(archive.unlink, missing_ok=True))
+
+    @app.post("/runs/{name}/stop")
+    def stop(request: Request, name: str):
+        path = find(name)
+        if path is None:
+            return PlainTextResponse("no such run", status_code=404)
+        res = control._json(control.flwr(fed, "stop", name[4:], fed.name, "--format", "json", timeout=60))
+        return RedirectResponse(f"/runs/{name}?stopped={1 if res.get('success') else 0}", status_code=303)
+
+    def start_page(request: Request, status: int = 200, **values) -> HTMLResponse:
+        values = {"text": "", "rounds": "", "strategy": "", "errors": {}, **values}
+        return console.render(request, "coordinator_start.html", status=status, strategies=STRATEGIES, **values)
+
+    @app.get("/start")
+    def start_form(request: Request):
+        return start_page(request)
+
+    @app.post("/start")
+    def start(request: Request):
+        fields = form(request)
+        text, rounds, strategy = fields.get("config", ""), fields.get("rounds", "").strip(), fields.get("strategy", "")
+        sets = [f"server.rounds={rounds}"] * bool(rounds) + [f"strategy.name={strategy}"] * bool(strategy)
+        try:
+            check_run_config(text, sets)
+        except ConfigError as exc:  # named next to its field; nothing is sent
+            return start_page(request, 422, text=text, rounds=rounds, strategy=strategy, errors=_errors(str(exc)))
+        launches.start(text, sets, request.scope["aseanfl.session"].user)
+        return RedirectResponse("/runs?started=1", status_code=303)
+
+    return app, console
