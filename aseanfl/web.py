@@ -357,7 +357,8 @@ def serve(app: FastAPI, console: Console, host: str, port: int, cert: Path | Non
     scheme = "https" if cert else "http"
     say(f"{console.title}: {scheme}://{host}:{port}/ (log in as a console user; Ctrl-C stops it)")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None)
+                            ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None,
+                            timeout_graceful_shutdown=3)  # an open browser tab does not hold a stop up
     server = uvicorn.Server(config)
     try:
         server.run()

@@ -139,26 +139,26 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
                               rejected=[r for r in asked if r.get("state") == "rejected"],
                               required=site.require_approval, allowlist=site.approved_apps, notice=DONE.get(done))
 
-    def decide(request: Request, action) -> RedirectResponse:
+    def decide(request: Request, action, done: str) -> RedirectResponse:
         fields = form(request)
         digest = fields.get("sha256", "").strip().lower()
         if not SHA256.match(digest):
             return RedirectResponse("/apps", status_code=303)
         who = request.scope["aseanfl.session"].user
         changed = action(site, digest, f"{who} (console)", fields.get("note", "")[:500])
-        return RedirectResponse(f"/apps?done={action.__name__ + 'd' if changed else 'unchanged'}", status_code=303)
+        return RedirectResponse(f"/apps?done={done if changed else 'unchanged'}", status_code=303)
 
     @app.post("/apps/approve")
     def approve(request: Request):
-        return decide(request, approvals.approve)
+        return decide(request, approvals.approve, "approved")
 
     @app.post("/apps/reject")
     def reject(request: Request):
-        return decide(request, approvals.reject)
+        return decide(request, approvals.reject, "rejected")
 
     @app.post("/apps/revoke")
     def revoke(request: Request):
-        return decide(request, approvals.revoke)
+        return decide(request, approvals.revoke, "revoked")
 
     @app.get("/privacy")
     def privacy(request: Request):

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+from consoles import chromium  # noqa: F401 - one browser per test session
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")

@@ -1,0 +1,233 @@
+"""The consoles attacked over HTTP: a hospital console and a coordinator console, each a real
+`aseanfl ... console` process on 127.0.0.1. An outsider without a session reaches no page and no
+action; a forged POST (no CSRF token, or another session's) changes nothing; the download route
+serves no file outside a run folder; wrong passwords lock the address out; sessions expire;
+beyond loopback the console speaks only TLS. (The consoles used by a person in a browser, over a
+real deployment, are in test_deployment.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from consoles import PASSWORD, add_user, csrf_of, session, wait_up
+from inprocess import site_yaml
+
+from simulations.local_deployment import BIN, aseanfl, free_port
+
+PENDING = "ab" * 32
+
+
+def _start(tmp: Path, name: str, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(tmp / f"{name}.log", "wb")
+    proc = subprocess.Popen([str(BIN / "aseanfl"), *args, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url, proc)
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def consoles(tmp_path_factory):
+    from client import approvals
+    from client.config import load_site
+    from server.outputs import RunRecorder
+
+    tmp = tmp_path_factory.mktemp("consoles")
+    site_path = site_yaml(tmp, "site-a", 0, tmp / "site-a" / "state")
+    site = load_site(site_path)
+    approvals.record_refusal(site, PENDING, 5, 4096)  # a bundle the gate refused, waiting for a decision
+    assert aseanfl("provision", "--federation", "attacked", "--sites", "h1,h2", "--out", str(tmp / "fed")).returncode == 0
+    run = tmp / "fed" / "server" / "runs" / "run-3"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"server": {"rounds": 1}, "strategy": {"name": "fedavg"}}))
+    RunRecorder(run).write_rows([{"round": 1, "site": "h1", "status": "ok", "val_auc": 0.7},
+                                 {"round": 1, "site": "global", "status": "1 trained, 0 refused", "val_auc": 0.7}])
+    (tmp / "fed" / "server" / "secret.txt").write_text("not for download")
+    assert add_user("client", site_path, "steward").returncode == 0
+    assert add_user("server", tmp / "fed", "coordinator").returncode == 0
+    procs = {}
+    procs["client"], hospital = _start(tmp, "client", "client", "console", "-c", str(site_path))
+    procs["server"], coordinator = _start(tmp, "server", "server", "console", "-f", str(tmp / "fed"))
+    yield {"tmp": tmp, "site": site, "site_path": site_path, "hospital": hospital, "coordinator": coordinator,
+           "fed": tmp / "fed", "procs": procs}
+    for proc in procs.values():
+        proc.terminate()
+        proc.wait(timeout=20)
+    for name in ("client", "server"):
+        said = (tmp / f"{name}.log").read_text(errors="replace")
+        assert "Traceback" not in said, said[-2000:]
+
+
+def _routes(kind: str, consoles) -> list[tuple[str, str]]:
+    """(method, path) of every route the console serves, path parameters filled in."""
+    if kind == "client":
+        from client.console import build_console
+
+        app, _ = build_console(consoles["site"])
+    else:
+        from server.console import build_console
+        from server.provision import load_federation
+
+        app, _ = build_console(load_federation(consoles["fed"]))
+    found = []
+    for route in app.routes:
+        if getattr(route, "methods", None) is None or route.path.startswith("/static"):
+            continue
+        for method in route.methods - {"HEAD"}:
+            found.append((method, route.path.replace("{name}", "run-3")))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("kind", ["client", "server"])
+def test_no_page_and_no_action_without_a_session(consoles, kind):
+    url = consoles["hospital" if kind == "client" else "coordinator"]
+    routes = _routes(kind, consoles)
+    expected = {("GET", "/data"), ("POST", "/apps/approve"), ("GET", "/audit")} if kind == "client" else \
+        {("GET", "/runs/run-3/download"), ("POST", "/start"), ("POST", "/runs/run-3/stop"), ("GET", "/hospitals")}
+    assert expected <= set(routes), routes
+    for method, path in routes:
+        if path == "/login":
+            continue
+        for accept in ("text/html", "application/json"):
+            resp = httpx.request(method, url + path, headers={"Accept": accept}, data={"sha256": PENDING}, timeout=30)
+            if method == "GET" and accept == "text/html":
+                assert resp.status_code == 303 and resp.headers["location"].startswith("/login"), (method, path, resp)
+            else:
+                assert resp.status_code == 401, (method, path, resp.status_code)
+            assert "frame-ancestors 'none'" in resp.headers["content-security-policy"]
+            assert resp.headers["x-frame-options"] == "DENY"
+    # a made-up session cookie is no session
+    resp = httpx.get(url + "/", cookies={"aseanfl_session": "guessed"}, timeout=30)
+    assert resp.status_code == 401
+    approved = consoles["site"].approved_apps
+    assert not approved.exists() or PENDING not in approved.read_text()
+
+
+def test_forged_posts_change_nothing(consoles):
+    site, fed = consoles["site"], consoles["fed"]
+    steward = session(consoles["hospital"], "steward")
+    other = session(consoles["hospital"], "steward")  # a second session: its token is not this one's
+    token = csrf_of(other, "/apps")
+    for fields in ({"sha256": PENDING}, {"sha256": PENDING, "csrf": ""}, {"sha256": PENDING, "csrf": token},
+                   {"sha256": PENDING, "csrf": "x" * 43}):
+        for action in ("/apps/approve", "/apps/reject", "/data/check"):
+            resp = steward.post(action, data=fields)
+            assert resp.status_code == 403 and "CSRF" in resp.text, (action, fields, resp.status_code)
+    # JSON or multipart bodies carry no form token either
+    assert steward.post("/apps/approve", json={"sha256": PENDING, "csrf": csrf_of(steward, "/apps")}).status_code == 403
+    assert not site.approved_apps.exists() or PENDING not in site.approved_apps.read_text()
+    assert json.loads((site.state_dir / "app-requests.json").read_text())[PENDING]["state"] == "pending"
+    assert not site.audit_log.exists()  # no decision was recorded
+    # the login form too: a POST to /login without its cookie's token is refused before the password is read
+    resp = httpx.post(consoles["hospital"] + "/login", data={"user": "steward", "password": PASSWORD}, timeout=30)
+    assert resp.status_code == 403
+    coordinator = session(consoles["coordinator"], "coordinator")
+    resp = coordinator.post("/start", data={"config": "server:\n  rounds: 1\n", "rounds": "1"})
+    assert resp.status_code == 403
+    assert not (fed / "server" / "console" / "launches").exists()  # nothing was started
+    # with its token, the same session's POST is taken
+    resp = steward.post("/apps/reject", data={"sha256": PENDING, "csrf": csrf_of(steward, "/apps")})
+    assert resp.status_code == 303 and resp.headers["location"] == "/apps?done=rejected"
+    assert json.loads((site.state_dir / "app-requests.json").read_text())[PENDING]["state"] == "rejected"
+    entry = json.loads(site.audit_log.read_text().splitlines()[-1])
+    assert entry["event"] == "app rejected" and entry["by"] == "steward (console)" and entry["sha256"] == PENDING
+
+
+@pytest.mark.parametrize("path", ["/runs/..%2F..%2Fserver/download", "/runs/run-3%2F..%2F..%2Fsecret.txt/download",
+                                  "/runs/%2E%2E/download", "/runs/run-3/../../secret.txt/download",
+                                  "/runs/run-3%00/download", "/runs/run-3.zip/download", "/static/..%2F..%2Fserver/secret.txt",
+                                  "/static/%2E%2E/%2E%2E/secret.txt"])
+def test_download_serves_nothing_outside_a_run_folder(consoles, path):
+    coordinator = session(consoles["coordinator"], "coordinator")
+    resp = coordinator.get(path)
+    assert resp.status_code in (400, 404), (path, resp.status_code)
+    assert "not for download" not in resp.text and "PRIVATE KEY" not in resp.text
+    good = coordinator.get("/runs/run-3/download")
+    assert good.status_code == 200 and good.headers["content-type"] == "application/zip"
+    import io
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(good.content)).namelist()
+    assert "run-3/metrics.csv" in names and not any("secret" in n or ".lock" in n for n in names), names
+
+
+def test_wrong_passwords_lock_the_address_out_and_sessions_expire(consoles):
+    tmp = consoles["tmp"]
+    proc, url = _start(tmp, "short", "client", "console", "-c", str(consoles["site_path"]), "--idle-minutes", "0.05")
+    try:
+        client = httpx.Client(base_url=url, timeout=30)
+        codes = []
+        for _ in range(6):
+            token = client.get("/login").cookies.get("aseanfl_login") or client.cookies.get("aseanfl_login")
+            codes.append(client.post("/login", data={"user": "steward", "password": "guess", "csrf": token}).status_code)
+        assert codes[:5] == [401] * 5 and codes[5] == 429, codes
+        token = client.get("/login").cookies.get("aseanfl_login") or client.cookies.get("aseanfl_login")
+        locked = client.post("/login", data={"user": "steward", "password": PASSWORD, "csrf": token})
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0  # the right one too, for now
+        assert "aseanfl_session" not in locked.cookies
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    # sessions: a fresh console, 3 s of idleness allowed
+    proc, url = _start(tmp, "idle", "client", "console", "-c", str(consoles["site_path"]), "--idle-minutes", "0.05")
+    try:
+        steward = session(url, "steward")
+        assert steward.get("/audit").status_code == 200
+        time.sleep(4)
+        assert steward.get("/audit", headers={"Accept": "text/html"}).status_code == 303  # ended: log in again
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_passwords_are_kept_only_as_scrypt_hashes(consoles):
+    for path in (consoles["site"].state_dir / "console-users.json", consoles["fed"] / "server" / "console-users.json"):
+        text = path.read_text()
+        assert PASSWORD not in text and path.stat().st_mode & 0o777 == 0o600
+        stored = next(iter(json.loads(text)["users"].values()))["password"]
+        assert re.fullmatch(r"scrypt\$32768\$8\$1\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+", stored), stored
+    short = add_user("client", consoles["site_path"], "nurse", "short")
+    assert short.returncode == 2 and "at least 12 characters" in short.stderr
+
+
+def test_console_refuses_to_start_where_it_would_be_unsafe(consoles, tmp_path):
+    site_path = site_yaml(tmp_path, "site-z", 1, tmp_path / "site-z" / "state")
+    res = aseanfl("client", "console", "-c", str(site_path), "--port", str(free_port()), timeout=60)
+    assert res.returncode == 2 and "no console user yet" in res.stderr and "console-user" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    res = aseanfl("client", "console", "-c", str(consoles["site_path"]), "--host", "0.0.0.0", "--port",
+                  str(free_port()), timeout=60)
+    assert res.returncode == 2 and "needs TLS" in res.stderr, res.stderr
+    busy = consoles["hospital"].rsplit(":", 1)[1]
+    res = aseanfl("client", "console", "-c", str(consoles["site_path"]), "--port", busy, timeout=60)
+    assert res.returncode == 2 and f"cannot listen on 127.0.0.1:{busy}" in res.stderr, res.stderr
+
+
+def test_beyond_loopback_the_coordinator_console_speaks_only_tls(consoles):
+    fed = consoles["fed"]
+    port = free_port()
+    log = open(consoles["tmp"] / "tls.log", "wb")
+    proc = subprocess.Popen([str(BIN / "aseanfl"), "server", "console", "-f", str(fed), "--host", "0.0.0.0",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        trust = ssl.create_default_context(cafile=str(fed / "ca.crt"))  # the server's certificate, from the federation's CA
+        wait_up(url, proc, verify=trust)
+        page = httpx.get(url + "/login", verify=trust, timeout=30)
+        assert page.status_code == 200 and "secure" in page.headers["set-cookie"].lower()
+        with pytest.raises(httpx.HTTPError):  # plain HTTP gets no page
+            httpx.get(f"http://127.0.0.1:{port}/login", timeout=10)
+        coordinator = session(url, "coordinator", verify=trust)
+        assert coordinator.get("/runs").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
