@@ -179,6 +179,8 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
     @app.get("/daemon")
     def daemon(request: Request):
         said, task = status.read(site, "daemon"), status.read(site, "last-task")
+        if task.get("details"):  # Flower's "<class 'X'>:<'why'>" -> why
+            task["details"] = re.sub(r"^<class '[^']*'>:<'(.*)'>$", r"\1", task["details"], flags=re.S)
         running = bool(said) and said.get("state") != "stopped" and status.alive(said.get("pid"))
         return console.render(request, "hospital_daemon.html", said=said, task=task, running=running, time=_time,
                               server=site.connection.server if site.connection else "")

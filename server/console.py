@@ -30,7 +30,7 @@ from aseanfl.web import Console, build, form
 from .provision import Federation
 
 PAGES = [("/hospitals", "Hospitals"), ("/runs", "Runs"), ("/start", "Start a run")]
-RUN_NAME = re.compile(r"^run-[0-9]{1,12}$")
+RUN_NAME = re.compile(r"^run-[0-9]{1,20}$")  # Flower run ids are 64-bit
 FIELDS = ("server.rounds", "strategy.name")  # the form's own fields; other problems go next to the config
 
 
@@ -104,6 +104,7 @@ def run_view(info: dict) -> dict:
                                        if r["site"] == "global" and r.get(key) is not None])]
     series += [(s, [(int(r["round"]), float(r[key])) for r in rows if r["site"] == s and r.get(key) is not None])
                for s in sites]
+    series = [series[0]] + [s for s in series[1:] if s[1]]  # a hospital with no score (refused, failed) has no line
     chart = line_chart(series, "round", f"validation {label}", y_min=0.0, y_max=1.0, name="score")
     cell = {(r["site"], int(r["round"])): r.get("status") or "" for r in rows}
     epsilon = {}

@@ -14,12 +14,15 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from attacks import PATHS, flwr_as, marker_app, post
+from console_steps import hospitals_view, start_and_stop, start_consoles, steward_approves, watch_run
+from consoles import login
 from PIL import Image
 from safetensors.numpy import load_file
 from processes import descendants, listening, live_processes, zombies
@@ -32,7 +35,7 @@ REVOKED = "site-c"
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
+def deployed(tmp_path_factory, chromium):
     tmp = tmp_path_factory.mktemp("deploy")
     with LocalDeployment(tmp, APPROVED, "asean-test", host="127.0.0.2") as dep:
         assert dep.provision().returncode == 0
@@ -55,19 +58,36 @@ def deployed(tmp_path_factory):
         assert dep.wait_online({*APPROVED, UNAPPROVED}) >= {*APPROVED, UNAPPROVED}
         dep.stop("server")  # the coordinator restarts its server: the hospitals find it again
         dep.start_server()
-        started = time.monotonic()
-        run = dep.run("--rounds", "2", "--set", "task.image_size=32", "--set", "train.local_epochs=5",
-                      "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120", timeout=600)
-        seconds = time.monotonic() - started
+        # the coordinator watches the run in the console; site-d's steward has the other console
+        urls, shots = start_consoles(dep, UNAPPROVED), tmp / "screenshots"
+        coordinator = login(chromium, urls["console-server"], "coordinator", shots)
+        started, before, done = time.monotonic(), set((dep.fed / "server" / "runs").glob("run-*")), {}
+        running = threading.Thread(target=lambda: done.update(run=dep.run(
+            "--rounds", "2", "--set", "task.image_size=32", "--set", "train.local_epochs=5",
+            "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120", timeout=600)))
+        running.start()
+        watched = watch_run(coordinator, urls["console-server"], dep, before)
+        running.join()
+        run, seconds = done["run"], time.monotonic() - started
         time.sleep(3)  # the last tasks' processes end
         out = {"fed": dep.fed, "tmp": tmp, "run": run, "seconds": seconds, "hash": app_hash, "dep": dep,
-               "listening": _listening(dep), "zombies": {n: zombies(descendants(p.pid)) for n, p in dep.procs.items()}}
+               "listening": _listening(dep), "zombies": {n: zombies(descendants(p.pid)) for n, p in dep.procs.items()},
+               "watched": watched, "shots": shots}
+        apps = dep.fed / "sites" / UNAPPROVED / "state" / "flwr-home" / "apps"
+        out["unpacked before approval"] = apps.exists() and any(apps.iterdir())
+        out["hospitals"] = hospitals_view(coordinator, urls["console-server"], "coordinator-hospitals")
+        # the steward of the hospital that refused the bundle approves it in the page: it trains from the next run
+        out["steward"] = steward_approves(chromium, urls[f"console-{UNAPPROVED}"], app_hash, shots)
         out["crash"] = _server_killed_then_resumed(dep, tmp)
         out["rogue"] = _rogue_supernode(tmp, dep)
         out["no_cert"] = _supernode_without_client_certificate(dep)
         out.update(_attack(dep, tmp, run.stdout))
+        out["console run"] = start_and_stop(coordinator, urls["console-server"], dep)
         out["added"] = _add_while_running(dep, "site-e")
+        out["hospitals after adding"] = hospitals_view(coordinator, urls["console-server"], "coordinator-hospitals-added")
         out["revoked"] = _revoke(dep, REVOKED)
+        out["hospitals after revoking"] = hospitals_view(coordinator, urls["console-server"], "coordinator-hospitals-revoked")
+        out["coordinator errors"] = list(coordinator.errors)
         yield out
     time.sleep(2)
     assert _processes_using(tmp) == [], "processes left running after the deployment test"
@@ -103,8 +123,8 @@ def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
     lost_said = proc.communicate(timeout=300)[0]
     out = {"lost": (proc.returncode, lost_said, time.monotonic() - killed), "folder": folder,
            "rows after crash": (folder / "metrics.csv").read_text(),
-           "left": [cmd for cmd in _processes_using(tmp)  # the hospitals' daemons live on
-                    if not any(k in cmd for k in ("client start", "aseanfl-supernode", "aseanfl-superexec"))]}
+           "left": [cmd for cmd in _processes_using(tmp)  # the hospitals' daemons and the consoles live on
+                    if not any(k in cmd for k in ("client start", "aseanfl-supernode", "aseanfl-superexec", " console "))]}
     restarted = time.time()
     dep.start_server()
     out["status after restart"] = (restarted, aseanfl("status", "-f", str(dep.fed)).stdout)
@@ -405,8 +425,8 @@ def test_only_the_front_listens_beyond_loopback(deployed):
     dep, found = deployed["dep"], deployed["listening"]
     front_host, front_port = dep.address.rsplit(":", 1)
     assert found["server"] == {(front_host, int(front_port)), ("127.0.0.1", dep.local_port)}, found["server"]
-    for site in [*APPROVED, UNAPPROVED]:
-        assert found[site] and {host for host, _ in found[site]} == {"127.0.0.1"}, (site, found[site])
+    for name in [*APPROVED, UNAPPROVED, "console-server", f"console-{UNAPPROVED}"]:  # daemons and consoles: loopback only
+        assert found[name] and {host for host, _ in found[name]} == {"127.0.0.1"}, (name, found[name])
 
 
 def test_supernode_without_client_certificate_is_refused_at_the_door(deployed):
@@ -454,9 +474,8 @@ def test_unapproved_app_is_refused_by_the_hospital(deployed):
     assert [r["status"] for r in refused] == ["error", "error"], refused
     assert not [r for r in rows if r["site"].startswith("node-")], rows
     assert "is not approved by hospital site-d" in deployed["run"].stdout
-    # the bundle was never unpacked at site-d
-    apps = deployed["fed"] / "sites" / UNAPPROVED / "state" / "flwr-home" / "apps"
-    assert not apps.exists() or not any(apps.iterdir())
+    # the bundle was never unpacked at site-d (before its steward approved it, after the run)
+    assert not deployed["unpacked before approval"]
 
 
 def test_unregistered_key_is_refused_even_with_a_valid_certificate(deployed):
@@ -531,3 +550,70 @@ def test_public_port_in_use_is_named(tmp_path):
     assert res.returncode == 1 and "error: the front exited" in said and "Address already in use" in said, said[-1500:]
     assert "Traceback" not in said
     assert _processes_using(tmp_path) == []  # the SuperLink and the executor went down with it
+
+
+def test_coordinator_watches_the_run_live_in_the_console_and_downloads_its_folder(deployed):
+    w = deployed["watched"]
+    # one point per hospital that reported a validation AUC, plus the federation's, per round
+    assert w["points"] == sorted(set(w["points"])) and w["points"][-1] == 2 * (len(APPROVED) + 1), w["points"]
+    assert len(w["points"]) >= 2 and w["updates"] >= 1 and w["same page"], w  # it grew while watched, no reload
+    assert "finished" in w["state"] and "2 of 2 rounds" in w["state"], w["state"]
+    assert w["statuses"][UNAPPROVED] == ["error", "error"], w["statuses"]  # the refusing hospital shows, in red
+    assert all(w["statuses"][s] == ["ok", "ok"] for s in APPROVED), w["statuses"]
+    on_server = (w["folder"] / "metrics.csv").read_bytes()
+    downloaded = (next((deployed["tmp"] / "results").glob("run-*")) / "metrics.csv").read_bytes()
+    assert w["zipped metrics.csv"] == on_server == downloaded
+    assert "completed" in w["runs row"] and "2 / 2" in w["runs row"], w["runs row"]
+    assert w["errors"] == [] and deployed["coordinator errors"] == []
+
+
+def test_steward_approves_the_refused_bundle_in_the_console_and_the_hospital_then_trains(deployed):
+    s, sha = deployed["steward"], deployed["hash"]
+    first = re.search(r"run (\d+): finished", deployed["run"].stdout).group(1)
+    assert sha in s["pending"] and first in s["pending"] and "127.0.0.2" in s["pending"], s["pending"]
+    assert "approved" in s["notice"] and s["still pending"] == 0, s["notice"]
+    assert "steward (console)" in s["approved"] and "data protection officer" in s["approved"], s["approved"]
+    kit = deployed["fed"] / "sites" / UNAPPROVED
+    assert sha in (kit / "approved-apps.yaml").read_text()
+    events = [json.loads(line) for line in (kit / "audit.jsonl").read_text().splitlines() if '"event"' in line]
+    assert [(e["event"], e["sha256"], e["by"]) for e in events] == [("app approved", sha, "steward (console)")], events
+    assert "Chain intact" in s["audit"] and "app approved" in s["audit"], s["audit"][:500]
+    pngs = len(list((deployed["tmp"] / "pacs" / UNAPPROVED).glob("*/*.png")))
+    assert f"{pngs} usable images" in s["data"] and pngs > 100, s["data"][:500]
+    assert "connected" in s["daemon"], s["daemon"]
+    assert s["errors"] == []
+    # the next run (the one the server is killed in) trains at that hospital from round 1
+    rows = list(csv.DictReader(deployed["crash"]["rows after crash"].splitlines()))
+    there = [r for r in rows if r["site"] == UNAPPROVED and r["round"] == "1"]
+    assert there and there[0]["status"] == "ok" and there[0]["val_auc"], rows
+
+
+def test_coordinator_starts_a_run_from_the_console_and_stops_it(deployed):
+    c = deployed["console run"]
+    fields = {f for f, _ in c["errors"]}
+    assert {"server.rounds", "strategy.name"} <= fields, c["errors"]
+    assert any("greater than or equal to 1" in e for f, e in c["errors"] if f == "server.rounds"), c["errors"]
+    assert not c["sent when invalid"]
+    assert c["after start"].endswith("/runs?started=1") and "name: fedprox" in c["strategy"], c
+    assert "stop requested" in c["stop notice"] and not c["busy after stop"], c
+    assert "stopped" in c["runs row"], c["runs row"]  # Flower's finished:stopped
+
+
+def test_coordinator_sees_hospitals_provisioned_added_and_revoked(deployed):
+    assert set(deployed["hospitals"]) == {*APPROVED, UNAPPROVED}, deployed["hospitals"]
+    assert all(v == "online" for v in deployed["hospitals"].values()), deployed["hospitals"]
+    assert "site-e" in deployed["hospitals after adding"], deployed["hospitals after adding"]
+    assert deployed["hospitals after revoking"][REVOKED] == "revoked", deployed["hospitals after revoking"]
+
+
+def test_every_console_page_was_photographed_with_content(deployed):
+    from PIL import Image
+
+    names = {p.stem for p in deployed["shots"].glob("*.png")}
+    for name in ("coordinator-run", "coordinator-runs", "coordinator-hospitals", "coordinator-start-errors",
+                 "hospital-data", "hospital-apps-pending", "hospital-apps", "hospital-audit", "hospital-daemon",
+                 "hospital-privacy"):
+        assert name in names, (name, sorted(names))
+        pixels = np.asarray(Image.open(deployed["shots"] / f"{name}.png").convert("L"))
+        assert pixels.std() > 10 and pixels.shape[0] >= 400, name  # not a blank page
+    print(f"screenshots: {deployed['shots']}")

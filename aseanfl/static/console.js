@@ -25,7 +25,8 @@ document.addEventListener("DOMContentLoaded", function () {
       if (input.files.length) { document.getElementById(input.dataset.into).value = await input.files[0].text(); }
     });
   });
-  document.querySelectorAll("form[data-confirm]").forEach(function (f) {
-    f.addEventListener("submit", function (e) { if (!window.confirm(f.dataset.confirm)) { e.preventDefault(); } });
+  document.addEventListener("submit", function (e) {  // delegated: live parts replace their forms
+    const f = e.target;
+    if (f.dataset && f.dataset.confirm && !window.confirm(f.dataset.confirm)) { e.preventDefault(); }
   });
 });
