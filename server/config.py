@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from client.config import TrainConfig
 from medimaging.config import DataConfig, ModelConfig, Strict
@@ -18,6 +20,19 @@ class ServerConfig(Strict):
                                                          "the round before and is reconnecting (a daemon restarted "
                                                          "after a crash needs up to ~60 s); once per absence")
     output_dir: Path = Field(Path("runs"), description="run folders are created inside it")
+    tracking: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="also write metrics.csv's values to TensorBoard (run folder) or MLflow (server/tracking.py)")
+    tracking_uri: str | None = Field(None, description="MLflow's tracking URI; default a SQLite file beside the run folders")
+
+    @field_validator("tracking")
+    @classmethod
+    def _installed(cls, kind: str) -> str:
+        from .tracking import missing
+
+        why = missing(kind)
+        if why:
+            raise ValueError(why)
+        return kind
 
 
 class RunConfig(Strict):

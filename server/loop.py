@@ -403,6 +403,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     secagg = cfg.strategy.secure_aggregation
     workflow = build_secure_workflow(secagg, cfg.server.round_timeout_s) if secagg is not None else None
     recorder, arrays, resumed = _start(plan, strategy)
+    recorder.track(cfg)
     local = local_keys(cfg, shape, plan.private)
     if workflow is not None and cfg.strategy.validation.enabled:
         progress.problem("update validation is off under SecAgg+: the server never sees one hospital's update")
@@ -533,4 +534,5 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     if resumed:
         summary["resumed_after_round"] = resumed.round
     recorder.write_summary(summary)
+    recorder.close()
     return summary

@@ -36,6 +36,19 @@ class RunRecorder:
         _replace(self.jsonl_path, lambda f: None)
         if kept:
             self.write_rows(kept)
+        self.tracker = None  # server/tracking.py: set by the loop where server.tracking asks for one
+
+    def track(self, config) -> None:
+        """Send every row from now on to the tracker `config.server.tracking` names, if any."""
+        if config.server.tracking != "none":
+            from .tracking import Tracker
+
+            self.tracker = Tracker(config.server.tracking, self.run_dir, config.model_dump(mode="json"),
+                                   config.server.tracking_uri, config.name)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
     def write_rows(self, rows: list[dict]) -> None:
         with self.csv_path.open("a", newline="") as f:
@@ -44,6 +57,8 @@ class RunRecorder:
         with self.jsonl_path.open("a") as f:
             for row in rows:
                 f.write(json.dumps({k: _clean(row.get(k)) for k in COLUMNS}) + "\n")
+        if self.tracker is not None:
+            self.tracker.rows([{k: _clean(row.get(k)) for k in COLUMNS} for row in rows])
 
     def save_model(self, arrays: ArrayRecord, name: str, **metadata) -> Path:
         path, tmp = self.run_dir / name, self.run_dir / f".{name}.tmp"
