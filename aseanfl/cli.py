@@ -90,7 +90,7 @@ def simulate(
 
 
 from .client_cli import app as client_app  # noqa: E402
-from .server_cli import app_hash, provision, run, server_app, status  # noqa: E402
+from .server_cli import app_hash, console_cert, provision, run, server_app, status  # noqa: E402
 
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
@@ -98,6 +98,7 @@ app.command()(provision)
 app.command()(run)
 app.command()(status)
 app.command("app-hash")(app_hash)
+app.command("console-cert")(console_cert)
 
 
 def main() -> None:

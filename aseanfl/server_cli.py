@@ -252,3 +252,21 @@ def console_user(federation_dir: Path = FED_OPTION, name: str = typer.Argument(.
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{'added' if new else 'password changed for'} console user {name} ({users_path(fed)})")
+
+
+def console_cert(
+    host: list[str] = typer.Option(..., "--host", help="a name or IP the console is reached at (repeat for more)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for console.crt and console.key"),
+    ca_dir: Path = typer.Option(Path("federation-ca"), help="the federation's CA folder (with ca.key)"),
+) -> None:
+    """Issue a TLS certificate for a web console (hospital or coordinator) from the federation's CA.
+    Browsers that trust the federation's ca.crt then trust the console."""
+    from server.provision import console_certificate
+
+    try:
+        crt, key = console_certificate(ca_dir, host, out)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"console certificate for {', '.join(host)}: {crt} (key {key}); "
+               f"serve it with --tls-cert {crt} --tls-key {key}")

@@ -193,6 +193,20 @@ class _CA:
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
+def console_certificate(ca_dir: Path, hosts: list[str], out: Path) -> tuple[Path, Path]:
+    """A TLS certificate for a web console at `hosts` (names or IPs), issued by the federation's
+    CA (where provisioning runs, with its key): (console.crt, console.key) in `out`, the key 0600."""
+    if not hosts:
+        raise ValueError("give the console's host name(s) or address(es): --host")
+    cert, key, _ = _CA(ca_dir).issue(f"aseanfl console {hosts[0]}", hosts)
+    crt_path, key_path = out / "console.crt", out / "console.key"
+    if key_path.exists():
+        raise ValueError(f"{key_path} exists; move it away first (a console key is never overwritten)")
+    _write_private(key_path, key)
+    _write_atomic(crt_path, cert)
+    return crt_path, key_path
+
+
 def site_yaml(site: str, address: str) -> str:
     return (
         f"# {site}: this file stays at the hospital; nothing in it is ever sent.\n"

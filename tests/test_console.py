@@ -231,3 +231,53 @@ def test_beyond_loopback_the_coordinator_console_speaks_only_tls(consoles):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_hospital_console_beyond_loopback_serves_a_certificate_from_the_federations_ca(consoles):
+    tmp = consoles["tmp"]
+    res = aseanfl("console-cert", "--host", "127.0.0.1", "--host", "console.hospital.example", "--out",
+                  str(tmp / "cert"), "--ca-dir", str(tmp / "fed-ca"))
+    assert res.returncode == 0 and "--tls-cert" in res.stdout, res.stderr
+    assert (tmp / "cert" / "console.key").stat().st_mode & 0o777 == 0o600
+    again = aseanfl("console-cert", "--host", "127.0.0.1", "--out", str(tmp / "cert"), "--ca-dir", str(tmp / "fed-ca"))
+    assert again.returncode == 2 and "never overwritten" in again.stderr  # the key in use stays
+    port = free_port()
+    log = open(tmp / "hospital-tls.log", "wb")
+    proc = subprocess.Popen([str(BIN / "aseanfl"), "client", "console", "-c", str(consoles["site_path"]), "--host",
+                             "0.0.0.0", "--port", str(port), "--tls-cert", str(tmp / "cert" / "console.crt"),
+                             "--tls-key", str(tmp / "cert" / "console.key")], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        trust = ssl.create_default_context(cafile=str(consoles["fed"] / "ca.crt"))
+        wait_up(f"https://127.0.0.1:{port}", proc, verify=trust)
+        steward = session(f"https://127.0.0.1:{port}", "steward", verify=trust)
+        assert steward.get("/privacy").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_decoder_notes_on_the_data_page_hide_the_header_values_they_quote(consoles):
+    """pydicom's own warning for a bad header value quotes the value; the data page keeps the
+    note and drops the value (the command line, on the hospital's terminal, shows it whole)."""
+    import warnings
+
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    from client.console import _hide_values
+    from client.datacheck import DataCheck
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        validate_value("CS", "HN-0042 DOE JANE", config.WARN)
+    note = str(said[0].message)
+    assert "HN-0042 DOE JANE" in note  # a real note, quoting a value
+    site = consoles["site"]
+    check = DataCheck(site=site.site, checked_at=time.time(), usable=1, row_label="class", splits=["train"],
+                      rows=[("normal", [1])], notes=[("ct/0001.dcm", note)])
+    (site.state_dir / "console").mkdir(parents=True, exist_ok=True)
+    (site.state_dir / "console" / "data-check.json").write_text(check.model_dump_json())
+    page = session(consoles["hospital"], "steward").get("/data").text
+    assert "Invalid value for VR CS" in page and "ct/0001.dcm" in page and "HN-0042" not in page
+    assert _hide_values(note).startswith("Invalid value for VR CS: '…'")
