@@ -183,16 +183,21 @@ def console(
                   tls_key, idle_minutes)
 
 
-@app.command("console-user")
-def console_user(config: Path = SITE_OPTION, name: str = typer.Argument(..., help="the user's login name")) -> None:
-    """Add a console user, or set a user's password (asked twice; or the first line of stdin)."""
+def set_console_user(users: Path, name: str) -> None:
+    """Add a console user or set their password (read_password); exits 2 with one line if refused."""
     from aseanfl.web import ConsoleError, add_user
-    from client.console import users_path
 
-    site = load_site(config)
     try:
-        new = add_user(users_path(site), name, read_password())
+        new = add_user(users, name, read_password())
     except ConsoleError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{'added' if new else 'password changed for'} console user {name} ({users_path(site)})")
+    typer.echo(f"{'added' if new else 'password changed for'} console user {name} ({users})")
+
+
+@app.command("console-user")
+def console_user(config: Path = SITE_OPTION, name: str = typer.Argument(..., help="the user's login name")) -> None:
+    """Add a console user, or set a user's password (asked twice; or the first line of stdin)."""
+    from client.console import users_path
+
+    set_console_user(users_path(load_site(config)), name)

@@ -240,18 +240,11 @@ def console(
 @server_app.command("console-user")
 def console_user(federation_dir: Path = FED_OPTION, name: str = typer.Argument(..., help="the user's login name")) -> None:
     """Add a console user, or set a user's password (asked twice; or the first line of stdin)."""
-    from aseanfl.web import ConsoleError, add_user
     from server.console import users_path
 
-    from .client_cli import read_password
+    from .client_cli import set_console_user
 
-    fed = _federation(federation_dir)
-    try:
-        new = add_user(users_path(fed), name, read_password())
-    except ConsoleError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"{'added' if new else 'password changed for'} console user {name} ({users_path(fed)})")
+    set_console_user(users_path(_federation(federation_dir)), name)
 
 
 def console_cert(
