@@ -103,7 +103,10 @@ def start_and_stop(page, url: str, dep: LocalDeployment, timeout: float = 180) -
     runs = dep.fed / "server" / "runs"
     before = set(runs.glob("run-*"))
     page.goto(url + "/start")
-    page.fill("#config", "task:\n  image_size: 32\nstrategy:\n  name: fedsomething\n")
+    bad = "task:\n  image_size: 32\nstrategy:\n  name: fedsomething\n"  # chosen as a file: the page reads it in
+    page.set_input_files("input[type=file][data-into=config]",
+                         files=[{"name": "federation.yaml", "mimeType": "text/yaml", "buffer": bad.encode()}])
+    page.wait_for_function("text => document.getElementById('config').value === text", arg=bad)
     page.fill("input[name=rounds]", "0")
     page.click("text=Check and start")
     page.wait_for_load_state()
