@@ -47,7 +47,7 @@ def approved_bundle(site: SiteConfig, fab_content: bytes, run_id: int | None = N
             from .approvals import record_refusal
 
             record_refusal(site, digest, run_id, len(fab_content))
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - listing it is a courtesy; the refusal stands whatever happens
             log.error("%s: the refused bundle could not be listed for approval: %s", site.site, exc)
         raise AppNotApproved(f"app bundle sha256 {digest} is not approved by hospital {site.site} "
                              "(`aseanfl client approve` there)")
