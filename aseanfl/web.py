@@ -117,6 +117,8 @@ class Sessions:
     def new(self, user: str) -> tuple[str, Session]:
         token, now = secrets.token_urlsafe(32), time.monotonic()
         with self.lock:
+            for old in [t for t, s in self.items.items() if now - s.seen > self.idle_s or now - s.created > self.max_s]:
+                del self.items[old]  # ended sessions are not kept
             self.items[token] = s = Session(user, secrets.token_urlsafe(32), now, now)
         return token, s
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse
 
@@ -96,44 +98,65 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
     def home() -> RedirectResponse:
         return RedirectResponse("/data", status_code=303)
 
-    @app.get("/data")
-    def data(request: Request):
-        from .datacheck import DataCheck
+    job = {"running": False, "started": None, "error": ""}  # the data check runs beside the pages
+    lock = threading.Lock()
 
-        found, error = None, ""
-        if checks.is_file():
-            try:
-                found = DataCheck.model_validate_json(checks.read_text())
-            except ValueError:
-                error = "the last check's results cannot be read; check again"
-        notes = [(f, _hide_values(n)) for f, n in found.notes] if found else []
-        return console.render(request, "hospital_data.html", found=found, notes=notes, error=error,
-                              checked=_time(found.checked_at) if found else "")
-
-    @app.post("/data/check")
-    def data_check(request: Request):
+    def run_check() -> None:
         from .datacheck import check
 
         try:
             found = check(site)
-        except ValueError as exc:
-            return console.render(request, "hospital_data.html", status=422, found=None, notes=[], checked="",
-                                  error=f"data error: {exc}")
-        checks.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checks.with_name(".data-check.json.tmp")
-        tmp.write_text(found.model_dump_json())
-        tmp.replace(checks)
+            checks.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checks.with_name(".data-check.json.tmp")
+            tmp.write_text(found.model_dump_json())
+            tmp.replace(checks)
+            job["error"] = ""
+        except (ValueError, OSError) as exc:
+            job["error"] = f"data error: {exc}"
+        finally:
+            job["running"] = False
+
+    def data_values() -> dict:
+        from .datacheck import DataCheck
+
+        found, error = None, job["error"]
+        if checks.is_file():
+            try:
+                found = DataCheck.model_validate_json(checks.read_text())
+            except ValueError:
+                error = error or "the last check's results cannot be read; check again"
+        notes = [(f, _hide_values(n)) for f, n in found.notes] if found else []
+        return {"found": found, "notes": notes, "error": error, "checked": _time(found.checked_at) if found else "",
+                "job": job, "since": _time(job["started"])}
+
+    @app.get("/data")
+    def data(request: Request):
+        return console.render(request, "hospital_data.html", **data_values())
+
+    @app.get("/data/live")
+    def data_live(request: Request):
+        resp = console.render(request, "hospital_data_live.html", **data_values())
+        if not job["running"]:
+            resp.headers["X-Live-Done"] = "1"
+        return resp
+
+    @app.post("/data/check")
+    def data_check(request: Request):
+        with lock:  # one check at a time, however often the button is pressed
+            if not job["running"]:
+                job.update(running=True, started=time.time())
+                threading.Thread(target=run_check, name="data-check", daemon=True).start()
         return RedirectResponse("/data", status_code=303)
 
     @app.get("/apps")
     def apps(request: Request):
         done = request.query_params.get("done", "")
         try:
-            approved = list(approved_hashes(site.approved_apps).values())
+            approved, asked = list(approved_hashes(site.approved_apps).values()), approvals.requests(site)
             problem = ""
-        except (OSError, ValueError) as exc:
-            approved, problem = [], f"{site.approved_apps} cannot be read ({exc}); the daemon runs nothing"
-        asked = approvals.requests(site)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            approved, asked = [], []
+            problem = f"{site.approved_apps} cannot be read ({exc}); the daemon runs nothing until it is mended"
         return console.render(request, "hospital_apps.html", approved=approved, problem=problem,
                               pending=[r for r in asked if r.get("state") == "pending"],
                               rejected=[r for r in asked if r.get("state") == "rejected"],

@@ -35,8 +35,11 @@ def read(site: SiteConfig, name: str) -> dict:
 
 
 def alive(pid) -> bool:
+    """The process runs (the daemon may run under another account than the console: EPERM is alive)."""
     try:
         os.kill(int(pid), 0)
+    except PermissionError:
+        return True
     except (OSError, TypeError, ValueError):
         return False
     return True

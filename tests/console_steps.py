@@ -71,7 +71,8 @@ def watch_run(page, url: str, dep: LocalDeployment, before: set[Path], timeout: 
 def steward_approves(browser, url: str, sha256: str, shots: Path) -> dict:
     """At the hospital that refused the bundle: the steward finds it pending and approves it."""
     page = login(browser, url, "steward", shots)
-    page.click("text=Check the data again")
+    page.click("text=Check the data again")  # it runs beside the page, which shows the results when done
+    page.wait_for_selector("#data-live[data-done='1']", timeout=120_000)
     page.wait_for_selector("#counts")
     out = {"data": page.inner_text("main")}
     shot(page, "hospital-data")

@@ -257,6 +257,18 @@ def test_a_hospital_console_beyond_loopback_serves_a_certificate_from_the_federa
         proc.wait(timeout=20)
 
 
+def test_the_data_check_runs_beside_the_pages_and_its_results_arrive_in_the_live_part(consoles):
+    steward = session(consoles["hospital"], "steward")
+    token = csrf_of(steward, "/data")
+    for _ in range(3):  # pressed again while it runs: taken, and the page answers at once
+        assert steward.post("/data/check", data={"csrf": token}).status_code == 303
+    deadline = time.monotonic() + 120
+    while (live := steward.get("/data/live")).headers.get("x-live-done") != "1" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    pngs = len(list((consoles["tmp"] / "pacs" / "site-a").rglob("*.png")))
+    assert f'<strong id="usable">{pngs}</strong> usable images' in live.text and pngs >= 60, live.text[:800]
+
+
 def test_decoder_notes_on_the_data_page_hide_the_header_values_they_quote(consoles):
     """pydicom's own warning for a bad header value quotes the value; the data page keeps the
     note and drops the value (the command line, on the hospital's terminal, shows it whole)."""
