@@ -45,6 +45,14 @@ class TaskSpec(Message):
     )
     fedbn: bool = Field(False, description="keep normalisation layers at the hospital; send the rest")
     finetune_eval: bool = Field(False, description="also validate after one local epoch of fine-tuning")
+    codec: Literal["none", "fp16", "int8", "int4"] = Field("none", description="how the update is encoded")
+    block: int = Field(256, ge=8, le=65536)
+    topk: float | None = Field(None, gt=0, le=1)
+    error_feedback: bool = True
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec != "none" or self.topk is not None
 
     def to_config(self) -> ConfigRecord:
         return ConfigRecord({TASK_KEY: self.model_dump_json()})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from flwr.app import Context, Error, Message, MessageType
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType
 from flwr.common.constant import ErrorCode
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -41,6 +41,74 @@ def packing_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Me
     reply's arrays packed as the last step before it leaves (aseanfl/packing.py)."""
     reply = call_next(unpacked(msg), ctxt)
     return packed([reply])[0]
+
+
+RESIDUAL_KEY = "aseanfl.residual"  # Context.state: what the last encoding lost (never sent)
+
+
+def _residual_file(ctxt: Context, run: str):
+    """Where a deployed hospital keeps its residual across daemon restarts (beside its privacy
+    ledgers, in state_dir); None in a simulation (the Context's state keeps it between rounds)."""
+    from pathlib import Path
+
+    from .config import load_site
+    from .site import SITE_CONFIG_KEY
+
+    if SITE_CONFIG_KEY not in ctxt.node_config:
+        return None
+    return load_site(Path(str(ctxt.node_config[SITE_CONFIG_KEY]))).state_dir / "compression" / f"{run}.safetensors"
+
+
+def _load_residual(ctxt: Context, path) -> dict | None:
+    if path is not None:
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(path)) if path.is_file() else None
+        except Exception:  # noqa: BLE001 - a damaged residual: start again from none (costs accuracy, not privacy)
+            log.warning("the compression residual %s is unreadable; starting from none", path)
+            return None
+    record = ctxt.state.array_records.get(RESIDUAL_KEY)
+    return {k: a.numpy() for k, a in record.items()} if record is not None else None
+
+
+def _save_residual(ctxt: Context, path, residual: dict) -> None:
+    if path is None:
+        ctxt.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in residual.items()})
+        return
+    import os
+
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(residual, str(tmp))
+    os.replace(tmp, path)  # never half a residual
+
+
+def compression_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Just inside packing: a train reply's arrays become the compressed update (trained minus
+    received, plus the residual the last encoding left; aseanfl/compression.py). Refusals and
+    errors pass through."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    task = TaskSpec.from_config(msg.content["config"])
+    if not task.compressed:
+        return call_next(msg, ctxt)
+    received = {k: a.numpy().copy() for k, a in msg.content["arrays"].items()}
+    reply = call_next(msg, ctxt)
+    if reply.has_error() or list(reply.content.array_records) != ["arrays"]:
+        return reply
+    from aseanfl.compression import compress
+
+    path = _residual_file(ctxt, task.run) if task.error_feedback else None
+    residual = _load_residual(ctxt, path) if task.error_feedback else None
+    trained = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    sent, left = compress(trained, received, residual, task.codec, task.block, task.topk)
+    if task.error_feedback:
+        _save_residual(ctxt, path, left)
+    reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in sent.items()})
+    return reply
 
 
 def central_dp_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

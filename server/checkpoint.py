@@ -29,7 +29,9 @@ KEY = "aseanfl-checkpoint"
 STATE = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
 # Settings that may differ on resume: they do not change what a round computes.
 FREE = {("server", "round_timeout_s"), ("server", "rejoin_wait_s"), ("server", "output_dir"), ("wait_for_sites",),
-        ("wait_timeout_s",)}
+        ("wait_timeout_s",), ("server", "tracking"), ("server", "tracking_uri")}
+# settings added later, left out of the digest while at their default (checkpoints from before still resume)
+LATER = {("strategy", "compression"): {"codec": "none", "block": 256, "topk": None, "error_feedback": True}}
 
 
 class CheckpointError(ValueError):
@@ -56,6 +58,9 @@ def settings_digest(config) -> str:
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
+    for (section, key), default in LATER.items():
+        if tree.get(section, {}).get(key) == default:
+            tree[section].pop(key)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 

@@ -293,6 +293,30 @@ def _update_problem(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> tu
     return None
 
 
+def _decoded(replies: list[Message], sent: ArrayRecord, c, progress: Progress, rnd: int,
+             row: Callable[[str], dict], names: dict[int, str]) -> list[Message]:
+    """Compressed updates (strategy.compression) turned back into the hospitals' trained arrays,
+    against the model the server sent; one that does not decode, or decodes to other shapes, is
+    left out as rejected:decode with the reason. (Traffic was counted before: compressed bytes.)"""
+    if c.codec == "none" and c.topk is None:
+        return replies
+    from aseanfl.compression import CompressionError, apply, decode
+
+    reference = {k: a.numpy() for k, a in sent.items()}
+    kept = []
+    for reply in replies:
+        try:
+            update = decode({k: a.numpy() for k, a in reply.content["arrays"].items()}, reference, c.codec, c.block, c.topk)
+        except CompressionError as exc:
+            row(_site_name(reply, names))["status"] = "rejected:decode"
+            progress.problem(f"round {rnd} training: update from {_site_name(reply, names)} rejected: its compressed "
+                             f"update does not decode: {exc}")
+            continue
+        reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in apply(reference, update).items()})
+        kept.append(reply)
+    return kept
+
+
 def _screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, progress: Progress, rnd: int,
               row: Callable[[str], dict], names: dict[int, str]) -> list[Message]:
     """Server-side update validation, before any strategy: an update with NaN/Inf, the wrong
@@ -426,6 +450,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             run=plan.run_dir.name, server_round=rnd, total_rounds=rounds, seed=cfg.seed, private=plan.private,
             client_clipping=client_clipping(cfg.strategy),
             fedbn=cfg.strategy.fedbn, finetune_eval=cfg.strategy.finetune_eval,
+            codec=cfg.strategy.compression.codec, block=cfg.strategy.compression.block,
+            topk=cfg.strategy.compression.topk, error_feedback=cfg.strategy.compression.error_feedback,
             model=cfg.model, train=cfg.train,
             in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
             task=shape.task, spatial_dims=shape.spatial_dims,
@@ -459,6 +485,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             m, r = _metrics(reply), row(_site_name(reply, known))
             r.update(train_loss=m["train-loss"], num_train=m["num-examples"], epsilon=m["epsilon"])
         if workflow is None:
+            trained = _decoded(trained, shared, cfg.strategy.compression, progress, rnd, row, known)
             used = _screened(trained, shared, cfg.strategy.validation, progress, rnd, row, known)
             new_arrays, train_agg = strategy.aggregate_train(rnd, used) if used else (None, None)
         else:

@@ -21,6 +21,15 @@ class UpdateValidation(Strict):
     min_sites_for_norm: int = Field(3, ge=3, description="the norm check needs this many updates to have a median")
 
 
+class CompressionConfig(Strict):
+    """How hospitals encode their model updates (aseanfl/compression.py)."""
+
+    codec: Literal["none", "fp16", "int8", "int4"] = Field("none", description="none sends the trained weights as fp32")
+    block: int = Field(256, ge=8, le=65536, description="int8/int4: values per scale")
+    topk: float | None = Field(None, gt=0, le=1, description="send only this share of the update's largest values")
+    error_feedback: bool = Field(True, description="the hospital adds what the last encoding lost to the next update")
+
+
 class StrategyConfig(Strict):
     name: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of hospitals sampled to train each round")
@@ -42,6 +51,21 @@ class StrategyConfig(Strict):
     validation: UpdateValidation = Field(default_factory=UpdateValidation)
     central_dp: "CentralDPConfig | None" = Field(None, description="hospital-level DP wrapper (Flower)")
     secure_aggregation: "SecAggConfig | None" = Field(None, description="Flower's SecAgg+: the server sees only the sum")
+    compression: CompressionConfig = Field(default_factory=CompressionConfig, description="hospitals' updates encoded")
+
+    @model_validator(mode="after")
+    def _compression_composes(self) -> "StrategyConfig":
+        c, dp = self.compression, self.central_dp
+        if c.codec == "none" and c.topk is None:
+            return self
+        if self.secure_aggregation is not None:
+            raise ValueError("compression: SecAgg+ sums masked integer vectors and quantises them itself "
+                             "(secure_aggregation.quantization_range); set compression.codec: none with it")
+        if dp is not None and dp.clipping.startswith("client"):
+            raise ValueError(f"compression with central_dp.clipping '{dp.clipping}': the decoded update can exceed the "
+                             "norm the hospital clipped to, and the noise is calibrated to it; use server-fixed or "
+                             "server-adaptive clipping (the server clips the decoded update)")
+        return self
 
     @model_validator(mode="after")
     def _secure_composes(self) -> "StrategyConfig":
