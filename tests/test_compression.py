@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from aseanfl.compression import CompressionError, apply, compress, decode, encode
+from aseanfl.compression import CompressionError, apply, compress, decode
 from client.messages import TaskSpec
 from client.mods import RESIDUAL_KEY, compression_mod
 from medimaging.config import ModelConfig
