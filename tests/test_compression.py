@@ -156,10 +156,10 @@ def test_a_federation_learns_on_a_quarter_of_the_upload_bytes(tmp_path):
     uncompressed run does (test_simulate: AUC > 0.65), and each hospital's replies are ~26 % of
     its uncompressed model's bytes."""
     res = subprocess.run([sys.executable, "-m", "aseanfl", "simulate", "--sites", "3", "--rounds", "2", "--seed", "7",
-                          "--set", "strategy.compression.codec=int8", "--out", str(tmp_path)],
+                          "--set", "strategy.compression.codec=int8", "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     final = [r for r in rows if r["site"] == "global"][-1]
     assert float(final["test_auc"]) > 0.65, final
