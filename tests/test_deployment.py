@@ -107,6 +107,7 @@ def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
     runs, results = dep.fed / "server" / "runs", tmp / "resumed"
     before = set(runs.iterdir())
     args = ["--rounds", "3", "--strategy", "fedavgm", "--set", "strategy.server_momentum=0.5", "--set", "task.image_size=32",
+            "--set", "strategy.compression.codec=int8",  # compressed updates, deployed: decoded by the server
             "--set", "train.local_epochs=8", "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120"]
     proc = subprocess.Popen([str(BIN / "aseanfl"), "run", "-f", str(dep.fed), "--out", str(results), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
@@ -331,6 +332,28 @@ def test_each_hospital_serves_its_run_from_one_warm_worker(deployed):
     # the hospital that did not approve the bundle checked it and imported nothing of it
     assert _worker_lines(UNAPPROVED, deployed) == []
     assert "site-d: refused app bundle" in (deployed["tmp"] / f"{UNAPPROVED}.log").read_text(errors="replace")
+
+
+def test_the_crash_runs_compressed_updates_are_decoded_and_their_residuals_stay_at_the_hospitals(deployed):
+    crash, fed = deployed["crash"], deployed["fed"]
+    name = crash["folder"].name
+    rows = list(csv.DictReader((crash["results"] / "metrics.csv").open()))
+    model = load_file(str(crash["results"] / "model.safetensors"))
+    fp32 = sum(v.nbytes for v in model.values())
+    for site in ("site-b", "site-c"):
+        ok = [r for r in rows if r["site"] == site and r["status"] == "ok"]
+        assert ok and all(0.2 < int(r["bytes_from_site"]) / fp32 < 0.3 for r in ok), (site, ok)
+        assert (fed / "sites" / site / "state" / "compression" / f"{name}.safetensors").is_file()
+        ids = {int(name.removeprefix("run-")), *map(int, re.findall(r"run (\d+) \(continuing", crash["resumed"][0]))}
+        logged = [json.loads(line) for line in (fed / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        sent = [e["records"]["arrays"]["entries"] for e in logged
+                if e.get("run") in ids and e.get("type") == "train" and "arrays" in e.get("records", {})]
+        assert len(sent) >= 3 and len(ids) == 2, (len(sent), ids)
+        for entries in sent:  # what left: codes and scales only, no weights, no residual
+            assert {k.split(":")[0] for k in entries} == {"q", "s"}, sorted(entries)[:4]
+            assert {v["dtype"] for k, v in entries.items() if k.startswith("q:")} == {"int8"}
+        res = aseanfl("client", "audit", "-c", str(fed / "sites" / site / "site.yaml"))
+        assert res.returncode == 0, res.stdout
 
 
 def test_run_resumes_after_the_server_is_killed_and_loses_at_most_the_round_in_flight(deployed):
