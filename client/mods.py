@@ -13,7 +13,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from aseanfl.packing import packed, unpacked
 
-from .messages import REFUSAL_KEY, TaskSpec
+from .messages import REFUSAL_KEY, TASK_KEY, TaskSpec
 from .site import SiteDataError
 
 _MODS = {"fixed": fixedclipping_mod, "adaptive": adaptiveclipping_mod}
@@ -90,9 +90,10 @@ def compression_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
     """Just inside packing: a train reply's arrays become the compressed update (trained minus
     received, plus the residual the last encoding left; aseanfl/compression.py). Refusals and
     errors pass through."""
-    if msg.metadata.message_type != MessageType.TRAIN:
-        return call_next(msg, ctxt)
-    task = TaskSpec.from_config(msg.content["config"])
+    config = msg.content.config_records.get("config") if msg.metadata.message_type == MessageType.TRAIN else None
+    if config is None or TASK_KEY not in config or "arrays" not in msg.content.array_records:
+        return call_next(msg, ctxt)  # not a training task (SecAgg+'s stages carry no task: it is never compressed)
+    task = TaskSpec.from_config(config)
     if not task.compressed:
         return call_next(msg, ctxt)
     received = {k: a.numpy().copy() for k, a in msg.content["arrays"].items()}
