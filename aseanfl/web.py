@@ -204,12 +204,16 @@ def build(console: Console) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(packages=[("aseanfl", "static")]), name="static")
 
-    @app.get("/login")
-    def login_page(request: Request, next: str = "/") -> HTMLResponse:
+    def login_form(request: Request, next: str, error: str = "", status: int = 200) -> HTMLResponse:
+        """The login page with a fresh login CSRF token, in its form and in a cookie."""
         token = secrets.token_urlsafe(32)
-        resp = console.render(request, "login.html", next=_local(next), login_csrf=token, error="")
+        resp = console.render(request, "login.html", status=status, next=_local(next), login_csrf=token, error=error)
         resp.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=console.secure, path="/login")
         return resp
+
+    @app.get("/login")
+    def login_page(request: Request, next: str = "/") -> HTMLResponse:
+        return login_form(request, next)
 
     @app.post("/login")
     def login(request: Request) -> Response:
@@ -222,11 +226,7 @@ def build(console: Console) -> FastAPI:
         stored = read_users(console.users).get(user, {}).get("password", "")
         if not stored or not password_ok(stored, fields.get("password", "")):
             console.throttle.failed(who)
-            token = secrets.token_urlsafe(32)
-            resp = console.render(request, "login.html", status=401, next=_local(fields.get("next", "/")),
-                                  login_csrf=token, error="wrong user name or password")
-            resp.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=console.secure, path="/login")
-            return resp
+            return login_form(request, fields.get("next", "/"), "wrong user name or password", 401)
         console.throttle.passed(who)
         token, _ = console.sessions.new(user)
         resp = RedirectResponse(_local(fields.get("next", "/")), status_code=303)
@@ -324,6 +324,11 @@ class _Guard:
             print(f"{self.console.title}: error: {line}", file=sys.stderr, flush=True)
             if not started:
                 await PlainTextResponse(f"the console failed on this page ({line})", status_code=500)(scope, receive, send)
+
+
+def local_time(t) -> str:
+    """A timestamp as the consoles show it (the machine's local time), '' for none."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
 
 
 def loopback(host: str) -> bool:

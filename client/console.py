@@ -20,7 +20,7 @@ from fastapi.responses import RedirectResponse
 
 from aseanfl.allowlist import approved_hashes
 from aseanfl.charts import line_chart
-from aseanfl.web import Console, build, form
+from aseanfl.web import Console, build, form, local_time
 
 from . import approvals, status
 from .audit import EVENTS, forbidden_strings, verify
@@ -43,9 +43,6 @@ def _hide_values(text: str) -> str:
     """A decoder's note with what it quotes (a header's value, say) left out."""
     return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
 
-
-def _time(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
 
 
 def _ledgers(site: SiteConfig) -> list[dict]:
@@ -71,7 +68,7 @@ def _ledgers(site: SiteConfig) -> list[dict]:
         out.append({"file": path.name, "ledger": ledger, "spent": spent, "cap": cap, "left": cap - spent,
                     "next": after, "next_cost": None if after is None else after - spent,
                     "next_fits": after is not None and after <= cap, "runs": runs, "chart": chart,
-                    "time": _time})
+                    "time": local_time})
     return out
 
 
@@ -126,8 +123,8 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
             except ValueError:
                 error = error or "the last check's results cannot be read; check again"
         notes = [(f, _hide_values(n)) for f, n in found.notes] if found else []
-        return {"found": found, "notes": notes, "error": error, "checked": _time(found.checked_at) if found else "",
-                "job": job, "since": _time(job["started"])}
+        return {"found": found, "notes": notes, "error": error, "job": job, "since": local_time(job["started"]),
+                "checked": local_time(found.checked_at) if found else ""}
 
     @app.get("/data")
     def data(request: Request):
@@ -205,7 +202,7 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
         if task.get("details"):  # Flower's "<class 'X'>:<'why'>" -> why
             task["details"] = re.sub(r"^<class '[^']*'>:<'(.*)'>$", r"\1", task["details"], flags=re.S)
         running = bool(said) and said.get("state") != "stopped" and status.alive(said.get("pid"))
-        return console.render(request, "hospital_daemon.html", said=said, task=task, running=running, time=_time,
+        return console.render(request, "hospital_daemon.html", said=said, task=task, running=running, time=local_time,
                               server=site.connection.server if site.connection else "")
 
     return app, console

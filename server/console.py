@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Red
 from starlette.background import BackgroundTask
 
 from aseanfl.charts import line_chart
-from aseanfl.web import Console, build, form
+from aseanfl.web import Console, build, form, local_time
 
 from .provision import Federation
 
@@ -37,9 +37,6 @@ FIELDS = ("server.rounds", "strategy.name")  # the form's own fields; other prob
 def users_path(fed: Federation) -> Path:
     return fed.server_dir / "console-users.json"
 
-
-def _time(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
 
 
 def run_dirs(fed: Federation) -> list[Path]:
@@ -82,7 +79,7 @@ def run_info(run_dir: Path, link: dict[int, str] | None = None) -> dict:
     started = (run_dir / "config.yaml").stat().st_mtime if (run_dir / "config.yaml").is_file() else None
     return {"name": run_dir.name, "id": run_id, "state": state, "running": busy, "done": done,
             "planned": (cfg.get("server") or {}).get("rounds"), "strategy": (cfg.get("strategy") or {}).get("name", ""),
-            "started": _time(started), "ended": _time(summary_path.stat().st_mtime) if summary else "",
+            "started": local_time(started), "ended": local_time(summary_path.stat().st_mtime) if summary else "",
             "rows": rows, "summary": summary}
 
 
@@ -151,7 +148,7 @@ class Launches:
             except OSError:
                 lines = []
             found = next((m.group(1) for line in lines if (m := re.search(r"started run (\d+)|^run (\d+)", line))), None)
-            out.append({**item, "code": code, "tail": lines[-6:], "run": found, "when": _time(item["started"])})
+            out.append({**item, "code": code, "tail": lines[-6:], "run": found, "when": local_time(item["started"])})
         return out
 
 

@@ -92,16 +92,6 @@ def _param(key: str, value):
     return Param(key, str(value)[:6000])
 
 
-def flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _quiet(call):
     """MLflow's and SQLAlchemy's own notices (schema upgrades, deprecations) stay out of the run's output."""
     import warnings
@@ -122,7 +112,9 @@ class Tracker:
     def __init__(self, kind: str, run_dir: Path, config: dict, uri: str | None = None, experiment: str = "aseanfl"):
         self.kind, self.impl = kind, None
         try:
-            params = flat(config)
+            from .deployment import flat_overrides
+
+            params = flat_overrides(config)
             self.impl = _TensorBoard(run_dir, params) if kind == "tensorboard" else \
                 _quiet(_MLflow)(run_dir, params, uri, experiment)
         except Exception as exc:  # noqa: BLE001 - tracking is optional; the run goes on without it
