@@ -76,7 +76,8 @@ def simulate(
     from .progress import RichProgress
 
     console = Console()
-    console.print(f"[bold]aseanfl simulate[/]: {len(cfg.sites)} hospitals ({', '.join(cfg.sites)}), "
+    names = ", ".join(cfg.sites) if len(cfg.sites) <= 12 else f"{', '.join(cfg.sites[:3])}, ..., {cfg.sites[-1]}"
+    console.print(f"[bold]aseanfl simulate[/]: {len(cfg.sites)} hospitals ({names}), "
                   f"{cfg.server.rounds} rounds, model {cfg.model.name}, "
                   f"data {_data_line(cfg.data)}", soft_wrap=True)  # paths whole, however narrow
     try:

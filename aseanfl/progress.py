@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from server.digest import MANY, digest
 from server.loop import Progress
 from server.outputs import score_of
 
@@ -34,7 +35,13 @@ class RichProgress(Progress):
         self.bar.update(self.task, description=f"round {rnd}/{total}: {phase}")
 
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
-        table = Table(title=f"Round {rnd}/{total}", title_justify="left", show_edge=False)
+        title, caption = f"Round {rnd}/{total}", None
+        if len(rows) - 1 > MANY:  # hundreds of sites: the digest, the sites worth a look, the global row
+            d = digest(rows)
+            title = f"Round {rnd}/{total}: {d.sites} sites: {d.counts()}"
+            caption = f"{d.spread()}; shown: failed, worst and best sites; every row in metrics.csv"
+            rows = d.shown() + [r for r in rows if r["site"] == "global"]
+        table = Table(title=title, title_justify="left", show_edge=False, caption=caption, caption_justify="left")
         score, name = score_of(rows)
         widest = max(len(r["site"]) for r in rows)  # site names whole, however narrow the terminal or pipe
         for col in ("site", "status", "epsilon", "train loss", "val loss", f"val {name}", f"test {name}", "examples", "bytes out"):

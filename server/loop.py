@@ -32,7 +32,7 @@ from medimaging.datasets import Split
 from medimaging.models import build_model, norm_keys
 from medimaging.training import evaluate
 from strategies.config import UpdateValidation
-from strategies.factory import build_secure_workflow, build_strategy, client_clipping, weighted_mean
+from strategies.factory import build_secure_workflow, build_strategy, client_clipping, cohort, weighted_mean
 
 from . import checkpoint
 from .config import RunConfig
@@ -86,9 +86,10 @@ class Plan:
     test: Split | None = None
     progress: Progress = field(default_factory=Progress)
     private: bool = False  # some hospital trains with DP-SGD: build DP-compatible models
-    sites: int | None = None  # hospitals expected per round (central DP scales its noise by it)
+    sites: int | None = None  # hospitals in the federation (central DP scales its noise by the sampled share)
     stop: threading.Event = field(default_factory=threading.Event)  # set when the engine under the run died
     node_names: dict[int, str] = field(default_factory=dict)  # a deployment's registered hospitals by node id
+    site_names: list[str] | None = None  # a simulation's hospitals, in partition-id order
     resume: bool = False  # continue the run in run_dir from its checkpoint
 
     def __getstate__(self) -> dict:  # a copy sent to another process gets its own stop signal
@@ -169,7 +170,10 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: di
     replies = sorted((r for r in got if not _gone(r)), key=lambda r: _site_name(r, known))
     for r in replies:
         if not r.has_error() and "site" in r.content.config_records:
-            known[r.metadata.src_node_id] = _site_name(r, known)
+            nid, name = r.metadata.src_node_id, str(r.content.config_records["site"]["name"])
+            if known.get(nid, name) != name:
+                log.warning("node %d answers as %s, not %s as the server had it", nid, name, known[nid])
+            known[nid] = name
     sent = {_site_name(r, known): sent_to.get(r.metadata.src_node_id, 0) for r in replies}
     for r in filter(_gone, got):
         nid = r.metadata.src_node_id
@@ -198,6 +202,39 @@ def _await_rejoin(grid: Grid, before: set[int], wait: float, plan: "Plan", names
         missing = before - now
     plan.progress.problem(f"round {rnd}: {who} " + ("still away; the round goes on without it" if missing else "is back"))
     return now
+
+
+class SiteOrder:
+    """The grid with its node ids in a fixed order: by site name, then id. Flower samples the
+    round's cohort with `random.sample(list(grid.get_node_ids()), k)`, and the ids come from a
+    set of random 64-bit ids, so the same seed would ask other hospitals each run; in this order,
+    the seeded `random` asks the same ones."""
+
+    def __init__(self, grid, names: dict[int, str]) -> None:
+        self._grid, self._names = grid, names
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        names = self._names
+        return sorted(self._grid.get_node_ids(), key=lambda n: (n not in names, names.get(n, ""), n))
+
+
+def partition_names(grid, sites: list[str] | None) -> dict[int, str]:
+    """A simulation's node id -> hospital: Flower's Simulation Engine registers node i as
+    partition-id i, one after the other, in its in-memory LinkState (whose node table keeps that
+    order). Checked against every reply's own site name as the run goes (_exchange)."""
+    state = getattr(grid, "state", None)
+    if not sites or state is None:
+        return {}
+    deadline = time.monotonic() + 60  # the engine registers its nodes while the ServerApp starts
+    while len(ids := [n.node_id for n in state.get_node_info()]) < len(sites) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if len(ids) != len(sites):
+        log.warning("the simulation registered %d nodes for %d sites; sampling is not reproducible", len(ids), len(sites))
+        return {}
+    return dict(zip(ids, sites, strict=True))
 
 
 def _in_round(messages: Iterable[Message], rnd: int) -> list[Message]:
@@ -350,6 +387,20 @@ def _screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, 
     return out
 
 
+def _sampling(rows: dict[str, dict], row: Callable[[str], dict], asked: set[int], present: set[int],
+              known: dict[int, str]) -> None:
+    """Every connected hospital gets a row: `not-sampled` where the round asked it for nothing,
+    `eval-only` where it was asked to validate but not to train (strategy.fraction_*)."""
+    trained = {known.get(n, f"node-{n}") for n in asked}
+    for site, r in rows.items():
+        if site not in trained and r["status"] == "ok":
+            r["status"] = "eval-only"
+    for nid in present - asked:
+        site = known.get(nid, f"node-{nid}")
+        if site not in rows:
+            row(site)["status"] = "not-sampled"
+
+
 def score_key(task: str) -> str:
     """The federated validation score that picks the best round: AUC, or Dice for segmentation."""
     return "val_dice" if task == "segmentation" else "val_auc"
@@ -393,7 +444,8 @@ def _secure_phase(grid: Grid, plan: Plan, workflow, tasks, arrays: ArrayRecord, 
     dp = plan.config.strategy.central_dp
     if new_arrays is not None and dp is not None:  # client-side fixed clipping: the server adds the noise
         values = new_arrays.to_numpy_ndarrays()
-        add_gaussian_noise_inplace(values, compute_stdv(dp.noise_multiplier, dp.clipping_norm, plan.sites or len(trained)))
+        add_gaussian_noise_inplace(values, compute_stdv(dp.noise_multiplier, dp.clipping_norm,
+                                                  cohort(plan.config.strategy, plan.sites) if plan.sites else len(trained)))
         new_arrays = ArrayRecord({k: Array(v) for k, v in zip(new_arrays.keys(), values, strict=True)})
     metrics = [RecordDict({"metrics": r.content.metric_records["metrics"]}) for r in trained]
     return trained, new_arrays, weighted_mean(metrics, "num-examples") if trained else None
@@ -421,9 +473,9 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     """Run all rounds; write rows and checkpoints into plan.run_dir; return the summary. With
     plan.resume, continue the run in plan.run_dir after its last checkpointed round."""
     cfg, shape, progress = plan.config, plan.shape, plan.progress
-    grid = PackedGrid(grid)  # model arrays travel packed, one object per record (aseanfl/packing.py)
+    raw_grid, grid = grid, PackedGrid(grid)  # model arrays travel packed, one object per record (aseanfl/packing.py)
     random.seed(cfg.seed)  # Flower samples nodes with `random`
-    strategy = build_strategy(cfg.strategy, plan.sites or cfg.strategy.min_sites)
+    strategy = build_strategy(cfg.strategy, cohort(cfg.strategy, plan.sites or cfg.strategy.min_sites))
     secagg = cfg.strategy.secure_aggregation
     workflow = build_secure_workflow(secagg, cfg.server.round_timeout_s) if secagg is not None else None
     recorder, arrays, resumed = _start(plan, strategy)
@@ -435,10 +487,13 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     best = resumed.best if resumed else {"round": None, "score": float("-inf")}
     started = time.time() - (resumed.seconds if resumed else 0.0)
     round_seconds: list[float] = resumed.round_seconds if resumed else []
-    known: dict[int, str] = {**(resumed.names if resumed else {}), **plan.node_names}  # node id -> site name
+    known: dict[int, str] = {**(resumed.names if resumed else {}), **plan.node_names,
+                             **partition_names(raw_grid, plan.site_names)}  # node id -> site name
+    grid = SiteOrder(grid, known)
     first = resumed.round + 1 if resumed else 1
     present: set[int] = set()  # nodes connected as the round before started
     trained_rounds = resumed.trained_rounds if resumed else 0  # rounds whose global model took in updates
+    aggregate_seconds: dict[int, float] = {}
 
     if plan.test is not None and not resumed:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
@@ -472,7 +527,9 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         present = _await_rejoin(grid, present, cfg.server.rejoin_wait_s, plan, known, rnd)
         progress.round_started(rnd, rounds, "training")
         shared = _without(arrays, local)
-        tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd)
+        random.seed(f"{cfg.seed}-{rnd}-train")  # the cohort depends on the seed and round alone (Flower samples
+        tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd)  # with `random`)
+        asked = {m.metadata.dst_node_id for m in tasks}
         if workflow is None:
             replies, sent = _exchange(grid, tasks, timeout, known, silent("training"), plan.stop)
             _count_traffic(replies, sent, row, known)
@@ -484,12 +541,14 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         for reply in trained:
             m, r = _metrics(reply), row(_site_name(reply, known))
             r.update(train_loss=m["train-loss"], num_train=m["num-examples"], epsilon=m["epsilon"])
+        aggregate_start = time.perf_counter()
         if workflow is None:
             trained = _decoded(trained, shared, cfg.strategy.compression, progress, rnd, row, known)
             used = _screened(trained, shared, cfg.strategy.validation, progress, rnd, row, known)
             new_arrays, train_agg = strategy.aggregate_train(rnd, used) if used else (None, None)
         else:
             used = trained
+        aggregate_seconds[rnd] = round(time.perf_counter() - aggregate_start, 4)
         if len(used) < cfg.strategy.min_sites:
             progress.problem(f"round {rnd}: {len(used)} usable updates, fewer than strategy.min_sites="
                              f"{cfg.strategy.min_sites}; the global model is unchanged")
@@ -502,6 +561,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         shared = _without(arrays, local)
 
         progress.round_started(rnd, rounds, "validating")
+        random.seed(f"{cfg.seed}-{rnd}-evaluate")  # SecAgg+ shuffles with `random` too: it must not move this
         evals = _in_round(strategy.configure_evaluate(rnd, shared, task.to_config(), grid), rnd)
         replies, sent = _exchange(grid, evals, timeout, known, silent("validation"), plan.stop)
         _count_traffic(replies, sent, row, known)
@@ -512,12 +572,15 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
                      ft_val_accuracy=m.get("ft-val-accuracy"), ft_val_auc=m.get("ft-val-auc"), val_dice=m.get("val-dice"),
                      ft_val_dice=m.get("ft-val-dice"))
         eval_agg = strategy.aggregate_evaluate(rnd, replies) if replies else None
+        _sampling(rows, row, asked, present, known)
 
         site_rows = [rows[s] for s in sorted(rows)]
+        idle = sum(1 for r in site_rows if r["status"] == "not-sampled")
         spent = [r["epsilon"] for r in site_rows if r.get("epsilon") is not None and not math.isnan(r["epsilon"])]
         glob = {
             "round": rnd, "site": "global", "status": f"{len(used)} trained, {len(refusals)} refused"
-                                          + (f", {len(trained) - len(used)} rejected" if len(used) < len(trained) else ""),
+                                          + (f", {len(trained) - len(used)} rejected" if len(used) < len(trained) else "")
+                                          + (f", {idle} not sampled" if idle else ""),
             "epsilon": max(spent) if spent else None,  # the worst-off hospital
             "train_loss": (train_agg or {}).get("train-loss"),
             "val_loss": (eval_agg or {}).get("val-loss"),
@@ -555,6 +618,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         "best_round": best["round"],
         "seconds": round(time.time() - started, 2),
         "round_seconds": round_seconds,
+        "aggregate_seconds": aggregate_seconds,  # decode, screen and aggregate, per round this process ran
         "trained_rounds": trained_rounds,
         "final": glob if rounds else {},
     }

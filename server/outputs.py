@@ -98,6 +98,9 @@ def read_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
+IDLE = ("ok", "eval-only", "not-sampled")  # statuses that are not a hospital's failure
+
+
 def untrained(run_dir: Path) -> str | None:
     """Why nothing was trained, where a finished run took in no update in any round (every
     hospital refused, failed or was rejected): the statuses counted from its rows; else None."""
@@ -107,7 +110,7 @@ def untrained(run_dir: Path) -> str | None:
         return None
     from collections import Counter
 
-    why = Counter(r["status"] for r in read_rows(run_dir) if r["site"] != "global" and r.get("status") != "ok")
+    why = Counter(r["status"] for r in read_rows(run_dir) if r["site"] != "global" and r.get("status") not in IDLE)
     said = ", ".join(f"{n} x {status}" for status, n in why.most_common()) or "no usable updates"
     return (f"nothing was trained: no round took in an update from the hospitals ({said}); "
             f"no model was written; the rows are in {run_dir / 'metrics.csv'}")

@@ -9,8 +9,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
+from .digest import MANY, digest  # noqa: E402
 from .outputs import read_rows, score_of as _score  # noqa: E402
+
+LINES = 12  # sites drawn one line each; beyond, the plots show the spread across sites
 
 
 def _series(rows: list[dict], site: str, key: str) -> tuple[list[int], list[float]]:
@@ -34,16 +38,49 @@ def _plot_global(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _spread(ax, rows: list[dict], key: str, label: str) -> bool:
+    """Median, interquartile and 10th-90th percentile bands of `key` across sites, per round."""
+    by_round: dict[int, list[float]] = {}
+    for r in rows:
+        v = r.get(key)
+        if r["site"] != "global" and v is not None and v == v:
+            by_round.setdefault(r["round"], []).append(float(v))
+    if not by_round:
+        return False
+    x = sorted(by_round)
+    q = {p: [float(np.percentile(by_round[k], p)) for k in x] for p in (10, 25, 50, 75, 90)}
+    ax.fill_between(x, q[10], q[90], alpha=0.15, color="C0", label="10th-90th percentile")
+    ax.fill_between(x, q[25], q[75], alpha=0.35, color="C0", label="interquartile range")
+    ax.plot(x, q[50], marker=".", color="C0", label=f"median {label}")
+    counts = [len(by_round[k]) for k in x]
+    ax.set_title(ax.get_title() + f"\n{min(counts)}-{max(counts)} sites per round" if min(counts) != max(counts)
+                 else ax.get_title() + f"\n{counts[0]} sites per round")
+    return True
+
+
+def _by_site(rows: list[dict], key: str, ax, **plot) -> bool:
+    """One line per site, or the spread across sites past LINES sites."""
+    sites = sorted({r["site"] for r in rows} - {"global"})
+    if len(sites) > LINES:
+        return _spread(ax, rows, key, plot.pop("what", key))
+    plot.pop("what", None)
+    drawn = False
+    for site in sites:
+        x, y = _series(rows, site, key)
+        if x:
+            ax.plot(x, y, marker=".", label=site, **plot)
+            drawn = True
+    return drawn
+
+
 def _plot_sites(rows: list[dict], path: Path) -> None:
     key, name = _score(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for site in sorted({r["site"] for r in rows} - {"global"}):
-        x, y = _series(rows, site, f"val_{key}")
-        if x:
-            ax.plot(x, y, marker=".", label=site)
     ax.set(xlabel="round", ylabel=f"validation {name}", title=f"Per-site validation {name} (global model)",
            ylim=(0.4 if key == "auc" else 0.0, 1.0))
-    ax.legend(fontsize=8, loc="lower right")
+    _by_site(rows, f"val_{key}", ax, what=name)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -51,13 +88,8 @@ def _plot_sites(rows: list[dict], path: Path) -> None:
 
 def _plot_epsilon(rows: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
-    for site in sorted({r["site"] for r in rows} - {"global"}):
-        x, y = _series(rows, site, "epsilon")
-        if x:
-            ax.plot(x, y, marker=".", label=site)
-            drawn = True
     ax.set(xlabel="round", ylabel="epsilon spent (ledger)", title="Privacy spent per site")
+    drawn = _by_site(rows, "epsilon", ax, what="epsilon")
     if drawn:
         ax.legend(fontsize=8, loc="upper left")
         fig.tight_layout()
@@ -67,16 +99,24 @@ def _plot_epsilon(rows: list[dict], path: Path) -> bool:
 
 
 def _plot_distribution(dist: dict, path: Path) -> None:
+    """Images per site and class, stacked; past 30 sites the bars are sorted by size, unnamed."""
     sites = list(dist)
     num_classes = len(next(iter(dist.values()))["train"])
+    many = len(sites) > 30
+    if many:
+        sites.sort(key=lambda s: sum(dist[s]["train"]) + sum(dist[s]["val"]))
     fig, ax = plt.subplots(figsize=(6, 4))
     bottom = [0] * len(sites)
+    x = list(range(len(sites))) if many else sites
     for c in range(num_classes):
         counts = [dist[s]["train"][c] + dist[s]["val"][c] for s in sites]
-        ax.bar(sites, counts, bottom=bottom, label=f"class {c}")
+        ax.bar(x, counts, bottom=bottom, label=f"class {c}", width=1.0 if many else 0.8)
         bottom = [b + n for b, n in zip(bottom, counts)]
     ax.set(ylabel="images", title="Data per site and class")
-    ax.tick_params(axis="x", rotation=30)
+    if many:
+        ax.set(xlabel=f"{len(sites)} sites, sorted by their number of images", xticks=[])
+    else:
+        ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -90,6 +130,22 @@ def _values(cell) -> list[float]:
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _rounds(rows: list[dict], key: str) -> list[str]:
+    """Per round: the hospitals asked, what became of them, the global scores (sampled runs)."""
+    rounds = sorted({r["round"] for r in rows if r["round"]})
+    if not any(r.get("status") in ("not-sampled", "eval-only") for r in rows):
+        return []
+    out = ["", "## Rounds", "", "Hospitals are sampled each round (`strategy.fraction_train` / `fraction_evaluate`, "
+           "seeded): `not-sampled` ones were asked for nothing, `eval-only` ones only to validate.", "",
+           f"| round | statuses | val_{key} | test_{key} | bytes_from_site |", "|---|---|---|---|---|"]
+    for rnd in rounds:
+        this = [r for r in rows if r["round"] == rnd]
+        glob = next((r for r in this if r["site"] == "global"), {})
+        out.append(f"| {rnd} | {digest(this).counts()} | {_fmt(glob.get(f'val_{key}'))} | "
+                   f"{_fmt(glob.get(f'test_{key}'))} | {_fmt(glob.get('bytes_from_site'))} |")
+    return out
 
 
 def write_report(run_dir: Path) -> Path:
@@ -119,8 +175,16 @@ def write_report(run_dir: Path) -> Path:
     if binary:  # with two classes each one-vs-rest AUC is the test AUC itself
         per_class.remove("test_auc_per_class")
     cols[cols.index(f"test_{key}") + 1:cols.index(f"test_{key}") + 1] = per_class
-    lines += [f"## Final round ({last})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows if r["round"] == last]
+    final = [r for r in rows if r["round"] == last]
+    lines += [f"## Final round ({last})", ""]
+    if len(final) - 1 > MANY:
+        d = digest(final)
+        lines += [f"{d.sites} sites: {d.counts()}; {d.spread()}. Below: the sites that failed, the {len(d.worst)} "
+                  "worst and best by validation score, and the federation; `metrics.csv` has every site's row.", ""]
+        final = d.shown() + [r for r in final if r["site"] == "global"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in final]
+    lines += _rounds(rows, key)
     name = _score(rows)[1]
     lines += ["", "## Global model", "", f"![global {name}](global_auc.png)", "",
               "## Per site", "", f"![per-site {name}](site_auc.png)", ""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def resolved(cfg: SimulationConfig) -> SimulationConfig:
 @lru_cache(maxsize=4)
 def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:
     labels = partition_labels(load_npz(path)["train_labels"])
+    if scheme == "dirichlet" and num_sites * min_size > len(labels):
+        raise ConfigError(f"partition.min_partition_size: {min_size} images for each of {num_sites} sites needs "
+                          f"{num_sites * min_size}, the data has {len(labels)} training images; lower it, simulate "
+                          "fewer sites or use partition.scheme iid")
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_sites)
     elif scheme == "dirichlet":
@@ -81,7 +86,12 @@ def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: 
     # (e.g. sorted by class or by source hospital) cannot leak into the split.
     order = np.random.default_rng(seed).permutation(len(labels))
     partitioner.dataset = Dataset.from_dict({"label": labels[order], "index": order})
-    return [np.asarray(partitioner.load_partition(i)["index"]) for i in range(num_sites)]
+    try:
+        return [np.asarray(partitioner.load_partition(i)["index"]) for i in range(num_sites)]
+    except ValueError as exc:  # Dirichlet: no draw gave every site min_partition_size images
+        raise ConfigError(f"partition: {num_sites} sites with alpha={alpha} and min_partition_size={min_size}: "
+                          f"flwr-datasets found no split ({exc}); raise alpha, lower min_partition_size or simulate "
+                          "fewer sites") from None
 
 
 def _synthetic(cfg: SimulationConfig, index: int):
@@ -113,14 +123,46 @@ def global_test(cfg: SimulationConfig) -> Split:
     return Split(to_tensor(arrays["test_images"], size), targets(arrays["test_labels"], size))
 
 
+@dataclass(frozen=True)
+class SiteCounts:
+    """What the driver keeps of a simulated hospital: counts, never its images."""
+
+    train: list[int]  # per class (finding, mask label)
+    val: list[int]
+    n_train: int
+    n_val: int
+    segmentation: bool
+
+
+_COUNTS: dict[str, list[SiteCounts]] = {}
+
+
+def site_counts(cfg: SimulationConfig) -> list[SiteCounts]:
+    """Every simulated hospital's counts, in one pass that holds one site at a time (from the
+    labels alone for an npz of class labels), so the driver's memory does not grow with the
+    number of sites; the images are built in the Ray actors, for the sites each round asks."""
+    key = cfg.model_dump_json()
+    if key in _COUNTS:
+        return _COUNTS[key]
+    shape, out = task_shape(cfg), []
+    for i, name in enumerate(cfg.sites):
+        if cfg.data.path is not None and shape.task == "classification":
+            _, y = _local_arrays(cfg, i)
+            y = targets(y, shape.image_size)
+            train, val = split_train_val(torch.empty(len(y), 0), y, cfg.data.val_fraction, cfg.seed + i)
+        else:
+            site = site_data(cfg, i, shape.image_size)
+            train, val = site.train, site.val
+        out.append(SiteCounts(train.class_counts(shape.num_classes), val.class_counts(shape.num_classes), len(train),
+                              len(val), train.segmentation))
+    _COUNTS.clear()
+    _COUNTS[key] = out
+    return out
+
+
 def distribution(cfg: SimulationConfig) -> dict[str, dict[str, list[int]]]:
     """Class counts per site and split (computed locally by the researcher, never sent)."""
-    shape = task_shape(cfg)
-    out = {}
-    for i, name in enumerate(cfg.sites):
-        site = cached_site(cfg, i, shape.image_size)
-        out[name] = {"train": site.train.class_counts(shape.num_classes), "val": site.val.class_counts(shape.num_classes)}
-    return out
+    return {name: {"train": c.train, "val": c.val} for name, c in zip(cfg.sites, site_counts(cfg), strict=True)}
 
 
 SMALL_SITE = 20  # training images below which a simulated hospital is warned about
@@ -129,14 +171,13 @@ SMALL_SITE = 20  # training images below which a simulated hospital is warned ab
 def small_sites(cfg: SimulationConfig) -> list[str]:
     """One warning per simulated hospital whose share of the data is too small to learn from (a
     handful of images, or one class); ConfigError where a hospital gets no training image."""
-    shape, out = task_shape(cfg), []
-    for i, name in enumerate(cfg.sites):
-        site = cached_site(cfg, i, shape.image_size)
-        n = len(site.train)
+    out = []
+    for name, site in zip(cfg.sites, site_counts(cfg), strict=True):
+        n = site.n_train
         if n == 0:
-            raise ConfigError(f"partition: {name} gets no training image ({len(site.val)} in all) from "
+            raise ConfigError(f"partition: {name} gets no training image ({site.n_val} in all) from "
                               f"{len(cfg.sites)} sites; simulate fewer sites or use more data")
-        classes = sum(1 for c in site.train.class_counts(shape.num_classes) if c) if not site.train.segmentation else 2
+        classes = sum(1 for c in site.train if c) if not site.segmentation else 2
         if n < SMALL_SITE or classes < 2:
             what = f"{n} training images" + (" of a single class" if classes < 2 else "")
             out.append(f"{name} gets {what}: too little to learn from; simulate fewer sites (--sites), "
@@ -194,12 +235,11 @@ def hospital_from_context(context: Context, image_size: int) -> Hospital:
 
 def check_budgets(cfg: SimulationConfig) -> None:
     """ConfigError if a hospital's budget cannot pay for even one round of the planned run."""
-    size = task_shape(cfg).image_size
-    for index, name in enumerate(cfg.sites):
+    for name, counts in zip(cfg.sites, site_counts(cfg), strict=True):
         policy = cfg.site_policy(name)
         if not policy.enabled:
             continue
-        plan = make_plan(policy, len(cached_site(cfg, index, size).train), cfg.train, cfg.server.rounds)
+        plan = make_plan(policy, counts.n_train, cfg.train, cfg.server.rounds)
         one = epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], plan.delta, plan.accountant)
         if policy.cap < one:
             field = f"site_privacy.{name}" if "budget_epsilon" in cfg.site_privacy.get(name, {}) else "privacy"

@@ -25,7 +25,7 @@ from server.app import build_server_app  # noqa: E402
 from server.loop import Plan, Progress, local_keys  # noqa: E402
 from server.outputs import untrained  # noqa: E402
 
-from strategies.factory import build_secure_workflow, build_strategy  # noqa: E402
+from strategies.factory import build_secure_workflow, build_strategy, cohort  # noqa: E402
 
 from .config import ConfigError, SimulationConfig, dump_config, load_config, parse_sets  # noqa: E402
 from .federation import (  # noqa: E402
@@ -45,7 +45,7 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     cfg = resolved(cfg)
     check_budgets(cfg)
     try:  # Flower's strategy constructors check their own arguments: ask them before the run starts
-        build_strategy(cfg.strategy, len(cfg.sites))
+        build_strategy(cfg.strategy, cohort(cfg.strategy, len(cfg.sites)))
     except ValueError as exc:
         raise ConfigError(f"strategy{'.central_dp' if cfg.strategy.central_dp else ''}: {exc}") from None
     if cfg.strategy.fedbn and not local_keys(cfg, task_shape(cfg), cfg.private):
@@ -75,7 +75,7 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
     return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(), test=global_test(cfg),
-                progress=progress, private=cfg.private, sites=len(cfg.sites))
+                progress=progress, private=cfg.private, sites=len(cfg.sites), site_names=list(cfg.sites))
 
 
 def plan_from_run_config(run_config: dict) -> Plan:

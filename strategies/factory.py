@@ -47,6 +47,12 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     return out
 
 
+def cohort(cfg: StrategyConfig, num_sites: int) -> int:
+    """Hospitals asked to train each round out of `num_sites` connected: Flower's own rule
+    (FedAvg.configure_train: int(n x fraction_train), at least min_train_nodes)."""
+    return max(int(num_sites * cfg.fraction_train), cfg.min_sites)
+
+
 def _base(cfg: StrategyConfig, num_sites: int) -> Strategy:
     """The named Flower strategy, example-weighted (each hospital's 'num-examples')."""
     common = dict(

@@ -103,12 +103,17 @@ def test_bulyan_withstands_one_attacker_among_seven(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
 def test_other_strategies_run_end_to_end(tmp_path, strategy):
-    cfg = load_config(None, {"sites": 3, "server.rounds": 2, "train.local_epochs": 1, "strategy.name": strategy,
-                             "data.synthetic.samples_per_site": 120, "server.output_dir": str(tmp_path)})
+    # with client sampling: three of the four hospitals train each round, all four validate
+    cfg = load_config(None, {"sites": 4, "server.rounds": 2, "train.local_epochs": 1, "strategy.name": strategy,
+                             "strategy.fraction_train": 0.75, "data.synthetic.samples_per_site": 120,
+                             "server.output_dir": str(tmp_path)})
     run_dir = simulate(cfg)
     rows = _rows(run_dir)
     glob = [r for r in rows if r["site"] == "global" and r["round"] != "0"]
     assert [r["status"] for r in glob] == ["3 trained, 0 refused"] * 2
+    for rnd in ("1", "2"):
+        statuses = sorted(r["status"] for r in rows if r["round"] == rnd and r["site"] != "global")
+        assert statuses == ["eval-only", "ok", "ok", "ok"], statuses
     before = initial_arrays(cfg, task_shape(cfg)).to_torch_state_dict()
     after = load_file(str(run_dir / "model.safetensors"))
     assert any(not np.allclose(after[k].numpy(), before[k].numpy()) for k in before)
