@@ -19,12 +19,14 @@ not decode to the model's arrays raises CompressionError naming the array."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 
 CODECS = ("none", "fp16", "int8", "int4")
 LEVELS = {"int8": 127, "int4": 7}
+DOWNLINK = "downlink"  # a task's config record saying how its model arrays are sent (server/downlink.py)
 
 
 class CompressionError(ValueError):
@@ -168,3 +170,38 @@ def apply(reference: dict[str, np.ndarray], update: dict[str, np.ndarray]) -> di
         else:
             out[name] = update[name]
     return out
+
+
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the arrays' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def reconstruct(arrays: dict[str, np.ndarray], meta: dict, held: dict[str, np.ndarray] | None,
+                held_version: int | None) -> dict[str, np.ndarray]:
+    """At the hospital: the model a downlink message stands for, from the version it holds.
+    CompressionError saying what does not fit (the server then sends the full model)."""
+    kind, base, to = str(meta["kind"]), int(meta["base"]), int(meta["to"])
+    if kind == "full":
+        model = arrays
+    elif held is None or held_version != base:
+        have = "no model" if held is None else f"model version {held_version}"
+        raise CompressionError(f"the server sent the model as {kind} from version {base}, this hospital holds {have}; "
+                               "it needs the full model (the server sends it next time)")
+    elif kind == "same":
+        model = held
+    else:
+        model = held
+        for v in range(base + 1, to + 1):
+            prefix = f"{v}/"
+            delta = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+            model = apply(model, decode(delta, model, str(meta["codec"]), int(meta["block"])))
+    if kind != "full" and digest(model) != str(meta["digest"]):
+        raise CompressionError(f"the model rebuilt from version {base} to {to} does not match the server's (sha256); "
+                               "it needs the full model (the server sends it next time)")
+    return model

@@ -24,7 +24,7 @@ from medimaging.training import evaluate, train_epochs
 
 from .config import PrivacyConfig
 from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
-from .mods import central_dp_mod, compression_mod, packing_mod, private_errors_mod
+from .mods import central_dp_mod, compression_mod, downlink_mod, packing_mod, private_errors_mod
 from .secure import secure_aggregation_mod
 from .site import SiteDataError, load_site_hospital
 from .privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
@@ -170,7 +170,7 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
     """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
     hospital: its site.yaml; a simulation hands its own). `extra_mods` run just inside the error
     guard and the wire packing, before SecAgg+ and clipping (e.g. a site's own audit)."""
-    app = ClientApp(mods=[private_errors_mod, packing_mod, compression_mod, *extra_mods, secure_aggregation_mod,
+    app = ClientApp(mods=[private_errors_mod, packing_mod, downlink_mod, compression_mod, *extra_mods, secure_aggregation_mod,
                           central_dp_mod])
 
     @app.train()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import errno
 import logging
 
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType
 from flwr.common.constant import ErrorCode
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -29,7 +30,7 @@ def private_errors_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply, none leaks detail
         log.exception("%s task failed at this hospital", msg.metadata.message_type)
         reason = f"{type(exc).__name__} at the hospital (details in its local log)"
-        if isinstance(exc, SiteDataError):  # phrased to name no file and no value
+        if isinstance(exc, (SiteDataError, DownlinkError)):  # phrased to name no file and no value
             reason = f"{reason}: {exc}"
         elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             reason = f"{reason}: no space left on the hospital's disk"
@@ -110,6 +111,76 @@ def compression_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
         _save_residual(ctxt, path, left)
     reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in sent.items()})
     return reply
+
+
+MODEL_KEY, MODEL_META = "aseanfl.downlink", "aseanfl.downlink-meta"  # Context.state: the last model received
+
+
+def _model_file(ctxt: Context, run: str):
+    residual = _residual_file(ctxt, run)
+    return residual.with_name(f"{run}.model.safetensors") if residual is not None else None
+
+
+def _held_model(ctxt: Context, run: str) -> tuple[dict | None, int | None]:
+    path = _model_file(ctxt, run)
+    if path is None:
+        meta = ctxt.state.config_records.get(MODEL_META)
+        if meta is None or str(meta["run"]) != run:
+            return None, None
+        return {k: a.numpy() for k, a in ctxt.state.array_records[MODEL_KEY].items()}, int(meta["version"])
+    if not path.is_file():
+        return None, None
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    try:
+        with safe_open(str(path), "np") as f:
+            version = int((f.metadata() or {})["version"])
+        return load_file(str(path)), version
+    except Exception:  # noqa: BLE001 - a damaged copy: the server sends the full model next time
+        log.warning("the stored global model %s is unreadable; asking for the full model", path)
+        return None, None
+
+
+def _keep_model(ctxt: Context, run: str, model: dict, version: int) -> None:
+    path = _model_file(ctxt, run)
+    if path is None:
+        ctxt.state[MODEL_KEY] = ArrayRecord({k: Array(v) for k, v in model.items()})
+        ctxt.state[MODEL_META] = ConfigRecord({"run": run, "version": version})
+        return
+    import os
+
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in model.items()}, str(tmp), metadata={"version": str(version)})
+    os.replace(tmp, path)
+
+
+def downlink_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Just inside packing: a model the server sent as a delta against the version this
+    hospital holds (strategy.compression.downlink) is rebuilt before anything reads it, checked
+    against the server's sha256, and kept (beside the ledgers) for the next delta."""
+    from aseanfl.compression import DOWNLINK, CompressionError, reconstruct
+
+    if DOWNLINK not in msg.content.config_records or "arrays" not in msg.content.array_records:
+        return call_next(msg, ctxt)
+    meta = dict(msg.content.config_records[DOWNLINK])
+    run = TaskSpec.from_config(msg.content["config"]).run
+    held, version = _held_model(ctxt, run) if meta["kind"] != "full" else (None, None)
+    try:
+        model = reconstruct({k: a.numpy() for k, a in msg.content["arrays"].items()}, meta, held, version)
+    except CompressionError as exc:
+        raise DownlinkError(str(exc)) from None
+    if meta["kind"] != "same":
+        _keep_model(ctxt, run, model, int(meta["to"]))
+    msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in model.items()})
+    return call_next(msg, ctxt)
+
+
+class DownlinkError(ValueError):
+    """The server's delta does not fit the model this hospital holds (says nothing local)."""
 
 
 def central_dp_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

@@ -27,6 +27,8 @@ from starlette.background import BackgroundTask
 from aseanfl.charts import line_chart
 from aseanfl.web import Console, build, form, local_time
 
+from .digest import MANY, digest
+from .outputs import IDLE
 from .provision import Federation
 
 PAGES = [("/hospitals", "Hospitals"), ("/runs", "Runs"), ("/start", "Start a run")]
@@ -85,7 +87,22 @@ def run_info(run_dir: Path, link: dict[int, str] | None = None) -> dict:
 
 def _status_class(status: str) -> str:
     word = (status or "").split(":")[0]
-    return f"status-{word}" if word in ("ok", "refused", "error", "rejected", "no-reply") else ""
+    return f"status-{word}" if word in ("ok", "refused", "error", "rejected", "no-reply", "not-sampled", "eval-only") else ""
+
+
+def _spread_series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[int, float]]]]:
+    """Past MANY hospitals: the median and the 10th/90th percentiles across them, per round."""
+    by_round: dict[int, list[dict]] = {}
+    for r in rows:
+        by_round.setdefault(int(r["round"]), []).append(r)
+    out: dict[str, list[tuple[int, float]]] = {"sites' median": [], "sites' 10th percentile": [],
+                                               "sites' 90th percentile": []}
+    for rnd in sorted(by_round):
+        d = digest(by_round[rnd])
+        if d.scores:
+            for name, q in zip(out, (0.5, 0.1, 0.9)):
+                out[name].append((rnd, d.quantile(q)))
+    return list(out.items())
 
 
 def run_view(info: dict) -> dict:
@@ -99,11 +116,21 @@ def run_view(info: dict) -> dict:
     rounds = sorted({int(r["round"]) for r in rows})
     series = [("federation (global)", [(int(r["round"]), float(r[key])) for r in rows
                                        if r["site"] == "global" and r.get(key) is not None])]
-    series += [(s, [(int(r["round"]), float(r[key])) for r in rows if r["site"] == s and r.get(key) is not None])
-               for s in sites]
+    many = len(sites) > MANY
+    if many:  # hundreds of hospitals: their spread, not a line each
+        series += _spread_series(rows, key)
+    else:
+        series += [(s, [(int(r["round"]), float(r[key])) for r in rows if r["site"] == s and r.get(key) is not None])
+                   for s in sites]
     series = [series[0]] + [s for s in series[1:] if s[1]]  # a hospital with no score (refused, failed) has no line
     chart = line_chart(series, "round", f"validation {label}", y_min=0.0, y_max=1.0, name="score")
     cell = {(r["site"], int(r["round"])): r.get("status") or "" for r in rows}
+    hidden = 0
+    if many:  # the matrix keeps the hospitals that failed in some round; the rest are counted per round
+        failing = {r["site"] for r in rows if r["site"] != "global" and (r.get("status") or "ok") not in IDLE}
+        hidden, sites = len(sites) - len(failing), sorted(failing)
+        for rnd in rounds:
+            cell[("counts", rnd)] = digest([r for r in rows if int(r["round"]) == rnd]).counts()
     epsilon = {}
     for r in rows:
         if r["site"] != "global" and r.get("epsilon") is not None:
@@ -111,7 +138,8 @@ def run_view(info: dict) -> dict:
     traffic = [(int(r["round"]), r.get("bytes_to_site") or 0, r.get("bytes_from_site") or 0) for r in rows
                if r["site"] == "global"]
     return {"chart": chart, "label": label, "sites": sites, "rounds": rounds, "cell": cell, "epsilon": epsilon,
-            "traffic": traffic, "status_class": _status_class, "points": sum(len(p) for _, p in series)}
+            "traffic": traffic, "status_class": _status_class, "points": sum(len(p) for _, p in series),
+            "hidden": hidden}
 
 
 class Launches:

@@ -479,6 +479,12 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     secagg = cfg.strategy.secure_aggregation
     workflow = build_secure_workflow(secagg, cfg.server.round_timeout_s) if secagg is not None else None
     recorder, arrays, resumed = _start(plan, strategy)
+    down = None
+    if cfg.strategy.compression.downlink != "none":
+        from .downlink import Downlink
+
+        down = Downlink(cfg.strategy.compression.downlink, cfg.strategy.compression.block,
+                        _without(arrays, local_keys(cfg, shape, plan.private)))
     recorder.track(cfg)
     local = local_keys(cfg, shape, plan.private)
     if workflow is not None and cfg.strategy.validation.enabled:
@@ -531,7 +537,10 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd)  # with `random`)
         asked = {m.metadata.dst_node_id for m in tasks}
         if workflow is None:
+            tasks = down.outgoing(tasks) if down else tasks
             replies, sent = _exchange(grid, tasks, timeout, known, silent("training"), plan.stop)
+            if down:
+                down.replied(tasks, replies)
             _count_traffic(replies, sent, row, known)
             trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals, known)
         else:
@@ -557,13 +566,18 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             progress.problem(f"round {rnd}: the strategy returned no model; the global model is unchanged")
         else:
             arrays = _merged(arrays, new_arrays)
+            if down:  # the federation's model is what the hospitals rebuild from the delta
+                arrays = _merged(arrays, down.advance(_without(arrays, local)))
             trained_rounds += 1
         shared = _without(arrays, local)
 
         progress.round_started(rnd, rounds, "validating")
         random.seed(f"{cfg.seed}-{rnd}-evaluate")  # SecAgg+ shuffles with `random` too: it must not move this
         evals = _in_round(strategy.configure_evaluate(rnd, shared, task.to_config(), grid), rnd)
+        evals = down.outgoing(evals) if down else evals
         replies, sent = _exchange(grid, evals, timeout, known, silent("validation"), plan.stop)
+        if down:
+            down.replied(evals, replies)
         _count_traffic(replies, sent, row, known)
         replies = _checked(replies, EvalMetrics, progress, rnd, "validation", {}, known)
         for reply in replies:

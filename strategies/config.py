@@ -28,6 +28,8 @@ class CompressionConfig(Strict):
     block: int = Field(256, ge=8, le=65536, description="int8/int4: values per scale")
     topk: float | None = Field(None, gt=0, le=1, description="send only this share of the update's largest values")
     error_feedback: bool = Field(True, description="the hospital adds what the last encoding lost to the next update")
+    downlink: Literal["none", "fp16", "int8", "int4"] = Field(
+        "none", description="the server sends the global model as a delta in this codec (server/downlink.py)")
 
 
 class StrategyConfig(Strict):
@@ -56,6 +58,9 @@ class StrategyConfig(Strict):
     @model_validator(mode="after")
     def _compression_composes(self) -> "StrategyConfig":
         c, dp = self.compression, self.central_dp
+        if c.downlink != "none" and self.secure_aggregation is not None:
+            raise ValueError("compression.downlink: SecAgg+'s workflow sends the model to the hospitals itself; "
+                             "set compression.downlink: none with it")
         if c.codec == "none" and c.topk is None:
             return self
         if self.secure_aggregation is not None:

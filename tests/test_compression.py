@@ -196,3 +196,111 @@ def test_the_server_rejects_a_compressed_update_that_does_not_decode_naming_the_
     assert rows["bangkok"]["status"] == "rejected:decode"
     (said,) = progress.problems
     assert "update from bangkok rejected" in said and f"{name}: holds 10 int8 codes" in said, said
+
+
+def _server_message(node: int, arrays: dict, config: ConfigRecord, kind=MessageType.TRAIN) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": config})
+    return Message(content, dst_node_id=node, message_type=kind)
+
+
+def test_the_global_model_goes_down_as_a_delta_against_what_each_hospital_holds(tmp_path):
+    """server/downlink.py with client/mods.downlink_mod: full to a hospital that holds nothing,
+    one delta to one that holds the last version, a chain to one that sat rounds out, nothing new
+    to one that is up to date; each rebuilds the server's model bit for bit, and one whose copy
+    is gone is told so in one line and gets the full model next time."""
+    from aseanfl.compression import digest
+    from client.mods import downlink_mod
+    from server.downlink import Downlink
+
+    start, _ = _model_update(0)
+    down = Downlink("int8", 256, ArrayRecord({k: Array(v) for k, v in start.items()}))
+    got: dict[int, dict] = {}
+
+    def app(msg, ctxt):
+        got[msg.metadata.dst_node_id] = {k: a.numpy().copy() for k, a in msg.content["arrays"].items()}
+        return Message(RecordDict({"site": ConfigRecord({"name": "x"})}), reply_to=msg)
+
+    sim = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n}, state=RecordDict(), run_config={})
+           for n in (1, 2, 3)}
+    from inprocess import site_yaml
+
+    site = site_yaml(tmp_path, "site-a", 0, tmp_path / "state")
+    deployed = lambda: Context(run_id=1, node_id=4, node_config={"site-config": str(site)}, state=RecordDict(),  # noqa: E731
+                               run_config={})
+    contexts = {**sim, 4: deployed()}
+
+    def send(nodes, restart=False):
+        msgs = down.outgoing([_server_message(n, down.current, _task()) for n in nodes])
+        sizes = {m.metadata.dst_node_id: sum(a.numpy().nbytes for a in m.content["arrays"].values()) for m in msgs}
+        replies = []
+        for m in msgs:
+            n = m.metadata.dst_node_id
+            ctxt = deployed() if (restart and n == 4) else contexts[n]
+            replies.append(private_errors(m, ctxt))
+        down.replied(msgs, replies)
+        return sizes, replies
+
+    def private_errors(m, ctxt):
+        from client.mods import private_errors_mod
+
+        def inner(msg, c):
+            return downlink_mod(msg, c, app)
+        reply = private_errors_mod(m, ctxt, inner)
+        reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+        return reply
+
+    full = sum(v.nbytes for v in start.values())
+    sizes, _ = send([1, 2, 3, 4])  # version 0: nobody holds anything
+    assert all(s == full for s in sizes.values())
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # three rounds: 1 and 4 hear every one, 2 only the last, 3 none
+        new = {k: v + (0.01 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+               for k, v in down.current.items()}
+        down.advance(ArrayRecord({k: Array(v) for k, v in new.items()}))
+        nodes = [1, 4] if down.version < 3 else [1, 2, 4]
+        sizes, _ = send(nodes, restart=down.version == 2)  # 4's daemon restarts: its copy is on disk
+        assert sizes[1] < 0.27 * full and sizes[4] < 0.27 * full, (sizes, full)
+        for n in nodes:
+            assert digest(got[n]) == down.sha  # rebuilt exactly
+    assert 0.5 * full < sizes[2] < 0.8 * full  # a chain of three deltas
+    assert down.holds == {1: 3, 2: 3, 3: 0, 4: 3}
+    sizes, _ = send([1])  # nothing changed since: nothing to send
+    assert sizes[1] == 0 and digest(got[1]) == down.sha
+    # the server's model follows the strategy's within the int8 error, and the error does not build up
+    assert max(float(np.abs(down.current[k] - new[k]).max()) for k in new) < 1e-3
+    # a hospital whose copy is gone: one line, no local detail; the full model next time
+    (tmp_path / "state" / "compression" / "run-1.model.safetensors").unlink()
+    down.advance(ArrayRecord({k: Array(v) for k, v in new.items()}))
+    _, (reply,) = send([4], restart=True)
+    assert reply.has_error() and "holds no model" in reply.error.reason and "state" not in reply.error.reason
+    assert 4 not in down.holds
+    sizes, (reply,) = send([4], restart=True)
+    assert not reply.has_error() and sizes[4] == full and digest(got[4]) == down.sha
+
+
+def test_a_federation_learns_with_compressed_models_both_ways(tmp_path):
+    """int8 up and down, 5 hospitals of which 3 train each round (all validate): it learns as the
+    uncompressed run does, and after the first contact each hospital downloads ~a quarter."""
+    def run(name, **sets):
+        from simulations.config import load_config
+        from simulations.runner import simulate
+
+        cfg = load_config(None, {"sites": 5, "server.rounds": 3, "data.synthetic.samples_per_site": 200,
+                                 "strategy.fraction_train": 0.6, "server.output_dir": str(tmp_path / name), **sets})
+        run_dir = simulate(cfg)
+        return run_dir, list(csv.DictReader((run_dir / "metrics.csv").open()))
+
+    _, plain = run("plain")
+    run_dir, rows = run("both", **{"strategy.compression.codec": "int8", "strategy.compression.downlink": "int8"})
+    auc = [float(r["test_auc"]) for r in rows if r["site"] == "global"]
+    plain_auc = [float(r["test_auc"]) for r in plain if r["site"] == "global"]
+    assert auc[-1] > 0.65 and abs(auc[-1] - plain_auc[-1]) < 0.03, (auc, plain_auc)
+    from safetensors.numpy import load_file
+
+    fp32 = sum(v.nbytes for v in load_file(str(run_dir / "model.safetensors")).values())
+    first = [int(r["bytes_to_site"]) for r in rows if r["round"] == "1" and r["site"] != "global"]
+    later = [int(r["bytes_to_site"]) for r in rows if r["round"] in ("2", "3") and r["site"] != "global"]
+    plain_later = [int(r["bytes_to_site"]) for r in plain if r["round"] in ("2", "3") and r["site"] != "global"]
+    assert all(b > fp32 for b in first)  # first contact: the full model to train, then one delta to validate
+    assert sum(later) < 0.3 * sum(plain_later), (sum(later), sum(plain_later))
+    assert all(r["status"] in ("ok", "eval-only") for r in rows if r["site"] != "global" and r["round"] != "0")

@@ -168,3 +168,21 @@ def test_hundreds_of_sites_read_as_a_digest(tmp_path):
     assert "300 sites: 269 not-sampled" in final and final.count("| site-") == 7
     for png in ("site_auc.png", "data_distribution.png"):
         assert (run_dir / png).stat().st_size > 10_000
+
+    from server.console import run_view
+
+    view = run_view({"rows": rows})  # the coordinator console's run page
+    assert view["sites"] == ["site-299"] and view["hidden"] == 299
+    assert "269 not-sampled, 30 ok" in view["cell"][("counts", 3)]
+    assert view["chart"].count("<polyline") == 4, view["chart"][:300]  # federation, median, 10th, 90th
+
+
+def test_central_dp_noise_is_calibrated_to_the_sampled_cohort():
+    """Flower's central-DP wrappers divide the noise by the hospitals aggregated: with 10 % of
+    100 sampled that is 10, not 100 (which would add a tenth of the noise the guarantee needs)."""
+    from strategies.factory import build_strategy, cohort
+
+    cfg = load_config(None, {"sites": 100, "strategy.fraction_train": 0.1, "strategy.min_sites": 2,
+                             "strategy.central_dp.clipping": "server-fixed"})
+    assert cohort(cfg.strategy, 100) == 10 and cohort(cfg.strategy, 5) == 2
+    assert build_strategy(cfg.strategy, cohort(cfg.strategy, 100)).num_sampled_clients == 10
