@@ -55,12 +55,11 @@ def _online(db: Path) -> int:
 
 def measure(nodes: int, idle: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        db, fleet = Path(tmp) / "state.db", _free_port()
+        db, fleet = Path(tmp) / "state.db", _free_port()  # one port: Fleet, Control and Runtime APIs (Flower 1.41)
         env = {**os.environ, "FLWR_HOME": tmp, "FLWR_TELEMETRY_ENABLED": "0"}
         link = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--database", str(db), "--isolation", "process",
-             "--fleet-api-address", f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{_free_port()}",
-             "--port", str(_free_port())],
+             "--host", "127.0.0.1", "--port", str(fleet)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         supernodes: list[subprocess.Popen] = []
         try:

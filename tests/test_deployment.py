@@ -108,6 +108,7 @@ def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
     before = set(runs.iterdir())
     args = ["--rounds", "3", "--strategy", "fedavgm", "--set", "strategy.server_momentum=0.5", "--set", "task.image_size=32",
             "--set", "strategy.compression.codec=int8",  # compressed updates, deployed: decoded by the server
+            "--set", "strategy.compression.downlink=int8",  # and the model sent down as deltas
             "--set", "train.local_epochs=8", "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120"]
     proc = subprocess.Popen([str(BIN / "aseanfl"), "run", "-f", str(dep.fed), "--out", str(results), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
@@ -354,6 +355,12 @@ def test_the_crash_runs_compressed_updates_are_decoded_and_their_residuals_stay_
             assert {v["dtype"] for k, v in entries.items() if k.startswith("q:")} == {"int8"}
         res = aseanfl("client", "audit", "-c", str(fed / "sites" / site / "site.yaml"))
         assert res.returncode == 0, res.stdout
+        # the model came down as deltas against the copy each hospital keeps beside its ledgers: the
+        # resumed server sends it in full once (it forgot what each holds), then deltas or nothing
+        ids_kept = [p for p in (fed / "sites" / site / "state" / "compression").glob("run-*.model.safetensors")]
+        assert ids_kept, site
+        last = [r for r in rows if r["site"] == site and r["round"] == "3"]
+        assert last and int(last[0]["bytes_to_site"]) < 0.6 * fp32, (site, last)
 
 
 def test_run_resumes_after_the_server_is_killed_and_loses_at_most_the_round_in_flight(deployed):
