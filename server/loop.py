@@ -36,6 +36,7 @@ from strategies.factory import build_secure_workflow, build_strategy, client_cli
 
 from . import checkpoint
 from .config import RunConfig
+from .digest import MANY, digest
 from .outputs import RunRecorder, score_of
 from .secure import secure_train
 
@@ -61,10 +62,14 @@ class Progress:
         log.info("round %d/%d: %s", rnd, total, phase)
 
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
+        if len(rows) - 1 > MANY:  # hundreds of hospitals: a digest, then the sites worth a line
+            d = digest(rows)
+            log.info("round %d: %d sites: %s; %s", rnd, d.sites, d.counts(), d.spread())
+            rows = d.shown() + [r for r in rows if r["site"] == "global"]
         for row in rows:
             key = score_of([row])[0]
-            log.info("round %d %-14s val_%s=%s test_%s=%s", rnd, row["site"], key, row.get(f"val_{key}"), key,
-                     row.get(f"test_{key}"))
+            log.info("round %d %-14s %s val_%s=%s test_%s=%s", rnd, row["site"], row.get("status") or "", key,
+                     row.get(f"val_{key}"), key, row.get(f"test_{key}"))
 
     def problem(self, text: str) -> None:
         log.warning(text)

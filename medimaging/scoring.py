@@ -1,0 +1,227 @@
+"""Scoring a model at a hospital for federated evaluation (the contest): the only figures that
+leave are those of a fixed schema, computed here from the hospital's own labelled cases.
+
+Per hospital (`score`): the number of cases; per class the cases, and with a model's class
+probabilities: AUC (binary; one-vs-rest per class and their macro mean for several classes),
+accuracy, and for two classes sensitivity and specificity at the operating point (probability of
+class 1 >= `threshold`), each with a 95 % percentile-bootstrap interval (seeded: the same model
+and data give the same numbers). For the pooled figures the hospital also releases confusion
+counts: the 2x2 table at the operating point, and cumulative counts of positives and negatives
+scored at or above each point of a fixed grid (an ROC curve on the grid). For segmentation:
+Dice per label, the mean over cases with an interval, plus the sums behind a global Dice.
+
+Small-cell rule: a figure computed on fewer than `min_cases` positives or negatives (as the
+figure needs them) is withheld, with the reason, and so are the counts behind it, because a
+figure on very few patients can reveal them.
+
+Pooled over hospitals (`pool`): accuracy, sensitivity, specificity and global Dice are exact
+(sums of counts); the pooled AUC is the trapezoid area under the summed grid ROC: exactly the AUC
+of the union's scores rounded to the grid, an approximation of the exact pooled AUC by at most
+the share of positive-negative pairs whose scores fall between the same two grid points."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+GRID = 101  # ROC points: thresholds 0.00, 0.01, ..., 1.00
+
+
+class Interval(BaseModel):
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
+    withheld: str | None = None  # why not released
+
+
+class ClassCounts(BaseModel):
+    """One class against the rest: its cases, and the grid ROC counts (withheld with the AUC)."""
+
+    cases: int
+    auc: Interval
+    tp_at: list[int] | None = None  # positives with probability >= each grid point
+    fp_at: list[int] | None = None  # negatives with probability >= each grid point
+
+
+class SiteScores(BaseModel):
+    """What a hospital releases about one model: aggregate figures only."""
+
+    task: str  # classification | segmentation
+    cases: int
+    min_cases: int
+    threshold: float | None = None
+    accuracy: Interval | None = None
+    correct: int | None = None
+    sensitivity: Interval | None = None
+    specificity: Interval | None = None
+    confusion: dict[str, int] | None = None  # tp, fp, tn, fn at the operating point (two classes)
+    auc: Interval | None = None  # binary AUC, or the macro mean over classes
+    classes: list[ClassCounts] = Field(default_factory=list)
+    dice: list[Interval] = Field(default_factory=list)  # per foreground label
+    dice_sums: list[dict[str, float]] | None = None  # per label: intersection, predicted, truth voxels
+
+
+def _rank_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney AUC with ties counted half (exact)."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, n in zip(first, counts, strict=True):
+        ranks[order[start:start + n]] = start + (n + 1) / 2.0
+    n_pos = int(positive.sum())
+    n_neg = len(scores) - n_pos
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _boot(stat, n: int, rng: np.random.Generator, rounds: int) -> tuple[float, float]:
+    values = []
+    for _ in range(rounds):
+        v = stat(rng.integers(0, n, n))
+        if v is not None and not math.isnan(v):
+            values.append(v)
+    if not values:
+        return math.nan, math.nan
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def _withheld(what: str, have: int, min_cases: int) -> Interval:
+    return Interval(withheld=f"{have} {what}, fewer than min_cases {min_cases}")
+
+
+def grid_counts(scores: np.ndarray, positive: np.ndarray, grid: int = GRID) -> tuple[list[int], list[int]]:
+    """Cumulative counts of positives and of negatives scored at or above each grid point."""
+    points = np.round(np.linspace(0.0, 1.0, grid), 10)
+    bins = np.clip(np.floor(np.round(scores * (grid - 1), 10)).astype(int), 0, grid - 1)  # the last point at or below
+    pos = np.bincount(bins[positive], minlength=grid)[::-1].cumsum()[::-1]
+    neg = np.bincount(bins[~positive], minlength=grid)[::-1].cumsum()[::-1]
+    assert len(points) == grid
+    return pos.astype(int).tolist(), neg.astype(int).tolist()
+
+
+def grid_auc(tp_at: list[int], fp_at: list[int]) -> float:
+    """Trapezoid area under the ROC points (fp, tp) of cumulative grid counts."""
+    tp, fp = np.asarray(tp_at, dtype=np.float64), np.asarray(fp_at, dtype=np.float64)
+    if tp[0] == 0 or fp[0] == 0:
+        return math.nan
+    tpr = np.concatenate([tp / tp[0], [0.0]])
+    fpr = np.concatenate([fp / fp[0], [0.0]])
+    return float(np.sum((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2.0))
+
+
+def _auc_interval(scores, positive, min_cases, rng, rounds) -> Interval:
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos < min_cases:
+        return _withheld("positive cases", n_pos, min_cases)
+    if n_neg < min_cases:
+        return _withheld("negative cases", n_neg, min_cases)
+
+    def stat(idx):
+        p = positive[idx]
+        return _rank_auc(scores[idx], p) if 0 < p.sum() < len(p) else None
+
+    low, high = _boot(stat, len(scores), rng, rounds)
+    return Interval(value=_rank_auc(scores, positive), low=low, high=high)
+
+
+def _share(hits: np.ndarray, min_cases: int, what: str, rng, rounds) -> Interval:
+    if len(hits) < min_cases:
+        return _withheld(what, len(hits), min_cases)
+    low, high = _boot(lambda idx: float(hits[idx].mean()), len(hits), rng, rounds)
+    return Interval(value=float(hits.mean()), low=low, high=high)
+
+
+def score(probs: np.ndarray, labels: np.ndarray, min_cases: int = 20, threshold: float = 0.5, seed: int = 0,
+          rounds: int = 1000) -> SiteScores:
+    """A classification model's figures at this hospital from its class probabilities (N x C)
+    and the true classes (N)."""
+    rng = np.random.default_rng(seed)
+    labels = labels.astype(int)
+    num_classes = probs.shape[1]
+    n = len(labels)
+    pred = (probs[:, 1] >= threshold).astype(int) if num_classes == 2 else probs.argmax(1)
+    hits = pred == labels
+    out = SiteScores(task="classification", cases=n, min_cases=min_cases,
+                     threshold=threshold if num_classes == 2 else None,
+                     accuracy=_share(hits, min_cases, "cases", rng, rounds))
+    if out.accuracy.withheld is None:
+        out.correct = int(hits.sum())
+    for c in range(num_classes):
+        positive = labels == c
+        entry = ClassCounts(cases=int(positive.sum()), auc=_auc_interval(probs[:, c], positive, min_cases, rng, rounds))
+        if entry.auc.withheld is None:
+            entry.tp_at, entry.fp_at = grid_counts(probs[:, c], positive)
+        out.classes.append(entry)
+    if num_classes == 2:
+        positive = labels == 1
+        out.auc = out.classes[1].auc
+        out.sensitivity = _share(hits[positive], min_cases, "positive cases", rng, rounds)
+        out.specificity = _share(hits[~positive], min_cases, "negative cases", rng, rounds)
+        if out.sensitivity.withheld is None and out.specificity.withheld is None:
+            out.confusion = {"tp": int((pred[positive] == 1).sum()), "fn": int((pred[positive] == 0).sum()),
+                             "tn": int((pred[~positive] == 0).sum()), "fp": int((pred[~positive] == 1).sum())}
+    else:
+        released = [e.auc.value for e in out.classes if e.auc.withheld is None]
+        out.auc = Interval(value=float(np.mean(released))) if released else Interval(
+            withheld="no class has min_cases cases in and out of it")
+    return out
+
+
+def segmentation_score(pred: np.ndarray, truth: np.ndarray, num_classes: int, min_cases: int = 20, seed: int = 0,
+                       rounds: int = 1000) -> SiteScores:
+    """A segmentation model's Dice per foreground label: per case where the label is present,
+    their mean with an interval, and the voxel sums behind a global Dice (withheld on fewer than
+    `min_cases` cases holding the label)."""
+    rng = np.random.default_rng(seed)
+    out = SiteScores(task="segmentation", cases=len(truth), min_cases=min_cases, dice_sums=[])
+    for label in range(1, num_classes):
+        p, t = (pred == label).reshape(len(pred), -1), (truth == label).reshape(len(truth), -1)
+        inter, ps, ts = (p & t).sum(1), p.sum(1), t.sum(1)
+        present = ts > 0
+        if present.sum() < min_cases:
+            out.dice.append(_withheld(f"cases with label {label}", int(present.sum()), min_cases))
+            out.dice_sums.append({})
+            continue
+        per_case = 2.0 * inter[present] / (ps[present] + ts[present])
+        low, high = _boot(lambda idx: float(per_case[idx].mean()), len(per_case), rng, rounds)
+        out.dice.append(Interval(value=float(per_case.mean()), low=low, high=high))
+        out.dice_sums.append({"intersection": float(inter.sum()), "predicted": float(ps.sum()), "truth": float(ts.sum())})
+    return out
+
+
+def pool(sites: list[SiteScores]) -> dict:
+    """The federation's figures from what the hospitals released (withheld figures are left out,
+    and the hospitals they came from are named in `left_out`)."""
+    out: dict = {"hospitals": len(sites), "cases": sum(s.cases for s in sites)}
+    if sites and sites[0].task == "segmentation":
+        labels = max(len(s.dice) for s in sites)
+        out["global_dice"] = []
+        for k in range(labels):
+            sums = [s.dice_sums[k] for s in sites if s.dice_sums and s.dice_sums[k]]
+            inter, total = sum(d["intersection"] for d in sums), sum(d["predicted"] + d["truth"] for d in sums)
+            out["global_dice"].append(2 * inter / total if total else None)
+        return out
+    acc = [s for s in sites if s.correct is not None]
+    out["accuracy"] = sum(s.correct for s in acc) / sum(s.cases for s in acc) if acc else None
+    conf = [s.confusion for s in sites if s.confusion]
+    if conf:
+        tp, fn, tn, fp = (sum(c[k] for c in conf) for k in ("tp", "fn", "tn", "fp"))
+        out["sensitivity"], out["specificity"] = tp / (tp + fn), tn / (tn + fp)
+    per_class = []
+    for c in range(max(len(s.classes) for s in sites) if sites else 0):
+        released = [s.classes[c] for s in sites if len(s.classes) > c and s.classes[c].tp_at is not None]
+        if not released:
+            per_class.append(None)
+            continue
+        tp = np.sum([e.tp_at for e in released], axis=0)
+        fp = np.sum([e.fp_at for e in released], axis=0)
+        per_class.append(grid_auc(tp.tolist(), fp.tolist()))
+    out["auc_per_class"] = per_class
+    binary = len(per_class) == 2
+    shown = [a for a in per_class if a is not None and not math.isnan(a)]
+    out["auc"] = per_class[1] if binary else (float(np.mean(shown)) if shown else None)
+    out["left_out"] = sorted({i for i, s in enumerate(sites) if s.correct is None or any(
+        e.tp_at is None for e in s.classes)})
+    return out
