@@ -90,6 +90,45 @@ def simulate(
     console.print(f"[green]done[/]: {run_dir}  (report: {run_dir / 'report.md'})", soft_wrap=True)
 
 
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="model file (safetensors), e.g. a run folder's model.safetensors"),
+    card: Optional[Path] = typer.Option(None, help="its model card (YAML); default: config.yaml beside the model file"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="the simulated federation's YAML config"),
+    sites: Optional[str] = typer.Option(None, help="number of hospitals or comma-separated names"),
+    data: Optional[Path] = typer.Option(None, help="MedMNIST-style .npz (default: synthetic images)"),
+    min_cases: int = typer.Option(20, help="figures on fewer positives or negatives are withheld"),
+    out: Optional[Path] = typer.Option(None, help="folder for evaluation.json / evaluation.md"),
+    set_: list[str] = typer.Option([], "--set", help="any field of the federation's config, dotted"),
+) -> None:
+    """Score a model at every (simulated) hospital on its own held-out cases; only figures come back."""
+    from simulations.config import ConfigError, load_config, parse_sets
+
+    try:
+        overrides = parse_sets(set_)
+        named = {"sites": _sites(sites) if sites else None, "data.path": data}
+        overrides.update({k: v for k, v in named.items() if v is not None})
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if min_cases < 1:
+        _fail("--min-cases: must be at least 1")
+
+    from simulations.evaluate import evaluate as run
+
+    try:
+        folder = run(cfg, model, card, min_cases, out)
+    except ConfigError as exc:  # the model file, its card, or the federation's data
+        _fail(str(exc))
+    import json
+
+    pooled = json.loads((folder / "evaluation.json").read_text())["pooled"]
+    said = ", ".join(f"{k} {pooled[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity")
+                     if isinstance(pooled.get(k), float))
+    typer.echo(f"pooled over {pooled['hospitals']} hospitals ({pooled['cases']} cases): {said or 'see the table'}")
+    typer.echo(f"done: {folder / 'evaluation.md'}")
+
+
 from .client_cli import app as client_app  # noqa: E402
 from .server_cli import app_hash, console_cert, provision, run, server_app, status  # noqa: E402
 

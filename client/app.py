@@ -23,7 +23,7 @@ from medimaging.models import build_model, norm_keys
 from medimaging.training import evaluate, train_epochs
 
 from .config import PrivacyConfig
-from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
+from .messages import REFUSAL_KEY, EvalMetrics, EvaluationSpec, Refusal, TaskSpec, TrainMetrics
 from .mods import central_dp_mod, compression_mod, downlink_mod, packing_mod, private_errors_mod
 from .secure import secure_aggregation_mod
 from .site import SiteDataError, load_site_hospital
@@ -46,6 +46,7 @@ class Hospital:
     threads: int = 1  # CPU threads (a simulated hospital shares the machine: one)
     precision: torch.dtype | None = None  # autocast dtype (None: fp32), from compute.precision
     deterministic: bool = False  # compute.deterministic
+    min_cases: int = 20  # federated evaluation: figures on fewer positives or negatives are withheld here
 
 
 # (node context, image side in px) -> this hospital.
@@ -202,6 +203,20 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
             val_dice=scores.get("dice"), ft_val_dice=tuned.get("dice"),
         )
         return Message(content=_reply(site, {"metrics": metrics.record()}), reply_to=msg)
+
+    @app.evaluate("contest")
+    def contest(msg: Message, context: Context) -> Message:
+        """Score a submitted model on this hospital's held-out cases; only aggregate figures leave."""
+        from .contest import SCORES_KEY, score_model, scores_record
+
+        spec = EvaluationSpec.from_config(msg.content["config"])
+        hospital = _load(load_hospital, context, spec)  # the same checks: task, dimensions, classes
+        _hardware(hospital)
+        scores = score_model(spec, msg.content["arrays"], hospital.data.val, hospital.device, hospital.precision,
+                             hospital.min_cases)
+        log.info("%s: scored model %s for evaluation %s on %d cases", hospital.data.name, spec.model_sha256[:12],
+                 spec.evaluation, scores.cases)
+        return Message(content=_reply(hospital.data, {SCORES_KEY: scores_record(scores)}), reply_to=msg)
 
     return app
 

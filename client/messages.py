@@ -100,3 +100,31 @@ class Refusal(Message):
 
     def record(self) -> ConfigRecord:
         return ConfigRecord(self.model_dump(by_alias=True))
+
+
+EVALUATION_KEY = "evaluation"
+
+
+class EvaluationSpec(Message):
+    """What the server asks a hospital to score (federated evaluation): a model of this card,
+    its arrays in the message, identified by the model file's sha256."""
+
+    evaluation: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="evaluation id; names audit entries")
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model: ModelConfig
+    in_channels: int = Field(ge=1)
+    num_classes: int = Field(ge=2)
+    image_size: int = Field(ge=8)
+    task: Task = "classification"
+    spatial_dims: Dims = 2
+    private: bool = False
+    min_cases: int = Field(20, ge=1, description="figures on fewer positives or negatives are withheld")
+    threshold: float = Field(0.5, gt=0, lt=1, description="operating point: probability of class 1")
+    seed: int = 0
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({EVALUATION_KEY: self.model_dump_json()})
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "EvaluationSpec":
+        return cls.model_validate_json(str(config[EVALUATION_KEY]))

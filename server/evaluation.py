@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from medimaging.config import Dims, ModelConfig, Strict, Task
+from medimaging.scoring import SiteScores, pool
 from medimaging.yamlconfig import ConfigError
 
 from .loop import TaskShape
@@ -98,3 +99,113 @@ def check_model_file(path: Path, card: ModelCard, run_config) -> dict[str, np.nd
         if np.issubdtype(got.dtype, np.floating) and not np.all(np.isfinite(got)):
             raise ConfigError(f"model file {path}: {name} holds NaN or Inf")
     return tensors
+
+
+def _site_scores(reply, known: dict[int, str]) -> tuple[str, SiteScores | str]:
+    """(hospital, its figures) from a reply, or (hospital, why there are none)."""
+    from client.contest import SCORES_KEY
+
+    from .loop import _site_name
+
+    site = _site_name(reply, known)
+    if reply.has_error():
+        return site, f"error: {reply.error.reason}"
+    try:
+        return site, SiteScores.model_validate_json(str(reply.content.config_records[SCORES_KEY]["json"]))
+    except (KeyError, ValidationError) as exc:
+        return site, f"error: its figures break the schema ({type(exc).__name__})"
+
+
+def evaluate_federation(grid, spec, tensors: dict[str, np.ndarray], out_dir: Path, node_names: dict[int, str],
+                        site_names: list[str] | None, timeout: float, progress=None) -> dict:
+    """Send the model to every connected hospital, collect their figures, pool them; write
+    evaluation.json and evaluation.md into `out_dir`."""
+    import threading
+
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    from aseanfl.packing import PackedGrid
+
+    from .loop import SiteOrder, _exchange, partition_names
+
+    known = {**node_names, **partition_names(grid, site_names)}
+    grid = SiteOrder(PackedGrid(grid), known)
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    messages = [Message(RecordDict({"arrays": arrays, "config": spec.to_config()}), dst_node_id=nid,
+                        message_type="evaluate.contest") for nid in grid.get_node_ids()]
+    for m in messages:
+        m.metadata.group_id = spec.evaluation
+    results: dict[str, SiteScores | str] = {}
+
+    def silent(nid: int, _sent: int, why: str) -> None:
+        results[known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
+
+    replies, _ = _exchange(grid, messages, timeout, known, silent, threading.Event())
+    for reply in replies:
+        site, got = _site_scores(reply, known)
+        results[site] = got
+    scored = {s: r for s, r in sorted(results.items()) if isinstance(r, SiteScores)}
+    pooled = pool(list(scored.values()))
+    pooled["left_out"] = [list(scored)[i] for i in pooled.get("left_out", [])]
+    out = {"evaluation": spec.evaluation, "model_sha256": spec.model_sha256, "card": spec.model_dump(mode="json"),
+           "sites": {s: (r.model_dump(mode="json") if isinstance(r, SiteScores) else {"error": r})
+                     for s, r in sorted(results.items())},
+           "pooled": pooled}
+    write_results(out_dir, out)
+    return out
+
+
+def write_results(out_dir: Path, result: dict) -> None:
+    """evaluation.json (everything the hospitals released, and the pooled figures) and a readable
+    evaluation.md, each written whole or not at all."""
+    import json
+    import os
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("evaluation.json", json.dumps(result, indent=1) + "\n"), ("evaluation.md", _markdown(result))):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
+
+
+def _cell(interval: dict | None) -> str:
+    if not interval:
+        return ""
+    if interval.get("withheld"):
+        return f"withheld ({interval['withheld']})"
+    if interval.get("value") is None:
+        return ""
+    low, high = interval.get("low"), interval.get("high")
+    ci = f" ({low:.3f}-{high:.3f})" if low is not None and high is not None and low == low else ""
+    return f"{interval['value']:.3f}{ci}"
+
+
+def _markdown(result: dict) -> str:
+    p = result["pooled"]
+    lines = [f"# Evaluation `{result['evaluation']}`", "", f"Model sha256 `{result['model_sha256']}` "
+             f"({result['card']['model']['name']}, {result['card']['num_classes']} classes, "
+             f"{result['card']['image_size']} px); each hospital scored it on its own held-out cases, "
+             f"figures on fewer than {result['card']['min_cases']} positives or negatives are withheld.", ""]
+    if result["card"]["task"] == "segmentation":
+        lines += ["| hospital | cases | Dice per label (95 % CI) |", "|---|---|---|"]
+        for site, s in result["sites"].items():
+            if "error" in s:
+                lines.append(f"| {site} | | {s['error']} |")
+            else:
+                lines.append(f"| {site} | {s['cases']} | {'; '.join(_cell(d) for d in s['dice'])} |")
+        dice = "; ".join("" if d is None else f"{d:.3f}" for d in p.get("global_dice", []))
+        lines += [f"| **pooled** | {p['cases']} | global Dice {dice} (exact, from voxel sums) |"]
+        return "\n".join(lines) + "\n"
+    lines += ["| hospital | cases | AUC (95 % CI) | accuracy | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+    for site, s in result["sites"].items():
+        if "error" in s:
+            lines.append(f"| {site} | | {s['error']} | | | |")
+            continue
+        lines.append(f"| {site} | {s['cases']} | {_cell(s['auc'])} | {_cell(s['accuracy'])} | {_cell(s.get('sensitivity'))} | "
+                     f"{_cell(s.get('specificity'))} |")
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    lines += [f"| **pooled** | {p['cases']} | {fmt(p.get('auc'))} (on the score grid) | {fmt(p.get('accuracy'))} (exact) | "
+              f"{fmt(p.get('sensitivity'))} (exact) | {fmt(p.get('specificity'))} (exact) |", ""]
+    if p.get("left_out"):
+        lines += [f"Left out of the pooled AUC (a figure withheld): {', '.join(p['left_out'])}.", ""]
+    return "\n".join(lines)

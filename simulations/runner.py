@@ -136,6 +136,23 @@ def check_gpus(cfg: SimulationConfig) -> None:
             site_precision(cfg, name)
 
 
+def engine(cfg: SimulationConfig, server_app, client_app) -> None:
+    """Flower's Simulation Engine on the config's hospitals, with Flower's and Ray's own log lines
+    down to warnings unless engine.verbose."""
+    flwr_log = logging.getLogger("flwr")
+    if not cfg.engine.verbose:
+        flwr_log.setLevel(logging.WARNING)
+        # Ray's notice about a future default (accelerator env vars) is not the user's to act on
+        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", category=FutureWarning)
+    hide = _HideDeprecation()
+    flwr_log.addFilter(hide)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(cfg.sites),
+                       backend_config=backend_config(cfg), verbose_logging=cfg.engine.verbose)
+    finally:
+        flwr_log.removeFilter(hide)
+
+
 def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
     """Run the whole federation; return the run folder (metrics, models, report)."""
     check_ray_address(cfg.engine.ray_address)
@@ -146,27 +163,12 @@ def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
     def load_hospital(context, image_size):
         return hospital(site_cfg, int(context.node_config["partition-id"]), image_size, ledger_root)
 
-    flwr_log = logging.getLogger("flwr")
-    if not cfg.engine.verbose:
-        flwr_log.setLevel(logging.WARNING)
-        # Ray's notice about a future default (accelerator env vars) is not the user's to act on
-        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", category=FutureWarning)
-    hide = _HideDeprecation()
-    flwr_log.addFilter(hide)
     try:
-        run_simulation(
-            server_app=build_server_app(lambda _ctx: plan),
-            client_app=build_client_app(load_hospital),
-            num_supernodes=len(cfg.sites),
-            backend_config=backend_config(cfg),
-            verbose_logging=cfg.engine.verbose,
-        )
+        engine(cfg, build_server_app(lambda _ctx: plan), build_client_app(load_hospital))
     except RuntimeError as err:  # the engine died; Flower leaves the ServerApp thread waiting
         plan.stop.set()
         raise SimulationFailed(f"the simulation engine failed ({_root_cause(err)}); Flower's log above has "
                                f"the detail; partial results in {plan.run_dir}") from err
-    finally:
-        flwr_log.removeFilter(hide)
     if not (plan.run_dir / "summary.json").exists():
         raise SimulationFailed(f"the simulation ended before finishing its rounds; partial results in {plan.run_dir}")
     nothing_trained(plan.run_dir)
