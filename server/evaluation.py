@@ -182,10 +182,12 @@ def _cell(interval: dict | None) -> str:
 
 def _markdown(result: dict) -> str:
     p = result["pooled"]
+    floors = sorted({s["min_cases"] for s in result["sites"].values() if "min_cases" in s}) or [result["card"]["min_cases"]]
+    floor = str(floors[0]) if len(floors) == 1 else f"{floors[0]}-{floors[-1]} (each hospital's own floor)"
     lines = [f"# Evaluation `{result['evaluation']}`", "", f"Model sha256 `{result['model_sha256']}` "
              f"({result['card']['model']['name']}, {result['card']['num_classes']} classes, "
              f"{result['card']['image_size']} px); each hospital scored it on its own held-out cases, "
-             f"figures on fewer than {result['card']['min_cases']} positives or negatives are withheld.", ""]
+             f"figures on fewer than {floor} positives or negatives are withheld.", ""]
     if result["card"]["task"] == "segmentation":
         lines += ["| hospital | cases | Dice per label (95 % CI) |", "|---|---|---|"]
         for site, s in result["sites"].items():
