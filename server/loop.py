@@ -242,9 +242,13 @@ def partition_names(grid, sites: list[str] | None) -> dict[int, str]:
     return dict(zip(ids, sites, strict=True))
 
 
-def _in_round(messages: Iterable[Message], rnd: int) -> list[Message]:
-    """Flower's group_id = the round; replies inherit it (hospitals' audit logs record it)."""
+def _in_round(messages: Iterable[Message], rnd: int, names: dict[int, str] | None = None) -> list[Message]:
+    """Flower's group_id = the round; replies inherit it (hospitals' audit logs record it). With
+    `names`, in site order (Flower's sample is a shuffled cohort): sent the same way every run."""
     messages = list(messages)
+    if names is not None:
+        messages.sort(key=lambda m: (m.metadata.dst_node_id not in names, names.get(m.metadata.dst_node_id, ""),
+                                     m.metadata.dst_node_id))
     for m in messages:
         m.metadata.group_id = str(rnd)
     return messages
@@ -429,10 +433,11 @@ def server_evaluate(
 
 
 def _secure_phase(grid: Grid, plan: Plan, workflow, tasks, arrays: ArrayRecord, rnd: int,
-                  row: Callable[[str], dict], refusals: dict[str, Refusal]):
+                  row: Callable[[str], dict], refusals: dict[str, Refusal], known: dict[int, str]):
     """Training through SecAgg+: only the hospitals' masked vectors and metrics reach the server.
     A reply that breaks the schema is reported but stays in the sum (it cannot be taken out of it)."""
     result = secure_train(grid, workflow, tasks, arrays, rnd, payload_bytes)
+    result.sites = {**known, **result.sites}  # a hospital that dropped out before naming itself: as the server knows it
     for nid, (to_site, from_site) in result.traffic.items():
         r = row(result.sites.get(nid, f"node-{nid}"))
         r["bytes_to_site"] += to_site
@@ -538,8 +543,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         present = _await_rejoin(grid, present, cfg.server.rejoin_wait_s, plan, known, rnd)
         progress.round_started(rnd, rounds, "training")
         shared = _without(arrays, local)
-        random.seed(f"{cfg.seed}-{rnd}-train")  # the cohort depends on the seed and round alone (Flower samples
-        tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd)  # with `random`)
+        random.seed(f"{cfg.seed}-{rnd}-train")  # Flower samples with `random`: the cohort follows the seed and round
+        tasks = _in_round(strategy.configure_train(rnd, shared, task.to_config(), grid), rnd, known)
         asked = {m.metadata.dst_node_id for m in tasks}
         if workflow is None:
             tasks = down.outgoing(tasks) if down else tasks
@@ -549,7 +554,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
             _count_traffic(replies, sent, row, known)
             trained = _checked(replies, TrainMetrics, progress, rnd, "training", refusals, known)
         else:
-            trained, new_arrays, train_agg = _secure_phase(grid, plan, workflow, tasks, shared, rnd, row, refusals)
+            trained, new_arrays, train_agg = _secure_phase(grid, plan, workflow, tasks, shared, rnd, row, refusals, known)
         for site, refusal in refusals.items():
             row(site).update(status=f"refused:{refusal.code}", epsilon=refusal.epsilon_spent)
         for reply in trained:
@@ -578,7 +583,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
 
         progress.round_started(rnd, rounds, "validating")
         random.seed(f"{cfg.seed}-{rnd}-evaluate")  # SecAgg+ shuffles with `random` too: it must not move this
-        evals = _in_round(strategy.configure_evaluate(rnd, shared, task.to_config(), grid), rnd)
+        evals = _in_round(strategy.configure_evaluate(rnd, shared, task.to_config(), grid), rnd, known)
         evals = down.outgoing(evals) if down else evals
         replies, sent = _exchange(grid, evals, timeout, known, silent("validation"), plan.stop)
         if down:
