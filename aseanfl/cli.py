@@ -115,11 +115,14 @@ def evaluate(
         _fail("--min-cases: must be at least 1")
 
     from simulations.evaluate import evaluate as run
+    from simulations.runner import SimulationFailed
 
     try:
         folder = run(cfg, model, card, min_cases, out)
     except ConfigError as exc:  # the model file, its card, or the federation's data
         _fail(str(exc))
+    except SimulationFailed as exc:  # e.g. Ray could not start
+        _fail(str(exc), "error", 1)
     import json
 
     pooled = json.loads((folder / "evaluation.json").read_text())["pooled"]

@@ -11,21 +11,11 @@ from flwr.app import ConfigRecord
 from medimaging.datasets import Split
 from medimaging.models import build_model
 from medimaging.scoring import SiteScores, score, segmentation_score
-from medimaging.compute import autocast, device_of
-from medimaging.training import loader
+from medimaging.training import predict
 
 from .messages import EvaluationSpec
 
 SCORES_KEY = "scores"  # the reply's config record: the SiteScores as JSON
-
-
-@torch.no_grad()
-def _outputs(model: torch.nn.Module, split: Split, precision) -> torch.Tensor:
-    model.eval()
-    device = device_of(model)
-    with autocast(device, precision):
-        return torch.cat([model(x.to(device, non_blocking=True)).float().cpu()
-                          for x, _ in loader(split, 64, shuffle=False, device=device)])
 
 
 def score_model(spec: EvaluationSpec, arrays, split: Split, device: torch.device, precision, own_min_cases: int) -> SiteScores:
@@ -34,7 +24,7 @@ def score_model(spec: EvaluationSpec, arrays, split: Split, device: torch.device
     model.load_state_dict(arrays.to_torch_state_dict())
     model.to(device)
     min_cases = max(spec.min_cases, own_min_cases)
-    outputs = _outputs(model, split, precision)
+    outputs = predict(model, split, 64, precision)
     if split.segmentation:
         return segmentation_score(outputs.argmax(1).numpy(), split.y.numpy(), spec.num_classes, min_cases, spec.seed)
     probs = torch.softmax(outputs, dim=1).numpy().astype(np.float64)

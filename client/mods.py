@@ -60,22 +60,35 @@ def _residual_file(ctxt: Context, run: str):
     return load_site(Path(str(ctxt.node_config[SITE_CONFIG_KEY]))).state_dir / "compression" / f"{run}.safetensors"
 
 
-def _load_residual(ctxt: Context, path) -> dict | None:
-    if path is not None:
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(str(path)) if path.is_file() else None
-        except Exception:  # noqa: BLE001 - a damaged residual: start again from none (costs accuracy, not privacy)
-            log.warning("the compression residual %s is unreadable; starting from none", path)
-            return None
-    record = ctxt.state.array_records.get(RESIDUAL_KEY)
-    return {k: a.numpy() for k, a in record.items()} if record is not None else None
-
-
-def _save_residual(ctxt: Context, path, residual: dict) -> None:
+def _stored(ctxt: Context, path, key: str) -> tuple[dict | None, dict]:
+    """(arrays, metadata) a hospital keeps between rounds: in the file `path` (a deployed hospital,
+    beside its ledgers, so a restarted daemon goes on from it), or under `key` in the Context's
+    state (a simulation: Flower keeps it per node). (None, {}) where there is none, or the file
+    is unreadable (said in the log: it costs accuracy or bytes, never privacy)."""
     if path is None:
-        ctxt.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in residual.items()})
+        record = ctxt.state.array_records.get(key)
+        meta = ctxt.state.config_records.get(f"{key}-meta")
+        return ({k: a.numpy() for k, a in record.items()} if record is not None else None), dict(meta or {})
+    if not path.is_file():
+        return None, {}
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = dict(f.metadata() or {})
+        return load_file(str(path)), meta
+    except Exception:  # noqa: BLE001 - a damaged file: start again from none
+        log.warning("%s is unreadable; starting again without it", path)
+        return None, {}
+
+
+def _store(ctxt: Context, path, key: str, arrays: dict, meta: dict | None = None) -> None:
+    """Keep `arrays` (and string metadata) where _stored reads them; a file is replaced whole."""
+    if path is None:
+        ctxt.state[key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        if meta is not None:
+            ctxt.state[f"{key}-meta"] = ConfigRecord(meta)
         return
     import os
 
@@ -83,8 +96,8 @@ def _save_residual(ctxt: Context, path, residual: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(residual, str(tmp))
-    os.replace(tmp, path)  # never half a residual
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # never half a file
 
 
 def compression_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -104,58 +117,21 @@ def compression_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
     from aseanfl.compression import compress
 
     path = _residual_file(ctxt, task.run) if task.error_feedback else None
-    residual = _load_residual(ctxt, path) if task.error_feedback else None
+    residual = _stored(ctxt, path, RESIDUAL_KEY)[0] if task.error_feedback else None
     trained = {k: a.numpy() for k, a in reply.content["arrays"].items()}
     sent, left = compress(trained, received, residual, task.codec, task.block, task.topk)
     if task.error_feedback:
-        _save_residual(ctxt, path, left)
+        _store(ctxt, path, RESIDUAL_KEY, left)
     reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in sent.items()})
     return reply
 
 
-MODEL_KEY, MODEL_META = "aseanfl.downlink", "aseanfl.downlink-meta"  # Context.state: the last model received
+MODEL_KEY = "aseanfl.downlink"  # Context.state: the last global model received (and its run and version)
 
 
 def _model_file(ctxt: Context, run: str):
     residual = _residual_file(ctxt, run)
     return residual.with_name(f"{run}.model.safetensors") if residual is not None else None
-
-
-def _held_model(ctxt: Context, run: str) -> tuple[dict | None, int | None]:
-    path = _model_file(ctxt, run)
-    if path is None:
-        meta = ctxt.state.config_records.get(MODEL_META)
-        if meta is None or str(meta["run"]) != run:
-            return None, None
-        return {k: a.numpy() for k, a in ctxt.state.array_records[MODEL_KEY].items()}, int(meta["version"])
-    if not path.is_file():
-        return None, None
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    try:
-        with safe_open(str(path), "np") as f:
-            version = int((f.metadata() or {})["version"])
-        return load_file(str(path)), version
-    except Exception:  # noqa: BLE001 - a damaged copy: the server sends the full model next time
-        log.warning("the stored global model %s is unreadable; asking for the full model", path)
-        return None, None
-
-
-def _keep_model(ctxt: Context, run: str, model: dict, version: int) -> None:
-    path = _model_file(ctxt, run)
-    if path is None:
-        ctxt.state[MODEL_KEY] = ArrayRecord({k: Array(v) for k, v in model.items()})
-        ctxt.state[MODEL_META] = ConfigRecord({"run": run, "version": version})
-        return
-    import os
-
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in model.items()}, str(tmp), metadata={"version": str(version)})
-    os.replace(tmp, path)
 
 
 def downlink_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -168,13 +144,19 @@ def downlink_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
         return call_next(msg, ctxt)
     meta = dict(msg.content.config_records[DOWNLINK])
     run = TaskSpec.from_config(msg.content["config"]).run
-    held, version = _held_model(ctxt, run) if meta["kind"] != "full" else (None, None)
+    held, version = None, None
+    if meta["kind"] != "full":
+        held, kept = _stored(ctxt, _model_file(ctxt, run), MODEL_KEY)
+        if held is None or kept.get("run", run) != run or "version" not in kept:
+            held = None
+        else:
+            version = int(kept["version"])
     try:
         model = reconstruct({k: a.numpy() for k, a in msg.content["arrays"].items()}, meta, held, version)
     except CompressionError as exc:
         raise DownlinkError(str(exc)) from None
     if meta["kind"] != "same":
-        _keep_model(ctxt, run, model, int(meta["to"]))
+        _store(ctxt, _model_file(ctxt, run), MODEL_KEY, model, {"run": run, "version": str(meta["to"])})
     msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in model.items()})
     return call_next(msg, ctxt)
 

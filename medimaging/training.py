@@ -179,6 +179,17 @@ def dice_scores(model: torch.nn.Module, split: Split, num_classes: int, batch_si
 
 
 @torch.no_grad()
+def predict(model: torch.nn.Module, split: Split, batch_size: int = 256, precision: torch.dtype | None = None) -> torch.Tensor:
+    """The model's outputs (logits) for every image of `split`, in order, in float32 on the CPU;
+    batches run on the model's device."""
+    model.eval()
+    device = device_of(model)
+    with autocast(device, precision):
+        return torch.cat([model(x.to(device, non_blocking=True)).float().cpu()
+                          for x, _ in loader(split, batch_size, shuffle=False, device=device)])
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size: int = 256,
              precision: torch.dtype | None = None) -> dict[str, float]:
     """Loss, accuracy and AUC of `model` on `split`, and per class (or finding) AUC and accuracy;
@@ -187,10 +198,7 @@ def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size:
     model.eval()
     if split.segmentation:
         return dice_scores(model, split, num_classes, max(1, batch_size // 16))
-    device = device_of(model)
-    with autocast(device, precision):
-        logits = torch.cat([model(x.to(device, non_blocking=True)).float().cpu()
-                            for x, _ in loader(split, batch_size, shuffle=False, device=device)])
+    logits = predict(model, split, batch_size, precision)
     if split.multilabel:
         return multilabel_scores(logits, split.y)
     loss = torch.nn.functional.cross_entropy(logits, split.y).item()

@@ -8,6 +8,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .outputs import IDLE, score_of
 
 MANY = 20  # site rows beyond which a round is shown as a digest
@@ -27,12 +29,7 @@ class Digest:
 
     def quantile(self, q: float) -> float | None:
         """Linear-interpolated quantile of the sites' scores (None without any)."""
-        if not self.scores:
-            return None
-        s = sorted(self.scores)
-        pos = q * (len(s) - 1)
-        low, high = math.floor(pos), math.ceil(pos)
-        return s[low] + (s[high] - s[low]) * (pos - low)
+        return float(np.percentile(self.scores, 100 * q)) if self.scores else None
 
     def counts(self) -> str:
         """'100 ok, 2 refused:budget, 898 not-sampled' (most first)."""

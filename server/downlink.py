@@ -17,9 +17,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from aseanfl.compression import DOWNLINK as RECORD, apply, decode, digest, encode
-
-
+from aseanfl.compression import DOWNLINK as RECORD, apply, compress, decode, digest
 
 
 def _nbytes(arrays: dict[str, np.ndarray]) -> int:
@@ -31,24 +29,17 @@ class Downlink:
         self.codec, self.block = codec, block
         self.current = {k: a.numpy().copy() for k, a in shared.items()}
         self.version, self.sha = 0, digest(self.current)
-        self.residual: dict[str, np.ndarray] = {}
+        self.residual: dict[str, np.ndarray] | None = None  # what the last encoding lost
         self.chain: dict[int, dict[str, np.ndarray]] = {}  # version -> the encoded delta that made it
         self.holds: dict[int, int] = {}  # node id -> the version the server knows it holds
 
     def advance(self, new: ArrayRecord) -> ArrayRecord:
-        """B' from the strategy's result N (the shared arrays): the broadcast model."""
-        delta = {}
-        for name, ref in self.current.items():
-            value = new[name].numpy()
-            if np.issubdtype(ref.dtype, np.floating):
-                d = value.astype(np.float32) - ref.astype(np.float32)
-                delta[name] = d + self.residual[name] if name in self.residual else d
-            else:
-                delta[name] = value
-        encoded = encode(delta, self.codec, self.block)
-        decoded = decode(encoded, delta, self.codec, self.block)
-        self.residual = {k: delta[k] - decoded[k] for k in delta if np.issubdtype(delta[k].dtype, np.floating)}
-        self.current = apply(self.current, decoded)
+        """B' from the strategy's result N (the shared arrays): the broadcast model. The delta is
+        encoded as a hospital encodes its update (with what the last encoding lost added), and B'
+        is rebuilt from it exactly as the hospitals rebuild it."""
+        encoded, self.residual = compress({k: a.numpy() for k, a in new.items()}, self.current, self.residual,
+                                          self.codec, self.block)
+        self.current = apply(self.current, decode(encoded, self.current, self.codec, self.block))
         self.version += 1
         self.sha = digest(self.current)
         self.chain[self.version] = encoded

@@ -11,12 +11,11 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import yaml
 from pydantic import Field, ValidationError
 
 from medimaging.config import Dims, ModelConfig, Strict, Task
 from medimaging.scoring import SiteScores, pool
-from medimaging.yamlconfig import ConfigError
+from medimaging.yamlconfig import ConfigError, read_config
 
 from .loop import TaskShape
 
@@ -50,17 +49,15 @@ def sha256(path: Path) -> str:
 
 
 def read_card(path: Path) -> ModelCard:
-    """A model card YAML; ConfigError naming the file and field."""
+    """A model card YAML (read as every config is: medimaging/yamlconfig.read_config); ConfigError
+    naming the file and field."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not a readable YAML model card ({exc})") from None
-    try:
-        return ModelCard.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {where}: {err['msg']}") from None
+        return read_config(path, None, ModelCard)
+    except ConfigError as exc:
+        said = str(exc)
+        if str(path) in said:
+            raise
+        raise ConfigError("\n".join(f"{path}: {line}" for line in said.splitlines())) from None
 
 
 def check_against_task(card: ModelCard, task: TaskShape, where: str) -> None:
@@ -117,7 +114,7 @@ def _site_scores(reply, known: dict[int, str]) -> tuple[str, SiteScores | str]:
 
 
 def evaluate_federation(grid, spec, tensors: dict[str, np.ndarray], out_dir: Path, node_names: dict[int, str],
-                        site_names: list[str] | None, timeout: float, progress=None) -> dict:
+                        site_names: list[str] | None, timeout: float) -> dict:
     """Send the model to every connected hospital, collect their figures, pool them; write
     evaluation.json and evaluation.md into `out_dir`."""
     import threading

@@ -65,5 +65,5 @@ def evaluate(cfg: SimulationConfig, model: Path, card_path: Path | None = None, 
     except RuntimeError as err:
         raise SimulationFailed(f"the simulation engine failed ({err})") from err
     if not (out_dir / "evaluation.json").is_file():
-        raise ConfigError(f"the evaluation ended before the hospitals' figures were written ({out_dir})")
+        raise SimulationFailed(f"the evaluation ended before the hospitals' figures were written ({out_dir})")
     return out_dir
