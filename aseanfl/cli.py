@@ -100,8 +100,23 @@ def evaluate(
     min_cases: int = typer.Option(20, help="figures on fewer positives or negatives are withheld"),
     out: Optional[Path] = typer.Option(None, help="folder for evaluation.json / evaluation.md"),
     set_: list[str] = typer.Option([], "--set", help="any field of the federation's config, dotted"),
+    federation_dir: Optional[Path] = typer.Option(None, "--federation-dir", "-f",
+                                                  help="a deployment: score at its connected hospitals"),
+    split: str = typer.Option("test", help="deployment: the hospitals' test or validation cases"),
+    wait_for_sites: int = typer.Option(1, help="deployment: hospitals to wait for before the model is sent"),
+    timeout: float = typer.Option(600.0, help="deployment: seconds the hospitals have to reply"),
 ) -> None:
-    """Score a model at every (simulated) hospital on its own held-out cases; only figures come back."""
+    """Score a model at every hospital on its own held-out cases (simulated, or with -f a
+    deployment's); only figures come back."""
+    if federation_dir is not None:
+        from .contest_cli import evaluate_deployed
+
+        if split not in ("test", "validation"):
+            _fail("--split: test or validation")
+        if min_cases < 1:
+            _fail("--min-cases: must be at least 1")
+        return evaluate_deployed(federation_dir, model, card, config, min_cases, out or Path("evaluations"), split,
+                                 wait_for_sites, timeout)
     from simulations.config import ConfigError, load_config, parse_sets
 
     try:
@@ -125,18 +140,20 @@ def evaluate(
         _fail(str(exc), "error", 1)
     import json
 
-    pooled = json.loads((folder / "evaluation.json").read_text())["pooled"]
-    said = ", ".join(f"{k} {pooled[k]:.3f}" for k in ("auc", "accuracy", "sensitivity", "specificity")
-                     if isinstance(pooled.get(k), float))
-    typer.echo(f"pooled over {pooled['hospitals']} hospitals ({pooled['cases']} cases): {said or 'see the table'}")
+    from server.evaluation import pooled_line
+
+    typer.echo(f"pooled over {pooled_line(json.loads((folder / 'evaluation.json').read_text())['pooled'])}")
     typer.echo(f"done: {folder / 'evaluation.md'}")
 
 
 from .client_cli import app as client_app  # noqa: E402
+from .contest_cli import contest_app, leaderboard  # noqa: E402
 from .server_cli import app_hash, console_cert, provision, run, server_app, status  # noqa: E402
 
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
+app.add_typer(contest_app, name="contest")
+app.command()(leaderboard)
 app.command()(provision)
 app.command()(run)
 app.command()(status)

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from medimaging.compute import precision_name, set_deterministic
-from medimaging.datasets import SiteData
+from medimaging.datasets import SiteData, Split
 from medimaging.models import build_model, norm_keys
 from medimaging.training import evaluate, train_epochs
 
@@ -47,6 +47,8 @@ class Hospital:
     precision: torch.dtype | None = None  # autocast dtype (None: fp32), from compute.precision
     deterministic: bool = False  # compute.deterministic
     min_cases: int = 20  # federated evaluation: figures on fewer positives or negatives are withheld here
+    test: Split | None = None  # the held-out files (a deployed hospital's test split), never trained on
+    evaluation_split: str | None = None  # site.yaml evaluation.split: the cases it scores submitted models on
 
 
 # (node context, image side in px) -> this hospital.
@@ -153,7 +155,7 @@ def _device_memory(task: TaskSpec, hospital: Hospital):
                  else "give the daemon more memory")
         raise OutOfDeviceMemory(
             f"out of memory on the hospital's {hospital.device.type.upper()} ({task.model.name}, {task.image_size} px, "
-            f"train.batch_size {task.train.batch_size}, {precision_name(hospital.precision)}); the coordinator can lower train.batch_size, "
+            f"train.batch_size {task.train.batch_size if hasattr(task, 'train') else 64}, {precision_name(hospital.precision)}); the coordinator can lower train.batch_size, "
             f"the hospital can {local}") from None
 
 
@@ -212,11 +214,11 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
         spec = EvaluationSpec.from_config(msg.content["config"])
         hospital = _load(load_hospital, context, spec)  # the same checks: task, dimensions, classes
         _hardware(hospital)
-        scores = score_model(spec, msg.content["arrays"], hospital.data.val, hospital.device, hospital.precision,
-                             hospital.min_cases)
-        log.info("%s: scored model %s for evaluation %s on %d cases", hospital.data.name, spec.model_sha256[:12],
-                 spec.evaluation, scores.cases)
-        return Message(content=_reply(hospital.data, {SCORES_KEY: scores_record(scores)}), reply_to=msg)
+        with _device_memory(spec, hospital):
+            scores = score_model(spec, msg.content, hospital)
+        log.info("%s: scored model %s for evaluation %s on %d %s cases", hospital.data.name, spec.model_sha256[:12],
+                 spec.evaluation, scores.cases, scores.split)
+        return Message(content=_reply(hospital.data, {SCORES_KEY: scores_record(scores, spec)}), reply_to=msg)
 
     return app
 

@@ -21,7 +21,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from aseanfl.packing import STYPE, header, is_packed
 
-from .messages import REFUSAL_KEY, EvalMetrics, Refusal, TrainMetrics
+from .messages import REFUSAL_KEY, SCORES_KEY, EvalMetrics, Refusal, TrainMetrics
 
 GENESIS = "0" * 64
 _METRIC_KEYS = {f.alias or n for m in (TrainMetrics, EvalMetrics) for n, f in m.model_fields.items()}
@@ -33,6 +33,7 @@ ALLOWED = {
     "metrics": ("metrics", _METRIC_KEYS),
     "site": ("configs", {"name"}),
     REFUSAL_KEY: ("configs", _REFUSAL_KEYS),
+    SCORES_KEY: ("configs", {"json", "model-sha256"}),  # federated evaluation: medimaging.scoring.SiteScores
     RECORD_KEY_CONFIGS: ("configs", _SECAGG_KEYS),  # SecAgg+: keys, shares, the masked vector
     "fitres.parameters": ("arrays", set()),  # SecAgg+ empties it before the reply leaves
     "fitres.metrics": ("metrics", set()),
@@ -146,6 +147,7 @@ class AuditReport:
     bytes: int = 0
     runs: dict[int, set] = field(default_factory=dict)  # run -> rounds seen
     decisions: int = 0  # the steward's app decisions (local records, not sent)
+    models: set = field(default_factory=set)  # sha256 of the models this hospital scored (federated evaluation)
     problems: list[str] = field(default_factory=list)
 
 
@@ -155,6 +157,25 @@ def _strings(value):
     elif isinstance(value, list):
         for v in value:
             yield from _strings(v)
+
+
+def _scores_problems(entries: dict, where: str) -> list[str]:
+    """An evaluation reply must hold exactly the fixed schema of figures, for a named model."""
+    import re
+
+    from pydantic import ValidationError
+
+    from medimaging.scoring import SiteScores
+
+    problems = []
+    if not re.fullmatch(r"[0-9a-f]{64}", str(entries.get("model-sha256", ""))):
+        problems.append(f"{where}: scores without the sha256 of the model they score")
+    try:
+        SiteScores.model_validate_json(str(entries.get("json", "")))
+    except ValidationError as exc:
+        problems.append(f"{where}: scores.json is not the fixed schema of figures ({exc.error_count()} problem(s), "
+                        f"first: {exc.errors()[0]['loc']})")
+    return problems
 
 
 def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
@@ -200,6 +221,9 @@ def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
                         report.problems.append(f"{where}: {name}.{key} contains {hits[0]!r}")
             if name == "site" and record.get("entries", {}).get("name") not in (None, site):
                 report.problems.append(f"{where}: site.name is not this hospital's id {site!r}")
+            if name == SCORES_KEY:
+                report.problems += _scores_problems(record.get("entries", {}), where)
+                report.models.add(str(record.get("entries", {}).get("model-sha256")))
         reason = entry.get("error", {}).get("reason", "")
         for f in forbidden:
             if f and f in reason:

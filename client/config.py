@@ -49,6 +49,17 @@ class ConnectionConfig(Strict):
     runtime_port: int = Field(9094, ge=1024, le=65535, description="local port between the daemon and its app processes")
 
 
+class EvaluationSite(Strict):
+    """Federated evaluation (the contest) at this hospital: which of its cases score a submitted
+    model, and the small-cell floor it holds to whatever the server asks."""
+
+    split: Literal["test", "validation"] | None = Field(
+        None, description="test: the files' held-out test cases (manifest split=test, or data.test_fraction), never "
+                          "trained on; validation: the share validated on in training rounds; default: as the "
+                          "evaluation asks (test)")
+    min_cases: int = Field(20, ge=1, description="figures on fewer positives or negatives are withheld here")
+
+
 class SiteConfig(Strict):
     """site.yaml: what a hospital's daemon knows about itself. None of it is ever sent."""
 
@@ -56,6 +67,7 @@ class SiteConfig(Strict):
     data: FilesConfig
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="this hospital's device and CPU threads")
+    evaluation: EvaluationSite = Field(default_factory=EvaluationSite, description="scoring submitted models")
     connection: ConnectionConfig | None = Field(None, description="needed by `aseanfl client start`")
     require_approval: bool = Field(True, description="run only app bundles listed in approved_apps")
     approved_apps: Path = Field(Path("approved-apps.yaml"), description="sha256 allow-list of app bundles")

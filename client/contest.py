@@ -1,35 +1,85 @@
 """A hospital scores a submitted model on its own labelled cases (federated evaluation, the
 contest): only the aggregate figures of medimaging/scoring.py leave, with the small-cell rule
-applied at the larger of the server's and the hospital's own `min_cases`."""
+applied at the larger of the server's and the hospital's own `min_cases`.
+
+The model arrives as the submitted file's bytes (record MODEL_KEY): the hospital hashes what it
+received and scores it only if the sha256 is the one the server named, so the hash in its audit
+log is that of the model it actually scored."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from medimaging.datasets import Split
 from medimaging.models import build_model
 from medimaging.scoring import SiteScores, score, segmentation_score
 from medimaging.training import predict
 
-from .messages import EvaluationSpec
+from .messages import SCORES_KEY, EvaluationSpec
+from .site import SiteDataError
 
-SCORES_KEY = "scores"  # the reply's config record: the SiteScores as JSON
+__all__ = ["SCORES_KEY", "model_record", "score_model", "scores_record"]
+MODEL_KEY = "model"  # the request's array record: the model file, bytes as one uint8 array
+FILE_KEY = "file"
 
 
-def score_model(spec: EvaluationSpec, arrays, split: Split, device: torch.device, precision, own_min_cases: int) -> SiteScores:
-    """The spec's model with the server's arrays, scored on `split` (the hospital's evaluation cases)."""
+def model_record(blob: bytes) -> ArrayRecord:
+    """A model file's bytes as the request's array record."""
+    return ArrayRecord({FILE_KEY: Array(np.frombuffer(blob, dtype=np.uint8).copy())})
+
+
+def received_model(spec: EvaluationSpec, content) -> dict[str, torch.Tensor]:
+    """The model file in the request, checked against the sha256 the server named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    blob = content[MODEL_KEY][FILE_KEY].numpy().tobytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != spec.model_sha256:
+        raise SiteDataError(f"the model received has sha256 {digest}, not {spec.model_sha256} as the evaluation "
+                            "names it; nothing was scored")
+    try:
+        return load(blob)
+    except (SafetensorError, ValueError) as exc:
+        raise SiteDataError(f"the model received is not a readable safetensors file ({exc}); nothing was scored") from None
+
+
+def evaluation_cases(spec: EvaluationSpec, hospital):
+    """(the cases a model is scored on, which split they are): the hospital's own choice in
+    site.yaml, else the evaluation's; a hospital without held-out test files scores on its
+    validation cases, and says so."""
+    wanted = hospital.evaluation_split or spec.split
+    if wanted == "test" and hospital.test is not None and len(hospital.test):
+        return hospital.test, "test"
+    return hospital.data.val, "validation"
+
+
+def score_model(spec: EvaluationSpec, content, hospital) -> SiteScores:
+    """The submitted model, scored on this hospital's evaluation cases."""
+    split, which = evaluation_cases(spec, hospital)
+    if split.multilabel:
+        raise SiteDataError("federated evaluation scores single-label classification and segmentation; this "
+                            "hospital's task is multi-label")
     model = build_model(spec.model, spec.in_channels, spec.num_classes, spec.image_size, spec.private, spec.spatial_dims)
-    model.load_state_dict(arrays.to_torch_state_dict())
-    model.to(device)
-    min_cases = max(spec.min_cases, own_min_cases)
-    outputs = predict(model, split, 64, precision)
+    try:
+        model.load_state_dict(received_model(spec, content))
+    except RuntimeError as exc:  # other tensors than the card's model
+        raise SiteDataError(f"the model file does not hold a {spec.model.name} of its card "
+                            f"({str(exc).splitlines()[0][:200]}); nothing was scored") from None
+    model.to(hospital.device)
+    min_cases = max(spec.min_cases, hospital.min_cases)
+    outputs = predict(model, split, 64, hospital.precision)
     if split.segmentation:
-        return segmentation_score(outputs.argmax(1).numpy(), split.y.numpy(), spec.num_classes, min_cases, spec.seed)
-    probs = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
-    return score(probs, split.y.numpy(), min_cases, spec.threshold, spec.seed)
+        scores = segmentation_score(outputs.argmax(1).numpy(), split.y.numpy(), spec.num_classes, min_cases, spec.seed)
+    else:
+        probs = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
+        scores = score(probs, split.y.numpy(), min_cases, spec.threshold, spec.seed)
+    scores.split = which
+    return scores
 
 
-def scores_record(scores: SiteScores) -> ConfigRecord:
-    return ConfigRecord({"json": scores.model_dump_json()})
+def scores_record(scores: SiteScores, spec: EvaluationSpec) -> ConfigRecord:
+    return ConfigRecord({"json": scores.model_dump_json(), "model-sha256": spec.model_sha256})

@@ -103,6 +103,7 @@ class Refusal(Message):
 
 
 EVALUATION_KEY = "evaluation"
+SCORES_KEY = "scores"  # an evaluation reply's config record: "json" (medimaging.scoring.SiteScores), "model-sha256"
 
 
 class EvaluationSpec(Message):
@@ -120,6 +121,7 @@ class EvaluationSpec(Message):
     private: bool = False
     min_cases: int = Field(20, ge=1, description="figures on fewer positives or negatives are withheld")
     threshold: float = Field(0.5, gt=0, lt=1, description="operating point: probability of class 1")
+    split: Literal["test", "validation"] = Field("test", description="the cases asked for (a hospital's site.yaml may name its own)")
     seed: int = 0
 
     def to_config(self) -> ConfigRecord:

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context
 
 from medimaging.compute import cores, resolve_device, resolve_precision
-from medimaging.datasets import SiteData, load_npz, split_train_val, targets, to_tensor
+from medimaging.datasets import SiteData, Split, load_npz, split_train_val, targets, to_tensor
 from medimaging.dicomweb import SourceError
 from medimaging.files import decode
 
@@ -38,7 +38,7 @@ def _site_config(path: str, mtime: float) -> SiteConfig:
 
 
 @lru_cache(maxsize=2)
-def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.ndarray, list[str]]:
+def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, dict[str, np.ndarray], list[str]]:
     site = _site_config(path, mtime)
     try:
         decoded = decode(site.data)
@@ -52,8 +52,7 @@ def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, np.ndarray, np.nd
                             "run `aseanfl client check-data` there") from None
     for problem in decoded.inventory.problems:
         log.warning("%s skipped: %s", problem.file, problem.reason)
-    arrays = load_npz(str(decoded.cache))
-    return site, arrays["train_images"], arrays["train_labels"], decoded.inventory.classes
+    return site, load_npz(str(decoded.cache)), decoded.inventory.classes
 
 
 def _check_data_folder(site: SiteConfig) -> None:
@@ -82,12 +81,17 @@ def load_site_hospital(context: Context, image_size: int):
 def _hospital(path: str, mtime: float, image_size: int):
     from .app import Hospital
 
-    site, x, y, classes = _site_arrays(path, mtime)
+    site, arrays, classes = _site_arrays(path, mtime)
+    x, y = arrays["train_images"], arrays["train_labels"]
     if len(y) < 2:
         raise SiteDataError("no usable training images at this hospital")
     train, val = split_train_val(to_tensor(x, image_size), targets(y, image_size), VAL_FRACTION, 0)
+    test = None
+    if len(arrays["test_labels"]):  # the held-out files: never trained or validated on
+        test = Split(to_tensor(arrays["test_images"], image_size), targets(arrays["test_labels"], image_size))
     device = resolve_device(site.compute.device)
-    return Hospital(data=SiteData(name=site.site, train=train, val=val), privacy=site.privacy,
+    return Hospital(data=SiteData(name=site.site, train=train, val=val), privacy=site.privacy, test=test,
+                    evaluation_split=site.evaluation.split, min_cases=site.evaluation.min_cases,
                     ledger_root=site.state_dir, num_classes=len(classes), device=device,
                     threads=site.compute.threads or cores(),
                     precision=resolve_precision(site.compute.precision, device, site.privacy.enabled),

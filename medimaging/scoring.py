@@ -15,28 +15,36 @@ figure needs them) is withheld, with the reason, and so are the counts behind it
 figure on very few patients can reveal them.
 
 Pooled over hospitals (`pool`): accuracy, sensitivity, specificity and global Dice are exact
-(sums of counts); the pooled AUC is the trapezoid area under the summed grid ROC: exactly the AUC
+(sums of counts; 95 % Wilson intervals for the proportions); the pooled AUC is the trapezoid area under the summed grid ROC: exactly the AUC
 of the union's scores rounded to the grid, an approximation of the exact pooled AUC by at most
-the share of positive-negative pairs whose scores fall between the same two grid points."""
+the share of positive-negative pairs whose scores fall between the same two grid points; its 95 %
+interval is a bootstrap that resamples cases within each hospital and class from the released
+per-bin counts (seeded)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 GRID = 101  # ROC points: thresholds 0.00, 0.01, ..., 1.00
 
 
-class Interval(BaseModel):
+class Fixed(BaseModel):
+    """Nothing outside the schema: a hospital's audit checks every reply against it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Interval(Fixed):
     value: float | None = None
     low: float | None = None
     high: float | None = None
     withheld: str | None = None  # why not released
 
 
-class ClassCounts(BaseModel):
+class ClassCounts(Fixed):
     """One class against the rest: its cases, and the grid ROC counts (withheld with the AUC)."""
 
     cases: int
@@ -45,10 +53,11 @@ class ClassCounts(BaseModel):
     fp_at: list[int] | None = None  # negatives with probability >= each grid point
 
 
-class SiteScores(BaseModel):
+class SiteScores(Fixed):
     """What a hospital releases about one model: aggregate figures only."""
 
     task: str  # classification | segmentation
+    split: str | None = None  # the hospital's cases it was scored on: test | validation
     cases: int
     min_cases: int
     threshold: float | None = None
@@ -191,9 +200,42 @@ def segmentation_score(pred: np.ndarray, truth: np.ndarray, num_classes: int, mi
     return out
 
 
-def pool(sites: list[SiteScores]) -> dict:
+def wilson(hits: int, n: int, z: float = 1.959964) -> dict:
+    """The Wilson score 95 % interval of a proportion hits/n (cases taken as independent)."""
+    if n == 0:
+        return {"low": None, "high": None}
+    p, z2 = hits / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return {"low": max(0.0, centre - half), "high": min(1.0, centre + half)}
+
+
+def _bins(cumulative: list[int]) -> np.ndarray:
+    c = np.asarray(cumulative, dtype=np.int64)
+    return c - np.concatenate([c[1:], [0]])
+
+
+def pooled_auc_interval(released: list[ClassCounts], seed: int, rounds: int = 1000) -> dict:
+    """95 % percentile-bootstrap interval of the pooled grid AUC, resampling cases within each
+    hospital and class (stratified) from the per-bin counts the hospitals released."""
+    rng = np.random.default_rng(seed)
+    pos = [_bins(e.tp_at) for e in released]
+    neg = [_bins(e.fp_at) for e in released]
+    values = []
+    for _ in range(rounds):
+        tp = sum(rng.multinomial(b.sum(), b / b.sum()) for b in pos if b.sum())
+        fp = sum(rng.multinomial(b.sum(), b / b.sum()) for b in neg if b.sum())
+        tp_at, fp_at = np.cumsum(tp[::-1])[::-1], np.cumsum(fp[::-1])[::-1]
+        values.append(grid_auc(tp_at.tolist(), fp_at.tolist()))
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return {"low": None, "high": None}
+    return {"low": float(np.percentile(values, 2.5)), "high": float(np.percentile(values, 97.5))}
+
+
+def pool(sites: list[SiteScores], seed: int = 0) -> dict:
     """The federation's figures from what the hospitals released (withheld figures are left out,
-    and the hospitals they came from are named in `left_out`)."""
+    and the hospitals they came from are named in `left_out`), with 95 % intervals in
+    `intervals`: Wilson for the exact proportions, a stratified bootstrap for the pooled AUC."""
     out: dict = {"hospitals": len(sites), "cases": sum(s.cases for s in sites)}
     if sites and sites[0].task == "segmentation":
         labels = max(len(s.dice) for s in sites)
@@ -205,10 +247,14 @@ def pool(sites: list[SiteScores]) -> dict:
         return out
     acc = [s for s in sites if s.correct is not None]
     out["accuracy"] = sum(s.correct for s in acc) / sum(s.cases for s in acc) if acc else None
+    out["intervals"] = {}
+    if acc:
+        out["intervals"]["accuracy"] = wilson(sum(s.correct for s in acc), sum(s.cases for s in acc))
     conf = [s.confusion for s in sites if s.confusion]
     if conf:
         tp, fn, tn, fp = (sum(c[k] for c in conf) for k in ("tp", "fn", "tn", "fp"))
         out["sensitivity"], out["specificity"] = tp / (tp + fn), tn / (tn + fp)
+        out["intervals"]["sensitivity"], out["intervals"]["specificity"] = wilson(tp, tp + fn), wilson(tn, tn + fp)
     per_class = []
     for c in range(max(len(s.classes) for s in sites) if sites else 0):
         released = [s.classes[c] for s in sites if len(s.classes) > c and s.classes[c].tp_at is not None]
@@ -222,6 +268,9 @@ def pool(sites: list[SiteScores]) -> dict:
     binary = len(per_class) == 2
     shown = [a for a in per_class if a is not None and not math.isnan(a)]
     out["auc"] = per_class[1] if binary else (float(np.mean(shown)) if shown else None)
+    if binary and out["auc"] is not None:
+        out["intervals"]["auc"] = pooled_auc_interval(
+            [s.classes[1] for s in sites if len(s.classes) > 1 and s.classes[1].tp_at is not None], seed)
     out["left_out"] = sorted({i for i, s in enumerate(sites) if s.correct is None or any(
         e.tp_at is None for e in s.classes)})
     return out

@@ -18,6 +18,10 @@ def build_server_app(make_plan: Callable[[Context], Plan] | None = None) -> Serv
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if context.run_config.get("mode") == "evaluation":  # `aseanfl evaluate -f`: score a model, train nothing
+            from .evaluation import deployed_evaluation
+
+            return deployed_evaluation(context, grid)
         if context.run_config.get("mode") == "deployment":  # `aseanfl run` on real hospitals
             from .deployment import deployment_plan
 

@@ -316,10 +316,12 @@ def _run_status(fed: Federation, run_id: int) -> str | None:
 
 def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path, out: Path,
               echo: Callable[[str], None] = print, timeout: float = 3600,
-              resume: int | None = None) -> tuple[int, str, Path | None]:
-    """Submit the run (or one that continues run `resume` in its folder), stream its log until it
-    ends, copy its folder to `out`. Returns (run id, final status or "lost" when the SuperLink
-    stopped answering, local run folder or None)."""
+              resume: int | None = None, run_config: dict | None = None,
+              folders: str = "runs") -> tuple[int, str, Path | None]:
+    """Submit the run (or one that continues run `resume` in its folder; or, with `run_config`,
+    another job of the ServerApp, e.g. an evaluation writing into server/`folders`), stream its
+    log until it ends, copy its folder to `out`. Returns (run id, final status or "lost" when
+    the SuperLink stopped answering, local run folder or None)."""
     from aseanfl.allowlist import approved_hashes, bundle_hash
 
     bundle = app_bundle(app)
@@ -327,7 +329,7 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
     if digest not in approved_hashes(server_allowlist(fed)):
         raise PermissionError(f"app bundle sha256 {digest} ({app}) is not approved on this server; review the change, "
                               "then `aseanfl server approve`")
-    run_config = {"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}
+    run_config = run_config or {"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}
     if resume is not None:  # the lost run's ServerApp is dead (its folder is free): Flower still says "running"
         run_config["resume"] = str(resume)
         flwr(fed, "stop", str(resume), fed.name, "--format", "json")
@@ -337,9 +339,10 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
         staged = staged_app(bundle, Path(tmp) / "app")  # same bundle, same hash; Flower would walk a .venv too
         proc = subprocess.Popen([str(_BIN / "flwr"), "run", str(staged), fed.name, "--run-config", str(cfg_file), "--stream"],
                                 env=flwr_env(fed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        run_id = None
+        run_id, last = None, ""
         deadline = time.monotonic() + timeout
         for line in proc.stdout:
+            last = line.strip() or last
             if run_id is None and (m := re.search(r"started run (\d+)", line)):
                 run_id = int(m.group(1))
             if "aseanfl:" in line or "ERROR" in line or "started run" in line or "refused" in line:
@@ -349,7 +352,8 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
                 break
         proc.wait()
     if run_id is None:
-        raise RuntimeError("the SuperLink did not start the run (is `aseanfl server start` running?)")
+        said = f"; flwr said: {last[-300:]}" if last else ""
+        raise RuntimeError(f"the SuperLink did not start the run (is `aseanfl server start` running?){said}")
     final: str | None = ""
     for _ in range(30):  # the stream ends a moment before the status is written
         final = _run_status(fed, run_id)
@@ -358,7 +362,7 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
         time.sleep(1)
     if final is None:
         return run_id, "lost", None
-    source = fed.server_dir / "runs" / f"run-{resume if resume is not None else run_id}"
+    source = fed.server_dir / folders / f"run-{resume if resume is not None else run_id}"
     local = None
     if source.is_dir():
         local = out / source.name

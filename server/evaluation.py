@@ -8,6 +8,7 @@ contest submission brings its own YAML."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,37 +99,53 @@ def check_model_file(path: Path, card: ModelCard, run_config) -> dict[str, np.nd
     return tensors
 
 
-def _site_scores(reply, known: dict[int, str]) -> tuple[str, SiteScores | str]:
+def evaluation_spec(card: ModelCard, model: Path, min_cases: int, seed: int, split: str = "test", name: str | None = None):
+    """What every hospital is asked: score the file of this sha256 as the card's model."""
+    from client.messages import EvaluationSpec
+
+    digest = sha256(model)
+    return EvaluationSpec(evaluation=name or f"eval-{digest[:12]}", model_sha256=digest, model=card.model,
+                          in_channels=card.in_channels, num_classes=card.num_classes, image_size=card.image_size,
+                          task=card.task, spatial_dims=card.spatial_dims, private=card.private, min_cases=min_cases,
+                          seed=seed, split=split)
+
+
+def _site_scores(reply, known: dict[int, str], spec) -> tuple[str, SiteScores | str]:
     """(hospital, its figures) from a reply, or (hospital, why there are none)."""
-    from client.contest import SCORES_KEY
+    from client.messages import SCORES_KEY
 
     from .loop import _site_name
 
     site = _site_name(reply, known)
-    if reply.has_error():
-        return site, f"error: {reply.error.reason}"
+    if reply.has_error():  # Flower's "<class 'X'>:<'why'>" -> why
+        return site, "error: " + re.sub(r"^<class '[^']*'>:<'(.*)'>$", r"\1", str(reply.error.reason), flags=re.S)
     try:
-        return site, SiteScores.model_validate_json(str(reply.content.config_records[SCORES_KEY]["json"]))
+        record = reply.content.config_records[SCORES_KEY]
+        scores = SiteScores.model_validate_json(str(record["json"]))
     except (KeyError, ValidationError) as exc:
         return site, f"error: its figures break the schema ({type(exc).__name__})"
+    if record.get("model-sha256") != spec.model_sha256:
+        return site, "error: it scored another model than the one sent"
+    return site, scores
 
 
-def evaluate_federation(grid, spec, tensors: dict[str, np.ndarray], out_dir: Path, node_names: dict[int, str],
+def evaluate_federation(grid, spec, blob: bytes, out_dir: Path, node_names: dict[int, str],
                         site_names: list[str] | None, timeout: float) -> dict:
-    """Send the model to every connected hospital, collect their figures, pool them; write
-    evaluation.json and evaluation.md into `out_dir`."""
+    """Send the model file (`blob`, checked: check_model_file) to every connected hospital,
+    collect their figures, pool them; write evaluation.json and evaluation.md into `out_dir`."""
     import threading
 
-    from flwr.app import Array, ArrayRecord, Message, RecordDict
+    from flwr.app import Message, RecordDict
 
     from aseanfl.packing import PackedGrid
+    from client.contest import MODEL_KEY, model_record
 
     from .loop import SiteOrder, _exchange, partition_names
 
     known = {**node_names, **partition_names(grid, site_names)}
     grid = SiteOrder(PackedGrid(grid), known)
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
-    messages = [Message(RecordDict({"arrays": arrays, "config": spec.to_config()}), dst_node_id=nid,
+    model = model_record(blob)
+    messages = [Message(RecordDict({MODEL_KEY: model, "config": spec.to_config()}), dst_node_id=nid,
                         message_type="evaluate.contest") for nid in grid.get_node_ids()]
     for m in messages:
         m.metadata.group_id = spec.evaluation
@@ -139,17 +156,22 @@ def evaluate_federation(grid, spec, tensors: dict[str, np.ndarray], out_dir: Pat
 
     replies, _ = _exchange(grid, messages, timeout, known, silent, threading.Event())
     for reply in replies:
-        site, got = _site_scores(reply, known)
+        site, got = _site_scores(reply, known, spec)
         results[site] = got
-    scored = {s: r for s, r in sorted(results.items()) if isinstance(r, SiteScores)}
-    pooled = pool(list(scored.values()))
-    pooled["left_out"] = [list(scored)[i] for i in pooled.get("left_out", [])]
-    out = {"evaluation": spec.evaluation, "model_sha256": spec.model_sha256, "card": spec.model_dump(mode="json"),
-           "sites": {s: (r.model_dump(mode="json") if isinstance(r, SiteScores) else {"error": r})
-                     for s, r in sorted(results.items())},
-           "pooled": pooled}
+    out = pooled_result(spec, results)
     write_results(out_dir, out)
     return out
+
+
+def pooled_result(spec, results: dict[str, SiteScores | str]) -> dict:
+    """evaluation.json's content: what each hospital released (or why nothing), and the pooled figures."""
+    scored = {s: r for s, r in sorted(results.items()) if isinstance(r, SiteScores)}
+    pooled = pool(list(scored.values()), spec.seed)
+    pooled["left_out"] = [list(scored)[i] for i in pooled.get("left_out", [])]
+    return {"evaluation": spec.evaluation, "model_sha256": spec.model_sha256, "card": spec.model_dump(mode="json"),
+            "sites": {s: (r.model_dump(mode="json") if isinstance(r, SiteScores) else {"error": r})
+                      for s, r in sorted(results.items())},
+            "pooled": pooled}
 
 
 def write_results(out_dir: Path, result: dict) -> None:
@@ -183,7 +205,8 @@ def _markdown(result: dict) -> str:
     floor = str(floors[0]) if len(floors) == 1 else f"{floors[0]}-{floors[-1]} (each hospital's own floor)"
     lines = [f"# Evaluation `{result['evaluation']}`", "", f"Model sha256 `{result['model_sha256']}` "
              f"({result['card']['model']['name']}, {result['card']['num_classes']} classes, "
-             f"{result['card']['image_size']} px); each hospital scored it on its own held-out cases, "
+             f"{result['card']['image_size']} px); each hospital scored it on its own held-out cases (test: files never "
+             "trained on; validation: cases validated on in training), "
              f"figures on fewer than {floor} positives or negatives are withheld.", ""]
     if result["card"]["task"] == "segmentation":
         lines += ["| hospital | cases | Dice per label (95 % CI) |", "|---|---|---|"]
@@ -191,7 +214,7 @@ def _markdown(result: dict) -> str:
             if "error" in s:
                 lines.append(f"| {site} | | {s['error']} |")
             else:
-                lines.append(f"| {site} | {s['cases']} | {'; '.join(_cell(d) for d in s['dice'])} |")
+                lines.append(f"| {site} | {s['cases']} {s.get('split') or ''} | {'; '.join(_cell(d) for d in s['dice'])} |")
         dice = "; ".join("" if d is None else f"{d:.3f}" for d in p.get("global_dice", []))
         lines += [f"| **pooled** | {p['cases']} | global Dice {dice} (exact, from voxel sums) |"]
         return "\n".join(lines) + "\n"
@@ -200,11 +223,105 @@ def _markdown(result: dict) -> str:
         if "error" in s:
             lines.append(f"| {site} | | {s['error']} | | | |")
             continue
-        lines.append(f"| {site} | {s['cases']} | {_cell(s['auc'])} | {_cell(s['accuracy'])} | {_cell(s.get('sensitivity'))} | "
+        lines.append(f"| {site} | {s['cases']} {s.get('split') or ''} | {_cell(s['auc'])} | {_cell(s['accuracy'])} | {_cell(s.get('sensitivity'))} | "
                      f"{_cell(s.get('specificity'))} |")
-    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-    lines += [f"| **pooled** | {p['cases']} | {fmt(p.get('auc'))} (on the score grid) | {fmt(p.get('accuracy'))} (exact) | "
-              f"{fmt(p.get('sensitivity'))} (exact) | {fmt(p.get('specificity'))} (exact) |", ""]
+    def fmt(key: str) -> str:
+        value, ci = p.get(key), p.get("intervals", {}).get(key) or {}
+        if value is None:
+            return ""
+        return f"{value:.3f}" + (f" ({ci['low']:.3f}-{ci['high']:.3f})" if ci.get("low") is not None else "")
+
+    lines += [f"| **pooled** | {p['cases']} | {fmt('auc')} (on the score grid) | {fmt('accuracy')} (exact) | "
+              f"{fmt('sensitivity')} (exact) | {fmt('specificity')} (exact) |", "",
+              "Intervals: at each hospital a percentile bootstrap of its cases (1000 resamples, seeded); pooled, "
+              "Wilson intervals for the exact proportions and a bootstrap within each hospital and class of the "
+              "released score-grid counts for the AUC.", ""]
     if p.get("left_out"):
         lines += [f"Left out of the pooled AUC (a figure withheld): {', '.join(p['left_out'])}.", ""]
     return "\n".join(lines)
+
+
+EVALUATIONS = "evaluations"  # beside runs/ on the coordinator's disk: run-<id> folders of evaluations
+MODELS = "models"  # beside runs/: submitted model files by sha256, read by the evaluation's ServerApp
+
+
+def stored_model(server_dir: Path, path: Path, digest: str) -> Path:
+    """A copy of the model file where the evaluation's ServerApp reads it (written whole)."""
+    import os
+    import shutil
+
+    target = server_dir / MODELS / f"{digest}.safetensors"
+    if not target.is_file() or sha256(target) != digest:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def deployed_evaluation(context, grid) -> None:
+    """The ServerApp of `aseanfl evaluate -f`: the model file the coordinator stored, checked
+    against its sha256, scored at every connected hospital."""
+    import logging
+    import os
+
+    from client.messages import EvaluationSpec
+
+    from .control import RUNS_ENV
+    from .deployment import _registered, _stream_logs, await_sites, lock_run_dir, run_folder
+
+    _stream_logs()
+    log = logging.getLogger("aseanfl")
+    rc = context.run_config
+    spec = EvaluationSpec.model_validate_json(str(rc["evaluation"]))
+    runs = Path(os.environ.get(RUNS_ENV) or "runs")
+    model = runs.parent / MODELS / f"{spec.model_sha256}.safetensors"
+    blob = model.read_bytes() if model.is_file() else b""
+    if hashlib.sha256(blob).hexdigest() != spec.model_sha256:
+        raise ConfigError(f"{model}: missing or changed since it was submitted (sha256 differs); nothing was sent")
+    out_dir = run_folder(runs.parent / EVALUATIONS, context.run_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not lock_run_dir(out_dir):
+        raise ConfigError(f"{out_dir}: another server process is running this evaluation")
+    wanted, wait = int(rc.get("wait-for-sites", 1)), float(rc.get("wait-timeout-s", 120))
+    log.info("evaluation %s of model %s: waiting for %d hospital(s) (up to %g s)", spec.evaluation,
+             spec.model_sha256[:12], wanted, wait)
+    connected = await_sites(grid, wanted, wait)
+    log.info("%d hospital(s) connected; sending the model (%d bytes)", connected, len(blob))
+    result = evaluate_federation(grid, spec, blob, out_dir, _registered(runs.parent / "registered.json"), None,
+                                 float(rc.get("timeout-s", 600)))
+    for site, s in result["sites"].items():
+        log.info("%s: %s", site, site_line(s))
+    log.info("pooled: %s", pooled_line(result["pooled"]))
+
+
+def site_line(s: dict) -> str:
+    """One hospital's figures in a line (or why there are none)."""
+    if "error" in s:
+        return s["error"]
+    if s["task"] == "segmentation":
+        return f"Dice {'; '.join(_cell(d) for d in s['dice'])} on {s['cases']} {s.get('split') or ''} cases"
+    return f"AUC {_cell(s['auc'])}, accuracy {_cell(s['accuracy'])} on {s['cases']} {s.get('split') or ''} cases"
+
+
+def pooled_line(p: dict) -> str:
+    if "global_dice" in p:
+        dice = ", ".join("withheld" if d is None else f"{d:.3f}" for d in p["global_dice"])
+        return f"{p['hospitals']} hospitals, {p['cases']} cases: global Dice {dice}"
+    said = []
+    for k in ("auc", "accuracy", "sensitivity", "specificity"):
+        if isinstance(p.get(k), float):
+            ci = p.get("intervals", {}).get(k) or {}
+            band = f" ({ci['low']:.3f}-{ci['high']:.3f})" if ci.get("low") is not None else ""
+            said.append(f"{k} {p[k]:.3f}{band}")
+    return f"{p['hospitals']} hospitals, {p['cases']} cases: {', '.join(said) or 'no figure released'}"
+
+
+def card_of_deployment(config_yaml: Path) -> ModelCard:
+    """The model card of a model in a deployed run's folder: its config.yaml's model and task."""
+    from .deployment import check_run_config
+
+    cfg = check_run_config(config_yaml.read_text(), [])
+    t = cfg.task
+    return ModelCard(model=cfg.model, task=t.kind, in_channels=t.in_channels, num_classes=t.num_classes,
+                     image_size=t.image_size, spatial_dims=t.spatial_dims, private=cfg.dp_models)

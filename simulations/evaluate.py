@@ -10,7 +10,8 @@ from flwr.serverapp import ServerApp
 
 from client.app import build_client_app
 from client.messages import EvaluationSpec
-from server.evaluation import ModelCard, check_against_task, check_model_file, evaluate_federation, read_card, sha256
+from server.evaluation import (ModelCard, check_against_task, check_model_file, evaluate_federation, evaluation_spec,
+                               read_card)
 
 from .config import ConfigError, SimulationConfig, load_config
 from .federation import hospital, resolved, task_shape
@@ -28,18 +29,13 @@ def card_of_run(config_yaml: Path) -> ModelCard:
                      image_size=shape.image_size, spatial_dims=shape.spatial_dims, private=run_cfg.private)
 
 
-def prepare(cfg: SimulationConfig, model: Path, card_path: Path | None, min_cases: int) -> tuple[EvaluationSpec, dict]:
+def prepare(cfg: SimulationConfig, model: Path, card_path: Path | None, min_cases: int) -> tuple[EvaluationSpec, bytes]:
     """Every check before a hospital is asked: the card against the federation's task, the file
-    against the card. (spec, the model's tensors)."""
+    against the card. (spec, the model file's bytes)."""
     card = read_card(card_path) if card_path else card_of_run(model.parent / "config.yaml")
     check_against_task(card, task_shape(cfg), str(card_path or model.parent / "config.yaml"))
-    tensors = check_model_file(model, card, cfg)
-    digest = sha256(model)
-    spec = EvaluationSpec(evaluation=f"eval-{digest[:12]}", model_sha256=digest, model=card.model,
-                          in_channels=card.in_channels, num_classes=card.num_classes, image_size=card.image_size,
-                          task=card.task, spatial_dims=card.spatial_dims, private=card.private, min_cases=min_cases,
-                          seed=cfg.seed)
-    return spec, tensors
+    check_model_file(model, card, cfg)
+    return evaluation_spec(card, model, min_cases, cfg.seed), model.read_bytes()
 
 
 def evaluate(cfg: SimulationConfig, model: Path, card_path: Path | None = None, min_cases: int = 20,
@@ -47,13 +43,13 @@ def evaluate(cfg: SimulationConfig, model: Path, card_path: Path | None = None, 
     """Score `model` at every simulated hospital; the folder holding evaluation.json/.md."""
     cfg = resolved(cfg)
     check_gpus(cfg)
-    spec, tensors = prepare(cfg, model, card_path, min_cases)
+    spec, blob = prepare(cfg, model, card_path, min_cases)
     out_dir = out or cfg.server.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{spec.evaluation}"
     app = ServerApp()
 
     @app.main()
     def main(grid, context) -> None:
-        evaluate_federation(grid, spec, tensors, out_dir, {}, list(cfg.sites), cfg.server.round_timeout_s)
+        evaluate_federation(grid, spec, blob, out_dir, {}, list(cfg.sites), cfg.server.round_timeout_s)
 
     ledger_root = cfg.server.output_dir
 
