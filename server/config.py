@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from client.config import TrainConfig
 from medimaging.config import DataConfig, ModelConfig, Strict
@@ -23,6 +23,9 @@ class ServerConfig(Strict):
     tracking: Literal["none", "tensorboard", "mlflow"] = Field(
         "none", description="also write metrics.csv's values to TensorBoard (run folder) or MLflow (server/tracking.py)")
     tracking_uri: str | None = Field(None, description="MLflow's tracking URI; default a SQLite file beside the run folders")
+    cross_site: bool = Field(False, description="after the last round, score the global model and each hospital's "
+                                                "final-round model at every hospital (server/cross_site.py)")
+    cross_site_min_cases: int = Field(20, ge=1, description="cross-site figures on fewer positives or negatives are withheld")
 
     @field_validator("tracking")
     @classmethod
@@ -43,3 +46,16 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     server: ServerConfig = ServerConfig()
+
+    @model_validator(mode="after")
+    def _cross_site_composes(self) -> "RunConfig":
+        s = self.strategy
+        if not self.server.cross_site:
+            return self
+        why = ("secure_aggregation: the server never sees one hospital's model" if s.secure_aggregation is not None
+               else "central_dp: one hospital's model is protected only inside the noised aggregate"
+               if s.central_dp is not None
+               else "fedbn: the hospitals' models come back without their normalisation layers" if s.fedbn else None)
+        if why:
+            raise ValueError(f"server.cross_site does not go with strategy.{why}")
+        return self

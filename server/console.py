@@ -3,7 +3,7 @@
 run folder: status, rounds, strategy; per run a live view of the score per round and site, each
 site's status per round, epsilon and bytes, and the run folder as one zip), Start (a run from a
 federation.yaml, validated as `aseanfl run` validates it; nothing is sent when invalid; a running
-run can be stopped). It reads the server's folder and asks the SuperLink on its loopback port,
+run can be stopped), Contests (each contest's leaderboard, server/contest.py). It reads the server's folder and asks the SuperLink on its loopback port,
 as the `aseanfl` commands do; it opens no other port."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .digest import MANY, digest
 from .outputs import IDLE
 from .provision import Federation
 
-PAGES = [("/hospitals", "Hospitals"), ("/runs", "Runs"), ("/start", "Start a run")]
+PAGES = [("/hospitals", "Hospitals"), ("/runs", "Runs"), ("/start", "Start a run"), ("/contests", "Contests")]
 RUN_NAME = re.compile(r"^run-[0-9]{1,20}$")  # Flower run ids are 64-bit
 FIELDS = ("server.rounds", "strategy.name")  # the form's own fields; other problems go next to the config
 
@@ -261,6 +261,18 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
         return console.render(request, "coordinator_runs.html", runs=infos, problem=problem,
                               launches=launches.view(), notice=request.query_params.get("started") and
                               "the run was handed to `aseanfl run`: it appears here once the SuperLink starts it")
+
+    @app.get("/contests")
+    def contest_page(request: Request):
+        import sqlite3
+
+        from .contest import contests, leaderboard
+
+        try:
+            boards, problems = [leaderboard(fed, c.name) for c in contests(fed)], []
+        except (sqlite3.Error, ValueError) as exc:  # a damaged store: say so, show nothing half-read
+            boards, problems = [], [f"the contest store could not be read: {exc}"]
+        return console.render(request, "coordinator_contests.html", boards=boards, problems=problems)
 
     @app.get("/runs/{name}")
     def run_page(request: Request, name: str):

@@ -510,6 +510,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     present: set[int] = set()  # nodes connected as the round before started
     trained_rounds = resumed.trained_rounds if resumed else 0  # rounds whose global model took in updates
     aggregate_seconds: dict[int, float] = {}
+    local_models: dict[str, ArrayRecord] = {}  # server.cross_site: the final round's models, by hospital
 
     if plan.test is not None and not resumed:
         test = server_evaluate(cfg, shape, arrays, plan.test, plan.private)
@@ -568,6 +569,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         else:
             used = trained
         aggregate_seconds[rnd] = round(time.perf_counter() - aggregate_start, 4)
+        if rnd == rounds and cfg.server.cross_site:  # each hospital's own model, as it came back
+            local_models = {_site_name(r, known): r.content["arrays"] for r in used}
         if len(used) < cfg.strategy.min_sites:
             progress.problem(f"round {rnd}: {len(used)} usable updates, fewer than strategy.min_sites="
                              f"{cfg.strategy.min_sites}; the global model is unchanged")
@@ -648,6 +651,13 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     }
     if resumed:
         summary["resumed_after_round"] = resumed.round
+    if cfg.server.cross_site and trained_rounds and first <= rounds:
+        from .cross_site import cross_site
+
+        progress.round_started(rounds, rounds, "cross-site evaluation")
+        summary["cross_site_seconds"] = time.time()
+        cross_site(raw_grid, plan, arrays, local_models, known)
+        summary["cross_site_seconds"] = round(time.time() - summary["cross_site_seconds"], 2)
     recorder.write_summary(summary)
     recorder.close()
     return summary

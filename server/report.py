@@ -195,6 +195,14 @@ def write_report(run_dir: Path) -> Path:
     if dist_path.exists():
         _plot_distribution(json.loads(dist_path.read_text()), run_dir / "data_distribution.png")
         lines += ["## Data per site", "", "![data distribution](data_distribution.png)", ""]
+    from .cross_site import plot as plot_cross_site
+
+    if plot_cross_site(run_dir, run_dir / "cross_site.png"):
+        lines += ["## Cross-site evaluation", "", "The final global model and each hospital's final-round model, "
+                  "each scored at every hospital on its own validation cases (only the figures left the hospitals; "
+                  "withheld: fewer than min_cases positives or negatives). `cross_site.csv` has the matrix, "
+                  "`cross_site.json` every released figure with its 95 % interval.", "",
+                  "![cross-site matrix](cross_site.png)", ""]
     trained = (run_dir / "model.safetensors").exists()
     lines += ["Files: `config.yaml` (resolved), `metrics.csv`/`metrics.jsonl` (one row per round x site and "
               "per round `global`)" + (", `model.safetensors` (final), `model_best.safetensors`." if trained else "."), ""]

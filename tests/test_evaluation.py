@@ -2,6 +2,8 @@
 safetensors, cut short, or holds another model's tensors, and a model card that does not fit the
 federation's task, are each one clear error before any hospital is contacted."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -66,7 +68,6 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
     its held-out cases, the pooled accuracy is exact and the pooled AUC equals the union's on the
     score grid (1e-9); the smallest hospital withholds its AUC; bad model files are refused in
     one line before any hospital is asked."""
-    import json
     import subprocess
     import sys
 
@@ -81,8 +82,8 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
 
     data = medmnist_file("pneumoniamnist")
     fed = {"data.path": str(data), "sites": 3, "partition.scheme": "quantity", "data.val_fraction": 0.1}
-    run_dir = simulate(load_config(None, {**fed, "server.rounds": 2, "train.local_epochs": 1,
-                                          "server.output_dir": str(tmp_path / "runs")}))
+    run_dir = simulate(load_config(None, {**fed, "server.rounds": 2, "train.local_epochs": 1, "server.cross_site": True,
+                                          "server.cross_site_min_cases": 30, "server.output_dir": str(tmp_path / "runs")}))
     model_file = run_dir / "model.safetensors"
 
     def cli(*args):
@@ -130,6 +131,23 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
     assert result["pooled"]["auc"] > 0.8  # the model learned: real figures, not chance
     table = (tmp_path / "eval" / "evaluation.md").read_text()
     assert "withheld (" in table and "| **pooled** |" in table
+    band = result["pooled"]["intervals"]
+    assert band["auc"]["low"] < result["pooled"]["auc"] < band["auc"]["high"]
+    assert band["accuracy"]["low"] < result["pooled"]["accuracy"] < band["accuracy"]["high"]
+
+    # cross-site (server.cross_site): the global model's row is the same model scored as above, the
+    # hospitals' own final-round models are other models, the small hospital's column is withheld
+    cross = json.loads((run_dir / "cross_site.json").read_text())
+    assert cross["rows"] == ["global", *sorted(cfg.sites)] and cross["sites"] == sorted(cfg.sites)
+    assert cross["models"]["global"]["model_sha256"] != cross["models"][cfg.sites[0]]["model_sha256"]
+    for name in released:
+        assert cross["matrix"]["global"][name] == pytest.approx(sites[name]["auc"]["value"], abs=1e-9)
+        assert all(0.6 < cross["matrix"][m][name] <= 1 for m in cross["rows"])  # every model learned something
+    assert {m: cross["matrix"][m][small] for m in cross["rows"]} == {m: None for m in cross["rows"]}
+    assert len({cross["matrix"][m][released[0]] for m in cross["rows"]}) == len(cross["rows"])  # four models
+    report = (run_dir / "report.md").read_text()
+    assert "## Cross-site evaluation" in report and (run_dir / "cross_site.png").stat().st_size > 10_000
+    assert (run_dir / "cross_site.csv").read_text().splitlines()[0] == "model," + ",".join(sorted(cfg.sites))
 
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(model_file.read_bytes()[:1000])
@@ -138,3 +156,71 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
         res = cli("--model", str(bad), "--out", str(tmp_path / "never"))
         assert res.returncode == 2 and said in res.stderr and "Traceback" not in res.stderr + res.stdout, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_cross_site_refuses_what_would_show_one_hospitals_protected_model():
+    from server.config import RunConfig
+
+    for extra, said in (({"strategy": {"secure_aggregation": {}}}, "never sees one hospital's model"),
+                        ({"strategy": {"fedbn": True}}, "normalisation layers")):
+        with pytest.raises(ValueError, match=said):
+            RunConfig.model_validate({"server": {"cross_site": True}, **extra})
+
+
+def _reply(scores_json: str, extra: dict | None = None):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    record = {"json": scores_json, "model-sha256": "ab" * 32, **(extra or {})}
+    msg = Message(RecordDict({"scores": ConfigRecord(record), "site": ConfigRecord({"name": "site-a"})}), dst_node_id=1,
+                  message_type="evaluate.contest")
+    msg.metadata.group_id = "eval-x"
+    return msg
+
+
+def test_an_evaluation_reply_holds_the_fixed_schema_and_the_audit_flags_anything_else(tmp_path):
+    """Real figures from medimaging/scoring.py pass the hospital's audit; a reply carrying one
+    more field in its figures (patient ids), or one more key, or no model hash, is flagged."""
+    import numpy as np
+
+    from client.audit import AuditLog, describe, verify
+    from medimaging.scoring import score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    probs = np.clip(labels * 0.3 + rng.random(200) * 0.7, 0, 1)
+    real = score(np.stack([1 - probs, probs], 1), labels, 20)
+    assert real.auc.value > 0.6 and real.classes[1].tp_at[0] == int(labels.sum())
+    good = tmp_path / "good.jsonl"
+    AuditLog(good).append(describe(_reply(real.model_dump_json())))
+    report = verify(good, "site-a")
+    assert report.problems == [] and report.models == {"ab" * 32}
+    leaky = real.model_dump(mode="json") | {"patient_ids": ["P-0001", "P-0002"]}
+    bad = tmp_path / "bad.jsonl"
+    log = AuditLog(bad)
+    log.append(describe(_reply(json.dumps(leaky))))
+    log.append(describe(_reply(real.model_dump_json(), {"scores_per_case": "0.91,0.12"})))
+    no_hash = _reply(real.model_dump_json())
+    no_hash.content["scores"]["model-sha256"] = ""
+    log.append(describe(no_hash))
+    problems = verify(bad, "site-a").problems
+    assert any("line 1: scores.json is not the fixed schema" in p and "patient_ids" in p for p in problems), problems
+    assert any("line 2: scores.scores_per_case is not an allowed key" in p for p in problems), problems
+    assert any("line 3: scores without the sha256" in p for p in problems), problems
+
+
+def test_a_hospital_scores_only_the_model_whose_sha256_was_named():
+    import hashlib
+
+    from client.contest import MODEL_KEY, model_record, received_model
+    from client.messages import EvaluationSpec
+    from client.site import SiteDataError
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in CARD.build(RunConfig()).state_dict().items()})
+    spec = EvaluationSpec(evaluation="e", model_sha256=hashlib.sha256(blob).hexdigest(), model=CARD.model, in_channels=1,
+                          num_classes=2, image_size=28)
+    assert set(received_model(spec, {MODEL_KEY: model_record(blob)})) == set(CARD.build(RunConfig()).state_dict())
+    swapped = bytearray(blob)
+    swapped[-1] ^= 1  # one weight changed in transit, or another model sent under this hash
+    with pytest.raises(SiteDataError, match="not .* as the evaluation names it; nothing was scored"):
+        received_model(spec, {MODEL_KEY: model_record(bytes(swapped))})
