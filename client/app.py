@@ -49,6 +49,7 @@ class Hospital:
     min_cases: int = 20  # federated evaluation: figures on fewer positives or negatives are withheld here
     test: Split | None = None  # the held-out files (a deployed hospital's test split), never trained on
     evaluation_split: str | None = None  # site.yaml evaluation.split: the cases it scores submitted models on
+    noise_epsilon: float | None = None  # site.yaml evaluation.noise_epsilon: figures released under DP only
 
 
 # (node context, image side in px) -> this hospital.

@@ -58,6 +58,9 @@ class EvaluationSite(Strict):
                           "trained on; validation: the share validated on in training rounds; default: as the "
                           "evaluation asks (test)")
     min_cases: int = Field(20, ge=1, description="figures on fewer positives or negatives are withheld here")
+    noise_epsilon: float | None = Field(
+        None, gt=0, le=10, description="release two-class figures under this epsilon-DP only (Laplace noise on the "
+                                       "counts, medimaging/scoring.noised_score); each model scored costs it once")
 
 
 class SiteConfig(Strict):

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from medimaging.models import build_model
-from medimaging.scoring import SiteScores, score, segmentation_score
+from medimaging.scoring import SiteScores, noised_score, score, segmentation_score
 from medimaging.training import predict
 
 from .messages import SCORES_KEY, EvaluationSpec
@@ -57,12 +57,39 @@ def evaluation_cases(spec: EvaluationSpec, hospital):
     return hospital.data.val, "validation"
 
 
+NOISE_KEY_FILE = "evaluation-noise.key"  # the hospital's secret behind its DP noise (never sent)
+
+
+def noise_seed(hospital, spec: EvaluationSpec, which: str, min_cases: int) -> int:
+    """The seed of this hospital's DP noise for one model: from its own secret key (made once,
+    readable by the daemon's account only) and what is scored, so the same model scored again
+    gets the same noise (asking twice tells nothing new) and nobody else can take it off."""
+    import hmac
+    import os
+
+    path = hospital.ledger_root / NOISE_KEY_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another worker made it a moment ago
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+    asked = f"{spec.model_sha256}|{which}|{min_cases}|{spec.threshold}".encode()
+    return int.from_bytes(hmac.new(path.read_bytes(), asked, hashlib.sha256).digest()[:8], "little")
+
+
 def score_model(spec: EvaluationSpec, content, hospital) -> SiteScores:
     """The submitted model, scored on this hospital's evaluation cases."""
     split, which = evaluation_cases(spec, hospital)
     if split.multilabel:
         raise SiteDataError("federated evaluation scores single-label classification and segmentation; this "
                             "hospital's task is multi-label")
+    if hospital.noise_epsilon is not None and (split.segmentation or spec.num_classes != 2):
+        raise SiteDataError("this hospital releases evaluation figures with DP noise only (site.yaml "
+                            "evaluation.noise_epsilon), which aseanfl applies to two-class figures; nothing was scored")
     model = build_model(spec.model, spec.in_channels, spec.num_classes, spec.image_size, spec.private, spec.spatial_dims)
     try:
         model.load_state_dict(received_model(spec, content))
@@ -76,7 +103,14 @@ def score_model(spec: EvaluationSpec, content, hospital) -> SiteScores:
         scores = segmentation_score(outputs.argmax(1).numpy(), split.y.numpy(), spec.num_classes, min_cases, spec.seed)
     else:
         probs = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
-        scores = score(probs, split.y.numpy(), min_cases, spec.threshold, spec.seed)
+        if hospital.noise_epsilon is not None:
+            try:
+                scores = noised_score(probs, split.y.numpy(), hospital.noise_epsilon,
+                                      noise_seed(hospital, spec, which, min_cases), min_cases, spec.threshold, spec.seed)
+            except ValueError as exc:
+                raise SiteDataError(f"{exc}; nothing was scored") from None
+        else:
+            scores = score(probs, split.y.numpy(), min_cases, spec.threshold, spec.seed)
     scores.split = which
     return scores
 

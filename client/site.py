@@ -92,6 +92,7 @@ def _hospital(path: str, mtime: float, image_size: int):
     device = resolve_device(site.compute.device)
     return Hospital(data=SiteData(name=site.site, train=train, val=val), privacy=site.privacy, test=test,
                     evaluation_split=site.evaluation.split, min_cases=site.evaluation.min_cases,
+                    noise_epsilon=site.evaluation.noise_epsilon,
                     ledger_root=site.state_dir, num_classes=len(classes), device=device,
                     threads=site.compute.threads or cores(),
                     precision=resolve_precision(site.compute.precision, device, site.privacy.enabled),

@@ -206,9 +206,18 @@ class TaskRunner:
 def _serve(conn, superexec_pid: int) -> None:
     """A worker: tasks from `conn` until the executor says stop (its run idle, another run) or goes
     away. Only the executor decides when a worker leaves, so no task is sent to a leaving one."""
+    import logging
+    import sys
+
     from flwr.supercore.app_utils import start_parent_process_monitor
 
-
+    logger = logging.getLogger("aseanfl")  # the app's own lines (e.g. a model scored) reach the daemon's log
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("aseanfl: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # once, not again through the root logger's handler
     start_parent_process_monitor(superexec_pid)  # the daemon killed: no worker lingers
     runner = TaskRunner(load_site(Path(os.environ[SITE_ENV])))
     try:

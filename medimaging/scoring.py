@@ -70,6 +70,7 @@ class SiteScores(Fixed):
     classes: list[ClassCounts] = Field(default_factory=list)
     dice: list[Interval] = Field(default_factory=list)  # per foreground label
     dice_sums: list[dict[str, float]] | None = None  # per label: intersection, predicted, truth voxels
+    dp_epsilon: float | None = None  # released under epsilon-DP: every figure from Laplace-noised counts
 
 
 def _rank_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -178,6 +179,60 @@ def score(probs: np.ndarray, labels: np.ndarray, min_cases: int = 20, threshold:
     return out
 
 
+NOISE_BAND = 5  # under DP noise, scores are counted in bands of 0.05 (21 cells per class, not 101)
+
+
+def noised_score(probs: np.ndarray, labels: np.ndarray, epsilon: float, noise_seed: int, min_cases: int = 20,
+                 threshold: float = 0.5, seed: int = 0, rounds: int = 1000) -> SiteScores:
+    """A two-class model's figures released under epsilon-differential privacy (Laplace
+    mechanism). The hospital counts its cases per score band of 0.05, positives and negatives
+    apart (one patient is in exactly one of the 2 x 21 cells: sensitivity 1), adds
+    Laplace(1/epsilon) noise to every cell and rounds. The counts released for pooling are not
+    clipped (sums over hospitals stay unbiased; a cell may be negative); this hospital's own
+    figures come from them clipped at zero. Every figure is then computed from the noised counts
+    only (post-processing): the cases, the small-cell rule, AUC on the grid, accuracy,
+    sensitivity and specificity at the operating point (a grid point), and the intervals (a
+    bootstrap of the noised counts, Wilson for proportions: they cover sampling, not the noise).
+    `noise_seed` must be the hospital's secret: anyone who knew it could take the noise off."""
+    step = round(threshold * (GRID - 1))
+    if abs(step - threshold * (GRID - 1)) > 1e-9 or step % NOISE_BAND:
+        raise ValueError(f"with DP noise the operating point must be a multiple of 0.05, not {threshold}")
+    positive = labels.astype(int) == 1
+    bins = np.clip(np.floor(np.round(probs[:, 1] * (GRID - 1), 10)).astype(int), 0, GRID - 1)
+    bins -= bins % NOISE_BAND  # rounded down to the band: the cells in between stay empty (and public)
+    edges = np.arange(0, GRID, NOISE_BAND)
+    noise = np.random.default_rng(noise_seed)
+    pos, neg = np.zeros(GRID, dtype=np.int64), np.zeros(GRID, dtype=np.int64)
+    for counts, which in ((pos, positive), (neg, ~positive)):
+        noised = np.bincount(bins[which], minlength=GRID)[edges] + noise.laplace(0.0, 1.0 / epsilon, len(edges))
+        counts[edges] = np.rint(noised).astype(np.int64)  # unclipped: sums over hospitals stay unbiased
+    # this hospital's own figures: from the noised counts clipped at zero (post-processing); the
+    # counts released for pooling are the unclipped ones
+    own_pos, own_neg = np.clip(pos, 0, None), np.clip(neg, 0, None)
+    n_pos, n_neg = int(own_pos.sum()), int(own_neg.sum())
+    tp, tn = int(own_pos[step:].sum()), int(own_neg[:step].sum())
+    out = SiteScores(task="classification", cases=n_pos + n_neg, min_cases=min_cases, threshold=threshold, dp_epsilon=epsilon)
+    few = [(what, n) for what, n in (("positive cases", n_pos), ("negative cases", n_neg)) if n < min_cases]
+    if few:
+        what, n = few[0]
+        reason = _withheld(what, n, min_cases).withheld + " (noised count)"
+        out.accuracy = out.sensitivity = out.specificity = out.auc = Interval(withheld=reason)
+        out.classes = [ClassCounts(cases=n_neg, auc=Interval(withheld=reason)), ClassCounts(cases=n_pos, auc=Interval(withheld=reason))]
+        return out
+    cumulative = lambda cells: np.cumsum(cells[::-1])[::-1].tolist()  # noqa: E731
+    own = ClassCounts(cases=n_pos, auc=Interval(), tp_at=cumulative(own_pos), fp_at=cumulative(own_neg))
+    auc = Interval(value=grid_auc(own.tp_at, own.fp_at), **pooled_auc_interval([own], seed, rounds))
+    tp_at, fp_at = cumulative(pos), cumulative(neg)
+    out.classes = [ClassCounts(cases=n_neg, auc=auc), ClassCounts(cases=n_pos, auc=auc, tp_at=tp_at, fp_at=fp_at)]
+    out.auc = auc
+    out.correct = tp + tn
+    out.confusion = {"tp": tp, "fn": n_pos - tp, "tn": tn, "fp": n_neg - tn}
+    out.accuracy = Interval(value=(tp + tn) / (n_pos + n_neg), **wilson(tp + tn, n_pos + n_neg))
+    out.sensitivity = Interval(value=tp / n_pos, **wilson(tp, n_pos))
+    out.specificity = Interval(value=tn / n_neg, **wilson(tn, n_neg))
+    return out
+
+
 def segmentation_score(pred: np.ndarray, truth: np.ndarray, num_classes: int, min_cases: int = 20, seed: int = 0,
                        rounds: int = 1000) -> SiteScores:
     """A segmentation model's Dice per foreground label: per case where the label is present,
@@ -218,8 +273,8 @@ def pooled_auc_interval(released: list[ClassCounts], seed: int, rounds: int = 10
     """95 % percentile-bootstrap interval of the pooled grid AUC, resampling cases within each
     hospital and class (stratified) from the per-bin counts the hospitals released."""
     rng = np.random.default_rng(seed)
-    pos = [_bins(e.tp_at) for e in released]
-    neg = [_bins(e.fp_at) for e in released]
+    pos = [np.clip(_bins(e.tp_at), 0, None) for e in released]  # DP-noised counts may dip below zero
+    neg = [np.clip(_bins(e.fp_at), 0, None) for e in released]
     values = []
     for _ in range(rounds):
         tp = sum(rng.multinomial(b.sum(), b / b.sum()) for b in pos if b.sum())
@@ -271,6 +326,7 @@ def pool(sites: list[SiteScores], seed: int = 0) -> dict:
     if binary and out["auc"] is not None:
         out["intervals"]["auc"] = pooled_auc_interval(
             [s.classes[1] for s in sites if len(s.classes) > 1 and s.classes[1].tp_at is not None], seed)
+    needed = (lambda s: s.classes[1:]) if binary else (lambda s: s.classes)  # noqa: E731 - binary: class 1's counts
     out["left_out"] = sorted({i for i, s in enumerate(sites) if s.correct is None or any(
-        e.tp_at is None for e in s.classes)})
+        e.tp_at is None for e in needed(s))})
     return out

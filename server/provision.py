@@ -232,6 +232,7 @@ def site_yaml(site: str, address: str) -> str:
         "  # split: test                     # test: held-out files never trained on (manifest split=test, else\n"
         "                                    # data.test_fraction); validation: the cases validated on in training\n"
         "  min_cases: 20                     # figures on fewer positives or negatives are withheld\n"
+        "  # noise_epsilon: 1.0              # release two-class figures under this epsilon-DP only (Laplace noise)\n"
         "require_approval: true               # run only app bundles in approved-apps.yaml\n"
         "approved_apps: approved-apps.yaml\n"
         "audit_log: audit.jsonl\n"

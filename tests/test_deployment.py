@@ -23,11 +23,13 @@ import pytest
 from attacks import PATHS, flwr_as, marker_app, post
 from console_steps import hospitals_view, start_and_stop, start_consoles, steward_approves, watch_run
 from consoles import login
+from contest_steps import CONTEST, central, contest
 from PIL import Image
 from safetensors.numpy import load_file
 from processes import descendants, listening, live_processes, zombies
 
 from medimaging.compute import cores
+from server.evaluation import sha256
 from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
 
 APPROVED, UNAPPROVED = ["site-a", "site-b", "site-c"], "site-d"
@@ -76,6 +78,9 @@ def deployed(tmp_path_factory, chromium):
         apps = dep.fed / "sites" / UNAPPROVED / "state" / "flwr-home" / "apps"
         out["unpacked before approval"] = apps.exists() and any(apps.iterdir())
         out["hospitals"] = hospitals_view(coordinator, urls["console-server"], "coordinator-hospitals")
+        # the region's contest, while site-d has not approved the bundle: it refuses to score
+        out["contest"] = contest(dep, tmp, next((tmp / "results").glob("run-*")) / "model.safetensors", coordinator,
+                                 urls["console-server"])
         # the steward of the hospital that refused the bundle approves it in the page: it trains from the next run
         out["steward"] = steward_approves(chromium, urls[f"console-{UNAPPROVED}"], app_hash, shots)
         out["crash"] = _server_killed_then_resumed(dep, tmp)
@@ -508,6 +513,58 @@ def test_unapproved_app_is_refused_by_the_hospital(deployed):
     assert not deployed["unpacked before approval"]
 
 
+def test_the_contest_ranks_two_submissions_as_the_central_figures_do(deployed):
+    """Two teams' models scored at the hospitals on their held-out test files: the leaderboard
+    (terminal and console) ranks them as the AUC computed centrally on the union of the
+    hospitals' test cases does, with the same figures (the pooled AUC on the score grid); each
+    hospital's figures are its own test cases'; the hospital that has not approved the app
+    refuses; an identical model is not scored again; a broken file is refused before anything
+    is sent."""
+    from medimaging.scoring import GRID, _rank_auc
+    from server.contest import leaderboard
+    from server.provision import load_federation
+
+    c, tmp = deployed["contest"], deployed["tmp"]
+    for key in ("evaluate", "federated", "baseline team", "copycat", "leaderboard"):
+        assert c[key].returncode == 0, (key, c[key].stdout[-2000:], c[key].stderr[-2000:])
+    assert "not scored again" in c["copycat"].stdout and not c["scored again"]
+    figures = {}
+    for name, model in (("federated", c["model"]), ("baseline", c["baseline"])):
+        scores = central(deployed["fed"], APPROVED, model)
+        p = np.concatenate([scores[s][0] for s in APPROVED])
+        y = np.concatenate([scores[s][1] for s in APPROVED]) == 1
+        figures[name] = {"exact": _rank_auc(p, y), "grid": _rank_auc(np.floor(np.round(p * (GRID - 1), 10)) / (GRID - 1), y),
+                         "sites": scores}
+    contest, board = leaderboard(load_federation(deployed["fed"]), CONTEST)
+    assert [r["team"] for r in board] == sorted(figures, key=lambda t: -figures[t]["exact"]), (board, figures)
+    assert [r["rank"] for r in board] == [1, 2] and "copycat" not in {r["team"] for r in board}
+    for r in board:
+        f = figures[r["team"]]
+        assert r["value"] == pytest.approx(f["grid"], abs=2e-3) and abs(r["value"] - f["exact"]) < 0.01, (r, f)
+        assert r["low"] < r["value"] < r["high"] and r["scored"] == 3 and r["asked"] == 4
+    assert figures["federated"]["exact"] > 0.65 > figures["baseline"]["exact"] - 0.1  # real models, really apart
+    # `aseanfl evaluate -f` on the run's model: each hospital's figures are those of its own test cases
+    result = next(json.loads(p.read_text()) for p in (tmp / "evaluations").glob("run-*/evaluation.json")
+                  if json.loads(p.read_text())["evaluation"].startswith("eval-"))
+    assert result["model_sha256"] == sha256(c["model"])
+    for site in APPROVED:
+        s, (probs, labels) = result["sites"][site], figures["federated"]["sites"][site]
+        assert s["split"] == "test" and s["cases"] == len(labels), s
+        if s["auc"]["value"] is not None:
+            assert s["auc"]["value"] == pytest.approx(_rank_auc(probs, labels == 1), abs=1e-6)
+        else:
+            assert "fewer than min_cases" in s["auc"]["withheld"]
+    assert "is not approved by hospital site-d" in result["sites"][UNAPPROVED]["error"]
+    text = c["leaderboard"].stdout
+    assert text.index("federated") < text.index("baseline") and "95 % CI" in text
+    assert [row[:2] for row in c["console"]] == [["1", "federated"], ["2", "baseline"]], c["console"]
+    assert c["cut"].returncode == 2 and not c["sent for the cut file"], c["cut"].stderr
+    assert "not a readable safetensors file, or cut short" in c["cut"].stderr and "Traceback" not in c["cut"].stderr
+    assert len(c["cut"].stderr.strip().splitlines()) == 1
+    for site in APPROVED:  # each hospital's own log names the models it scored
+        assert f"scored model {sha256(c['baseline'])[:12]}" in (tmp / f"{site}.log").read_text(errors="replace")
+
+
 def test_unregistered_key_is_refused_even_with_a_valid_certificate(deployed):
     rogue = deployed["rogue"]
     assert rogue.returncode != 0
@@ -526,7 +583,12 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
         first = int(re.search(r"run (\d+): finished", deployed["run"].stdout).group(1))
         assert {(e["round"], e["type"]) for e in entries if e["run"] == first} == \
             {(r, t) for r in ("1", "2") for t in ("train", "evaluate")}
-        assert all(set(e["records"]) <= {"arrays", "metrics", "site"} for e in entries)
+        assert all(set(e["records"]) <= {"arrays", "metrics", "site"} for e in entries if e["type"] != "evaluate.contest")
+        # the contest: only the fixed figures left, each for a named model (`client audit` checked the schema)
+        scored = [e for e in entries if e["type"] == "evaluate.contest"]
+        assert {e["records"]["scores"]["entries"]["model-sha256"] for e in scored} == \
+            {sha256(deployed["contest"]["model"]), sha256(deployed["contest"]["baseline"])}
+        assert all(set(e["records"]) == {"scores", "site"} for e in scored) and len(scored) == 3  # evaluate + 2 teams
         # model arrays left packed (one object per record), and the log names every tensor inside
         model = load_file(str(next((deployed["tmp"] / "results").glob("run-*")) / "model.safetensors"))
         for e in (e for e in entries if e["run"] == first and e["type"] == "train"):
@@ -640,7 +702,7 @@ def test_every_console_page_was_photographed_with_content(deployed):
     from PIL import Image
 
     names = {p.stem for p in deployed["shots"].glob("*.png")}
-    for name in ("coordinator-run", "coordinator-runs", "coordinator-hospitals", "coordinator-start-errors",
+    for name in ("coordinator-run", "coordinator-runs", "coordinator-hospitals", "coordinator-start-errors", "coordinator-contests",
                  "hospital-data", "hospital-apps-pending", "hospital-apps", "hospital-audit", "hospital-daemon",
                  "hospital-privacy"):
         assert name in names, (name, sorted(names))

@@ -224,3 +224,34 @@ def test_a_hospital_scores_only_the_model_whose_sha256_was_named():
     swapped[-1] ^= 1  # one weight changed in transit, or another model sent under this hash
     with pytest.raises(SiteDataError, match="not .* as the evaluation names it; nothing was scored"):
         received_model(spec, {MODEL_KEY: model_record(bytes(swapped))})
+
+
+def test_a_hospital_with_noise_epsilon_scores_under_dp_the_same_way_twice(tmp_path):
+    """A hospital's ClientApp path (client/contest.score_model) with site.yaml
+    evaluation.noise_epsilon: figures released under DP, repeatable for the same model, unlike
+    the plain figures; segmentation or several classes are refused rather than released plainly."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from client.app import Hospital
+    from client.contest import MODEL_KEY, model_record, score_model
+    from client.messages import EvaluationSpec
+    from client.site import SiteDataError
+    from medimaging.datasets import SiteData, Split
+    from medimaging.synthetic import site_images
+
+    (x, y), _ = site_images(0, 3, 400, 10)
+    split = Split(torch.as_tensor(x, dtype=torch.float32)[:, :, :28, :28], torch.as_tensor(y).long().flatten())
+    assert split.x.std() > 0.1 and 0 < int(split.y.sum()) < len(split)  # real images, both classes
+    blob = save({k: v.contiguous() for k, v in CARD.build(RunConfig()).state_dict().items()})
+    spec = EvaluationSpec(evaluation="e", model_sha256=hashlib.sha256(blob).hexdigest(), model=CARD.model, in_channels=1,
+                          num_classes=2, image_size=28, split="validation")
+    content = {MODEL_KEY: model_record(blob)}
+    plain = Hospital(data=SiteData(name="site-a", train=split, val=split), ledger_root=tmp_path)
+    noisy = Hospital(data=SiteData(name="site-a", train=split, val=split), ledger_root=tmp_path, noise_epsilon=1.0)
+    a, b, exact = score_model(spec, content, noisy), score_model(spec, content, noisy), score_model(spec, content, plain)
+    assert a == b and a.dp_epsilon == 1.0 and exact.dp_epsilon is None
+    assert a.classes[1].tp_at != exact.classes[1].tp_at and a.split == "validation"
+    with pytest.raises(SiteDataError, match="DP noise only"):
+        score_model(spec.model_copy(update={"num_classes": 3}), content, noisy)

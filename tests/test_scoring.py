@@ -98,3 +98,63 @@ def test_several_classes_and_segmentation():
     assert all(d.low < d.value < d.high for d in a.dice)
     few = segmentation_score(pred[:5], truth[:5], 3)
     assert all(d.withheld and "fewer than min_cases 20" in d.withheld for d in few.dice)
+
+
+def _binary(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    p1 = np.clip(0.35 * labels + 0.65 * rng.random(n), 0, 1)
+    return np.stack([1 - p1, p1], 1), labels
+
+
+def test_dp_noised_figures_come_from_noised_counts_only_and_repeat_for_the_same_secret_seed():
+    """site.yaml evaluation.noise_epsilon: Laplace noise on the per-band counts, every figure
+    from the noised counts (so they agree with each other), the same figures for the same
+    secret seed, other noise for another; at epsilon 1 on 400 cases the AUC moves little, and
+    the noise grows as epsilon shrinks; few (noised) cases are withheld; it pools as any hospital."""
+    from medimaging.scoring import grid_auc, noised_score
+
+    probs, labels = _binary(400, 3)
+    exact = score(probs, labels, 20)
+    a = noised_score(probs, labels, 1.0, 11, 20)
+    assert a == noised_score(probs, labels, 1.0, 11, 20) and a.dp_epsilon == 1.0
+    b = noised_score(probs, labels, 1.0, 12, 20)
+    assert a.classes[1].tp_at != b.classes[1].tp_at and a.classes[1].tp_at != exact.classes[1].tp_at
+    # released for pooling: the noised counts as they are; the hospital's own figures: them clipped at zero
+    cells = lambda at: np.clip(np.asarray(at) - np.append(at[1:], 0), 0, None)  # noqa: E731
+    tp_at, fp_at = (np.cumsum(cells(at)[::-1])[::-1] for at in (a.classes[1].tp_at, a.classes[1].fp_at))
+    assert a.cases == tp_at[0] + fp_at[0] == a.classes[0].cases + a.classes[1].cases
+    c = a.confusion
+    assert a.correct == c["tp"] + c["tn"] and c["tp"] == tp_at[50] and c["fp"] == fp_at[50]
+    assert a.sensitivity.value == c["tp"] / (c["tp"] + c["fn"]) and a.auc.value == grid_auc(list(tp_at), list(fp_at))
+    assert sum(a.classes[1].tp_at[i] != a.classes[1].tp_at[i + 1] for i in range(100)) <= 21  # bands of 0.05
+    assert a.auc.low < a.auc.value < a.auc.high
+    moved = [abs(noised_score(probs, labels, 1.0, s, 20).auc.value - exact.auc.value) for s in range(40)]
+    assert 0 < float(np.mean(moved)) < 0.03 and max(moved) < 0.1, moved  # measured: 0.015 and 0.07
+    spread = {eps: np.std([noised_score(probs, labels, eps, s, 20).cases for s in range(60)]) for eps in (0.2, 2.0)}
+    assert spread[0.2] > 4 * spread[2.0] > 0, spread  # Laplace scale 1/epsilon
+    small_probs, small_labels = _binary(30, 4)
+    few = noised_score(small_probs, small_labels, 1.0, 5, 20)
+    assert few.auc.withheld and "(noised count)" in few.auc.withheld and few.classes[1].tp_at is None
+    pooled = pool([a, exact])
+    assert pooled["left_out"] == [] and pooled["cases"] == a.cases + exact.cases
+    with pytest.raises(ValueError, match="multiple of 0.05"):
+        noised_score(probs, labels, 1.0, 1, 20, threshold=0.333)
+
+
+def test_a_hospitals_noise_seed_is_its_own_secret_and_fixed_per_model(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from client.contest import NOISE_KEY_FILE, noise_seed
+    from client.messages import EvaluationSpec
+    from medimaging.config import ModelConfig
+
+    spec = EvaluationSpec(evaluation="e", model_sha256="a" * 64, model=ModelConfig(name="cnn"), in_channels=1,
+                          num_classes=2, image_size=28)
+    here, there = SimpleNamespace(ledger_root=tmp_path / "h1"), SimpleNamespace(ledger_root=tmp_path / "h2")
+    first = noise_seed(here, spec, "test", 20)
+    assert (os.stat(tmp_path / "h1" / NOISE_KEY_FILE).st_mode & 0o777) == 0o600
+    assert noise_seed(here, spec, "test", 20) == first  # the same model scored again: the same noise
+    assert noise_seed(here, spec.model_copy(update={"model_sha256": "b" * 64}), "test", 20) != first
+    assert noise_seed(there, spec, "test", 20) != first  # another hospital's secret
