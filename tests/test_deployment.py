@@ -544,9 +544,12 @@ def test_the_contest_ranks_two_submissions_as_the_central_figures_do(deployed):
         assert r["low"] < r["value"] < r["high"] and r["scored"] == 3 and r["asked"] == 4
     assert figures["federated"]["exact"] > 0.65 > figures["baseline"]["exact"] - 0.1  # real models, really apart
     # `aseanfl evaluate -f` on the run's model: each hospital's figures are those of its own test cases
-    result = next(json.loads(p.read_text()) for p in (tmp / "evaluations").glob("run-*/evaluation.json")
-                  if json.loads(p.read_text())["evaluation"].startswith("eval-"))
+    results = {r["evaluation"]: r for r in (json.loads(p.read_text()) for p in (tmp / "evaluations").glob("run-*/evaluation.json"))}
+    result = next(r for name, r in results.items() if name.startswith("eval-"))
     assert result["model_sha256"] == sha256(c["model"])
+    # the same model scored twice (`aseanfl evaluate -f`, then the team's submission): the same numbers
+    again = results[f"{CONTEST}-{result['model_sha256'][:12]}"]
+    assert again["sites"] == result["sites"] and again["pooled"] == result["pooled"]
     for site in APPROVED:
         s, (probs, labels) = result["sites"][site], figures["federated"]["sites"][site]
         assert s["split"] == "test" and s["cases"] == len(labels), s
