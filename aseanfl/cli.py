@@ -28,8 +28,16 @@ def _data_line(data) -> str:
 
 
 @app.callback()
-def _root() -> None:
+def _root(lang: Optional[str] = typer.Option(
+        None, "--lang", help="language of what aseanfl prints: en, vi, th, zh_Hans, id, ms, km, my (default: "
+                             "ASEANFL_LANG, a hospital's site.yaml language, the locale)")) -> None:
     """Federated medical imaging for ASEAN hospitals."""
+    from .i18n import LANGUAGES, _cli, normalise, use
+
+    if lang is not None and normalise(lang) is None:
+        _fail(f"--lang: {lang!r} is not one of {', '.join(LANGUAGES)}")
+    _cli[0] = normalise(lang)
+    use()
 
 
 @app.command()
@@ -144,6 +152,21 @@ def evaluate(
 
     typer.echo(f"pooled over {pooled_line(json.loads((folder / 'evaluation.json').read_text())['pooled'])}")
     typer.echo(f"done: {folder / 'evaluation.md'}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run folder (simulated or deployed)")) -> None:
+    """Write a run folder's report.md and its plots again, in the language of --lang (or
+    ASEANFL_LANG, or the locale): e.g. `aseanfl --lang vi report runs/run-123`."""
+    from server.report import write_report
+
+    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "metrics.csv").is_file():
+        _fail(f"{run_dir}: not a run folder (no metrics.jsonl or metrics.csv)")
+    try:
+        path = write_report(run_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"{run_dir}: its metrics cannot be read ({type(exc).__name__}: {exc})", "error", 1)
+    typer.echo(f"done: {path}")
 
 
 from .client_cli import app as client_app  # noqa: E402

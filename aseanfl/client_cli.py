@@ -21,8 +21,12 @@ def load_site(path: Path):
     from client.config import load_site as read
     from medimaging.yamlconfig import ConfigError
 
+    from .i18n import use
+
     try:
-        return read(path)
+        site = read(path)
+        use(site=site.language)  # --lang, ASEANFL_LANG, then the hospital's own choice, then the locale
+        return site
     except ConfigError as exc:
         typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
         raise typer.Exit(2) from None
@@ -42,34 +46,39 @@ def operator() -> str:
 def check_data(config: Path = SITE_OPTION) -> None:
     """Read every image the site's data section names; print counts per class and split, image
     sizes and spacing, and every file that cannot be used, with the reason. Nothing is sent."""
-    from client.datacheck import check
+    from client.datacheck import MASKS, check
+
+    from .i18n import _, number, text_of
 
     site = load_site(config)
     console = Console()
     try:
         found = check(site)
     except ValueError as exc:
-        typer.echo(f"data error: {exc}", err=True)
+        typer.echo(_("data error: {reason}", reason=text_of(exc).render()), err=True)
         raise typer.Exit(2) from None
-    console.print(f"{site.site}: {found.usable} usable images, {len(found.problems)} problems")
+    console.print(_("{site}: {usable} usable images, {problems} problems", site=site.site, usable=number(found.usable),
+                    problems=number(len(found.problems))))
     table = Table()
-    table.add_column(found.row_label)
+    table.add_column(_("finding") if found.row_label == "finding" else _("class"))
     for s in found.splits:
-        table.add_column(s, justify="right")
+        table.add_column(_("unsplit") if s == "unsplit" else s, justify="right")
     for name, counts in found.rows:
-        table.add_row(name, *map(str, counts))
+        table.add_row(_("images with a mask") if name == MASKS else name, *map(number, counts))
     console.print(table)
     if found.mask_labels:
-        console.print("mask labels: " + ", ".join(f"{k} = {c}" for k, c in enumerate(found.mask_labels)))
+        console.print(_("mask labels: {labels}", labels=", ".join(f"{k} = {c}" for k, c in enumerate(found.mask_labels))))
     if found.sizes:
-        console.print("image sizes: " + ", ".join(f"{k} ({n})" for k, n in found.sizes))
+        console.print(_("image sizes: {sizes}", sizes=", ".join(f"{k} ({number(n)})" for k, n in found.sizes)))
     if found.spacing:
         lo, hi, n = found.spacing
-        console.print(f"pixel spacing (mm): {lo:.3g} to {hi:.3g} ({n} files with spacing)")
+        console.print(_("pixel spacing (mm): {low} to {high} ({files} files with spacing)", low=number(round(lo, 3)),
+                        high=number(round(hi, 3)), files=number(n)))
     for file, note in found.notes:  # what the decoders said of files, in their report, not as warnings
-        console.print(f"[dim]note[/] {escape(file)}: {escape(note)}", soft_wrap=True)
-    for file, reason in found.problems:  # one whole line per file, however narrow the terminal
-        console.print(f"[yellow]skipped[/] {escape(file)}: {escape(reason)}", soft_wrap=True)
+        console.print(_("[dim]note[/] {file}: {note}", file=escape(file), note=escape(note)), soft_wrap=True)
+    for problem in found.problems:  # one whole line per file, however narrow the terminal
+        console.print(_("[yellow]skipped[/] {file}: {reason}", file=escape(problem.file), reason=escape(problem.shown())),
+                      soft_wrap=True)
     if not found.usable:
         raise typer.Exit(1)
 

@@ -67,6 +67,8 @@ class SiteConfig(Strict):
     """site.yaml: what a hospital's daemon knows about itself. None of it is ever sent."""
 
     site: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the hospital's id in the federation")
+    language: Literal["en", "vi", "th", "zh_Hans", "id", "ms", "km", "my"] | None = Field(
+        None, description="what the daemon and `aseanfl client` print here (default: the locale); --lang overrides")
     data: FilesConfig
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="this hospital's device and CPU threads")

@@ -9,7 +9,7 @@ from collections import Counter
 
 from pydantic import BaseModel
 
-from medimaging.files import decode, item_name
+from medimaging.files import Problem, decode, item_name
 
 from .config import SiteConfig
 
@@ -27,7 +27,7 @@ class DataCheck(BaseModel):
     sizes: list[tuple[str, int]] = []  # ("28x28", files), most common first
     spacing: tuple[float, float, int] | None = None  # (min, max mm, files with spacing)
     notes: list[tuple[str, str]] = []  # (file, what the decoder said)
-    problems: list[tuple[str, str]] = []  # (file, why it cannot be used)
+    problems: list[Problem] = []  # each file that cannot be used, and why (medimaging/files.Problem: any language)
 
 
 def check(site: SiteConfig) -> DataCheck:
@@ -54,4 +54,4 @@ def check(site: SiteConfig) -> DataCheck:
         mask_labels=list(inv.classes) if masks else [], sizes=sizes.most_common(5),
         spacing=(min(spacing), max(spacing), len(spacing)) if spacing else None,
         notes=[(f, n) for f, notes in decoded.notes.items() for n in notes],
-        problems=[(p.file, p.reason) for p in inv.problems])
+        problems=list(inv.problems))

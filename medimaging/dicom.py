@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aseanfl.i18n import Reason, text_of
+
 from .config import DicomConfig
 
 DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle pyjpegls"
@@ -67,18 +69,18 @@ def read_dataset(path: Path):
     except InvalidDicomError:
         pass
     except Exception as exc:  # noqa: BLE001 - a cut or damaged file
-        raise ValueError(f"not a readable DICOM file ({_one_line(exc)}); export it again from the PACS") from None
+        raise Reason("not a readable DICOM file ({error}); export it again from the PACS", error=_one_line(exc)) from None
     try:
         ds = pydicom.dcmread(path, force=True)
         if "PixelData" not in ds or "Rows" not in ds:
             raise ValueError
     except Exception:  # noqa: BLE001 - whatever force-reading makes of a non-DICOM file
-        raise ValueError("not a DICOM file: it has neither the DICOM file header ('DICM') nor DICOM image data; "
-                         "if it came from the PACS, export it again as a DICOM (Part 10) file") from None
+        raise Reason("not a DICOM file: it has neither the DICOM file header ('DICM') nor DICOM image data; "
+                     "if it came from the PACS, export it again as a DICOM (Part 10) file") from None
     if "TransferSyntaxUID" not in ds.file_meta:  # raw DICOM: the encoding pydicom found while reading
         implicit, little = getattr(ds, "original_encoding", (True, True))
         if not little:
-            raise ValueError("raw big-endian DICOM without a file header: export it again as a DICOM (Part 10) file")
+            raise Reason("raw big-endian DICOM without a file header: export it again as a DICOM (Part 10) file")
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     return ds
 
@@ -88,20 +90,23 @@ def _decode(ds) -> np.ndarray:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     name = getattr(syntax, "name", str(syntax))
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ValueError("no image in it: the file ends before its pixel data (a partial transfer?) or is not an "
-                         "image (a report, a presentation state); export it again from the PACS")
+        raise Reason("no image in it: the file ends before its pixel data (a partial transfer?) or is not an "
+                     "image (a report, a presentation state); export it again from the PACS")
     try:
         return ds.pixel_array
     except NotImplementedError as exc:
-        raise ValueError(f"its transfer syntax {name} ({syntax}) is not one pydicom can decode ({_one_line(exc)})") from None
+        raise Reason("its transfer syntax {name} ({syntax}) is not one pydicom can decode ({error})", name=name,
+                     syntax=str(syntax), error=_one_line(exc)) from None
     except Exception as exc:  # noqa: BLE001 - decoder errors become the file's reason
         text = _one_line(exc)
         if "missing dependencies" in text or "no pixel data decoders" in text.lower() or "plugins are" in text:
-            raise ValueError(f"compressed as {name}, and no installed decoder reads it: install the decoders "
-                             f"({DECODERS}; they come with aseanfl, so the install is incomplete)") from None
+            raise Reason("compressed as {name}, and no installed decoder reads it: install the decoders "
+                         "({decoders}; they come with aseanfl, so the install is incomplete)", name=name,
+                         decoders=DECODERS) from None
         if "shorter than" in text or "truncated" in text.lower() or "expected length" in text:
-            raise ValueError(f"its pixel data are cut short ({name}): a partial transfer? export it again ({text})") from None
-        raise ValueError(f"its pixel data ({name}) do not decode: {text}") from None
+            raise Reason("its pixel data are cut short ({name}): a partial transfer? export it again ({error})", name=name,
+                         error=text) from None
+        raise Reason("its pixel data ({name}) do not decode: {error}", name=name, error=text) from None
 
 
 def _window(arr: np.ndarray, ds, cfg: DicomConfig) -> np.ndarray:
@@ -157,10 +162,12 @@ def read_dicom(path: Path, spatial_dims: int, cfg: DicomConfig, notes: list[str]
         spacing = _spacing(ds, frames)
         modality = str(ds.get("Modality", "")) or "image"
     if frames > 1 and spatial_dims == 2:
-        raise ValueError(f"a multi-frame {modality} file ({frames} frames): a 2D task reads one image per file; "
-                         "set data.files.spatial_dims: 3 to read its frames as the slices of a volume")
+        raise Reason("a multi-frame {modality} file ({frames} frames): a 2D task reads one image per file; "
+                     "set data.files.spatial_dims: 3 to read its frames as the slices of a volume", modality=modality,
+                     frames=frames)
     if frames == 1 and spatial_dims == 3:
-        raise ValueError(f"a single {modality} image: a 3D task reads volumes (a multi-frame file or a folder of slices)")
+        raise Reason("a single {modality} image: a 3D task reads volumes (a multi-frame file or a folder of slices)",
+                     modality=modality)
     return pixels, spacing
 
 
@@ -174,17 +181,17 @@ def read_series(folder: Path, cfg: DicomConfig, notes: list[str]) -> tuple[np.nd
                 ds = read_dataset(path)
                 pixels = _view(_decode(ds), ds, cfg)
         except ValueError as exc:
-            raise ValueError(f"slice {path.name}: {exc}") from None
+            raise Reason("slice {slice}: {reason}", slice=path.name, reason=text_of(exc)) from None
         if pixels.ndim != 2:
-            raise ValueError(f"slice {path.name}: a multi-frame file inside a series folder; export single slices")
+            raise Reason("slice {slice}: a multi-frame file inside a series folder; export single slices", slice=path.name)
         position = ds.get("ImagePositionPatient")
         order = float(position[2]) if position else float(ds.get("InstanceNumber", len(slices)))
         spacing = tuple(float(v) for v in ds.get("PixelSpacing", []) or []) + (float(ds.get("SliceThickness", 0) or 0),)
         slices.append((order, pixels, spacing))
     if not slices:
-        raise ValueError("empty series folder")
+        raise Reason("empty series folder")
     shapes = {s[1].shape for s in slices}
     if len(shapes) > 1:
-        raise ValueError(f"slices of different sizes {sorted(shapes)}")
+        raise Reason("slices of different sizes {sizes}", sizes=sorted(shapes))
     slices.sort(key=lambda s: s[0])
     return np.stack([s[1] for s in slices]), slices[0][2] if len(slices[0][2]) == 3 else None

@@ -109,6 +109,8 @@ def _why(exc: BaseException, web: DicomWebConfig) -> tuple[str, bool]:
 
 
 def _manifest(web: DicomWebConfig, problems: list) -> list[Row]:
+    from aseanfl.i18n import Text
+
     from .files import Problem, bad_split
 
     if not web.manifest.is_file():
@@ -125,11 +127,11 @@ def _manifest(web: DicomWebConfig, problems: list) -> list[Row]:
             uid, label, split = (row.get(keys[0]) or "").strip(), (row.get("label") or "").strip(), (row.get("split") or "").strip()
             where = f"{web.manifest.name}:{line}"
             if not uid or not label:
-                problems.append(Problem(where, f"empty {keys[0]} UID or label"))
+                problems.append(Problem.of(where, Text("empty {key} UID or label", key=keys[0])))
             elif not UID.fullmatch(uid) or len(uid) > 64:
-                problems.append(Problem(where, f"{uid[:70]!r} is not a DICOM UID (digits and dots, at most 64)"))
+                problems.append(Problem.of(where, Text("{uid} is not a DICOM UID (digits and dots, at most 64)", uid=repr(uid[:70]))))
             elif why := bad_split(split):
-                problems.append(Problem(where, why))
+                problems.append(Problem.of(where, why))
             else:
                 rows.append(Row(keys[0], uid, label, split or None, where))
     return rows
@@ -186,6 +188,8 @@ def _write_row(folder: Path, instances: dict[str, bytes]) -> None:
 def pacs_inventory(cfg: FilesConfig, inv) -> None:
     """Fill `inv` (a files.Inventory) with the PACS's labelled instances, retrieved into the store:
     one item per instance (2D) or per row (3D: the row's instances are the slices of a volume)."""
+    from aseanfl.i18n import Text
+
     from .dicom import captured
     from .files import Item, Problem
 
@@ -199,15 +203,17 @@ def pacs_inventory(cfg: FilesConfig, inv) -> None:
             with captured(notes, LOGGERS):
                 uids = _instances(dw, row, filters)
                 if not uids:
-                    why = "matches no instance of the query (data.files.dicomweb.query)" if filters else "not on the PACS"
-                    inv.problems.append(Problem(name, f"{why} (listed in {row.where})"))
+                    why = (Text("matches no instance of the query (data.files.dicomweb.query) (listed in {where})",
+                                where=row.where) if filters else Text("not on the PACS (listed in {where})", where=row.where))
+                    inv.problems.append(Problem.of(name, why))
                     continue
                 got = {sop: _retrieve(dw, (study, series, sop)) for study, series, sop in uids}
         except Exception as exc:  # noqa: BLE001 - every transport error becomes the row's reason or stops the source
             reason, fatal = _why(exc, web)
             if fatal:
                 raise SourceError(reason) from None
-            inv.problems.append(Problem(name, f"{reason}; nothing of it was stored (listed in {row.where})"))
+            inv.problems.append(Problem.of(name, Text("{reason}; nothing of it was stored (listed in {where})",
+                                                      reason=reason, where=row.where)))
             continue
         folder = store / f"{row.key}-{row.uid}"
         _write_row(folder, got)

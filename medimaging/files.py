@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aseanfl.i18n import Reason, Text, text_of
+
 from .config import DicomConfig, FilesConfig
 from .dicom import read_dicom, read_series
 
@@ -31,9 +33,9 @@ IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff"
 SPLITS = ("train", "val", "test")  # "val" rows train: each site splits its own validation
 
 
-def bad_split(split: str) -> str | None:
+def bad_split(split: str) -> Text | None:
     """Why a manifest's split cell is wrong, or None (empty: no split given)."""
-    return f"split '{split}' is not one of {', '.join(SPLITS)}" if split and split not in SPLITS else None
+    return Text("split '{split}' is not one of {splits}", split=split, splits=", ".join(SPLITS)) if split and split not in SPLITS else None
 
 
 @dataclass
@@ -46,8 +48,20 @@ class Item:
 
 @dataclass
 class Problem:
+    """A file that cannot be used: `reason` in English, `text` the same message for any language
+    (aseanfl/i18n.py; kept in the decode cache's report as JSON)."""
+
     file: str
     reason: str
+    text: dict | None = None
+
+    @classmethod
+    def of(cls, file: str, why) -> "Problem":
+        text = why if isinstance(why, Text) else text_of(why)
+        return cls(file, str(text), text.to_json())
+
+    def shown(self, lang: str | None = None) -> str:
+        return Text.from_json(self.text).render(lang) if self.text else self.reason
 
 
 @dataclass
@@ -88,22 +102,22 @@ def _manifest(cfg: FilesConfig, inv: Inventory) -> None:
         columns = set(reader.fieldnames or [])
         segmentation = "mask" in columns
         if "path" not in columns or not ({"label", "mask"} & columns):
-            raise ValueError(f"{cfg.manifest.name}: needs a header with columns path,label[,split] "
-                             "(or path,mask[,split] for segmentation)")
+            raise Reason("{manifest}: needs a header with columns path,label[,split] (or path,mask[,split] for "
+                         "segmentation)", manifest=cfg.manifest.name)
         if segmentation and cfg.multilabel:
-            raise ValueError(f"{cfg.manifest.name}: data.files.multilabel is for labels, not masks")
+            raise Reason("{manifest}: data.files.multilabel is for labels, not masks", manifest=cfg.manifest.name)
         for line, row in enumerate(reader, start=2):
             cell = lambda key: (row.get(key) or "").strip()  # noqa: E731
             rel, split, target = cell("path"), cell("split"), cell("mask" if segmentation else "label")
             where = f"{cfg.manifest.name}:{line}"
             if not rel or not target:
-                inv.problems.append(Problem(where, f"empty path or {'mask' if segmentation else 'label'}"))
+                inv.problems.append(Problem.of(where, Text("empty path or mask") if segmentation else Text("empty path or label")))
             elif why := bad_split(split):
-                inv.problems.append(Problem(where, why))
+                inv.problems.append(Problem.of(where, why))
             elif not _exists(cfg, cfg.root / rel):
-                inv.problems.append(Problem(rel, f"listed in {where} but missing"))
+                inv.problems.append(Problem.of(rel, Text("listed in {where} but missing", where=where)))
             elif segmentation and not (cfg.root / target).is_file():
-                inv.problems.append(Problem(target, f"mask listed in {where} but missing"))
+                inv.problems.append(Problem.of(target, Text("mask listed in {where} but missing", where=where)))
             elif segmentation:
                 inv.items.append(Item(cfg.root / rel, None, split or None, cfg.root / target))
             elif cfg.multilabel:
@@ -122,13 +136,13 @@ def _walk(cfg: FilesConfig, inv: Inventory) -> list[Path]:
     def visit(folder: Path) -> None:
         real = folder.resolve()
         if real in seen:
-            inv.problems.append(Problem(name(folder), "a link loop: this folder links back to one already read"))
+            inv.problems.append(Problem.of(name(folder), Text("a link loop: this folder links back to one already read")))
             return
         seen.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            inv.problems.append(Problem(name(folder), f"folder cannot be read ({exc.strerror})"))
+            inv.problems.append(Problem.of(name(folder), Text("folder cannot be read ({error})", error=exc.strerror)))
             return
         for entry in entries:
             path = Path(entry.path)
@@ -136,8 +150,9 @@ def _walk(cfg: FilesConfig, inv: Inventory) -> list[Path]:
                 continue
             if entry.is_symlink() and not path.exists():
                 target = os.readlink(path)
-                why = "a link loop" if _loops(path) else f"a broken link (its target {target} does not exist)"
-                inv.problems.append(Problem(name(path), why))
+                why = Text("a link loop") if _loops(path) else Text(
+                    "a broken link (its target {target} does not exist)", target=target)
+                inv.problems.append(Problem.of(name(path), why))
             elif entry.is_dir():
                 visit(path)
             elif entry.is_file():
@@ -159,14 +174,14 @@ def _loops(path: Path) -> bool:
 
 def _folders(cfg: FilesConfig, inv: Inventory) -> None:
     if cfg.multilabel:
-        raise ValueError("data.files.multilabel needs a manifest (a folder per class gives one label per image)")
+        raise Reason("data.files.multilabel needs a manifest (a folder per class gives one label per image)")
     seen: set[Path] = set()
     for path in _walk(cfg, inv):
         parts = path.relative_to(cfg.root).parts
         split = parts[0] if len(parts) >= 3 and parts[0] in SPLITS else None
         label_parts = parts[1:] if split else parts
         if len(label_parts) < 2:
-            inv.problems.append(Problem(str(path.relative_to(cfg.root)), "not inside a class folder"))
+            inv.problems.append(Problem.of(str(path.relative_to(cfg.root)), Text("not inside a class folder")))
             continue
         if cfg.spatial_dims == 3 and len(label_parts) >= 3:  # <class>/<series folder>/<slice>: one volume
             path = cfg.root.joinpath(*parts[: len(parts) - len(label_parts) + 2])
@@ -184,10 +199,10 @@ def inventory(cfg: FilesConfig) -> Inventory:
 
         pacs_inventory(cfg, inv)
     elif not cfg.root.is_dir():
-        raise ValueError(f"data.files.root: folder not found: {cfg.root}")
+        raise Reason("data.files.root: folder not found: {path}", path=str(cfg.root))
     elif cfg.manifest is not None:
         if not cfg.manifest.is_file():
-            raise ValueError(f"data.files.manifest: file not found: {cfg.manifest}")
+            raise Reason("data.files.manifest: file not found: {path}", path=str(cfg.manifest))
         _manifest(cfg, inv)
     else:
         _folders(cfg, inv)
@@ -200,8 +215,10 @@ def inventory(cfg: FilesConfig) -> Inventory:
     for item in inv.items:
         unknown = [n for n in names(item) if n not in inv.classes]
         if unknown:
-            kind = "finding" if cfg.multilabel else "class"
-            inv.problems.append(Problem(item_name(cfg, item.path), f"unknown {kind} '{unknown[0]}' ({kind}s: {', '.join(inv.classes)})"))
+            why = (Text("unknown finding '{name}' (findings: {names})", name=unknown[0], names=", ".join(inv.classes))
+                   if cfg.multilabel else
+                   Text("unknown class '{name}' (classes: {names})", name=unknown[0], names=", ".join(inv.classes)))
+            inv.problems.append(Problem.of(item_name(cfg, item.path), why))
         else:
             kept.append(item)
     inv.items = kept
@@ -237,12 +254,12 @@ def read_pixels(path: Path, spatial_dims: int = 2, dicom: DicomConfig | None = N
     path, dicom, notes = Path(path), dicom or DicomConfig(), [] if notes is None else notes
     if path.is_dir():
         if spatial_dims != 3:
-            raise ValueError("a folder (DICOM series) is a volume: set data.files.spatial_dims: 3")
+            raise Reason("a folder (DICOM series) is a volume: set data.files.spatial_dims: 3")
         arr, spacing = read_series(path, dicom, notes)
         return _checked(arr, spatial_dims), spacing
     kind = _kind(path)
     if kind is None:
-        raise ValueError(f"not an image type this reads (suffix '{path.suffix}')")
+        raise Reason("not an image type this reads (suffix '{suffix}')", suffix=path.suffix)
     if kind == "dicom":
         arr, spacing = read_dicom(path, spatial_dims, dicom, notes)
         return _checked(arr, spatial_dims), spacing
@@ -256,8 +273,11 @@ def read_pixels(path: Path, spatial_dims: int = 2, dicom: DicomConfig | None = N
             arr = np.asarray(img.get_fdata(dtype=np.float32))
             spacing = tuple(float(v) for v in img.header.get_zooms()[:spatial_dims])
     except Exception as exc:  # noqa: BLE001 - every decoder error becomes a reason
-        advice = "; is it a partial copy? copy or export it again" if "truncated" in str(exc) or "EOF" in str(exc) else ""
-        raise ValueError(f"cannot decode as {kind}: " + " ".join(f"{type(exc).__name__}: {exc}".split()) + advice) from None
+        said = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if "truncated" in str(exc) or "EOF" in str(exc):
+            raise Reason("cannot decode as {kind}: {error}; is it a partial copy? copy or export it again",
+                         kind=kind, error=said) from None
+        raise Reason("cannot decode as {kind}: {error}", kind=kind, error=said) from None
     return _checked(np.squeeze(arr), spatial_dims), spacing
 
 
@@ -279,10 +299,12 @@ def _picture(path: Path) -> np.ndarray:
 
 def _checked(arr: np.ndarray, spatial_dims: int) -> np.ndarray:
     if arr.ndim != spatial_dims:
-        what = "2D images" if spatial_dims == 2 else "volumes (data.files.spatial_dims: 3)"
-        raise ValueError(f"{arr.ndim}D image of shape {list(arr.shape)}: this task reads {what}")
+        if spatial_dims == 2:
+            raise Reason("{dims}D image of shape {shape}: this task reads 2D images", dims=arr.ndim, shape=list(arr.shape))
+        raise Reason("{dims}D image of shape {shape}: this task reads volumes (data.files.spatial_dims: 3)",
+                     dims=arr.ndim, shape=list(arr.shape))
     if not np.all(np.isfinite(arr)) or arr.size == 0:
-        raise ValueError("empty image or NaN/Inf pixels")
+        raise Reason("empty image or NaN/Inf pixels")
     return arr
 
 
@@ -290,7 +312,7 @@ def read_mask(path: Path, spatial_dims: int = 2) -> np.ndarray:
     """Integer labels (0 = background) of a mask file; a 0/255 image is read as 0/1."""
     arr, _ = read_pixels(path, spatial_dims, DicomConfig(window="none"))
     if not np.array_equal(arr, np.round(arr)) or arr.min() < 0:
-        raise ValueError("mask holds values that are not labels (integers >= 0)")
+        raise Reason("mask holds values that are not labels (integers >= 0)")
     values = set(np.unique(arr).tolist())
     if values <= {0, 255} and 255 in values:
         arr = arr / 255
@@ -322,7 +344,7 @@ class Decoded:
 
 
 def _where(cfg: FilesConfig) -> str:
-    return f"from the PACS at {cfg.dicomweb.url}" if cfg.dicomweb is not None else f"under {cfg.root}"
+    return cfg.dicomweb.url if cfg.dicomweb is not None else str(cfg.root)
 
 
 def _stamp(path: Path | None) -> str:
@@ -346,31 +368,34 @@ def _target(cfg: FilesConfig, inv: Inventory, item: Item, shape: tuple[int, ...]
     if item.mask is not None:
         mask = read_mask(item.mask, cfg.spatial_dims)
         if mask.shape != shape:
-            raise ValueError(f"its mask {item_name(cfg, item.mask)} is {list(mask.shape)}, the image {list(shape)}")
+            raise Reason("its mask {mask} is {mask_shape}, the image {shape}", mask=item_name(cfg, item.mask),
+                         mask_shape=list(mask.shape), shape=list(shape))
         if inv.classes and mask.max() >= len(inv.classes):
-            raise ValueError(f"its mask {item_name(cfg, item.mask)} holds label {mask.max()}, beyond data.files.classes "
-                             f"({len(inv.classes)} names, background first)")
+            raise Reason("its mask {mask} holds label {label}, beyond data.files.classes ({count} names, background first)",
+                         mask=item_name(cfg, item.mask), label=int(mask.max()), count=len(inv.classes))
         if mask.max() > 255:
-            raise ValueError(f"its mask {item_name(cfg, item.mask)} holds label {mask.max()} (at most 255 labels)")
+            raise Reason("its mask {mask} holds label {label} (at most 255 labels)", mask=item_name(cfg, item.mask),
+                         label=int(mask.max()))
         return np.asarray(_resize(mask.astype(np.float32), cfg.image_size, "nearest").round(), dtype=np.uint8)
     if isinstance(item.label, list):
         return np.array([c in item.label for c in inv.classes], dtype=np.uint8)
     return inv.classes.index(item.label)
 
 
-def _usable(labels: list, inv: Inventory, cfg: FilesConfig) -> str | None:
+def _usable(labels: list, inv: Inventory, cfg: FilesConfig) -> Text | None:
     """Why these targets cannot train a model, or None."""
     if not labels:
-        return "no usable images"
+        return Text("no usable images")
     if isinstance(labels[0], int):
-        return None if len(set(labels)) >= 2 else f"{len(set(labels))} class(es); training needs at least two classes"
+        return None if len(set(labels)) >= 2 else Text("{count} class(es); training needs at least two classes",
+                                                       count=len(set(labels)))
     stacked = np.stack(labels)
     if stacked.ndim == 2:  # findings
         if len(inv.classes) < 2:
-            return "a multi-label task needs at least two findings (with one, use a label per image)"
+            return Text("a multi-label task needs at least two findings (with one, use a label per image)")
         both = (stacked.max(0) == 1) & (stacked.min(0) == 0)
-        return None if both.any() else "no finding is both present and absent; training needs one"
-    return None if stacked.max() > 0 else "every mask is empty; segmentation needs some labelled voxels"
+        return None if both.any() else Text("no finding is both present and absent; training needs one")
+    return None if stacked.max() > 0 else Text("every mask is empty; segmentation needs some labelled voxels")
 
 
 def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded:
@@ -395,7 +420,7 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
             arr, spacing = read_pixels(item.path, cfg.spatial_dims, cfg.dicom, notes)
             target = _target(cfg, inv, item, arr.shape)
         except ValueError as exc:
-            inv.problems.append(Problem(name, str(exc)))
+            inv.problems.append(Problem.of(name, exc))
             continue
         finally:
             if notes:
@@ -412,8 +437,8 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
         return out
     problem = _usable(labels, inv, cfg)
     if problem is not None:
-        raise ValueError(f"data.files: {len(images)} usable images {_where(cfg)}: {problem} "
-                         f"({len(inv.problems)} problems listed)")
+        raise Reason("data.files: {usable} usable images at {where}: {problem} ({problems} problems listed)",
+                     usable=len(images), where=_where(cfg), problem=problem, problems=len(inv.problems))
     x = np.stack(images)
     y = np.asarray(labels, dtype=np.int64)[:, None] if isinstance(labels[0], int) else np.stack(labels)
     is_test = np.array([s == "test" for s in splits])

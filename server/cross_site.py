@@ -91,6 +91,8 @@ def plot(run_dir: Path, path: Path) -> bool:
         return False
     import matplotlib.pyplot as plt
 
+    from aseanfl.i18n import _
+
     data = json.loads(source.read_text())
     rows, sites = data["rows"], data["sites"]
     values = np.array([[np.nan if data["matrix"][r].get(s) is None else data["matrix"][r][s] for s in sites]
@@ -99,14 +101,14 @@ def plot(run_dir: Path, path: Path) -> bool:
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.5 if data["metric"] == "auc" else 0.0, vmax=1.0,
                       aspect="auto")
     ax.set_xticks(range(len(sites)), sites, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), [f"{r} model" for r in rows])
-    ax.set_xlabel("scored on the cases of")
+    ax.set_yticks(range(len(rows)), [_("global model") if r == GLOBAL else _("{name} model", name=r) for r in rows])
+    ax.set_xlabel(_("scored on the cases of"))
     for i in range(len(rows)):
         for j in range(len(sites)):
-            ax.text(j, i, "withheld" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}", ha="center", va="center",
+            ax.text(j, i, _("withheld") if np.isnan(values[i, j]) else f"{values[i, j]:.2f}", ha="center", va="center",
                     color="white" if np.isnan(values[i, j]) or values[i, j] < 0.8 else "black", fontsize=8)
     fig.colorbar(image, ax=ax, label=data["metric"].upper() if data["metric"] == "auc" else "Dice")
-    ax.set_title(f"Cross-site {data['metric'].upper() if data['metric'] == 'auc' else 'Dice'}")
+    ax.set_title(_("Cross-site {metric}", metric=data["metric"].upper() if data["metric"] == "auc" else "Dice"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,6 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from aseanfl.fonts import labels_for  # noqa: E402
+from aseanfl.i18n import _  # noqa: E402
+
 from .digest import MANY, digest  # noqa: E402
 from .outputs import read_rows, score_of as _score  # noqa: E402
 
@@ -25,13 +28,15 @@ def _series(rows: list[dict], site: str, key: str) -> tuple[list[int], list[floa
 def _plot_global(rows: list[dict], path: Path) -> None:
     key, name = _score(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for col, label in ((f"test_{key}", f"global test {name} (server)"), (f"val_{key}", f"federated validation {name}")):
+    for col, label in ((f"test_{key}", _("global test {name} (server)", name=name)),
+                       (f"val_{key}", _("federated validation {name}", name=name))):
         x, y = _series(rows, "global", col)
         if x:
             ax.plot(x, y, marker="o", label=label)
     if key == "auc":
-        ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
-    ax.set(xlabel="round", ylabel=name, title=f"Global model {name} per round", ylim=(0.4 if key == "auc" else 0.0, 1.0))
+        ax.axhline(0.5, color="grey", ls=":", lw=1, label=_("chance"))
+    ax.set(xlabel=_("round"), ylabel=name, title=_("Global model {name} per round", name=name),
+           ylim=(0.4 if key == "auc" else 0.0, 1.0))
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -49,12 +54,12 @@ def _spread(ax, rows: list[dict], key: str, label: str) -> bool:
         return False
     x = sorted(by_round)
     q = {p: [float(np.percentile(by_round[k], p)) for k in x] for p in (10, 25, 50, 75, 90)}
-    ax.fill_between(x, q[10], q[90], alpha=0.15, color="C0", label="10th-90th percentile")
-    ax.fill_between(x, q[25], q[75], alpha=0.35, color="C0", label="interquartile range")
-    ax.plot(x, q[50], marker=".", color="C0", label=f"median {label}")
+    ax.fill_between(x, q[10], q[90], alpha=0.15, color="C0", label=_("10th-90th percentile"))
+    ax.fill_between(x, q[25], q[75], alpha=0.35, color="C0", label=_("interquartile range"))
+    ax.plot(x, q[50], marker=".", color="C0", label=_("median {what}", what=label))
     counts = [len(by_round[k]) for k in x]
-    ax.set_title(ax.get_title() + f"\n{min(counts)}-{max(counts)} sites per round" if min(counts) != max(counts)
-                 else ax.get_title() + f"\n{counts[0]} sites per round")
+    ax.set_title(ax.get_title() + "\n" + (_("{low}-{high} sites per round", low=min(counts), high=max(counts))
+                                          if min(counts) != max(counts) else _("{count} sites per round", count=counts[0])))
     return True
 
 
@@ -76,8 +81,8 @@ def _by_site(rows: list[dict], key: str, ax, **plot) -> bool:
 def _plot_sites(rows: list[dict], path: Path) -> None:
     key, name = _score(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.set(xlabel="round", ylabel=f"validation {name}", title=f"Per-site validation {name} (global model)",
-           ylim=(0.4 if key == "auc" else 0.0, 1.0))
+    ax.set(xlabel=_("round"), ylabel=_("validation {name}", name=name),
+           title=_("Per-site validation {name} (global model)", name=name), ylim=(0.4 if key == "auc" else 0.0, 1.0))
     _by_site(rows, f"val_{key}", ax, what=name)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="lower right")
@@ -88,7 +93,7 @@ def _plot_sites(rows: list[dict], path: Path) -> None:
 
 def _plot_epsilon(rows: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.set(xlabel="round", ylabel="epsilon spent (ledger)", title="Privacy spent per site")
+    ax.set(xlabel=_("round"), ylabel=_("epsilon spent (ledger)"), title=_("Privacy spent per site"))
     drawn = _by_site(rows, "epsilon", ax, what="epsilon")
     if drawn:
         ax.legend(fontsize=8, loc="upper left")
@@ -110,11 +115,11 @@ def _plot_distribution(dist: dict, path: Path) -> None:
     x = list(range(len(sites))) if many else sites
     for c in range(num_classes):
         counts = [dist[s]["train"][c] + dist[s]["val"][c] for s in sites]
-        ax.bar(x, counts, bottom=bottom, label=f"class {c}", width=1.0 if many else 0.8)
+        ax.bar(x, counts, bottom=bottom, label=_("class {index}", index=c), width=1.0 if many else 0.8)
         bottom = [b + n for b, n in zip(bottom, counts)]
-    ax.set(ylabel="images", title="Data per site and class")
+    ax.set(ylabel=_("images"), title=_("Data per site and class"))
     if many:
-        ax.set(xlabel=f"{len(sites)} sites, sorted by their number of images", xticks=[])
+        ax.set(xlabel=_("{count} sites, sorted by their number of images", count=len(sites)), xticks=[])
     else:
         ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=8)
@@ -137,8 +142,9 @@ def _rounds(rows: list[dict], key: str) -> list[str]:
     rounds = sorted({r["round"] for r in rows if r["round"]})
     if not any(r.get("status") in ("not-sampled", "eval-only") for r in rows):
         return []
-    out = ["", "## Rounds", "", "Hospitals are sampled each round (`strategy.fraction_train` / `fraction_evaluate`, "
-           "seeded): `not-sampled` ones were asked for nothing, `eval-only` ones only to validate.", "",
+    out = ["", "## " + _("Rounds"), "", _("Hospitals are sampled each round (`strategy.fraction_train` / "
+                                          "`fraction_evaluate`, seeded): `not-sampled` ones were asked for nothing, "
+                                          "`eval-only` ones only to validate."), "",
            f"| round | statuses | val_{key} | test_{key} | bytes_from_site |", "|---|---|---|---|---|"]
     for rnd in rounds:
         this = [r for r in rows if r["round"] == rnd]
@@ -148,19 +154,33 @@ def _rounds(rows: list[dict], key: str) -> list[str]:
     return out
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, lang: str | None = None) -> Path:
+    """report.md and its plots, in `lang` (default: the current language; the plots fall back
+    to English, with one warning, where no installed font has the language's glyphs)."""
+    from aseanfl.i18n import current, set_language
+
+    before = current()
+    set_language(lang or before)
+    try:
+        return _write_report(run_dir)
+    finally:
+        set_language(before)
+
+
+def _write_report(run_dir: Path) -> Path:
     rows = read_rows(run_dir)
-    _plot_global(rows, run_dir / "global_auc.png")
-    _plot_sites(rows, run_dir / "site_auc.png")
-    lines = [f"# Federated run `{run_dir.name}`", ""]
+    with labels_for():
+        _plot_global(rows, run_dir / "global_auc.png")
+        _plot_sites(rows, run_dir / "site_auc.png")
+    lines = [_("# Federated run `{run}`", run=run_dir.name), ""]
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
-        lines += [f"Rounds: {s['rounds']}; best round by federated validation {_score(rows)[1]}: {s['best_round']}; "
-                  f"wall time {s['seconds']} s.", ""]
+        lines += [_("Rounds: {rounds}; best round by federated validation {name}: {best}; wall time {seconds} s.",
+                    rounds=s["rounds"], name=_score(rows)[1], best=s["best_round"], seconds=s["seconds"]), ""]
         if s.get("trained_rounds", 1) == 0 and s["rounds"]:
-            lines += ["**Nothing was trained**: no round took in an update from the hospitals (see each site's "
-                      "status below); no model was written.", ""]
+            lines += [_("**Nothing was trained**: no round took in an update from the hospitals (see each site's "
+                        "status below); no model was written."), ""]
     last = max(r["round"] for r in rows)
     key = _score(rows)[0]
     cols = ["site", "status", "epsilon", "num_train", "num_val", "train_loss", f"val_{key}", "val_accuracy", f"test_{key}",
@@ -176,36 +196,44 @@ def write_report(run_dir: Path) -> Path:
         per_class.remove("test_auc_per_class")
     cols[cols.index(f"test_{key}") + 1:cols.index(f"test_{key}") + 1] = per_class
     final = [r for r in rows if r["round"] == last]
-    lines += [f"## Final round ({last})", ""]
+    lines += ["## " + _("Final round ({round})", round=last), ""]
     if len(final) - 1 > MANY:
         d = digest(final)
-        lines += [f"{d.sites} sites: {d.counts()}; {d.spread()}. Below: the sites that failed, the {len(d.worst)} "
-                  "worst and best by validation score, and the federation; `metrics.csv` has every site's row.", ""]
+        lines += [_("{sites} sites: {counts}; {spread}. Below: the sites that failed, the {shown} worst and best by "
+                    "validation score, and the federation; `metrics.csv` has every site's row.", sites=d.sites,
+                    counts=d.counts(), spread=d.spread(), shown=len(d.worst)), ""]
         final = d.shown() + [r for r in final if r["site"] == "global"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in final]
     lines += _rounds(rows, key)
     name = _score(rows)[1]
-    lines += ["", "## Global model", "", f"![global {name}](global_auc.png)", "",
-              "## Per site", "", f"![per-site {name}](site_auc.png)", ""]
-    if _plot_epsilon(rows, run_dir / "epsilon.png"):
-        lines += ["## Privacy", "", "Epsilon each hospital has spent, from its privacy ledger "
-                  "(DP-SGD, Opacus accountant).", "", "![epsilon per round](epsilon.png)", ""]
+    lines += ["", "## " + _("Global model"), "", f"![global {name}](global_auc.png)", "",
+              "## " + _("Per site"), "", f"![per-site {name}](site_auc.png)", ""]
+    with labels_for():
+        drew_epsilon = _plot_epsilon(rows, run_dir / "epsilon.png")
+    if drew_epsilon:
+        lines += ["## " + _("Privacy"), "", _("Epsilon each hospital has spent, from its privacy ledger "
+                                              "(DP-SGD, Opacus accountant)."), "", "![epsilon per round](epsilon.png)", ""]
     dist_path = run_dir / "data_distribution.json"
     if dist_path.exists():
-        _plot_distribution(json.loads(dist_path.read_text()), run_dir / "data_distribution.png")
-        lines += ["## Data per site", "", "![data distribution](data_distribution.png)", ""]
+        with labels_for():
+            _plot_distribution(json.loads(dist_path.read_text()), run_dir / "data_distribution.png")
+        lines += ["## " + _("Data per site"), "", "![data distribution](data_distribution.png)", ""]
     from .cross_site import plot as plot_cross_site
 
-    if plot_cross_site(run_dir, run_dir / "cross_site.png"):
-        lines += ["## Cross-site evaluation", "", "The final global model and each hospital's final-round model, "
-                  "each scored at every hospital on its own validation cases (only the figures left the hospitals; "
-                  "withheld: fewer than min_cases positives or negatives). `cross_site.csv` has the matrix, "
-                  "`cross_site.json` every released figure with its 95 % interval.", "",
-                  "![cross-site matrix](cross_site.png)", ""]
+    with labels_for():
+        drew_cross = plot_cross_site(run_dir, run_dir / "cross_site.png")
+    if drew_cross:
+        lines += ["## " + _("Cross-site evaluation"), "", _(
+            "The final global model and each hospital's final-round model, each scored at every hospital on its own "
+            "validation cases (only the figures left the hospitals; withheld: fewer than min_cases positives or "
+            "negatives). `cross_site.csv` has the matrix, `cross_site.json` every released figure with its 95 % "
+            "interval."), "", "![cross-site matrix](cross_site.png)", ""]
     trained = (run_dir / "model.safetensors").exists()
-    lines += ["Files: `config.yaml` (resolved), `metrics.csv`/`metrics.jsonl` (one row per round x site and "
-              "per round `global`)" + (", `model.safetensors` (final), `model_best.safetensors`." if trained else "."), ""]
+    lines += [_("Files: `config.yaml` (resolved), `metrics.csv`/`metrics.jsonl` (one row per round x site and per round "
+                "`global`), `model.safetensors` (final), `model_best.safetensors`.") if trained else
+              _("Files: `config.yaml` (resolved), `metrics.csv`/`metrics.jsonl` (one row per round x site and per round "
+                "`global`)."), ""]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines))
     return report

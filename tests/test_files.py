@@ -110,7 +110,7 @@ def test_no_usable_images_is_a_clear_config_error(tmp_path):
     root = tmp_path / "empty"
     (root / "normal").mkdir(parents=True)
     (root / "normal" / "x.dcm").write_text("garbage")
-    with pytest.raises(ConfigError, match="0 usable images under .*: no usable images"):
+    with pytest.raises(ConfigError, match="0 usable images at .*: no usable images"):
         simulate(load_config(None, {"data.files.root": str(root), "server.output_dir": str(tmp_path / "runs")}))
 
 
