@@ -21,14 +21,14 @@ def load_site(path: Path):
     from client.config import load_site as read
     from medimaging.yamlconfig import ConfigError
 
-    from .i18n import use
+    from .i18n import _, use
 
     try:
         site = read(path)
         use(site=site.language)  # --lang, ASEANFL_LANG, then the hospital's own choice, then the locale
         return site
     except ConfigError as exc:
-        typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
+        typer.echo("\n".join(_("config error: {problem}", problem=line) for line in str(exc).splitlines()), err=True)
         raise typer.Exit(2) from None
 
 
@@ -88,11 +88,13 @@ def start(config: Path = SITE_OPTION) -> None:
     """Run the hospital daemon (Flower SuperNode + app approval + audit log) in the foreground."""
     from client.daemon import run_daemon
 
+    from .i18n import _, text_of
+
     site = load_site(config)
     try:
         raise typer.Exit(run_daemon(site, config.resolve()))
     except ValueError as exc:
-        typer.echo(f"config error: {exc}", err=True)
+        typer.echo(_("config error: {problem}", problem=text_of(exc).render()), err=True)
         raise typer.Exit(2) from None
 
 
@@ -108,9 +110,11 @@ def approve(
     from aseanfl.allowlist import fab_hash
     from client.approvals import approve as add
 
+    from .i18n import _, text_of
+
     site = load_site(config)
     if sum(x is not None for x in (sha256, fab, app_dir)) != 1:
-        typer.echo("error: give exactly one of --sha256, --fab, --app", err=True)
+        typer.echo(_("error: give exactly one of --sha256, --fab, --app"), err=True)
         raise typer.Exit(2)
     if fab is not None:
         sha256 = fab_hash(fab)
@@ -121,9 +125,10 @@ def approve(
     try:
         new = add(site, sha256, f"{operator()} (command line)", note)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_("error: {reason}", reason=text_of(exc).render()), err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{'approved' if new else 'already approved'}: {sha256} ({site.approved_apps})")
+    said = {"sha256": sha256, "file": site.approved_apps}
+    typer.echo(_("approved: {sha256} ({file})", **said) if new else _("already approved: {sha256} ({file})", **said))
 
 
 @app.command()
@@ -132,19 +137,25 @@ def audit(config: Path = SITE_OPTION) -> None:
     metrics left (no other record or key, no data folder or file name in any value)."""
     from client.audit import forbidden_strings, verify
 
+    from .i18n import _, number
+
     site = load_site(config)
     forbidden = forbidden_strings(site)
     report = verify(site.audit_log, site.site, forbidden)
     console = Console()
     rounds = sum(len(r) for r in report.runs.values())
-    console.print(f"{site.audit_log}: {report.entries} messages sent, {report.bytes:,} bytes, "
-                  f"{len(report.runs)} run(s), {rounds} (run, round) pairs"
-                  + (f"; {report.decisions} app decision(s) recorded" if report.decisions else ""))
+    sent = _("{file}: {messages} messages sent, {bytes} bytes, {runs} run(s), {rounds} (run, round) pairs",
+             file=escape(str(site.audit_log)), messages=number(report.entries), bytes=number(report.bytes),
+             runs=number(len(report.runs)), rounds=number(rounds))
+    if report.decisions:
+        sent = _("{summary}; {decisions} app decision(s) recorded", summary=sent, decisions=number(report.decisions))
+    console.print(sent, soft_wrap=True)
     for problem in report.problems:
-        console.print(f"[red]problem[/] {problem}")
+        console.print(_("[red]problem[/] {problem}", problem=escape(problem.render() if hasattr(problem, "render") else problem)),
+                      soft_wrap=True)
     if report.problems:
         raise typer.Exit(1)
-    console.print("[green]ok[/]: only model arrays and allowed aggregate metrics left this hospital")
+    console.print(_("[green]ok[/]: only model arrays and allowed aggregate metrics left this hospital"))
 
 
 def read_password(confirm: bool = True) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gettext
 import os
 import re
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +32,7 @@ ENV = "ASEANFL_LANG"
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 _current = ["en"]
+_request: ContextVar[str | None] = ContextVar("aseanfl_lang", default=None)  # a console page's reader
 
 
 def N_(msgid: str) -> str:
@@ -100,7 +102,34 @@ def set_language(lang: str) -> str:
 
 
 def current() -> str:
-    return _current[0]
+    return _request.get() or _current[0]
+
+
+def speak(lang: str | None):
+    """The language of what this request (a console page) renders, whatever the process speaks;
+    returns the token to undo it with `_request.reset`."""
+    return _request.set(normalise(lang))
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The best of LANGUAGES for a browser's Accept-Language ('th-TH,th;q=0.9,en;q=0.5'), or None."""
+    wanted = []
+    for i, part in enumerate((accept or "").split(",")):
+        tag, _sep, params = part.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _eq, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if tag and q > 0:
+            wanted.append((-q, i, tag))
+    for _q, _i, tag in sorted(wanted):
+        if normalise(tag):
+            return normalise(tag)
+    return None
 
 
 @lru_cache(maxsize=None)
@@ -155,6 +184,31 @@ class Reason(ValueError):
         super().__init__(str(self.text))
 
 
+class Line(str):
+    """A finding kept as its English text (so code and tests read it as a str) that renders in
+    any language: `line.render("th")`."""
+
+    text: Text
+
+    def __new__(cls, msgid: str, **values) -> "Line":
+        text = Text(msgid, **values)
+        line = super().__new__(cls, text.render("en"))
+        line.text = text
+        return line
+
+    def render(self, lang: str | None = None) -> str:
+        return self.text.render(lang)
+
+
+def shown(value, lang: str | None = None) -> str:
+    """A Line, Text or Reason in the reader's language; anything else as it is."""
+    if isinstance(value, (Line, Text)):
+        return value.render(lang)
+    if isinstance(value, Reason):
+        return value.text.render(lang)
+    return str(value)
+
+
 def text_of(exc: BaseException) -> Text:
     """An exception's message as a Text (an untranslated one when it is not a Reason)."""
     return exc.text if isinstance(exc, Reason) else Text("{message}", message=str(exc))
@@ -163,7 +217,7 @@ def text_of(exc: BaseException) -> Text:
 # -- catalogs (developers) ----------------------------------------------------------------------
 
 SOURCES = ("aseanfl", "client", "server", "medimaging", "simulations", "strategies")
-KEYWORDS = {"_": None, "N_": None, "Text": None, "Reason": None}
+KEYWORDS = {"_": None, "N_": None, "Text": None, "Reason": None, "Line": None}
 
 
 def extract():
@@ -174,8 +228,9 @@ def extract():
     root = Path(__file__).resolve().parents[1]
     catalog = Catalog(project="aseanfl", domain=DOMAIN)
     for source in SOURCES:
+        methods = [("**.py", "python"), ("**/templates/**.html", "jinja2")]  # the consoles' pages too
         for filename, lineno, message, comments, context in extract_from_dir(
-                root / source, method_map=[("**.py", "python")], keywords=KEYWORDS, comment_tags=("i18n:",)):
+                root / source, method_map=methods, keywords=KEYWORDS, comment_tags=("i18n:",)):
             if isinstance(message, tuple):
                 message = message[0]
             catalog.add(message, None, [(f"{source}/{filename}", lineno)], auto_comments=comments, context=context)

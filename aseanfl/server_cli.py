@@ -9,6 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from server.words import node_word, run_word
+
+from .i18n import _
+
 server_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Coordinator: the federation's SuperLink.")
 FED_OPTION = typer.Option(Path("federation"), "--federation-dir", "-f", help="the provisioned federation folder")
 
@@ -19,7 +23,7 @@ def _federation(path: Path):
     try:
         return load_federation(path)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(2) from None
 
 
@@ -41,29 +45,30 @@ def provision(
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
     if not names and not revoke:
-        typer.echo("error: give --sites (hospitals to add) or --revoke SITE", err=True)
+        typer.echo(_("error: give --sites (hospitals to add) or --revoke SITE"), err=True)
         raise typer.Exit(2)
     try:
         if revoke:
             for site in revoke:
                 fed = cancel(out, site, ca_dir)
-                typer.echo(f"revoked {site}: its certificate is on {fed.server_dir / 'crl.pem'}; a running server "
-                           "refuses it and unregisters its node key within seconds")
+                typer.echo(_("revoked {site}: its certificate is on {file}; a running server refuses it and unregisters "
+                             "its node key within seconds", site=site, file=fed.server_dir / "crl.pem"))
             if not names:
                 return
         new = not (out / "federation.json").is_file()
         fed, added = make(out, federation, names, address, host, ca_dir, local_port)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(2) from None
     if new:  # the server runs this aseanfl's app; anything else needs `aseanfl server approve`
         approve(server_allowlist(fed), app_hash(app_dir()), "approved at provisioning", "this server")
-    typer.echo(f"federation {fed.name} in {fed.root}: hospitals reach {fed.address}; "
-               f"the SuperLink listens on {fed.superlink} only")
-    typer.echo(f"CA key: {(ca_dir or default_ca_dir(out)).resolve() / 'ca.key'} (keep it off the server machine)")
+    typer.echo(_("federation {federation} in {folder}: hospitals reach {address}; the SuperLink listens on {superlink} "
+                 "only", federation=fed.name, folder=fed.root, address=fed.address, superlink=fed.superlink))
+    typer.echo(_("CA key: {file} (keep it off the server machine)", file=(ca_dir or default_ca_dir(out)).resolve() / "ca.key"))
     for site in fed.sites():
-        state = "new" if site in added else "kept"
-        typer.echo(f"  {site:24s} {state:5s} kit: {fed.site_kit(site)}  (send it to the hospital)")
+        state = _("new") if site in added else _("kept")
+        typer.echo(_("  {site} {state} kit: {kit}  (send it to the hospital)", site=f"{site:24s}", state=f"{state:5s}",
+                     kit=fed.site_kit(site)))
 
 
 @server_app.command("start")
@@ -75,7 +80,7 @@ def start(federation_dir: Path = FED_OPTION) -> None:
     try:
         code = run_server(fed)
     except (RuntimeError, TimeoutError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
 
@@ -97,9 +102,10 @@ def approve_app(
     try:
         new = approve(server_allowlist(fed), digest, note, "this server")
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{'approved' if new else 'already approved'}: {digest} ({server_allowlist(fed)})")
+    said = {"sha256": digest, "file": server_allowlist(fed)}
+    typer.echo(_("approved: {sha256} ({file})", **said) if new else _("already approved: {sha256} ({file})", **said))
 
 
 @server_app.command("register")
@@ -108,7 +114,7 @@ def register(federation_dir: Path = FED_OPTION) -> None:
     from server.control import register_sites
 
     for site, node in register_sites(_federation(federation_dir)).items():
-        typer.echo(f"{site}: node {node}")
+        typer.echo(_("{site}: node {node}", site=site, node=node))
 
 
 def run(
@@ -138,45 +144,48 @@ def run(
     try:  # the same validation the ServerApp runs, before anything is sent
         cfg = check_run_config(text, [*set_, *named])
     except ConfigError as exc:
-        typer.echo("\n".join(f"config error: {line}" for line in str(exc).splitlines()), err=True)
+        typer.echo("\n".join(_("config error: {problem}", problem=line) for line in str(exc).splitlines()), err=True)
         raise typer.Exit(2) from None
     if old is not None:
         try:
             if not old.is_dir():
-                raise CheckpointError(f"no run {resume} on this server ({old} does not exist)")
+                raise CheckpointError(_("no run {run} on this server ({folder} does not exist)", run=resume, folder=old))
             if run_busy(old):
-                raise CheckpointError(f"run {resume} is still running on this server; nothing to resume")
+                raise CheckpointError(_("run {run} is still running on this server; nothing to resume", run=resume))
             done = inspect(old, cfg)
         except CheckpointError as exc:
-            typer.echo(f"error: cannot resume: {exc}", err=True)
+            typer.echo(_("error: cannot resume: {reason}", reason=exc), err=True)
             raise typer.Exit(2) from None
-        typer.echo(f"resuming run {resume} after round {done} of {cfg.server.rounds}")
+        typer.echo(_("resuming run {run} after round {round} of {rounds}", run=resume, round=done, rounds=cfg.server.rounds))
     fed = fed or _federation(federation_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         run_id, final, local = start_run(fed, text, [*set_, *named], app or app_dir(), out, resume=resume)
     except (PermissionError, RuntimeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(1) from None
-    label = f"run {run_id}" + (f" (continuing run {resume})" if resume is not None else "")
+    label = (_("run {run} (continuing run {resumed})", run=run_id, resumed=resume) if resume is not None
+             else _("run {run}", run=run_id))
     if final == "lost":
         from server.checkpoint import round_of
 
         folder = resume if resume is not None else run_id
         done = round_of(run_folder(fed.server_dir / "runs", folder))
-        kept = f"rounds 1-{done} are kept in its folder" if done else "no round was finished"
-        typer.echo(f"{label}: the server was lost (its SuperLink stopped answering); {kept}. Once `aseanfl server "
-                   f"start` runs again: aseanfl run -f {federation_dir} --resume {folder}", err=True)
+        kept = _("rounds 1-{round} are kept in its folder", round=done) if done else _("no round was finished")
+        typer.echo(_("{run}: the server was lost (its SuperLink stopped answering); {kept}. Once `aseanfl server start` "
+                     "runs again: aseanfl run -f {federation} --resume {folder}", run=label, kept=kept,
+                     federation=federation_dir, folder=folder), err=True)
         raise typer.Exit(1)
-    typer.echo(f"{label}: {final or 'status unknown'}")
+    typer.echo(_("{run}: {status}", run=label, status=run_word(final) if final else _("status unknown")))
     if local is not None:
         from server.outputs import untrained
 
         report = local / "report.md"
-        typer.echo(f"results: {local}" + (f"  (report: {report})" if report.is_file() else ""))
+        typer.echo(_("results: {folder}  (report: {report})", folder=local, report=report) if report.is_file()
+                   else _("results: {folder}", folder=local))
         why = untrained(local)
         if why:  # every hospital refused or failed every round: the initial model is no result
-            typer.echo(f"error: {label}: {why}", err=True)
+            typer.echo(_("error: {run}: {reason}", run=label, reason=why), err=True)
             raise typer.Exit(1)
     if not final.endswith("completed"):
         raise typer.Exit(1)
@@ -188,18 +197,18 @@ def status(federation_dir: Path = FED_OPTION) -> None:
 
     info = read(_federation(federation_dir))
     console = Console()
-    nodes = Table(title="hospitals")
-    for col in ("site", "node id", "status", "online at", "offline at", "last seen at the front"):
+    nodes = Table(title=_("hospitals"))
+    for col in (_("site"), _("node id"), _("status"), _("online at"), _("offline at"), _("last seen at the front")):
         nodes.add_column(col)
     for n in info["nodes"]:
-        nodes.add_row(n.get("site", "?"), str(n.get("node-id")), str(n.get("status")), str(n.get("online-at") or ""),
+        nodes.add_row(n.get("site", "?"), str(n.get("node-id")), node_word(n.get("status")), str(n.get("online-at") or ""),
                       str(n.get("offline-at") or ""), str(n.get("last-seen") or ""))
     console.print(nodes)
-    runs = Table(title="runs")
-    for col in ("run id", "status", "elapsed"):
+    runs = Table(title=_("runs"))
+    for col in (_("run id"), _("status"), _("elapsed")):
         runs.add_column(col)
     for r in info["runs"]:
-        runs.add_row(str(r.get("run-id")), str(r.get("status")), str(r.get("elapsed", "")))
+        runs.add_row(str(r.get("run-id")), run_word(r.get("status")), str(r.get("elapsed", "")))
     console.print(runs)
     for p in info["problems"]:
         console.print(f"[red]{p}[/]")
@@ -259,7 +268,7 @@ def console_cert(
     try:
         crt, key = console_certificate(ca_dir, host, out)
     except (ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(2) from None
     typer.echo(f"console certificate for {', '.join(host)}: {crt} (key {key}); "
                f"serve it with --tls-cert {crt} --tls-key {key}")

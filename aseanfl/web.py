@@ -30,6 +30,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
+
+from .i18n import _, _request, speak
 
 COOKIE, LOGIN_COOKIE = "aseanfl_session", "aseanfl_login"
 SCRYPT = {"n": 2**15, "r": 8, "p": 1}  # ~0.1 s and 32 MiB per check: costly to guess offline
@@ -147,7 +150,7 @@ class Throttle:
     until: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def wait(self, who: str) -> float:
-        end, _ = self.until.get(who, (0.0, 0))
+        end, _times = self.until.get(who, (0.0, 0))
         return max(0.0, end - time.monotonic())
 
     def failed(self, who: str) -> None:
@@ -155,7 +158,7 @@ class Throttle:
         recent = [t for t in self.fails.get(who, []) if now - t < WINDOW_S] + [now]
         self.fails[who] = recent
         if len(recent) >= FAILS:
-            _, times = self.until.get(who, (0.0, 0))
+            _end, times = self.until.get(who, (0.0, 0))
             self.until[who] = (now + LOCK_S * 2**times, times + 1)
             self.fails[who] = []
 
@@ -167,6 +170,50 @@ class Throttle:
 # ---- the app --------------------------------------------------------------------------------
 
 _templates = Environment(loader=PackageLoader("aseanfl", "templates"), autoescape=select_autoescape(["html"]))
+LANG_COOKIE = "aseanfl_lang"
+
+
+def _t(msgid: str, **values) -> Markup:
+    """A template's message in the reader's language: the translation escaped, its values escaped
+    unless they are Markup (code(), strong())."""
+    from .i18n import current, translations
+
+    text = translations(current()).gettext(msgid)
+    try:
+        return Markup.escape(text).format(**values)
+    except (KeyError, IndexError, ValueError):  # a broken translation must not hide the message
+        return Markup.escape(msgid).format(**values)
+
+
+def _number(value) -> str:
+    from .i18n import number
+
+    return number(value)
+
+
+def _shown(value) -> str:
+    from .i18n import shown
+
+    return shown(value)
+
+
+_templates.globals.update(_=_t, number=_number, shown=_shown, Markup=Markup,
+                          code=lambda v: Markup("<code>{}</code>").format(v),
+                          strong=lambda v: Markup("<strong>{}</strong>").format(v))
+_templates.filters.update(enumerate_labels=lambda labels: ", ".join(f"{k} = {c}" for k, c in enumerate(labels)),
+                          sizes=lambda sizes: ", ".join(f"{k} ({n})" for k, n in sizes))
+
+
+def page_language(request: Request, default: str | None) -> tuple[str, bool]:
+    """(language, chosen now): ?lang= (the switch), the cookie it set, the browser's Accept-Language,
+    the console's own (a hospital's site.yaml language), English."""
+    from .i18n import negotiate, normalise
+
+    asked = normalise(request.query_params.get("lang"))
+    if asked:
+        return asked, True
+    return (normalise(request.cookies.get(LANG_COOKIE)) or negotiate(request.headers.get("accept-language"))
+            or normalise(default) or "en"), False
 
 
 @dataclass
@@ -177,16 +224,25 @@ class Console:
     subtitle: str
     pages: list[tuple[str, str]]
     users: Path
+    name: str = ""  # the hospital's id or the federation's name, in the title
+    language: str | None = None  # the page's language where the browser names none of ours (site.yaml's)
     secure: bool = False  # served over TLS: the session cookie is Secure
     add_user: str = "console-user"  # the command that adds a user, for the 'no user yet' line
     sessions: Sessions = field(default_factory=Sessions)
     throttle: Throttle = field(default_factory=Throttle)
 
+    def label(self) -> str:
+        """The console's title in the current language ('hospital console: cho-ray')."""
+        return _(self.title, name=self.name)
+
     def render(self, request: Request, template: str, status: int = 200, **values) -> HTMLResponse:
+        from .i18n import LANGUAGES, NAMES, current
+
         session: Session | None = request.scope.get("aseanfl.session")
         html = _templates.get_template(template).render(
             console=self, path=request.url.path, user=session.user if session else None,
-            csrf=session.csrf if session else "", **values)
+            csrf=session.csrf if session else "", lang=current(), languages=[(code, NAMES[code]) for code in LANGUAGES],
+            **values)
         return HTMLResponse(html, status_code=status)
 
 
@@ -220,15 +276,15 @@ def build(console: Console) -> FastAPI:
         fields, who = form(request), _client(request.scope)
         wait = console.throttle.wait(who)
         if wait > 0:
-            return PlainTextResponse(f"too many wrong passwords: try again in {wait:.0f} s", status_code=429,
+            return PlainTextResponse(_("too many wrong passwords: try again in {seconds} s", seconds=f"{wait:.0f}"), status_code=429,
                                      headers={"Retry-After": str(int(wait) + 1)})
         user = fields.get("user", "")
         stored = read_users(console.users).get(user, {}).get("password", "")
         if not stored or not password_ok(stored, fields.get("password", "")):
             console.throttle.failed(who)
-            return login_form(request, fields.get("next", "/"), "wrong user name or password", 401)
+            return login_form(request, fields.get("next", "/"), _("wrong user name or password"), 401)
         console.throttle.passed(who)
-        token, _ = console.sessions.new(user)
+        token, _session = console.sessions.new(user)
         resp = RedirectResponse(_local(fields.get("next", "/")), status_code=303)
         resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=console.secure)
         resp.delete_cookie(LOGIN_COOKIE, path="/login")
@@ -271,13 +327,30 @@ class _Guard:
         if path == "/favicon.ico":
             return await Response(status_code=204)(scope, receive, send_headers)
         request = Request(scope)
+        lang, chosen = page_language(request, self.console.language)
+        token = speak(lang)  # every message of this request, the templates' and the routes', in this language
+        if chosen:  # the switch: remembered for the next pages
+            cookie = f"{LANG_COOKIE}={lang}; Path=/; Max-Age=31536000; SameSite=Strict" + ("; Secure" if self.console.secure else "")
+            inner = send_headers
+
+            async def send_headers(message):
+                if message["type"] == "http.response.start":
+                    message.setdefault("headers", [])
+                    message["headers"] = [*message["headers"], (b"set-cookie", cookie.encode())]
+                await inner(message)
+        try:
+            return await self._guarded(scope, receive, send_headers, request, path, method)
+        finally:
+            _request.reset(token)
+
+    async def _guarded(self, scope, receive, send_headers, request, path, method):
         session = self.console.sessions.get(request.cookies.get(COOKIE))
         public = path == "/login" or path.startswith("/static/")
         if session is None and not public:
             if method == "GET" and "text/html" in request.headers.get("accept", ""):
                 resp = RedirectResponse("/login?next=" + quote(path), status_code=303)
             else:
-                resp = PlainTextResponse("log in first", status_code=401)
+                resp = PlainTextResponse(_("log in first"), status_code=401)
             return await resp(scope, receive, send_headers)
         scope["aseanfl.session"] = session
         if method not in ("GET", "HEAD"):
@@ -293,7 +366,7 @@ class _Guard:
                 if kind == "application/x-www-form-urlencoded" else {}
             expected = session.csrf if session is not None else request.cookies.get(LOGIN_COOKIE, "")
             if not expected or not hmac.compare_digest(fields.get("csrf", ""), expected):
-                return await PlainTextResponse("refused: the form's CSRF token is missing or wrong (reload the page)",
+                return await PlainTextResponse(_("refused: the form's CSRF token is missing or wrong (reload the page)"),
                                                status_code=403)(scope, receive, send_headers)
             scope["aseanfl.form"] = fields
             sent = False
@@ -321,7 +394,7 @@ class _Guard:
             await self.app(scope, receive, watch)
         except Exception as exc:  # noqa: BLE001 - one line for the operator, the page says what failed
             line = f"{scope['method']} {scope['path']} failed: {exc.__class__.__name__}: {exc}"
-            print(f"{self.console.title}: error: {line}", file=sys.stderr, flush=True)
+            print(f"{self.console.label()}: error: {line}", file=sys.stderr, flush=True)
             if not started:
                 await PlainTextResponse(f"the console failed on this page ({line})", status_code=500)(scope, receive, send)
 
@@ -362,7 +435,8 @@ def serve(app: FastAPI, console: Console, host: str, port: int, cert: Path | Non
         raise ConsoleError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     console.secure = cert is not None
     scheme = "https" if cert else "http"
-    say(f"{console.title}: {scheme}://{host}:{port}/ (log in as a console user; Ctrl-C stops it)")
+    say(_("{console}: {url} (log in as a console user; Ctrl-C stops it)", console=console.label(),
+          url=f"{scheme}://{host}:{port}/"))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             ssl_certfile=str(cert) if cert else None, ssl_keyfile=str(key) if key else None,
                             timeout_graceful_shutdown=3)  # an open browser tab does not hold a stop up

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from aseanfl.i18n import _
 from medimaging.compute import precision_name, set_deterministic
 from medimaging.datasets import SiteData, Split
 from medimaging.models import build_model, norm_keys
@@ -118,11 +119,14 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float
             log.error("%s: %s", site.name, exc)  # the local log names the file; the reply does not
             return {REFUSAL_KEY: Refusal(code="privacy-ledger", reason=exc.reason, epsilon_budget=policy.cap).record()}
         except BudgetExceeded as exc:
+            log.warning(_("{site}: refused round {round} of run {run}: it would raise epsilon from {spent} to {after}, "
+                          "above this hospital's privacy budget {budget}", site=site.name, round=task.server_round,
+                          run=task.run, spent=f"{exc.spent:.4f}", after=f"{exc.after:.4f}", budget=policy.cap))
             reason = (f"round {task.server_round} would raise epsilon from {exc.spent:.4f} to {exc.after:.4f}, "
                       f"above this hospital's budget {policy.cap}")
             return {REFUSAL_KEY: Refusal(code="privacy-budget", reason=reason, epsilon_spent=exc.spent,
                                          epsilon_budget=policy.cap).record()}
-        loss, steps, _ = train_private(model, site.train, cfg, policy, plan, seed, proximal_mu=mu,
+        loss, steps, _spent = train_private(model, site.train, cfg, policy, plan, seed, proximal_mu=mu,
                                        precision=hospital.precision)
     else:
         loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu,

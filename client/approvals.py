@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aseanfl.allowlist import approve as allow, approved_hashes, revoke as disallow
 
-from .audit import AuditLog
+from .audit import AuditLog, last_hash
 from .config import SiteConfig
 
 KEEP_RUNS = 10  # the latest runs that asked for a bundle
@@ -72,6 +72,7 @@ def _decided(site: SiteConfig, event: str, digest: str, by: str, note: str = "")
 
 
 def approve(site: SiteConfig, digest: str, by: str, note: str = "") -> bool:
+    last_hash(site.audit_log)  # a damaged log refuses before the allow-list changes: no decision goes unrecorded
     new = allow(site.approved_apps, digest, note, f"hospital {site.site}", by=by)
     if new:
         _decided(site, "app approved", digest, by, note)
@@ -91,6 +92,7 @@ def reject(site: SiteConfig, digest: str, by: str, note: str = "") -> bool:
 
 
 def revoke(site: SiteConfig, digest: str, by: str, note: str = "") -> bool:
+    last_hash(site.audit_log)
     gone = disallow(site.approved_apps, digest, f"hospital {site.site}")
     if gone:
         _decided(site, "app approval revoked", digest, by, note)

@@ -19,6 +19,7 @@ from pathlib import Path
 from flwr.app import Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from aseanfl.i18n import Line, Reason
 from aseanfl.packing import STYPE, header, is_packed
 
 from .messages import REFUSAL_KEY, SCORES_KEY, EvalMetrics, Refusal, TrainMetrics
@@ -111,7 +112,7 @@ class AuditLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            prev = _last_hash(self.path)
+            prev = last_hash(self.path)
             entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **body, "prev": prev}
             entry["hash"] = _hash(entry)
             line, size = (json.dumps(entry, sort_keys=True) + "\n").encode(), os.fstat(fd).st_size
@@ -132,13 +133,18 @@ def _hash(entry: dict) -> str:
     return hashlib.sha256(json.dumps({k: v for k, v in entry.items() if k != "hash"}, sort_keys=True).encode()).hexdigest()
 
 
-def _last_hash(path: Path) -> str:
+def last_hash(path: Path) -> str:
+    """The hash the next entry chains to; a Reason where the last line is damaged."""
     if not path.is_file() or path.stat().st_size == 0:
         return GENESIS
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - 1_000_000))
         last = f.read().splitlines()[-1]
-    return json.loads(last)["hash"]
+    try:
+        return json.loads(last)["hash"]
+    except (ValueError, KeyError, TypeError):  # nothing is added after a damaged line: the chain would hide it
+        raise Reason("{file}: the audit log's last line is damaged (not JSON, or no hash); nothing more is added to it "
+                     "until it is looked at: run `aseanfl client audit`", file=path) from None
 
 
 @dataclass
@@ -159,7 +165,7 @@ def _strings(value):
             yield from _strings(v)
 
 
-def _scores_problems(entries: dict, where: str) -> list[str]:
+def _scores_problems(entries: dict, line: int) -> list[str]:
     """An evaluation reply must hold exactly the fixed schema of figures, for a named model."""
     import re
 
@@ -169,12 +175,12 @@ def _scores_problems(entries: dict, where: str) -> list[str]:
 
     problems = []
     if not re.fullmatch(r"[0-9a-f]{64}", str(entries.get("model-sha256", ""))):
-        problems.append(f"{where}: scores without the sha256 of the model they score")
+        problems.append(Line("line {line}: scores without the sha256 of the model they score", line=line))
     try:
         SiteScores.model_validate_json(str(entries.get("json", "")))
     except ValidationError as exc:
-        problems.append(f"{where}: scores.json is not the fixed schema of figures ({exc.error_count()} problem(s), "
-                        f"first: {exc.errors()[0]['loc']})")
+        problems.append(Line("line {line}: scores.json is not the fixed schema of figures ({count} problem(s), first: "
+                             "{field})", line=line, count=exc.error_count(), field=exc.errors()[0]["loc"]))
     return problems
 
 
@@ -183,22 +189,22 @@ def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
     in a sent value (the data folder, file names)."""
     report, prev = AuditReport(), GENESIS
     if not path.is_file():
-        report.problems.append(f"{path}: no audit log (nothing was sent yet, or the log was removed)")
+        report.problems.append(Line("{file}: no audit log (nothing was sent yet, or the log was removed)", file=path))
         return report
     for number, line in enumerate(path.read_text().splitlines(), 1):
-        where = f"line {number}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
-            report.problems.append(f"{where}: not JSON (the log was edited or cut)")
+            report.problems.append(Line("line {line}: not JSON (the log was edited or cut)", line=number))
             prev = None
             continue
         if entry.get("prev") != prev or entry.get("hash") != _hash(entry):
-            report.problems.append(f"{where}: the hash chain breaks here (an entry was edited, removed or reordered)")
+            report.problems.append(Line("line {line}: the hash chain breaks here (an entry was edited, removed or "
+                                        "reordered)", line=number))
         prev = entry.get("hash")
         if "event" in entry:  # a decision taken at the hospital (client/approvals.py); nothing left
             if entry["event"] not in EVENTS or set(entry) - EVENT_KEYS:
-                report.problems.append(f"{where}: not a message and not a known local decision")
+                report.problems.append(Line("line {line}: not a message and not a known local decision", line=number))
             report.decisions += 1
             continue
         report.entries += 1
@@ -207,27 +213,31 @@ def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
         for name, record in entry.get("records", {}).items():
             allowed = ALLOWED.get(name)
             if allowed is None or allowed[0] != record.get("kind"):
-                report.problems.append(f"{where}: record {name!r} ({record.get('kind')}) is not allowed to leave")
+                report.problems.append(Line("line {line}: record {record} ({kind}) is not allowed to leave", line=number,
+                                            record=repr(name), kind=record.get("kind")))
                 continue
             keys = allowed[1]
             for key, value in record.get("entries", {}).items():
                 if keys is not None and key not in keys:
-                    report.problems.append(f"{where}: {name}.{key} is not an allowed key")
+                    report.problems.append(Line("line {line}: {key} is not an allowed key", line=number, key=f"{name}.{key}"))
                 if record["kind"] == "arrays" and not str(value.get("dtype", "")).startswith(_FLOAT_KINDS):
-                    report.problems.append(f"{where}: array {key} has dtype {value.get('dtype')}, not a model tensor")
+                    report.problems.append(Line("line {line}: array {key} has dtype {dtype}, not a model tensor", line=number,
+                                                key=key, dtype=value.get("dtype")))
                 for text in _strings(value):
                     hits = [f for f in forbidden if f and f in text]
                     if hits:
-                        report.problems.append(f"{where}: {name}.{key} contains {hits[0]!r}")
+                        report.problems.append(Line("line {line}: {key} contains {value}", line=number, key=f"{name}.{key}",
+                                                    value=repr(hits[0])))
             if name == "site" and record.get("entries", {}).get("name") not in (None, site):
-                report.problems.append(f"{where}: site.name is not this hospital's id {site!r}")
+                report.problems.append(Line("line {line}: site.name is not this hospital's id {site}", line=number,
+                                            site=repr(site)))
             if name == SCORES_KEY:
-                report.problems += _scores_problems(record.get("entries", {}), where)
+                report.problems += _scores_problems(record.get("entries", {}), number)
                 report.models.add(str(record.get("entries", {}).get("model-sha256")))
         reason = entry.get("error", {}).get("reason", "")
         for f in forbidden:
             if f and f in reason:
-                report.problems.append(f"{where}: an error reason contains {f!r}")
+                report.problems.append(Line("line {line}: an error reason contains {value}", line=number, value=repr(f)))
     return report
 
 

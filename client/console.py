@@ -20,19 +20,23 @@ from fastapi.responses import RedirectResponse
 
 from aseanfl.allowlist import approved_hashes
 from aseanfl.charts import line_chart
+from aseanfl.i18n import N_, Text, _, current, shown, text_of
 from aseanfl.web import Console, build, form, local_time
 
 from . import approvals, status
 from .audit import EVENTS, forbidden_strings, verify
 from .config import SiteConfig
 
-PAGES = [("/data", "Data"), ("/apps", "Apps"), ("/privacy", "Privacy"), ("/audit", "Audit"), ("/daemon", "Daemon")]
+PAGES = [("/data", N_("Data")), ("/apps", N_("Apps")), ("/privacy", N_("Privacy")), ("/audit", N_("Audit")),
+         ("/daemon", N_("Daemon"))]
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+DAEMON_STATES = {"connected": N_("connected"), "waiting": N_("waiting for the server"),
+                 "refused": N_("refused at the server's door"), "reconnecting": N_("reconnecting"), "stopped": N_("stopped")}
 AUDIT_ROWS = 300  # newest entries shown (the whole log is checked)
-DONE = {"approved": "approved: the daemon runs this bundle from its next task",
-        "rejected": "rejected: it stays refused, and listed as rejected",
-        "revoked": "approval revoked: the daemon refuses this bundle from its next task",
-        "unchanged": "nothing changed (already decided)"}
+DONE = {"approved": N_("approved: the daemon runs this bundle from its next task"),
+        "rejected": N_("rejected: it stays refused, and listed as rejected"),
+        "revoked": N_("approval revoked: the daemon refuses this bundle from its next task"),
+        "unchanged": N_("nothing changed (already decided)")}
 
 
 def users_path(site: SiteConfig) -> Path:
@@ -53,7 +57,8 @@ def _ledgers(site: SiteConfig) -> list[dict]:
         try:
             ledger = LedgerFile.model_validate_json(path.read_text())
         except (ValueError, OSError) as exc:
-            out.append({"file": path.name, "error": f"unreadable ({exc.__class__.__name__}): the daemon refuses to train"})
+            out.append({"file": path.name, "error": _("unreadable ({reason}): the daemon refuses to train",
+                                                      reason=exc.__class__.__name__)})
             continue
         entries, cap = ledger.entries, site.privacy.cap
         spent = entries[-1].epsilon_after if entries else 0.0
@@ -62,9 +67,9 @@ def _ledgers(site: SiteConfig) -> list[dict]:
         runs: dict[str, list] = {}
         for e in entries:
             runs.setdefault(e.run, []).append(e)
-        chart = line_chart([("epsilon spent", [(i + 1, e.epsilon_after) for i, e in enumerate(entries)])],
-                           "rounds trained (every run, in order)", "epsilon", y_min=0.0, limit=cap,
-                           limit_label=f"budget {cap:g}", name="privacy")
+        chart = line_chart([(_("epsilon spent"), [(i + 1, e.epsilon_after) for i, e in enumerate(entries)])],
+                           _("rounds trained (every run, in order)"), "epsilon", y_min=0.0, limit=cap,
+                           limit_label=_("budget {budget}", budget=f"{cap:g}"), name="privacy")
         out.append({"file": path.name, "ledger": ledger, "spent": spent, "cap": cap, "left": cap - spent,
                     "next": after, "next_cost": None if after is None else after - spent,
                     "next_fits": after is not None and after <= cap, "runs": runs, "chart": chart,
@@ -87,7 +92,8 @@ def _audit_entries(path: Path) -> list[dict]:
 
 
 def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
-    console = Console(f"hospital console: {site.site}", "data, apps, privacy, audit", PAGES, users_path(site))
+    console = Console(N_("hospital console: {name}"), N_("data, apps, privacy, audit"), PAGES, users_path(site),
+                      name=site.site, language=site.language or current())
     app = build(console)
     checks = site.state_dir / "console" / "data-check.json"
 
@@ -109,21 +115,21 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
             tmp.replace(checks)
             job["error"] = ""
         except (ValueError, OSError) as exc:
-            job["error"] = f"data error: {exc}"
+            job["error"] = Text("data error: {reason}", reason=text_of(exc))
         finally:
             job["running"] = False
 
     def data_values() -> dict:
-        from .datacheck import DataCheck
+        from .datacheck import MASKS, DataCheck
 
-        found, error = None, job["error"]
+        found, error = None, shown(job["error"])
         if checks.is_file():
             try:
                 found = DataCheck.model_validate_json(checks.read_text())
             except ValueError:
-                error = error or "the last check's results cannot be read; check again"
+                error = error or _("the last check's results cannot be read; check again")
         notes = [(f, _hide_values(n)) for f, n in found.notes] if found else []
-        return {"found": found, "notes": notes, "error": error, "job": job, "since": local_time(job["started"]),
+        return {"found": found, "notes": notes, "error": error, "job": job, "since": local_time(job["started"]), "masks": MASKS,
                 "checked": local_time(found.checked_at) if found else ""}
 
     @app.get("/data")
@@ -153,11 +159,13 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
             problem = ""
         except (OSError, ValueError, yaml.YAMLError) as exc:
             approved, asked = [], []
-            problem = f"{site.approved_apps} cannot be read ({exc}); the daemon runs nothing until it is mended"
+            problem = _("{file} cannot be read ({reason}); the daemon runs nothing until it is mended",
+                        file=site.approved_apps, reason=exc)
         return console.render(request, "hospital_apps.html", approved=approved, problem=problem,
                               pending=[r for r in asked if r.get("state") == "pending"],
                               rejected=[r for r in asked if r.get("state") == "rejected"],
-                              required=site.require_approval, allowlist=site.approved_apps, notice=DONE.get(done))
+                              required=site.require_approval, allowlist=site.approved_apps,
+                              notice=_(DONE[done]) if done in DONE else None)
 
     def decide(request: Request, action, done: str) -> RedirectResponse:
         fields = form(request)
@@ -189,12 +197,12 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
         entries = _audit_entries(site.audit_log)
         kinds = sorted({e.get("type") or e.get("event") for e in entries if not e.get("broken")} - {None})
         runs = sorted({str(e["run"]) for e in entries if e.get("run") is not None}, key=lambda r: (len(r), r))
-        shown = [e for e in reversed(entries)
+        listed = [e for e in reversed(entries)
                  if (not run or str(e.get("run")) == run) and (not type or type in (e.get("type"), e.get("event")))]
         report = verify(site.audit_log, site.site, forbidden_strings(site))
-        return console.render(request, "hospital_audit.html", entries=shown[:AUDIT_ROWS], total=len(shown), kinds=kinds,
+        return console.render(request, "hospital_audit.html", entries=listed[:AUDIT_ROWS], total=len(listed), kinds=kinds,
                               runs=runs, run=run, type=type, report=report, events=EVENTS, log_path=site.audit_log,
-                              first_problem=report.problems[0] if report.problems else "")
+                              first_problem=shown(report.problems[0]) if report.problems else "")
 
     @app.get("/daemon")
     def daemon(request: Request):
@@ -203,6 +211,7 @@ def build_console(site: SiteConfig) -> tuple[FastAPI, Console]:
             task["details"] = re.sub(r"^<class '[^']*'>:<'(.*)'>$", r"\1", task["details"], flags=re.S)
         running = bool(said) and said.get("state") != "stopped" and status.alive(said.get("pid"))
         return console.render(request, "hospital_daemon.html", said=said, task=task, running=running, time=local_time,
+                              states=DAEMON_STATES,
                               server=site.connection.server if site.connection else "")
 
     return app, console

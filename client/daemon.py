@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from aseanfl.i18n import ENV, Reason, _, current
 from medimaging.compute import ComputeUnavailable, resolve_device, resolve_precision
 
 from .config import SiteConfig
@@ -39,16 +40,18 @@ def door(site: SiteConfig) -> tuple[bool | None, str]:
         resp = conn.getresponse()
         said = resp.read(500).decode(errors="replace").strip()
     except ssl.SSLError as exc:
-        return False, f"TLS with {site.connection.server} failed: {exc.reason or exc} (a kit of another federation?)"
+        return False, _("TLS with {server} failed: {reason} (a kit of another federation?)", server=site.connection.server,
+                        reason=exc.reason or exc)
     except OSError as exc:
-        return None, f"cannot reach the federation server at {site.connection.server}: {exc.strerror or exc}"
+        return None, _("cannot reach the federation server at {server}: {reason}", server=site.connection.server,
+                       reason=exc.strerror or exc)
     finally:
         conn.close()
     if resp.status == 200:
         return True, said
     if resp.status == 403 and "aseanfl front" in said:
         return False, said.replace("aseanfl front: ", "").replace("refused: ", "")
-    return False, f"{site.connection.server} is not an aseanfl front (HTTP {resp.status})"
+    return False, _("{server} is not an aseanfl front (HTTP {status})", server=site.connection.server, status=resp.status)
 
 
 def daemon_env(site: SiteConfig, site_path: Path) -> dict[str, str]:
@@ -56,6 +59,7 @@ def daemon_env(site: SiteConfig, site_path: Path) -> dict[str, str]:
     return {
         **os.environ,
         SITE_ENV: str(site_path),
+        ENV: current(),  # its workers speak the daemon's language
         "FLWR_HOME": str(site.state_dir / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -67,16 +71,16 @@ def daemon_env(site: SiteConfig, site_path: Path) -> dict[str, str]:
 def supernode_command(site: SiteConfig, site_path: Path) -> list[str]:
     c = site.connection
     if c is None:
-        raise ValueError(f"{site_path}: no connection section (server, root_certificates, node_key)")
+        raise Reason("{file}: no connection section (server, root_certificates, node_key)", file=site_path)
     for label, path in (("connection.root_certificates", c.root_certificates), ("connection.node_key", c.node_key),
                         ("connection.client_certificate", c.client_certificate), ("connection.client_key", c.client_key)):
         if not path.is_file():
-            raise ValueError(f"{site_path}: {label}: file not found: {path}")
+            raise Reason("{file}: {field}: file not found: {path}", file=site_path, field=label, path=path)
     try:
         client_tls(site)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{site_path}: connection.client_certificate/client_key: not a usable certificate and key "
-                         f"({exc})") from None
+        raise Reason("{file}: connection.client_certificate/client_key: not a usable certificate and key ({reason})",
+                     file=site_path, reason=exc) from None
     bin_dir = Path(sys.executable).parent
     return [
         str(bin_dir / "aseanfl-supernode"), "--superlink", c.server, "--root-certificates", str(c.root_certificates),
@@ -122,11 +126,11 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
         device = resolve_device(site.compute.device)  # a GPU asked for and missing: said now, not at the first task
         resolve_precision(site.compute.precision, device, site.privacy.enabled)
     except ComputeUnavailable as exc:
-        raise ValueError(f"{site_path}: {exc}") from None
+        raise Reason("{file}: {reason}", file=site_path, reason=exc) from None
     commands = supernode_command(site, site_path)
     if not _port_free(site.connection.runtime_port):
-        raise ValueError(f"{site_path}: connection.runtime_port {site.connection.runtime_port} is in use on this "
-                         "machine (another daemon?); give each daemon its own port")
+        raise Reason("{file}: connection.runtime_port {port} is in use on this machine (another daemon?); give each "
+                     "daemon its own port", file=site_path, port=site.connection.runtime_port)
     env = daemon_env(site, site_path)
     site.state_dir.mkdir(parents=True, exist_ok=True)
     stopping = False
@@ -157,16 +161,16 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
         admitted, said = door(site)
         if admitted is not True:
             if said != last:  # one line per change, not one per retry
-                what = "refused at the federation server's door" if admitted is False else "waiting for the server"
                 state("refused" if admitted is False else "waiting", said)
-                log(f"{site.site}: {what}: {said}" + ("; ask the coordinator (revoked hospital, or another "
-                                                       "federation's kit)" if admitted is False else ""))
+                log(_("{site}: refused at the federation server's door: {reason}; ask the coordinator (revoked "
+                      "hospital, or another federation's kit)", site=site.site, reason=said) if admitted is False else
+                    _("{site}: waiting for the server: {reason}", site=site.site, reason=said))
                 last = said
             backoff = min(backoff * 2, 60.0)
             pause(backoff)
             continue
         if last:
-            log(f"{site.site}: {said}")
+            log(_("{site}: {said}", site=site.site, said=said))
             last = ""
         started = time.monotonic()
         state("connected", said)
@@ -189,10 +193,12 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
         quick = time.monotonic() - started < 60
         backoff = min(backoff * 2, 10.0) if quick else 2.0
         if not refused:
-            hint = (" (right after this daemon was restarted, the server refuses the node until it lets the previous "
-                    "connection go, within 60 s of its last heartbeat)") if quick else ""
-            log(f"{site.site}: the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s{hint}")
-            state("reconnecting", f"the SuperNode stopped (code {node.returncode}); connecting again in {backoff:g} s")
+            again = _("the SuperNode stopped (code {code}); connecting again in {seconds} s", code=node.returncode,
+                      seconds=f"{backoff:g}")
+            log(_("{site}: {said} (right after this daemon was restarted, the server refuses the node until it lets "
+                  "the previous connection go, within 60 s of its last heartbeat)", site=site.site, said=again) if quick
+                else _("{site}: {said}", site=site.site, said=again))
+            state("reconnecting", again)
         pause(backoff)
     state("stopped")
     return 0

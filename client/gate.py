@@ -15,12 +15,14 @@ verification, which the open-source SuperLink does not issue; the hash allow-lis
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import time
 from pathlib import Path
 
+from aseanfl.i18n import _
 from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, bundle_hash, check_approved, only_task
 
 from .audit import AuditLog, describe
@@ -39,10 +41,12 @@ def approved_bundle(site: SiteConfig, fab_content: bytes, run_id: int | None = N
     try:
         approved, digest = check_approved(site.approved_apps, fab_content)
     except AllowListUnreadable as exc:  # the local log names the file, the reply does not
-        log.error("%s: cannot read the allow-list: %s", site.site, exc)
+        log.error(_("{site}: cannot read the app allow-list, so nothing runs: {reason}", site=site.site, reason=exc))
         raise AppNotApproved(f"hospital {site.site} cannot read its app allow-list; nothing runs") from None
     if not approved:
-        log.error("%s: refused app bundle %s (not in %s)", site.site, digest, site.approved_apps)
+        log.error(_("{site}: refused app bundle {sha256}: it is not an approved app (not in {file}); review it, then "
+                    "`aseanfl client approve` or the console's Apps page", site=site.site, sha256=digest,
+                    file=site.approved_apps))
         try:
             from .approvals import record_refusal
 
@@ -66,6 +70,8 @@ def audited_push(site: SiteConfig, push):
             audit.append(describe(message))  # recorded before it leaves: a failed push still shows
         except OSError as exc:
             raise AuditUnwritable(exc.errno, f"the audit log {site.audit_log} cannot be written: {exc.strerror}") from exc
+        except ValueError as exc:  # its last line is damaged: nothing leaves until the log is looked at
+            raise AuditUnwritable(errno.EIO, str(exc)) from exc
         return push(client, message, context)
 
     return push_and_record

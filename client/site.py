@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from aseanfl.i18n import _
 from medimaging.compute import cores, resolve_device, resolve_precision
 from medimaging.datasets import SiteData, Split, load_npz, split_train_val, targets, to_tensor
 from medimaging.dicomweb import SourceError
@@ -51,7 +52,7 @@ def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, dict[str, np.ndar
         raise SiteDataError("fewer than two classes with usable images (or no usable masks) at this hospital; "
                             "run `aseanfl client check-data` there") from None
     for problem in decoded.inventory.problems:
-        log.warning("%s skipped: %s", problem.file, problem.reason)
+        log.warning(_("{file} skipped: {reason}", file=problem.file, reason=problem.shown()))
     return site, load_npz(str(decoded.cache)), decoded.inventory.classes
 
 
@@ -62,7 +63,8 @@ def _check_data_folder(site: SiteConfig) -> None:
     if root is None:  # the PACS: its retrieved instances are in the cache, a PACS down mid-run is no loss
         return
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
-        log.error("%s: the data folder %s is gone or unreadable; this task is refused", site.site, root)
+        log.error(_("{site}: the data folder {folder} is gone or unreadable; this task is refused", site=site.site,
+                    folder=root))
         raise SiteDataError("the hospital's data folder is no longer available (unmounted, moved or removed); "
                             "nothing was trained; see the hospital's log and run `aseanfl client check-data` there")
 

@@ -8,6 +8,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from aseanfl.i18n import Reason
+
 MODEL_MIN_SIZE = {"cnn": 16, "resnet18": 16, "densenet121": 32, "unet": 16}
 Task = Literal["classification", "segmentation"]
 Dims = Literal[2, 3]
@@ -17,9 +19,11 @@ def check_model_task(model: str, task: str, image_size: int | None = None) -> No
     """ValueError naming the fields where the network cannot do the task."""
     if (model == "unet") != (task == "segmentation"):
         want = "model.name=unet" if task == "segmentation" else "model.name=cnn, resnet18 or densenet121"
-        raise ValueError(f"model.name={model} does not fit the {task} task of the data; use {want}")
+        raise Reason("model.name={model} does not fit the {task} task of the data; use {want}", model=model, task=task,
+                     want=want)
     if model == "unet" and image_size is not None and image_size % 8:
-        raise ValueError(f"image size {image_size}: model.name=unet halves it three times, so it must be a multiple of 8")
+        raise Reason("image size {size}: model.name=unet halves it three times, so it must be a multiple of 8",
+                     size=image_size)
 
 
 class Strict(BaseModel):
@@ -49,7 +53,7 @@ class DicomConfig(Strict):
     @classmethod
     def _width(cls, window):
         if isinstance(window, tuple) and window[1] < 1:
-            raise ValueError(f"a window's width must be at least 1 (got {window[1]})")
+            raise Reason("a window's width must be at least 1 (got {width})", width=window[1])
         return window
 
 
@@ -79,16 +83,16 @@ class DicomWebConfig(Strict):
     @classmethod
     def _no_password(cls, values):
         if isinstance(values, dict) and "password" in values:
-            raise ValueError("no password in site.yaml: put it in a file (password_file) or an environment variable "
-                             "(password_env) and name that here")
+            raise Reason("no password in site.yaml: put it in a file (password_file) or an environment variable "
+                         "(password_env) and name that here")
         return values
 
     @model_validator(mode="after")
     def _one_secret(self) -> "DicomWebConfig":
         if self.password_file is not None and self.password_env is not None:
-            raise ValueError("password_file and password_env: give one of them")
+            raise Reason("password_file and password_env: give one of them")
         if (self.password_file is not None or self.password_env is not None) and not self.username:
-            raise ValueError("a password needs a username")
+            raise Reason("a password needs a username")
         return self
 
 
@@ -111,9 +115,9 @@ class FilesConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> "FilesConfig":
         if (self.root is None) == (self.dicomweb is None):
-            raise ValueError("give either root (a folder of files) or dicomweb (the PACS), not both or neither")
+            raise Reason("give either root (a folder of files) or dicomweb (the PACS), not both or neither")
         if self.dicomweb is not None and self.manifest is not None:
-            raise ValueError("manifest: with dicomweb, the manifest goes in dicomweb.manifest (rows keyed by UID)")
+            raise Reason("manifest: with dicomweb, the manifest goes in dicomweb.manifest (rows keyed by UID)")
         return self
 
 
@@ -130,7 +134,7 @@ class DataConfig(Strict):
         if path is None:
             return None
         if not path.is_file():
-            raise ValueError(f"file not found: {path}")
+            raise Reason("file not found: {file}", file=path)
         check_npz(path)
         return path.resolve()
 
@@ -153,8 +157,8 @@ def check_augment(cfg: AugmentConfig, task: str, dims: int) -> None:
     """ValueError where train.augment would move pixels the labels cannot follow."""
     moves = [k for k in ("flip", "rotate_deg") if getattr(cfg, k)]
     if moves and (task == "segmentation" or dims == 3):
-        raise ValueError(f"train.augment.{moves[0]}: flips and rotations are for 2D classification (masks and volumes "
-                         "are not moved with them); intensity and noise_std work for every task")
+        raise Reason("{field}: flips and rotations are for 2D classification (masks and volumes are not moved with "
+                     "them); intensity and noise_std work for every task", field=f"train.augment.{moves[0]}")
 
 
 class ModelConfig(Strict):

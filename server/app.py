@@ -18,10 +18,10 @@ def build_server_app(make_plan: Callable[[Context], Plan] | None = None) -> Serv
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if make_plan is None:  # a deployment's ServerApp process: ASEANFL_LANG or the server's locale
+        if make_plan is None:  # a deployment's ServerApp: the language of who ran `aseanfl run`/`evaluate`
             from aseanfl.i18n import use
 
-            use()
+            use(str(context.run_config.get("lang", "") or "") or None)
         if context.run_config.get("mode") == "evaluation":  # `aseanfl evaluate -f`: score a model, train nothing
             from .evaluation import deployed_evaluation
 

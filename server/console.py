@@ -25,13 +25,15 @@ from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Red
 from starlette.background import BackgroundTask
 
 from aseanfl.charts import line_chart
+from aseanfl.i18n import ENV, N_, _, current
 from aseanfl.web import Console, build, form, local_time
 
 from .digest import MANY, digest
 from .outputs import IDLE
 from .provision import Federation
+from .words import node_word, run_word, status_word
 
-PAGES = [("/hospitals", "Hospitals"), ("/runs", "Runs"), ("/start", "Start a run"), ("/contests", "Contests")]
+PAGES = [("/hospitals", N_("Hospitals")), ("/runs", N_("Runs")), ("/start", N_("Start a run")), ("/contests", N_("Contests"))]
 RUN_NAME = re.compile(r"^run-[0-9]{1,20}$")  # Flower run ids are 64-bit
 FIELDS = ("server.rounds", "strategy.name")  # the form's own fields; other problems go next to the config
 
@@ -95,8 +97,8 @@ def _spread_series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[int
     by_round: dict[int, list[dict]] = {}
     for r in rows:
         by_round.setdefault(int(r["round"]), []).append(r)
-    out: dict[str, list[tuple[int, float]]] = {"sites' median": [], "sites' 10th percentile": [],
-                                               "sites' 90th percentile": []}
+    out: dict[str, list[tuple[int, float]]] = {_("sites' median"): [], _("sites' 10th percentile"): [],
+                                               _("sites' 90th percentile"): []}
     for rnd in sorted(by_round):
         d = digest(by_round[rnd])
         if d.scores:
@@ -114,7 +116,7 @@ def run_view(info: dict) -> dict:
     key = f"val_{suffix}"
     sites = sorted({r["site"] for r in rows if r["site"] != "global"})
     rounds = sorted({int(r["round"]) for r in rows})
-    series = [("federation (global)", [(int(r["round"]), float(r[key])) for r in rows
+    series = [(_("federation (global)"), [(int(r["round"]), float(r[key])) for r in rows
                                        if r["site"] == "global" and r.get(key) is not None])]
     many = len(sites) > MANY
     if many:  # hundreds of hospitals: their spread, not a line each
@@ -123,7 +125,7 @@ def run_view(info: dict) -> dict:
         series += [(s, [(int(r["round"]), float(r[key])) for r in rows if r["site"] == s and r.get(key) is not None])
                    for s in sites]
     series = [series[0]] + [s for s in series[1:] if s[1]]  # a hospital with no score (refused, failed) has no line
-    chart = line_chart(series, "round", f"validation {label}", y_min=0.0, y_max=1.0, name="score")
+    chart = line_chart(series, _("round"), _("validation {score}", score=label), y_min=0.0, y_max=1.0, name="score")
     cell = {(r["site"], int(r["round"])): r.get("status") or "" for r in rows}
     hidden = 0
     if many:  # the matrix keeps the hospitals that failed in some round; the rest are counted per round
@@ -138,7 +140,7 @@ def run_view(info: dict) -> dict:
     traffic = [(int(r["round"]), r.get("bytes_to_site") or 0, r.get("bytes_from_site") or 0) for r in rows
                if r["site"] == "global"]
     return {"chart": chart, "label": label, "sites": sites, "rounds": rounds, "cell": cell, "epsilon": epsilon,
-            "traffic": traffic, "status_class": _status_class, "points": sum(len(p) for _, p in series),
+            "traffic": traffic, "status_class": _status_class, "word": status_word, "points": sum(len(p) for _name, p in series),
             "hidden": hidden}
 
 
@@ -150,7 +152,7 @@ class Launches:
         self.items: list[dict] = []
         self.lock = threading.Lock()
 
-    def start(self, text: str, sets: list[str], by: str) -> dict:
+    def start(self, text: str, sets: list[str], by: str, lang: str = "en") -> dict:
         self.folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{len(self.items)}"
         config, log = self.folder / f"{stamp}.yaml", self.folder / f"{stamp}.log"
@@ -161,7 +163,7 @@ class Launches:
             cmd += ["--set", s]
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.folder)
+                                    start_new_session=True, cwd=self.folder, env={**os.environ, ENV: lang})
         item = {"stamp": stamp, "by": by, "proc": proc, "log": log, "started": time.time()}
         with self.lock:
             self.items.insert(0, item)
@@ -196,7 +198,7 @@ def _errors(text: str) -> dict[str, list[str]]:
     """A ConfigError's lines, by the form field they belong next to ('config' for the rest)."""
     found: dict[str, list[str]] = {}
     for line in text.splitlines():
-        field = line.split(":", 1)[0].strip()
+        field = re.split(r"[:：]", line, maxsplit=1)[0].strip()  # a translated line may use a full-width colon
         found.setdefault(field if field in FIELDS else "config", []).append(line)
     return found
 
@@ -208,15 +210,16 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
     from . import control
     from .deployment import check_run_config
 
-    console = Console(f"coordinator console: {fed.name}", "hospitals, runs", PAGES, users_path(fed))
+    console = Console(N_("coordinator console: {name}"), N_("hospitals, runs"), PAGES, users_path(fed), name=fed.name,
+                      language=current())
     app = build(console)
     launches = Launches(fed)
 
-    down = (f"the SuperLink on {fed.superlink} does not answer (is `aseanfl server start` running?); "
-            "what is shown comes from the server's folder")
-
     def said(problem: str) -> str:
-        return down if not problem or "unavailable" in problem else problem
+        if not problem or "unavailable" in problem:
+            return _("the SuperLink on {address} does not answer (is `aseanfl server start` running?); what is shown "
+                     "comes from the server's folder", address=fed.superlink)
+        return problem
 
     def link_runs() -> tuple[dict[int, str], str]:
         res = control._json(control.flwr(fed, "list", fed.name, "--format", "json", timeout=30))
@@ -241,14 +244,15 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
         try:
             info = control.status(fed)
         except Exception as exc:  # noqa: BLE001 - the SuperLink's answer could not be read
-            info = {"nodes": [], "runs": [], "problems": [f"the SuperLink's answer could not be read: {exc}"]}
+            info = {"nodes": [], "runs": [], "problems": [_("the SuperLink's answer could not be read: {reason}", reason=exc)]}
         nodes = {n.get("site"): n for n in info["nodes"]}
         revoked = fed.revoked
         rows = []
         for site in sorted({*fed.sites(), *revoked}):
             n = nodes.get(site, {})
             state = "revoked" if site in revoked else n.get("status") or "provisioned, not registered yet"
-            rows.append({"site": site, "node": n.get("node-id", ""), "state": state, "online": n.get("online-at") or "",
+            rows.append({"site": site, "node": n.get("node-id", ""), "state": state, "label": node_word(state),
+                         "online": n.get("online-at") or "",
                          "offline": n.get("offline-at") or "", "seen": n.get("last-seen") or ""})
         return console.render(request, "coordinator_hospitals.html", rows=rows,
                               problems=sorted({said(p) for p in info["problems"]}),
@@ -260,7 +264,8 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
         infos = [run_info(p, link) for p in run_dirs(fed)]
         return console.render(request, "coordinator_runs.html", runs=infos, problem=problem,
                               launches=launches.view(), notice=request.query_params.get("started") and
-                              "the run was handed to `aseanfl run`: it appears here once the SuperLink starts it")
+                              _("the run was handed to `aseanfl run`: it appears here once the SuperLink starts it"),
+                              word=run_word)
 
     @app.get("/contests")
     def contest_page(request: Request):
@@ -271,7 +276,7 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
         try:
             boards, problems = [leaderboard(fed, c.name) for c in contests(fed)], []
         except (sqlite3.Error, ValueError) as exc:  # a damaged store: say so, show nothing half-read
-            boards, problems = [], [f"the contest store could not be read: {exc}"]
+            boards, problems = [], [_("the contest store could not be read: {reason}", reason=exc)]
         return console.render(request, "coordinator_contests.html", boards=boards, problems=problems)
 
     @app.get("/runs/{name}")
@@ -281,9 +286,9 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
             return PlainTextResponse("no such run", status_code=404)
         link, problem = link_runs()
         info = run_info(path, link)
-        notice = {"1": "stop requested: the SuperLink ends the run", "0": "the SuperLink did not stop the run"}.get(
+        notice = {"1": _("stop requested: the SuperLink ends the run"), "0": _("the SuperLink did not stop the run")}.get(
             request.query_params.get("stopped", ""))
-        return console.render(request, "coordinator_run.html", run=info, view=run_view(info), problem=problem,
+        return console.render(request, "coordinator_run.html", run=info, view=run_view(info), problem=problem, word=run_word,
                               notice=notice, notice_kind="ok" if request.query_params.get("stopped") == "1" else "bad")
 
     @app.get("/runs/{name}/live")
@@ -292,7 +297,7 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
         if path is None:
             return PlainTextResponse("no such run", status_code=404)
         info = run_info(path)
-        resp = console.render(request, "coordinator_run_live.html", run=info, view=run_view(info))
+        resp = console.render(request, "coordinator_run_live.html", run=info, view=run_view(info), word=run_word)
         if not info["running"]:
             resp.headers["X-Live-Done"] = "1"
         return resp
@@ -331,7 +336,7 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
             check_run_config(text, sets)
         except ConfigError as exc:  # named next to its field; nothing is sent
             return start_page(request, 422, text=text, rounds=rounds, strategy=strategy, errors=_errors(str(exc)))
-        launches.start(text, sets, request.scope["aseanfl.session"].user)
+        launches.start(text, sets, request.scope["aseanfl.session"].user, current())
         return RedirectResponse("/runs?started=1", status_code=303)
 
     return app, console

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import tomli_w
 
+from aseanfl.i18n import _
+
 from .provision import Federation
 
 RUNS_ENV = "ASEANFL_RUNS_DIR"  # run folders on the coordinator's disk (read by the ServerApp)
@@ -132,11 +134,13 @@ def wait_ready(fed: Federation, timeout: float = 60, proc: subprocess.Popen | No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited with code {proc.returncode} (is {fed.superlink} already in use?)")
+            raise RuntimeError(_("the SuperLink exited with code {code} (is {address} already in use?)", code=proc.returncode,
+                                 address=fed.superlink))
         if _json(flwr(fed, "supernode", "list", fed.name, "--format", "json")).get("success"):
             return
         time.sleep(1)
-    raise TimeoutError(f"the SuperLink at {fed.superlink} did not answer within {timeout:g} s")
+    raise TimeoutError(_("the SuperLink at {address} did not answer within {seconds} s", address=fed.superlink,
+                           seconds=f"{timeout:g}"))
 
 
 def register_sites(fed: Federation) -> dict[str, str]:
@@ -182,9 +186,9 @@ def check_ca_key_away(fed: Federation) -> None:
     """The CA key must not be in the folder the server serves from (the ServerApp runs there)."""
     for path in (fed.root / "ca.key", fed.root / "ca" / "ca.key", fed.server_dir / "ca.key"):
         if path.exists():
-            raise RuntimeError(f"{path}: the federation's CA key is in the server's folder; anyone who runs code as "
-                               "the server could issue hospital certificates. Keep it where provisioning runs "
-                               "(docs/security.md)")
+            raise RuntimeError(_("{file}: the federation's CA key is in the server's folder; anyone who runs code as "
+                                 "the server could issue hospital certificates. Keep it where provisioning runs "
+                                 "(docs/security.md)", file=path))
 
 
 MAX_RESTARTS = 3  # SuperLink crashes tolerated within 10 minutes before the server gives up
@@ -218,8 +222,8 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
     from .provision import default_ca_dir
 
     if os.access(default_ca_dir(fed.root) / "ca.key", os.R_OK):
-        log(f"warning: this account can read the CA key {default_ca_dir(fed.root) / 'ca.key'}; in production keep it "
-            "off this machine, or run the server as an account that cannot (docs/security.md)")
+        log(_("warning: this account can read the CA key {file}; in production keep it off this machine, or run the "
+              "server as an account that cannot (docs/security.md)", file=default_ca_dir(fed.root) / "ca.key"))
     if not (fed.server_dir / "state.db").exists():
         (fed.server_dir / "registered.json").unlink(missing_ok=True)
     env = {**flwr_env(fed), SERVER_ALLOWLIST_ENV: str(server_allowlist(fed))}
@@ -228,10 +232,11 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
     try:
         _start_link(fed, env, procs)
         for site, node in register_sites(fed).items():
-            log(f"registered {site}: node {node}")
+            log(_("registered {site}: node {node}", site=site, node=node))
         procs["front"] = front.start(fed)
-        log(f"SuperLink for {fed.name}: public front on {fed.listen} (mutual TLS, Fleet API only), "
-            f"SuperLink on {fed.superlink} (loopback); registered hospitals only; Ctrl-C stops it")
+        log(_("SuperLink for {federation}: public front on {front} (mutual TLS, Fleet API only), SuperLink on "
+              "{address} (loopback); registered hospitals only; Ctrl-C stops it", federation=fed.name, front=fed.listen,
+              address=fed.superlink))
         stamp, active = _stamp(fed), set(fed.sites())
         restarts: list[float] = []
         while True:
@@ -239,32 +244,35 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
                 if proc.poll() is None:
                     continue
                 if name == "front":
-                    why = f": {front.last_error(fed)}" if front.last_error(fed) else ""
-                    log(f"error: the front exited (code {proc.returncode}){why}; stopping the server")
+                    why = front.last_error(fed)
+                    log(_("error: the front exited (code {code}): {reason}; stopping the server", code=proc.returncode,
+                          reason=why) if why else
+                        _("error: the front exited (code {code}); stopping the server", code=proc.returncode))
                     return 1
                 restarts = [t for t in restarts if t > time.monotonic() - 600] + [time.monotonic()]
                 if len(restarts) > MAX_RESTARTS:
-                    log(f"error: the {name} exited (code {proc.returncode}) {len(restarts)} times in 10 minutes; "
-                        "stopping the server (see the lines above for why)")
+                    log(_("error: the {process} exited (code {code}) {times} times in 10 minutes; stopping the server "
+                          "(see the lines above for why)", process=name, code=proc.returncode, times=len(restarts)))
                     return 1
-                log(f"error: the {name} exited (code {proc.returncode}); restarting the SuperLink and its executor "
-                    "(state and registrations are kept in state.db). A run it was serving is lost after its last "
-                    "finished round: continue it with `aseanfl run --resume RUN_ID`")
+                log(_("error: the {process} exited (code {code}); restarting the SuperLink and its executor (state and "
+                      "registrations are kept in state.db). A run it was serving is lost after its last finished round: "
+                      "continue it with `aseanfl run --resume RUN_ID`", process=name, code=proc.returncode))
                 _start_link(fed, env, procs)
-                log("SuperLink restarted")
+                log(_("SuperLink restarted"))
                 break
             if _stamp(fed) != stamp:  # a hospital revoked or added while we run
                 front.reload(procs["front"])
                 try:
                     registered = register_sites(fed)
                 except RuntimeError as exc:  # the SuperLink busy or restarting: try again in a second
-                    log(f"error: {exc}; retrying")
+                    log(_("error: {reason}; retrying", reason=exc))
                 else:
                     stamp, now = _stamp(fed), set(registered)
                     for site in sorted(active - now):
-                        log(f"revoked {site}: its certificate is refused at the front, its node key unregistered")
+                        log(_("revoked {site}: its certificate is refused at the front, its node key unregistered",
+                              site=site))
                     for site in sorted(now - active):
-                        log(f"registered {site}: node {registered[site]}")
+                        log(_("registered {site}: node {node}", site=site, node=registered[site]))
                     active = now
             time.sleep(1.0)
     finally:
@@ -327,9 +335,12 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
     bundle = app_bundle(app)
     digest = bundle_hash(bundle)
     if digest not in approved_hashes(server_allowlist(fed)):
-        raise PermissionError(f"app bundle sha256 {digest} ({app}) is not approved on this server; review the change, "
-                              "then `aseanfl server approve`")
-    run_config = run_config or {"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}
+        raise PermissionError(_("app bundle sha256 {sha256} ({app}) is not approved on this server; review the change, "
+                                "then `aseanfl server approve`", sha256=digest, app=app))
+    from aseanfl.i18n import current
+
+    run_config = {**(run_config or {"mode": "deployment", "config-yaml": config_yaml, "set": " ".join(overrides)}),
+                  "lang": current()}  # the ServerApp's log lines and report in the coordinator's language
     if resume is not None:  # the lost run's ServerApp is dead (its folder is free): Flower still says "running"
         run_config["resume"] = str(resume)
         flwr(fed, "stop", str(resume), fed.name, "--format", "json")
@@ -352,10 +363,11 @@ def start_run(fed: Federation, config_yaml: str, overrides: list[str], app: Path
                 break
         proc.wait()
     if run_id is None:
-        said = f"; flwr said: {last[-300:]}" if last else ""
-        raise RuntimeError(f"the SuperLink did not start the run (is `aseanfl server start` running?){said}")
+        raise RuntimeError(_("the SuperLink did not start the run (is `aseanfl server start` running?); flwr said: "
+                             "{said}", said=last[-300:]) if last else
+                           _("the SuperLink did not start the run (is `aseanfl server start` running?)"))
     final: str | None = ""
-    for _ in range(30):  # the stream ends a moment before the status is written
+    for _attempt in range(30):  # the stream ends a moment before the status is written
         final = _run_status(fed, run_id)
         if final is None or final.startswith("finished"):
             break

@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid
 from pydantic import Field, model_validator
 
+from aseanfl.i18n import _
 from medimaging.config import MODEL_MIN_SIZE, Dims, Strict, Task, check_augment, check_model_task
 from medimaging.yamlconfig import ConfigError, parse_sets, read_config
 
@@ -152,16 +153,16 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
     if not lock_run_dir(run_dir):
         raise ConfigError(f"{run_dir}: another server process is running this run")
     if resume:
-        log.info("run %s continues run %s in %s", context.run_id, resume, run_dir)
+        log.info(_("run {run} continues run {resumed} in {folder}", run=context.run_id, resumed=resume, folder=run_dir))
     else:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     wanted = cfg.wait_for_sites or cfg.strategy.min_sites
-    log.info("waiting for %d hospital(s) (up to %g s)", wanted, cfg.wait_timeout_s)
+    log.info(_("waiting for {count} hospital(s) (up to {seconds} s)", count=wanted, seconds=f"{cfg.wait_timeout_s:g}"))
     connected = await_sites(grid, wanted, cfg.wait_timeout_s)
     if connected < cfg.strategy.min_sites:
-        raise ConfigError(f"{connected} hospital(s) connected after {cfg.wait_timeout_s:g} s, fewer than "
-                          f"strategy.min_sites={cfg.strategy.min_sites}")
-    log.info("%d hospital(s) connected; run folder %s", connected, run_dir)
+        raise ConfigError(_("{count} hospital(s) connected after {seconds} s, fewer than strategy.min_sites={wanted}",
+                            count=connected, seconds=f"{cfg.wait_timeout_s:g}", wanted=cfg.strategy.min_sites))
+    log.info(_("{count} hospital(s) connected; run folder {folder}", count=connected, folder=run_dir))
     t = cfg.task
     return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
                 private=cfg.dp_models, sites=connected, node_names=_registered(runs.parent / "registered.json"),

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aseanfl.i18n import _
+
 from .outputs import IDLE, score_of
 
 MANY = 20  # site rows beyond which a round is shown as a digest
@@ -32,14 +34,17 @@ class Digest:
         return float(np.percentile(self.scores, 100 * q)) if self.scores else None
 
     def counts(self) -> str:
-        """'100 ok, 2 refused:budget, 898 not-sampled' (most first)."""
-        return ", ".join(f"{n} {status}" for status, n in self.statuses.most_common())
+        """'898 not sampled, 100 ok, 2 refused (privacy budget)' (most first), in the reader's language."""
+        from .words import status_word
+
+        return ", ".join(_("{count} {status}", count=n, status=status_word(status)) for status, n in self.statuses.most_common())
 
     def spread(self) -> str:
         if not self.scores:
-            return f"no site reported a validation {self.name}"
-        return (f"validation {self.name} across {len(self.scores)} sites: median {self.quantile(0.5):.3f} "
-                f"(10th-90th percentile {self.quantile(0.1):.3f}-{self.quantile(0.9):.3f})")
+            return _("no site reported a validation {score}", score=self.name)
+        return _("validation {score} across {sites} sites: median {median} (10th-90th percentile {low}-{high})",
+                 score=self.name, sites=len(self.scores), median=f"{self.quantile(0.5):.3f}",
+                 low=f"{self.quantile(0.1):.3f}", high=f"{self.quantile(0.9):.3f}")
 
     def shown(self) -> list[dict]:
         """The rows worth a line: failed sites first (up to 5), then the worst and best."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, ValidationError
 
+from aseanfl.i18n import _
 from medimaging.config import Dims, ModelConfig, Strict, Task
 from medimaging.scoring import SiteScores, pool
 from medimaging.yamlconfig import ConfigError, read_config
@@ -154,7 +155,7 @@ def evaluate_federation(grid, spec, blob: bytes, out_dir: Path, node_names: dict
     def silent(nid: int, _sent: int, why: str) -> None:
         results[known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
 
-    replies, _ = _exchange(grid, messages, timeout, known, silent, threading.Event())
+    replies, _missing = _exchange(grid, messages, timeout, known, silent, threading.Event())
     for reply in replies:
         site, got = _site_scores(reply, known, spec)
         results[site] = got
@@ -284,10 +285,10 @@ def deployed_evaluation(context, grid) -> None:
     if not lock_run_dir(out_dir):
         raise ConfigError(f"{out_dir}: another server process is running this evaluation")
     wanted, wait = int(rc.get("wait-for-sites", 1)), float(rc.get("wait-timeout-s", 120))
-    log.info("evaluation %s of model %s: waiting for %d hospital(s) (up to %g s)", spec.evaluation,
-             spec.model_sha256[:12], wanted, wait)
+    log.info(_("evaluation {evaluation} of model {model}: waiting for {count} hospital(s) (up to {seconds} s)",
+               evaluation=spec.evaluation, model=spec.model_sha256[:12], count=wanted, seconds=f"{wait:g}"))
     connected = await_sites(grid, wanted, wait)
-    log.info("%d hospital(s) connected; sending the model (%d bytes)", connected, len(blob))
+    log.info(_("{count} hospital(s) connected; sending the model ({bytes} bytes)", count=connected, bytes=len(blob)))
     result = evaluate_federation(grid, spec, blob, out_dir, _registered(runs.parent / "registered.json"), None,
                                  float(rc.get("timeout-s", 600)))
     for site, s in result["sites"].items():

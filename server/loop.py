@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 from pydantic import ValidationError
 
+from aseanfl.i18n import N_, _
 from aseanfl.packing import PackedGrid
 from client.messages import REFUSAL_KEY, EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from medimaging.datasets import Split
@@ -39,8 +40,11 @@ from .config import RunConfig
 from .digest import MANY, digest
 from .outputs import RunRecorder, score_of
 from .secure import secure_train
+from .words import refusal_line, status_word
 
 log = logging.getLogger("aseanfl")
+PHASES = {"training": N_("training"), "validating": N_("validating"),
+          "cross-site evaluation": N_("cross-site evaluation")}
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,11 @@ class TaskShape:
 
 
 class Progress:
-    """Receives round events; the CLI shows them live, the default logs them."""
+    """Receives round events; the CLI shows them live, the default logs them (in the reader's
+    language: `aseanfl run` passes the coordinator's to the ServerApp)."""
 
     def round_started(self, rnd: int, total: int, phase: str) -> None:
-        log.info("round %d/%d: %s", rnd, total, phase)
+        log.info(_("round {round}/{total}: {phase}", round=rnd, total=total, phase=_(PHASES.get(phase, phase))))
 
     def round_finished(self, rnd: int, total: int, rows: list[dict]) -> None:
         if len(rows) - 1 > MANY:  # hundreds of hospitals: a digest, then the sites worth a line
@@ -68,14 +73,16 @@ class Progress:
             rows = d.shown() + [r for r in rows if r["site"] == "global"]
         for row in rows:
             key = score_of([row])[0]
-            log.info("round %d %-14s %s val_%s=%s test_%s=%s", rnd, row["site"], row.get("status") or "", key,
-                     row.get(f"val_{key}"), key, row.get(f"test_{key}"))
+            status = row.get("status") or ""
+            log.info("round %d %-14s %s val_%s=%s test_%s=%s", rnd, row["site"],
+                     status if row["site"] == "global" else status_word(status), key, row.get(f"val_{key}"), key,
+                     row.get(f"test_{key}"))
 
     def problem(self, text: str) -> None:
         log.warning(text)
 
     def refused(self, rnd: int, site: str, refusal: Refusal) -> None:
-        log.warning("round %d: %s refused to train (%s): %s", rnd, site, refusal.code, refusal.reason)
+        log.warning(refusal_line(rnd, site, refusal))
 
     def received(self, rnd: int, phase: str, reply: Message) -> None:
         """Every reply as it arrived, before any check (audits and tests look here)."""

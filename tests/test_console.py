@@ -293,3 +293,97 @@ def test_decoder_notes_on_the_data_page_hide_the_header_values_they_quote(consol
     page = session(consoles["hospital"], "steward").get("/data").text
     assert "Invalid value for VR CS" in page and "ct/0001.dcm" in page and "HN-0042" not in page
     assert _hide_values(note).startswith("Invalid value for VR CS: '…'")
+
+
+SCRIPT_PAGES = [("th", "th-TH"), ("km", "km-KH"), ("my", "my-MM"), ("zh_Hans", "zh-CN")]
+
+
+def _fonts_of(page, selector: str) -> dict[str, int]:
+    """The platform fonts Chromium drew `selector`'s text with, and how many glyphs each drew
+    (DevTools' CSS.getPlatformFontsForNode: what was rendered, not what the CSS asked for)."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("DOM.enable")
+    cdp.send("CSS.enable")
+    root = cdp.send("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+    found: dict[str, int] = {}
+    for font in cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]:
+        found[font["familyName"]] = found.get(font["familyName"], 0) + int(font["glyphCount"])
+    return found
+
+
+def _inked(png: bytes) -> float:
+    """The share of an element screenshot's pixels that are clearly darker than the page."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    gray = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
+    return float((gray < 128).mean())
+
+
+def test_each_script_is_drawn_with_a_font_that_has_it_and_the_switch_is_remembered(consoles, chromium):
+    """The hospital console opened by browsers set to Thai, Khmer, Burmese and Chinese: the page
+    in that language (from Accept-Language, before and after logging in), its heading drawn by
+    Chromium with a font of that script (the platform fonts DevTools reports for the node, each
+    with glyphs drawn, none a fallback for missing glyphs) and visibly inked; then the language
+    switch: a click on "Tiếng Việt" is remembered by the next page whatever the browser asks."""
+    from aseanfl.fonts import SCRIPTS
+    from aseanfl.i18n import render
+
+    shots = consoles["tmp"] / "shots"
+    shots.mkdir(exist_ok=True)
+    for lang, tag in SCRIPT_PAGES:
+        context = chromium.new_context(locale=tag, viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        page.goto(consoles["hospital"] + "/privacy")
+        assert "/login" in page.url and page.get_attribute("html", "lang") == lang.replace("_", "-")
+        assert page.inner_text("h1") == render("Log in", lang=lang) != "Log in"
+        page.fill("input[name=user]", "steward")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("form.login button")
+        page.wait_for_load_state()
+        assert page.url.endswith("/privacy"), page.url
+        heading, wanted = page.inner_text("h1"), render("Privacy", lang=lang)
+        assert heading == wanted != "Privacy", (lang, heading)
+        nav = page.inner_text("header nav")
+        assert all(render(label, lang=lang) in nav for label in ("Data", "Apps", "Audit", "Daemon")), nav
+        assert render("A round is charged before it trains.", lang=lang) in page.inner_text("main")
+        drawn = _fonts_of(page, "h1")
+        families, _sample, package = SCRIPTS[lang]
+        ours = {f: n for f, n in drawn.items() if f in families}
+        assert ours and sum(ours.values()) >= len(heading.replace(" ", "")) // 2, (lang, drawn, package)
+        assert not set(drawn) - set(families) - {"DejaVu Sans", "Noto Sans"}, (lang, drawn)  # no last-resort font
+        png = page.locator("h1").screenshot()
+        assert _inked(png) > 0.004, lang  # glyphs, not an empty line (a blank one is 0)
+        page.screenshot(path=str(shots / f"console-{lang}.png"), full_page=True)
+        context.close()
+
+    context = chromium.new_context(locale="th-TH", viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.goto(consoles["hospital"] + "/apps")
+    page.fill("input[name=user]", "steward")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("form.login button")
+    page.wait_for_load_state()
+    assert page.inner_text("h1") == render("Apps", lang="th")
+    page.click("nav.languages a[lang=vi]")
+    page.wait_for_load_state()
+    assert page.inner_text("h1") == "Ứng dụng" and page.get_attribute("html", "lang") == "vi"
+    page.goto(consoles["hospital"] + "/audit")  # no ?lang= now: the cookie keeps Vietnamese
+    assert page.inner_text("h1") == "Nhật ký kiểm toán", page.inner_text("h1")
+    assert page.get_attribute("nav.languages a[lang=vi]", "aria-current") == "true"
+    page.goto(consoles["coordinator"] + "/login?lang=zh_Hans")  # the other console: its own cookie
+    page.fill("input[name=user]", "coordinator")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("form.login button")
+    page.goto(consoles["coordinator"] + "/runs/run-3")
+    assert page.inner_text("#statuses td[data-status=ok]") == "正常"
+    assert "已停止或丢失（无摘要）" in page.inner_text("#run-state")
+    drawn = _fonts_of(page, "h2")
+    assert any(f in SCRIPTS["zh_Hans"][0] for f in drawn), drawn
+    page.screenshot(path=str(shots / "coordinator-zh_Hans.png"), full_page=True)
+    context.close()
+    for name in ("console-th.png", "console-km.png", "console-my.png", "console-zh_Hans.png"):
+        assert (shots / name).stat().st_size > 20_000, name

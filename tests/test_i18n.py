@@ -176,28 +176,97 @@ def test_plots_with_thai_and_khmer_labels_have_every_glyph(tmp_path):
         set_language("en")
 
 
-def test_a_report_in_thai_and_in_vietnamese(tmp_path):
-    """A real simulated run's report.md written again with `aseanfl --lang th report` and
-    `--lang vi report`: translated headings and sentences, numbers as they were."""
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    """(The Thai and Vietnamese reports of a real run: test_simulate, on its run, not a run of its own.)"""
     from simulations.local_deployment import BIN
 
-    runs = tmp_path / "runs"
-    sim = subprocess.run([str(BIN / "aseanfl"), "simulate", "--sites", "2", "--rounds", "1", "--local-epochs", "1",
-                          "--out", str(runs)], capture_output=True, text=True, timeout=600)
-    assert sim.returncode == 0, sim.stderr[-2000:]
-    run = next(runs.iterdir())
-    english = (run / "report.md").read_text()
-    assert "## Final round (1)" in english and "## Global model" in english
-    for lang, wanted in (("th", ["# การรันแบบสหพันธ์", "## รอบสุดท้าย (1)", "## โมเดลส่วนกลาง", "## รายโรงพยาบาล",
-                                 "จำนวนรอบ: 1;", "ไฟล์: `config.yaml`"]),
-                         ("vi", ["# Lượt chạy liên kết", "## Vòng cuối (1)", "## Mô hình toàn cục", "## Theo từng bệnh viện",
-                                 "Số vòng: 1;", "Các tệp: `config.yaml`"])):
-        res = subprocess.run([str(BIN / "aseanfl"), "--lang", lang, "report", str(run)], capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode == 0, res.stderr
-        text = (run / "report.md").read_text()
-        assert all(w in text for w in wanted), (lang, text[:800])
-        assert "Final round" not in text and "Global model" not in text
-        assert "missing from font" not in res.stderr, res.stderr
     bad = subprocess.run([str(BIN / "aseanfl"), "report", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not a run folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _aseanfl(*args, cwd=None):
+    import os
+
+    from simulations.local_deployment import BIN
+
+    return subprocess.run([str(BIN / "aseanfl"), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_hospital_commands_speak_the_hospitals_language(tmp_path):
+    """Config errors (the sentence translated, the field names as written in YAML), `client audit`'s
+    findings, `client approve` and `client start`'s refusal to start, each in the language asked."""
+    site = tmp_path / "site.yaml"
+    site.write_text("site: cho-ray\nlanguage: vi\ncolour: blue\ndata:\n  root: data\n  image_size: -3\n")
+    bad = _aseanfl("client", "check-data", "-c", str(site))  # a broken site.yaml cannot pin a language
+    assert bad.returncode == 2 and "config error: colour: unknown field" in bad.stderr, bad.stderr
+    th = _aseanfl("--lang", "th", "client", "check-data", "-c", str(site))
+    assert th.returncode == 2 and "Traceback" not in th.stderr
+    assert "ข้อผิดพลาดของการตั้งค่า: colour: ไม่รู้จักฟิลด์นี้" in th.stderr, th.stderr
+    assert "ข้อผิดพลาดของการตั้งค่า: data.image_size: ค่าต้องมากกว่าหรือเท่ากับ" in th.stderr, th.stderr
+    assert "(ได้ '-3')" in th.stderr and "unknown field" not in th.stderr
+
+    (tmp_path / "data").mkdir()
+    site.write_text("site: cho-ray\nlanguage: vi\ndata:\n  root: data\n")
+    audit = _aseanfl("client", "audit", "-c", str(site))  # site.yaml's language: Vietnamese
+    assert audit.returncode == 1 and "không có nhật ký kiểm toán" in audit.stdout, audit.stdout
+    (tmp_path / "audit.jsonl").write_text('{"cut": \n')
+    audit = _aseanfl("client", "audit", "-c", str(site))
+    assert audit.returncode == 1 and "[vấn đề]" not in audit.stdout
+    assert "vấn đề dòng 1: không phải JSON (nhật ký đã bị sửa hoặc bị cắt)" in audit.stdout, audit.stdout
+    assert "0 thông điệp" in audit.stdout, audit.stdout
+
+    digest = "ab" * 32
+    cut = _aseanfl("client", "approve", "-c", str(site), "--sha256", digest)  # nothing is added after a cut line
+    assert cut.returncode == 2 and "dòng cuối của nhật ký kiểm toán bị hỏng" in cut.stderr, cut.stderr
+    (tmp_path / "audit.jsonl").unlink()
+    zh = _aseanfl("--lang", "zh_Hans", "client", "approve", "-c", str(site), "--sha256", digest)
+    assert zh.returncode == 0 and zh.stdout.startswith(f"已批准：{digest}"), zh.stdout
+    again = _aseanfl("--lang", "zh_Hans", "client", "approve", "-c", str(site), "--sha256", digest)
+    assert again.stdout.startswith(f"此前已批准：{digest}"), again.stdout
+    km = _aseanfl("--lang", "km", "client", "approve", "-c", str(site), "--sha256", digest, "--fab", str(site))
+    assert km.returncode == 2 and "កំហុស៖ សូមផ្ដល់តែមួយក្នុងចំណោម --sha256, --fab, --app" in km.stderr, km.stderr
+
+    start = _aseanfl("--lang", "my", "client", "start", "-c", str(site))
+    assert start.returncode == 2 and "Traceback" not in start.stderr
+    assert "ဆက်တင် အမှား-" in start.stderr and "connection အပိုင်း မရှိပါ" in start.stderr, start.stderr
+
+
+def test_coordinator_commands_and_round_words_speak_the_coordinators_language(tmp_path):
+    """`provision` and `run`'s config errors in Khmer and Indonesian; the per-site status words
+    and a hospital's refusal rendered on the server from its code and numbers, not its English text."""
+    from client.messages import Refusal
+    from server.digest import digest
+    from server.words import refusal_line, status_word
+
+    from aseanfl.i18n import set_language
+
+    out = tmp_path / "federation"
+    km = _aseanfl("--lang", "km", "provision", "--federation", "asean-cxr", "--sites", "cho-ray,siriraj",
+                  "--out", str(out), "--ca-dir", str(tmp_path / "ca"))
+    assert km.returncode == 0, km.stderr
+    assert "សហព័ន្ធ asean-cxr នៅក្នុង" in km.stdout and "(ផ្ញើវាទៅមន្ទីរពេទ្យ)" in km.stdout, km.stdout
+    assert "send it to the hospital" not in km.stdout
+    none = _aseanfl("--lang", "km", "provision", "--federation", "asean-cxr", "--out", str(out))
+    assert none.returncode == 2 and none.stderr.startswith("កំហុស៖ សូមផ្ដល់ --sites"), none.stderr
+    run = _aseanfl("--lang", "id", "run", "-f", str(out), "--set", "server.rounds=abc")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "kesalahan konfigurasi: server.rounds: Nilai harus bilangan bulat yang valid" in run.stderr, run.stderr
+
+    refusal = Refusal(code="privacy-budget", reason="round 3 would raise epsilon from 7.9 to 8.4, above 8",
+                      epsilon_spent=7.9, epsilon_budget=8.0)
+    rows = [{"round": 3, "site": f"site-{i}", "status": s} for i, s in
+            enumerate(["ok"] * 20 + ["refused:privacy-budget", "not-sampled", "rejected:norm"])]
+    try:
+        set_language("th")
+        assert status_word("refused:privacy-budget") == "ปฏิเสธ (งบความเป็นส่วนตัว)"
+        assert status_word("rejected:norm") == "ถูกตัดออก (ใหญ่เกินไป)" and status_word("weird:code") == "weird:code"
+        line = refusal_line(3, "siriraj", refusal)
+        assert line.startswith("รอบ 3: siriraj ปฏิเสธการฝึก") and "งบความเป็นส่วนตัวเกิน 8" in line and "7.900" in line
+        assert "would raise" not in line  # the hospital's English sentence is not what is shown
+        assert digest(rows).counts() == "20 เรียบร้อย, 1 ปฏิเสธ (งบความเป็นส่วนตัว), 1 ไม่ได้ถูกสุ่มเลือก, 1 ถูกตัดออก (ใหญ่เกินไป)"
+        set_language("vi")
+        assert status_word("no-reply") == "không trả lời" and status_word(None) == "ổn"
+    finally:
+        set_language("en")
+    assert refusal_line(3, "siriraj", refusal).startswith("round 3: siriraj refused to train: this round would take")

@@ -154,7 +154,7 @@ def test_hundreds_of_sites_read_as_a_digest(tmp_path):
         progress.round_started(3, 3, "training")
         progress.round_finished(3, 3, [r for r in rows if r["round"] == 3])
     text = console.export_text()
-    assert "300 sites: 269 not-sampled, 30 ok, 1 refused:privacy-budget" in text
+    assert "300 sites: 269 not sampled, 30 ok, 1 refused (privacy budget)" in text
     assert "median" in text and "site-299" in text and text.count("site-") < 12
 
     run_dir = tmp_path / "run"
@@ -165,7 +165,7 @@ def test_hundreds_of_sites_read_as_a_digest(tmp_path):
     (run_dir / "data_distribution.json").write_text(json.dumps(dist))
     report = write_report(run_dir).read_text()
     final = report[report.index("## Final round"):report.index("## Rounds")]
-    assert "300 sites: 269 not-sampled" in final and final.count("| site-") == 7
+    assert "300 sites: 269 not sampled" in final and final.count("| site-") == 7
     for png in ("site_auc.png", "data_distribution.png"):
         assert (run_dir / png).stat().st_size > 10_000
 
@@ -173,7 +173,7 @@ def test_hundreds_of_sites_read_as_a_digest(tmp_path):
 
     view = run_view({"rows": rows})  # the coordinator console's run page
     assert view["sites"] == ["site-299"] and view["hidden"] == 299
-    assert "269 not-sampled, 30 ok" in view["cell"][("counts", 3)]
+    assert "269 not sampled, 30 ok" in view["cell"][("counts", 3)]
     assert view["chart"].count("<polyline") == 4, view["chart"][:300]  # federation, median, 10th, 90th
 
 

@@ -92,6 +92,25 @@ def test_simulate_cli_learns_writes_everything_and_is_reproducible(tmp_path):
             assert metrics == {"num-examples", "val-loss", "val-accuracy", "val-auc"}
     summary = json.loads((run_b / "summary.json").read_text())
     assert summary["best_round"] in (1, 2)
+    _reports_in_thai_and_vietnamese(run_a)
+
+
+def _reports_in_thai_and_vietnamese(run):
+    """The run's report.md written again with `aseanfl --lang th report` and `--lang vi report`
+    (issue 19): translated headings and sentences, numbers as they were."""
+    english = (run / "report.md").read_text()
+    assert "## Final round (2)" in english and "## Global model" in english
+    for lang, wanted in (("th", ["# การรันแบบสหพันธ์", "## รอบสุดท้าย (2)", "## โมเดลส่วนกลาง", "## รายโรงพยาบาล",
+                                 "จำนวนรอบ: 2;", "ไฟล์: `config.yaml`"]),
+                         ("vi", ["# Lượt chạy liên kết", "## Vòng cuối (2)", "## Mô hình toàn cục", "## Theo từng bệnh viện",
+                                 "Số vòng: 2;", "Các tệp: `config.yaml`"])):
+        res = subprocess.run([sys.executable, "-m", "aseanfl", "--lang", lang, "report", str(run)], capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        text = (run / "report.md").read_text()
+        assert all(w in text for w in wanted), (lang, text[:800])
+        assert "Final round" not in text and "Global model" not in text
+        assert "missing from font" not in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("name, sets, target", [
