@@ -330,7 +330,8 @@ class _Guard:
         lang, chosen = page_language(request, self.console.language)
         token = speak(lang)  # every message of this request, the templates' and the routes', in this language
         if chosen:  # the switch: remembered for the next pages
-            cookie = f"{LANG_COOKIE}={lang}; Path=/; Max-Age=31536000; SameSite=Strict" + ("; Secure" if self.console.secure else "")
+            cookie = (f"{LANG_COOKIE}={lang}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Strict"
+                      + ("; Secure" if self.console.secure else ""))
             inner = send_headers
 
             async def send_headers(message):

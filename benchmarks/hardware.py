@@ -24,7 +24,7 @@ MODELS = [("cnn", 2, 64), ("resnet18", 2, 64), ("densenet121", 2, 64), ("unet", 
 def measure(model_name: str, dims: int, size: int, device: str, threads: int, dp: bool, steps: int,
             batch: int = 16, precision: str = "fp32") -> dict:
     from benchmarks.throughput import train_case
-    from medimaging.compute import PRECISIONS, resolve_device
+    from medimaging.compute import precision_dtype, resolve_device
     from medimaging.config import ModelConfig
     from medimaging.datasets import Split
     from medimaging.models import build_model
@@ -37,7 +37,7 @@ def measure(model_name: str, dims: int, size: int, device: str, threads: int, dp
     data = Split(torch.randn(shape), y)
     model = build_model(ModelConfig(name=model_name), 1, 2, size, private=dp, spatial_dims=dims).to(resolve_device(device))
     start = time.perf_counter()
-    train_case(model, data, steps, batch, "hooks" if dp else "none", PRECISIONS[precision])
+    train_case(model, data, steps, batch, "hooks" if dp else "none", precision_dtype(precision))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return {"samples_per_s": n / (time.perf_counter() - start)}

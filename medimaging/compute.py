@@ -6,20 +6,29 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from .config import Strict
 
+if TYPE_CHECKING:
+    import torch
+
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype (None: off)
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # name -> torch's autocast dtype (None: off)
+# torch is imported where it is used: a site.yaml is read (every `aseanfl client` command) without it
 
 
-def precision_name(dtype: torch.dtype | None) -> str:
-    return next(name for name, value in PRECISIONS.items() if value == dtype)
+def precision_dtype(name: str) -> "torch.dtype | None":
+    import torch
+
+    return None if PRECISIONS[name] is None else getattr(torch, PRECISIONS[name])
+
+
+def precision_name(dtype: "torch.dtype | None") -> str:
+    return next(name for name in PRECISIONS if precision_dtype(name) == dtype)
 
 
 class ComputeConfig(Strict):
@@ -49,6 +58,8 @@ def cores() -> int:
 def resolve_device(spec: str, setting: str = "compute.device") -> torch.device:
     """The torch device for `spec` (auto, cpu, cuda, cuda:N); ComputeUnavailable naming
     `setting` when it asks for a GPU this machine does not have."""
+    import torch
+
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if spec == "auto":
@@ -73,6 +84,8 @@ def resolve_precision(spec: str, device: torch.device, private: bool, setting: s
     ComputeUnavailable naming `setting` where the combination cannot work: fp16 on the CPU (no
     fast kernels), bf16 on a GPU without it, fp16 with DP-SGD (a grad scaler scales the
     per-sample gradients Opacus clips, so the clipping bound would be wrong)."""
+    import torch
+
     cuda = device.type == "cuda"
     bf16 = not cuda or torch.cuda.is_bf16_supported()
     if spec == "auto":
@@ -95,11 +108,15 @@ def resolve_precision(spec: str, device: torch.device, private: bool, setting: s
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Mixed precision for the forward pass and the loss, or nothing for fp32."""
+    import torch
+
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def set_deterministic(on: bool) -> None:
     """Deterministic algorithms only (an op without one raises, naming itself), or torch's defaults."""
+    import torch
+
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
     torch.use_deterministic_algorithms(on)

@@ -295,6 +295,24 @@ def test_decoder_notes_on_the_data_page_hide_the_header_values_they_quote(consol
     assert _hide_values(note).startswith("Invalid value for VR CS: '…'")
 
 
+def test_the_language_switch_takes_only_a_language(consoles):
+    """?lang= and Accept-Language are inputs too: only one of the catalogs' codes is taken (and
+    remembered); anything else is ignored, reflected nowhere, and sets no cookie."""
+    url = consoles["hospital"] + "/login"
+    for asked in ("<script>alert(1)</script>", "../../etc/passwd", "th;q=x", "xx"):
+        res = httpx.get(url, params={"lang": asked}, headers={"Accept-Language": "de-DE,fr;q=0.5"})
+        assert res.status_code == 200 and '<html lang="en">' in res.text
+        assert "aseanfl_lang" not in res.headers.get("set-cookie", "") and (len(asked) < 6 or asked not in res.text)
+    picked = httpx.get(url, params={"lang": "km"})
+    kept = [c for c in picked.headers.get_list("set-cookie") if c.startswith("aseanfl_lang=")]
+    assert '<html lang="km">' in picked.text and len(kept) == 1 and kept[0].startswith("aseanfl_lang=km;"), kept
+    assert "HttpOnly" in kept[0] and "SameSite=Strict" in kept[0]
+    thai = httpx.get(url, headers={"Accept-Language": "fr-FR;q=0.9, th-TH;q=0.8, en;q=0.1"})
+    assert '<html lang="th">' in thai.text and "aseanfl_lang" not in thai.headers.get("set-cookie", "")
+    weird = httpx.get(url, cookies={"aseanfl_lang": "<b>"}, headers={"Accept-Language": "vi"})
+    assert '<html lang="vi">' in weird.text and "<b>" not in weird.text
+
+
 SCRIPT_PAGES = [("th", "th-TH"), ("km", "km-KH"), ("my", "my-MM"), ("zh_Hans", "zh-CN")]
 
 
