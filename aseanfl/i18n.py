@@ -31,7 +31,7 @@ LOCALE_DIR = Path(__file__).with_name("locale")
 ENV = "ASEANFL_LANG"
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-_current = ["en"]
+_current: list[str | None] = [None]  # None until set: then ASEANFL_LANG or the locale (a daemon's workers)
 _request: ContextVar[str | None] = ContextVar("aseanfl_lang", default=None)  # a console page's reader
 
 
@@ -102,7 +102,9 @@ def set_language(lang: str) -> str:
 
 
 def current() -> str:
-    return _request.get() or _current[0]
+    """The language spoken now: a console request's, else the process's (set by the command line;
+    a process that never set it, like a daemon's worker, takes ASEANFL_LANG or the locale)."""
+    return _request.get() or _current[0] or set_language(choose())
 
 
 def speak(lang: str | None):

@@ -270,3 +270,26 @@ def test_coordinator_commands_and_round_words_speak_the_coordinators_language(tm
     finally:
         set_language("en")
     assert refusal_line(3, "siriraj", refusal).startswith("round 3: siriraj refused to train: this round would take")
+
+
+def test_a_process_that_never_chose_speaks_the_language_its_daemon_handed_down(tmp_path):
+    """A daemon's workers never parse --lang: `client start` puts its language in ASEANFL_LANG
+    (client/daemon.py daemon_env) and their first message takes it from there."""
+    import os
+    import sys
+
+    from client.config import load_site
+    from client.daemon import daemon_env
+
+    from aseanfl.i18n import ENV, set_language
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "site.yaml").write_text("site: cho-ray\ndata:\n  root: data\n")
+    try:
+        set_language("km")
+        assert daemon_env(load_site(tmp_path / "site.yaml"), tmp_path / "site.yaml")[ENV] == "km"
+    finally:
+        set_language("en")
+    said = subprocess.run([sys.executable, "-c", "from server.words import status_word; print(status_word('no-reply'))"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, ENV: "km"})
+    assert said.stdout.strip() == "គ្មានចម្លើយ", said.stdout + said.stderr
