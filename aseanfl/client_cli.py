@@ -16,19 +16,34 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 SITE_OPTION = typer.Option(..., "--config", "-c", help="the hospital's site.yaml")
 
 
+def config_errors(exc) -> str:
+    """A ConfigError as the operator reads it: one 'config error: ...' line per problem."""
+    from .i18n import _
+
+    return "\n".join(_("config error: {problem}", problem=line) for line in str(exc).splitlines())
+
+
+def approved_line(new: bool, sha256: str, allowlist: Path) -> str:
+    """What `client approve` and `server approve` say once the allow-list holds the hash."""
+    from .i18n import _
+
+    said = {"sha256": sha256, "file": allowlist}
+    return _("approved: {sha256} ({file})", **said) if new else _("already approved: {sha256} ({file})", **said)
+
+
 def load_site(path: Path):
     """site.yaml -> SiteConfig (paths made absolute); exits 2 with one line per problem."""
     from client.config import load_site as read
     from medimaging.yamlconfig import ConfigError
 
-    from .i18n import _, use
+    from .i18n import use
 
     try:
         site = read(path)
         use(site=site.language)  # --lang, ASEANFL_LANG, then the hospital's own choice, then the locale
         return site
     except ConfigError as exc:
-        typer.echo("\n".join(_("config error: {problem}", problem=line) for line in str(exc).splitlines()), err=True)
+        typer.echo(config_errors(exc), err=True)
         raise typer.Exit(2) from None
 
 
@@ -127,8 +142,7 @@ def approve(
     except ValueError as exc:
         typer.echo(_("error: {reason}", reason=text_of(exc).render()), err=True)
         raise typer.Exit(2) from None
-    said = {"sha256": sha256, "file": site.approved_apps}
-    typer.echo(_("approved: {sha256} ({file})", **said) if new else _("already approved: {sha256} ({file})", **said))
+    typer.echo(approved_line(new, sha256, site.approved_apps))
 
 
 @app.command()
@@ -137,7 +151,7 @@ def audit(config: Path = SITE_OPTION) -> None:
     metrics left (no other record or key, no data folder or file name in any value)."""
     from client.audit import forbidden_strings, verify
 
-    from .i18n import _, number
+    from .i18n import _, number, shown
 
     site = load_site(config)
     forbidden = forbidden_strings(site)
@@ -151,8 +165,7 @@ def audit(config: Path = SITE_OPTION) -> None:
         sent = _("{summary}; {decisions} app decision(s) recorded", summary=sent, decisions=number(report.decisions))
     console.print(sent, soft_wrap=True)
     for problem in report.problems:
-        console.print(_("[red]problem[/] {problem}", problem=escape(problem.render() if hasattr(problem, "render") else problem)),
-                      soft_wrap=True)
+        console.print(_("[red]problem[/] {problem}", problem=escape(shown(problem))), soft_wrap=True)
     if report.problems:
         raise typer.Exit(1)
     console.print(_("[green]ok[/]: only model arrays and allowed aggregate metrics left this hospital"))

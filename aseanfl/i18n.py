@@ -141,15 +141,16 @@ def translations(lang: str) -> gettext.NullTranslations:
     return gettext.translation(DOMAIN, LOCALE_DIR, languages=[lang], fallback=True)
 
 
-def render(msgid: str, values: dict | None = None, lang: str | None = None) -> str:
+def render(msgid: str, values: dict | None = None, lang: str | None = None, template=str) -> str:
     """The message in `lang` (default: the current language), its placeholders filled; values
-    that are Texts are rendered in the same language."""
+    that are Texts are rendered in the same language. `template` wraps the translation before it
+    is filled (the consoles: Markup.escape, so the values are escaped too)."""
     values = {k: (v.render(lang) if isinstance(v, Text) else v) for k, v in (values or {}).items()}
     text = translations(lang or current()).gettext(msgid)
     try:
-        return text.format(**values)
+        return template(text).format(**values)
     except (KeyError, IndexError, ValueError):  # a broken translation must not hide the message
-        return msgid.format(**values)
+        return template(msgid).format(**values)
 
 
 def _(msgid: str, **values) -> str:

@@ -96,6 +96,7 @@ def approve_app(
     from server.control import app_dir, app_hash, server_allowlist
 
     from .allowlist import approve
+    from .client_cli import approved_line
 
     fed = _federation(federation_dir)
     digest = sha256 or app_hash(app or app_dir())
@@ -104,8 +105,7 @@ def approve_app(
     except ValueError as exc:
         typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(2) from None
-    said = {"sha256": digest, "file": server_allowlist(fed)}
-    typer.echo(_("approved: {sha256} ({file})", **said) if new else _("already approved: {sha256} ({file})", **said))
+    typer.echo(approved_line(new, digest, server_allowlist(fed)))
 
 
 @server_app.command("register")
@@ -135,6 +135,8 @@ def run(
     from server.control import app_dir, start_run
     from server.deployment import check_run_config, run_busy, run_folder
 
+    from .client_cli import config_errors
+
     fed = _federation(federation_dir) if resume is not None else None
     old = run_folder(fed.server_dir / "runs", resume) if fed is not None else None
     if config is None and old is not None and (old / "config.yaml").is_file():
@@ -144,7 +146,7 @@ def run(
     try:  # the same validation the ServerApp runs, before anything is sent
         cfg = check_run_config(text, [*set_, *named])
     except ConfigError as exc:
-        typer.echo("\n".join(_("config error: {problem}", problem=line) for line in str(exc).splitlines()), err=True)
+        typer.echo(config_errors(exc), err=True)
         raise typer.Exit(2) from None
     if old is not None:
         try:

@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from .i18n import _, _request, speak
+from .i18n import LANGUAGES, NAMES, _, _request, current, negotiate, normalise, number, render, shown, speak
 
 COOKIE, LOGIN_COOKIE = "aseanfl_session", "aseanfl_login"
 SCRYPT = {"n": 2**15, "r": 8, "p": 1}  # ~0.1 s and 32 MiB per check: costly to guess offline
@@ -176,28 +176,10 @@ LANG_COOKIE = "aseanfl_lang"
 def _t(msgid: str, **values) -> Markup:
     """A template's message in the reader's language: the translation escaped, its values escaped
     unless they are Markup (code(), strong())."""
-    from .i18n import current, translations
-
-    text = translations(current()).gettext(msgid)
-    try:
-        return Markup.escape(text).format(**values)
-    except (KeyError, IndexError, ValueError):  # a broken translation must not hide the message
-        return Markup.escape(msgid).format(**values)
+    return render(msgid, values, template=Markup.escape)
 
 
-def _number(value) -> str:
-    from .i18n import number
-
-    return number(value)
-
-
-def _shown(value) -> str:
-    from .i18n import shown
-
-    return shown(value)
-
-
-_templates.globals.update(_=_t, number=_number, shown=_shown, Markup=Markup,
+_templates.globals.update(_=_t, number=number, shown=shown, Markup=Markup,
                           code=lambda v: Markup("<code>{}</code>").format(v),
                           strong=lambda v: Markup("<strong>{}</strong>").format(v))
 _templates.filters.update(enumerate_labels=lambda labels: ", ".join(f"{k} = {c}" for k, c in enumerate(labels)),
@@ -207,8 +189,6 @@ _templates.filters.update(enumerate_labels=lambda labels: ", ".join(f"{k} = {c}"
 def page_language(request: Request, default: str | None) -> tuple[str, bool]:
     """(language, chosen now): ?lang= (the switch), the cookie it set, the browser's Accept-Language,
     the console's own (a hospital's site.yaml language), English."""
-    from .i18n import negotiate, normalise
-
     asked = normalise(request.query_params.get("lang"))
     if asked:
         return asked, True
@@ -236,8 +216,6 @@ class Console:
         return _(self.title, name=self.name)
 
     def render(self, request: Request, template: str, status: int = 200, **values) -> HTMLResponse:
-        from .i18n import LANGUAGES, NAMES, current
-
         session: Session | None = request.scope.get("aseanfl.session")
         html = _templates.get_template(template).render(
             console=self, path=request.url.path, user=session.user if session else None,
