@@ -89,7 +89,7 @@ def run_info(run_dir: Path, link: dict[int, str] | None = None) -> dict:
 
 def _status_class(status: str) -> str:
     word = (status or "").split(":")[0]
-    return f"status-{word}" if word in ("ok", "refused", "error", "rejected", "no-reply", "not-sampled", "eval-only") else ""
+    return f"status-{word}" if word in ("ok", "refused", "error", "rejected", "no-reply", "not-sampled", "eval-only", "validation-lost") else ""
 
 
 def _spread_series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[int, float]]]]:

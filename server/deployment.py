@@ -166,6 +166,7 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
     t = cfg.task
     return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
                 private=cfg.dp_models, sites=connected, node_names=_registered(runs.parent / "registered.json"),
+                registry=runs.parent / "registered.json",
                 resume=bool(resume))
 
 

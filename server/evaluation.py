@@ -155,7 +155,10 @@ def evaluate_federation(grid, spec, blob: bytes, out_dir: Path, node_names: dict
     def silent(nid: int, _sent: int, why: str) -> None:
         results[known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
 
-    replies, _missing = _exchange(grid, messages, timeout, known, silent, threading.Event())
+    def impostor(nid: int, _sent: int, _got: int, declared: str) -> None:
+        results[known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
+
+    replies, _missing = _exchange(grid, messages, timeout, known, silent, threading.Event(), impostor)
     for reply in replies:
         site, got = _site_scores(reply, known, spec)
         results[site] = got

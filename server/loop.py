@@ -8,6 +8,7 @@ reproduces a run exactly), schema checks naming the site, checkpoints after ever
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -101,6 +102,7 @@ class Plan:
     sites: int | None = None  # hospitals in the federation (central DP scales its noise by the sampled share)
     stop: threading.Event = field(default_factory=threading.Event)  # set when the engine under the run died
     node_names: dict[int, str] = field(default_factory=dict)  # a deployment's registered hospitals by node id
+    registry: Path | None = None  # a deployment's server/registered.json, read again each round (revocations)
     site_names: list[str] | None = None  # a simulation's hospitals, in partition-id order
     resume: bool = False  # continue the run in run_dir from its checkpoint
 
@@ -130,11 +132,39 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 def _site_name(reply: Message, names: dict[int, str]) -> str:
-    """The hospital a reply is from: its own 'site' record, else (an error reply) the name the
-    node id is known by (registered hospitals, earlier replies)."""
-    if not reply.has_error() and "site" in reply.content.config_records:
-        return str(reply.content.config_records["site"]["name"])
+    """The hospital a reply is from: the name the server knows its node by (registered hospital
+    keys in a deployment, partition ids in a simulation), never what the reply says of itself;
+    a node the server does not know is named by its id until it has declared a name no other
+    node holds (`_exchange`)."""
     return names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+
+
+def declared_name(reply: Message) -> str | None:
+    """The hospital name a reply carries in its own 'site' record (its site.yaml), if any."""
+    if reply.has_error() or "site" not in reply.content.config_records:
+        return None
+    return str(reply.content.config_records["site"].get("name", ""))
+
+
+def impostor(reply: Message, names: dict[int, str]) -> str | None:
+    """The name a reply declares when it is not the name of the node it came from (a hospital
+    speaking as another); None when they agree or the reply declares nothing."""
+    declared = declared_name(reply)
+    known = names.get(reply.metadata.src_node_id)
+    if declared is None or known is None or declared == known:
+        return None
+    return declared
+
+
+def learn_names(replies: Iterable[Message], names: dict[int, str]) -> None:
+    """Name a node the server did not know by the name it declared, unless another node holds
+    that name (a node cannot take a known hospital's name)."""
+    taken = set(names.values())
+    for reply in replies:
+        nid, declared = reply.metadata.src_node_id, declared_name(reply)
+        if declared and nid not in names and declared not in taken:
+            names[nid] = declared
+            taken.add(declared)
 
 
 # Flower's own replies for a hospital that went away (no heartbeat): not an answer from the site.
@@ -171,21 +201,32 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, stop:
 
 
 def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: dict[int, str],
-              silent: Callable[[int, int, str], None], stop: threading.Event) -> tuple[list[Message], dict[str, int]]:
+              silent: Callable[[int, int, str], None], stop: threading.Event,
+              rejected: Callable[[int, int, int, str], None] | None = None) -> tuple[list[Message], dict[str, int]]:
     """Send, wait up to `timeout`, return replies sorted by site and the bytes sent to each site.
-    `known` learns node id -> site name; `silent(node id, bytes sent, why)` for each node that
-    did not reply in time or went away (Flower answered for it), which are not among the replies."""
+    Each reply is named by the node it came from (`known`: node id -> site, learnt for unknown
+    nodes). `silent(node id, bytes sent, why)` for each node that did not reply in time or went
+    away (Flower answered for it); `rejected(node id, bytes sent, bytes received, declared name)`
+    for each reply that declares another hospital's name: neither kind is among the replies."""
     messages = list(messages)
     sent_to = {m.metadata.dst_node_id: payload_bytes(m.content) for m in messages}
     arrived: dict[int, float] = {}
     got = _send_and_receive(grid, messages, timeout, stop, arrived)
-    replies = sorted((r for r in got if not _gone(r)), key=lambda r: _site_name(r, known))
-    for r in replies:
-        if not r.has_error() and "site" in r.content.config_records:
-            nid, name = r.metadata.src_node_id, str(r.content.config_records["site"]["name"])
-            if known.get(nid, name) != name:
-                log.warning("node %d answers as %s, not %s as the server had it", nid, name, known[nid])
-            known[nid] = name
+    learn_names((r for r in got if not _gone(r)), known)
+    replies = []
+    for r in got:
+        if _gone(r):
+            continue
+        declared = impostor(r, known)
+        if declared is None:
+            replies.append(r)
+            continue
+        nid = r.metadata.src_node_id
+        log.warning("node %d, registered as %s, answered as %s: its reply is left out (rejected:identity)", nid,
+                    known[nid], declared)
+        if rejected is not None:
+            rejected(nid, sent_to.get(nid, 0), payload_bytes(r.content), declared)
+    replies.sort(key=lambda r: _site_name(r, known))
     sent = {_site_name(r, known): sent_to.get(r.metadata.src_node_id, 0) for r in replies}
     for r in filter(_gone, got):
         nid = r.metadata.src_node_id
@@ -196,11 +237,24 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: di
     return replies, sent
 
 
+def unregistered(registry: Path | None, nodes: set[int]) -> set[int]:
+    """Those of `nodes` that the coordinator no longer registers (revoked, or a re-enrolled
+    hospital's old key), from server/registered.json (site -> node id; such entries are renamed
+    'site (revoked)' or 'site (old key N)'); none when the run has no registry (a simulation)."""
+    if registry is None:
+        return set()
+    try:
+        current = {int(node) for site, node in json.loads(registry.read_text()).items() if "(" not in site}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in nodes if n not in current}
+
+
 def _await_rejoin(grid: Grid, before: set[int], wait: float, plan: "Plan", names: dict[int, str], rnd: int) -> set[int]:
     """The connected nodes; if one connected at the round before is gone (a daemon restarting),
     first wait up to `wait` s for it to come back, so it trains in this round."""
     now = set(grid.get_node_ids())
-    missing = before - now
+    missing = before - now - unregistered(plan.registry, before)  # a revoked hospital is not waited for
     if not missing or wait <= 0:
         return now
     who = ", ".join(sorted(names.get(n, f"node-{n}") for n in missing))
@@ -211,7 +265,7 @@ def _await_rejoin(grid: Grid, before: set[int], wait: float, plan: "Plan", names
         if plan.stop.wait(1.0):
             raise RunAborted("the federation engine stopped while the server waited for hospitals")
         now = set(grid.get_node_ids())
-        missing = before - now
+        missing = before - now - unregistered(plan.registry, before)
     plan.progress.problem(f"round {rnd}: {who} " + ("still away; the round goes on without it" if missing else "is back"))
     return now
 
@@ -444,7 +498,13 @@ def _secure_phase(grid: Grid, plan: Plan, workflow, tasks, arrays: ArrayRecord, 
     """Training through SecAgg+: only the hospitals' masked vectors and metrics reach the server.
     A reply that breaks the schema is reported but stays in the sum (it cannot be taken out of it)."""
     result = secure_train(grid, workflow, tasks, arrays, rnd, payload_bytes)
-    result.sites = {**known, **result.sites}  # a hospital that dropped out before naming itself: as the server knows it
+    for nid, declared in result.sites.items():  # named by its node key; its masked vector cannot leave the sum
+        if known.get(nid, declared) != declared:
+            plan.progress.problem(f"round {rnd} training: the reply of {known[nid]} (its registered node key) declares "
+                                  f"itself as {declared}; under SecAgg+ it cannot be taken out of the sum")
+            row(known[nid])["status"] = "rejected:identity"
+    learn_names(result.replies, known)
+    result.sites = {**result.sites, **known}  # the server's names win; one that dropped out before naming itself too
     for nid, (to_site, from_site) in result.traffic.items():
         r = row(result.sites.get(nid, f"node-{nid}"))
         r["bytes_to_site"] += to_site
@@ -544,8 +604,27 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         def silent(phase: str) -> Callable[[int, int, str], None]:
             def report(nid: int, sent_bytes: int, why: str) -> None:
                 r = row(known.get(nid, f"node-{nid}"))
-                r["status"], r["bytes_to_site"] = "no-reply", r["bytes_to_site"] + sent_bytes
+                r["bytes_to_site"] += sent_bytes
+                if phase == "validation" and r["status"] == "ok" and "train_loss" in r:
+                    # its update is in this round's model; only its validation figures are missing
+                    r["status"] = "validation-lost"
+                    progress.problem(f"round {rnd} validation: {r['site']} {why}; it trained this round (its update "
+                                     "counts), its validation figures are lost")
+                    return
+                if phase == "validation" and r["status"].startswith(("rejected", "refused")):
+                    progress.problem(f"round {rnd} validation: {r['site']} {why}")
+                    return
+                r["status"] = "no-reply"
                 progress.problem(f"round {rnd} {phase}: {r['site']} {why}; left out")
+            return report
+
+        def impostor(phase: str) -> Callable[[int, int, int, str], None]:
+            def report(nid: int, sent_bytes: int, got_bytes: int, declared: str) -> None:
+                r = row(known.get(nid, f"node-{nid}"))
+                r["status"] = "rejected:identity"
+                r["bytes_to_site"], r["bytes_from_site"] = r["bytes_to_site"] + sent_bytes, r["bytes_from_site"] + got_bytes
+                progress.problem(f"round {rnd} {phase}: the reply of {r['site']} (its registered node key) declares "
+                                 f"itself as {declared}; left out (rejected:identity)")
             return report
 
         present = _await_rejoin(grid, present, cfg.server.rejoin_wait_s, plan, known, rnd)
@@ -556,7 +635,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         asked = {m.metadata.dst_node_id for m in tasks}
         if workflow is None:
             tasks = down.outgoing(tasks) if down else tasks
-            replies, sent = _exchange(grid, tasks, timeout, known, silent("training"), plan.stop)
+            replies, sent = _exchange(grid, tasks, timeout, known, silent("training"), plan.stop, impostor("training"))
             if down:
                 down.replied(tasks, replies)
             _count_traffic(replies, sent, row, known)
@@ -595,7 +674,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         random.seed(f"{cfg.seed}-{rnd}-evaluate")  # SecAgg+ shuffles with `random` too: it must not move this
         evals = _in_round(strategy.configure_evaluate(rnd, shared, task.to_config(), grid), rnd, known)
         evals = down.outgoing(evals) if down else evals
-        replies, sent = _exchange(grid, evals, timeout, known, silent("validation"), plan.stop)
+        replies, sent = _exchange(grid, evals, timeout, known, silent("validation"), plan.stop, impostor("validation"))
         if down:
             down.replied(evals, replies)
         _count_traffic(replies, sent, row, known)

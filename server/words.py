@@ -7,12 +7,14 @@ from __future__ import annotations
 from aseanfl.i18n import N_, _
 
 STATUS = {"ok": N_("ok"), "error": N_("error"), "no-reply": N_("no reply"), "not-sampled": N_("not sampled"),
-          "eval-only": N_("evaluated only"), "refused": N_("refused"), "rejected": N_("rejected")}
+          "eval-only": N_("evaluated only"), "refused": N_("refused"), "rejected": N_("rejected"),
+          "validation-lost": N_("trained, validation lost")}
 DETAIL = {"privacy-budget": N_("privacy budget"), "privacy-ledger": N_("privacy ledger"), "decode": N_("unreadable"),
-          "norm": N_("too large"), "shape": N_("wrong shape"), "non-finite": N_("NaN or Inf")}
+          "norm": N_("too large"), "shape": N_("wrong shape"), "non-finite": N_("NaN or Inf"),
+          "identity": N_("answered as another hospital")}
 NODE = {"online": N_("online"), "offline": N_("offline"), "registered": N_("registered"),
         "unregistered": N_("unregistered"), "not seen since the server restarted": N_("not seen since the server restarted"),
-        "revoked": N_("revoked"), "provisioned, not registered yet": N_("provisioned, not registered yet")}
+        "revoked": N_("revoked"), "silent": N_("silent (not heard for over 15 s)"), "provisioned, not registered yet": N_("provisioned, not registered yet")}
 RUN = {"running": N_("running"), "pending": N_("pending"), "starting": N_("starting"), "finished": N_("finished"),
        "completed": N_("completed"), "stopped": N_("stopped"), "failed": N_("failed"),
        "stopped or lost (no summary)": N_("stopped or lost (no summary)")}
