@@ -21,7 +21,7 @@ from aseanfl.i18n import ENV, Reason, _, current
 from medimaging.compute import ComputeUnavailable, resolve_device, resolve_precision
 
 from .config import SiteConfig
-from .gate import SITE_ENV, client_tls
+from .gate import REFUSED_AT_FRONT, SITE_ENV, client_tls
 from .site import SITE_CONFIG_KEY
 from .status import write as write_status
 
@@ -190,6 +190,8 @@ def run_daemon(site: SiteConfig, site_path: Path, log=print) -> int:
             _stop([executor, node])
         if stopping:
             break
+        if node.returncode == REFUSED_AT_FRONT:  # its one line is in the log; the door says whether for good
+            refused = door(site)[0] is False
         quick = time.monotonic() - started < 60
         backoff = min(backoff * 2, 10.0) if quick else 2.0
         if not refused:

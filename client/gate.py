@@ -134,6 +134,31 @@ class _PollClock:
         return getattr(time, name)
 
 
+REFUSED_AT_FRONT = 3  # the SuperNode's exit code when the front refused it (the daemon asks the door why)
+
+
+def _stop_when_refused(call):
+    """A Fleet call the front refuses (a revoked certificate, a node key not this hospital's)
+    ends the SuperNode with one line, instead of Flower's traceback from its heartbeat thread
+    and retries of a door that stays shut."""
+    import httpx
+
+    def refused_at_front(self, **kwargs):
+        try:
+            return call(self, **kwargs)
+        except httpx.HTTPStatusError as exc:
+            try:
+                said = exc.response.text.strip()
+            except (httpx.HTTPError, RuntimeError, UnicodeError):
+                said = ""
+            if exc.response.status_code == 403 and said.startswith("aseanfl front"):
+                print(f"aseanfl: {said}; the SuperNode stops", flush=True)
+                os._exit(REFUSED_AT_FRONT)  # from any thread, at once: nothing of this connection is left to save
+            raise
+
+    return refused_at_front
+
+
 def supernode_main() -> None:
     """`aseanfl-supernode`: Flower's SuperNode whose Fleet client presents the hospital's client
     certificate (Flower's own has no option for one)."""
@@ -149,6 +174,7 @@ def supernode_main() -> None:
         return cls(f"https://{server_address}", interceptors=interceptors, verify=context, retry_invoker=retry_invoker)
 
     FleetHttpClient.from_server_address = classmethod(from_server_address)
+    FleetHttpClient._unary_unary = _stop_when_refused(FleetHttpClient._unary_unary)
     clock, push = _PollClock(), start_client_internal._push_messages
 
     def push_messages(*args, **kwargs):  # the loop calls it once per task it took: a run is active

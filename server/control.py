@@ -99,11 +99,12 @@ def flwr_env(fed: Federation) -> dict[str, str]:
 
 def superlink_command(fed: Federation) -> list[str]:
     """The SuperLink on loopback only: its one port serves Fleet, Control and Runtime APIs, and
-    the Control API has no authentication in open-source Flower. The front is the public door."""
+    the Control API has no authentication in open-source Flower. The front is the public door.
+    `aseanfl-superlink` is Flower's, refusing replies pushed in another node's name (server.gate)."""
     s = fed.server_dir
     host, port = fed.superlink.rsplit(":", 1)
     return [
-        str(_BIN / "flower-superlink"), "--ssl-ca-certfile", str(s / "ca.crt"), "--ssl-certfile", str(s / "server.crt"),
+        str(_BIN / "aseanfl-superlink"), "--ssl-ca-certfile", str(s / "ca.crt"), "--ssl-certfile", str(s / "server.crt"),
         "--ssl-keyfile", str(s / "server.key"), "--database", str(s / "state.db"), "--enable-supernode-auth",
         "--disable-runtime-dependency-installation", "--isolation", "process", "--host", host, "--port", port,
     ]
@@ -144,27 +145,40 @@ def wait_ready(fed: Federation, timeout: float = 60, proc: subprocess.Popen | No
 
 
 def register_sites(fed: Federation) -> dict[str, str]:
-    """Register every provisioned hospital key the SuperLink does not know yet, and unregister
-    revoked ones; site -> node id. Kept in server/registered.json (cleared when the state
-    database is new)."""
-    path = fed.server_dir / "registered.json"
+    """Register every enrolled hospital key the SuperLink does not know yet, unregister revoked
+    ones and the old key of a re-enrolled one; site -> node id. Kept in server/registered.json
+    (with each key's sha256 in server/registered-keys.json; cleared when the state database is new)."""
+    import hashlib
+
+    path, keys_path = fed.server_dir / "registered.json", fed.server_dir / "registered-keys.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
-    revoked = fed.revoked
-    for site in [s for s in known if s in revoked]:
+    keys = json.loads(keys_path.read_text()) if keys_path.is_file() else {}
+    revoked, active = fed.revoked, fed.sites()
+
+    def unregister(site: str, why: str) -> None:
         res = _json(flwr(fed, "supernode", "unregister", known[site], fed.name, "--format", "json"))
         if not res.get("success") and "not found" not in str(res.get("error-message", "")).lower():
-            raise RuntimeError(f"unregistering revoked {site}: {res.get('error-message', res)}")
-        known[f"{site} (revoked)"] = known.pop(site)  # `aseanfl status` still names its node
-        path.write_text(json.dumps(known, indent=1) + "\n")
-    active = fed.sites()
+            raise RuntimeError(f"unregistering {site}'s node key: {res.get('error-message', res)}")
+        known[f"{site} ({why} {known[site]})" if why == "old key" else f"{site} ({why})"] = known.pop(site)
+        keys.pop(site, None)
+        path.write_text(json.dumps(known, indent=1) + "\n")  # `aseanfl status` still names the node
+        keys_path.write_text(json.dumps(keys, indent=1) + "\n")
+
+    for site in [s for s in known if s in revoked]:
+        unregister(site, "revoked")
     for site in active:
+        digest = hashlib.sha256(fed.public_key(site).read_bytes()).hexdigest()
+        if site in known and keys.get(site, digest) != digest:  # re-enrolled with a new node key
+            unregister(site, "old key")
         if site in known:
+            keys.setdefault(site, digest)
             continue
         res = _json(flwr(fed, "supernode", "register", str(fed.public_key(site)), fed.name, "--name", site, "--format", "json"))
         if not res.get("success"):
             raise RuntimeError(f"registering {site}: {res.get('error-message', res)}")
-        known[site] = str(res["node-id"])
+        known[site], keys[site] = str(res["node-id"]), digest
     path.write_text(json.dumps(known, indent=1) + "\n")
+    keys_path.write_text(json.dumps(keys, indent=1) + "\n")
     return {site: node for site, node in known.items() if site in active}
 
 
@@ -177,9 +191,10 @@ def _say(line: str) -> None:
 
 
 def _stamp(fed: Federation) -> tuple:
-    """Changes when a hospital is revoked (federation.json, the CRL) or added (a new kit)."""
+    """Changes when a hospital is revoked (federation.json, the CRL), added (a new kit) or
+    re-enrolled (its node key)."""
     return (*(p.stat().st_mtime_ns if p.exists() else 0 for p in (fed.root / "federation.json", fed.server_dir / "crl.pem")),
-            *fed.sites())
+            *fed.sites(), *(fed.public_key(s).stat().st_mtime_ns for s in fed.sites()))
 
 
 def check_ca_key_away(fed: Federation) -> None:
@@ -226,6 +241,7 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
               "server as an account that cannot (docs/security.md)", file=default_ca_dir(fed.root) / "ca.key"))
     if not (fed.server_dir / "state.db").exists():
         (fed.server_dir / "registered.json").unlink(missing_ok=True)
+        (fed.server_dir / "registered-keys.json").unlink(missing_ok=True)
     env = {**flwr_env(fed), SERVER_ALLOWLIST_ENV: str(server_allowlist(fed))}
     procs: dict[str, subprocess.Popen] = {}
     signal.signal(signal.SIGTERM, _exit)  # systemd's stop: take the children down with us
@@ -261,7 +277,7 @@ def run_server(fed: Federation, log: Callable[[str], None] = _say) -> int:
                 log(_("SuperLink restarted"))
                 break
             if _stamp(fed) != stamp:  # a hospital revoked or added while we run
-                front.reload(procs["front"])
+                front.reload(fed, procs["front"])
                 try:
                     registered = register_sites(fed)
                 except RuntimeError as exc:  # the SuperLink busy or restarting: try again in a second
@@ -293,6 +309,9 @@ def _started_at(fed: Federation) -> float | None:
         return None
 
 
+SILENT_S = 15  # a hospital online for Flower but not heard at the front for longer: "silent"
+
+
 def status(fed: Federation) -> dict:
     from . import front
 
@@ -309,6 +328,10 @@ def status(fed: Federation) -> dict:
         if node.get("status") == "online" and started and seen.get(site, 0) < started:
             # Flower keeps a node "online" from before a restart until its heartbeat would have expired
             node["status"] = "not seen since the server restarted"
+        elif node.get("status") == "online" and site in seen and time.time() - seen[site] > SILENT_S:
+            # a live daemon asks the front for work every second; Flower waits a minute of missed
+            # heartbeats before it calls a killed one offline
+            node["status"] = "silent"
     return {"nodes": nodes.get("nodes", []), "runs": runs.get("runs", []),
             "problems": [r["error-message"] for r in (nodes, runs) if not r.get("success")]}
 

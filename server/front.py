@@ -10,7 +10,14 @@ restart, exact path allow-lists and an access log, all in configuration):
   CRL (server/crl.pem); otherwise every request is answered 403 before any Flower code sees it;
 * only the Fleet API paths a SuperNode uses are forwarded; Control and Runtime paths, and the
   Fleet API's own node (un)registration, are answered 403;
-* /aseanfl/door tells a hospital's daemon whether its certificate is admitted, and why not.
+* /aseanfl/door tells a hospital's daemon whether its certificate is admitted, and why not;
+* a Fleet request is forwarded only when the node public key it is signed with (Flower's
+  `flwr-public-key` header, checked against the signature by the SuperLink) is the registered
+  key of the hospital named in the client certificate: one hospital's certificate cannot carry
+  another's node key;
+* a request body is capped at what the federation really sends (Flower chunks arrays into 5 MiB
+  objects) and buffered here before it is forwarded, so an oversize body is refused (413) before
+  the SuperLink parses any of it; requests and concurrent requests are limited per certificate.
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ from .provision import Federation
 FLEET_PATHS = ("activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages", "push-messages",
                "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received")
 DOOR = "/aseanfl/door"
+# The largest Fleet request a SuperNode sends is one push-object of an array chunk (Flower's
+# FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE, 5 MiB) plus its protobuf framing; the rest are a few KiB.
+MAX_BODY_MIB = 6
+# Per hospital certificate: a SuperNode polls at most 5 times a second and sends bursts of object
+# pushes and pulls (a resnet18 round: ~30 requests); the limits leave it room and stop a flood.
+RATE_PER_S, BURST, CONNECTIONS = 20, 200, 8
 _TEMP = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx's temp folders, kept in the front's own
 
 
@@ -42,10 +55,31 @@ def front_dir(fed: Federation) -> Path:
     return fed.server_dir / "front"
 
 
+def header_key(node_pub: bytes) -> str:
+    """A node public key (OpenSSH) as Flower's SuperNode sends it in `flwr-public-key`: base64 of
+    its PEM SubjectPublicKeyInfo."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_public_key(node_pub)
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(pem).decode("ascii")
+
+
+def _key_map(fed: Federation) -> str:
+    """nginx map: the certificate's subject -> the node key its hospital registered. Values are
+    compared byte for byte (`if` with `!=` is case-sensitive; a map's keys are matched as given)."""
+    lines = [f'    "CN={site}" "{header_key(fed.public_key(site).read_bytes())}";' for site in fed.sites()]
+    return "\n".join(["  map $ssl_client_s_dn $aseanfl_node_key {", '    default "none";', *lines, "  }"])
+
+
 def config(fed: Federation) -> str:
     s, d = fed.server_dir, front_dir(fed)
     temp = "\n".join(f"  {kind}_temp_path {d / 'tmp' / kind};" for kind in _TEMP)
     refuse = '"aseanfl front: refused: a hospital client certificate of this federation is required ($ssl_client_verify)\\n"'
+    mismatch = ('"aseanfl front: refused: the request is not signed with the node key registered for '
+                '$ssl_client_s_dn\\n"')
     return f"""# written by `aseanfl server start`; edits are overwritten
 worker_processes 1;
 pid {d / 'nginx.pid'};
@@ -58,9 +92,15 @@ http {{
   log_format front '$time_iso8601 $msec $remote_addr "$ssl_client_s_dn" $ssl_client_verify "$request" $status $bytes_sent $request_time';
   access_log {d / 'access.log'} front;
 {temp}
-  client_max_body_size 0;
-  proxy_request_buffering off;
+  client_max_body_size {MAX_BODY_MIB}m;
+  client_body_buffer_size 256k;  # larger bodies wait in tmp/client_body until whole (at most the cap)
+  proxy_request_buffering on;    # nothing reaches the SuperLink before the body is whole and within the cap
   proxy_buffering off;
+  limit_req_zone $ssl_client_s_dn zone=per_hospital:1m rate={RATE_PER_S}r/s;
+  limit_conn_zone $ssl_client_s_dn zone=hospital_conns:1m;
+  limit_req_status 429;
+  limit_conn_status 429;
+{_key_map(fed)}
   upstream superlink {{ server {fed.superlink}; keepalive 16; }}
   server {{
     listen {fed.listen} ssl;
@@ -73,12 +113,20 @@ http {{
     ssl_verify_depth 1;
     error_page 495 496 =403 @refused;  # nginx's own refusal of a bad or missing certificate, said plainly
     location @refused {{ return 403 {refuse}; }}
+    error_page 413 @too_large;
+    location @too_large {{ return 413 "aseanfl front: refused: a request body over {MAX_BODY_MIB} MiB\\n"; }}
+    error_page 429 @too_many;
+    location @too_many {{ return 429 "aseanfl front: refused: too many requests from this certificate\\n"; }}
     location = {DOOR} {{
+      limit_req zone=per_hospital burst={BURST} nodelay;
       if ($ssl_client_verify != SUCCESS) {{ return 403 {refuse}; }}
       return 200 "aseanfl front: admitted $ssl_client_s_dn\\n";
     }}
     location ~ ^/v1/fleet/({'|'.join(FLEET_PATHS)})$ {{
+      limit_req zone=per_hospital burst={BURST} nodelay;
+      limit_conn hospital_conns {CONNECTIONS};
       if ($ssl_client_verify != SUCCESS) {{ return 403 {refuse}; }}
+      if ($http_flwr_public_key != $aseanfl_node_key) {{ return 403 {mismatch}; }}
       proxy_pass https://superlink;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
@@ -138,7 +186,9 @@ def last_seen(fed: Federation, tail: int = 4 << 20) -> dict[str, float]:
     return seen
 
 
-def reload(proc: subprocess.Popen) -> None:
-    """Re-read the CRL (and certificates): nginx's graceful reload."""
+def reload(fed: Federation, proc: subprocess.Popen) -> None:
+    """Write the config again (hospitals and their node keys) and re-read it with the CRL and
+    certificates: nginx's graceful reload."""
+    (front_dir(fed) / "nginx.conf").write_text(config(fed))
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGHUP)

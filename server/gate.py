@@ -95,3 +95,41 @@ def serverexec_main() -> None:
     make = superexec.get_executor
     superexec.get_executor = lambda *args, **kwargs: _Reaping(make(*args, **kwargs))
     flower_superexec()
+
+
+class ForgedSender(PermissionError):
+    """A pushed reply whose sender is not the node that signed the request."""
+
+
+def check_senders(request) -> None:
+    """Every reply in a Fleet push-messages request must come from the node that signed it.
+    Flower checks the request's node id against its signature, and a reply's sender against
+    the task's recipient, but not the reply's sender against the signer: a hospital that learnt
+    another's task id could answer it in that hospital's name."""
+    signer = request.node.node_id
+    for message in request.messages_list:
+        if message.metadata.src_node_id != signer:
+            raise ForgedSender(f"node {signer} pushed a reply that claims to come from node "
+                               f"{message.metadata.src_node_id}")
+
+
+def superlink_main() -> None:
+    """`aseanfl-superlink`: Flower's SuperLink whose Fleet API refuses a reply pushed in another
+    node's name (check_senders), with 403 and a line in its log."""
+    from fastapi import HTTPException
+
+    from flwr.superlink.cli import flower_superlink
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    push = fleet_handlers.push_messages
+
+    def push_messages_checked(request, state):
+        try:
+            check_senders(request)
+        except ForgedSender as exc:
+            print(f"aseanfl: refused: {exc}", flush=True)  # the server's log
+            raise HTTPException(status_code=403, detail=f"aseanfl: refused: {exc}") from None
+        return push(request=request, state=state)
+
+    fleet_handlers.push_messages = push_messages_checked  # the Fleet router calls it through the module
+    flower_superlink()
