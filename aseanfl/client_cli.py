@@ -98,6 +98,65 @@ def check_data(config: Path = SITE_OPTION) -> None:
         raise typer.Exit(1)
 
 
+DIR_OPTION = typer.Option(..., "--dir", "-d", help="this hospital's own folder: its keys, site.yaml, audit log, state")
+
+
+@app.command()
+def enroll(
+    site: str = typer.Option(..., "--site", help="this hospital's id, as agreed with the coordinator (e.g. hanoi-bach-mai)"),
+    folder: Path = DIR_OPTION,
+) -> None:
+    """Make this hospital's private keys here and write the enrollment request (nothing secret) to
+    send to the coordinator."""
+    from .enrollment import REQUEST, EnrollmentError, fingerprint, make_keys, write_atomic
+    from .i18n import _
+
+    try:
+        request = make_keys(folder, site)
+    except EnrollmentError as exc:
+        typer.echo(_("error: {reason}", reason=exc), err=True)
+        raise typer.Exit(2) from None
+    write_atomic(folder / REQUEST, request)
+    typer.echo(_("{site}: private keys written to {folder} (node.key, client.key; they never leave this machine)",
+                 site=site, folder=folder.resolve()))
+    typer.echo(_("send {file} to the coordinator, and read them its fingerprint over the phone: {fingerprint}",
+                 file=(folder / REQUEST).resolve(), fingerprint=fingerprint(request)))
+
+
+@app.command("install-kit")
+def install_kit(
+    kit: Path = typer.Option(..., "--kit", help="the kit folder the coordinator returned (no private key in it)"),
+    folder: Path = DIR_OPTION,
+) -> None:
+    """Check the coordinator's kit against this hospital's keys, then install its certificate, the
+    federation's CA and address, and a site.yaml to fill in (an existing one is kept)."""
+    import shutil
+
+    from .enrollment import EnrollmentError, check_kit, fingerprint, write_atomic
+    from .i18n import _
+
+    try:
+        site = check_kit(folder, kit)
+    except EnrollmentError as exc:
+        typer.echo(_("error: {reason}", reason=exc), err=True)
+        raise typer.Exit(2) from None
+    for name in ("client.crt", "ca.crt", "server-address"):
+        if (kit / name).is_file():
+            write_atomic(folder / name, (kit / name).read_bytes())
+    kept = []
+    for name in ("site.yaml", "approved-apps.yaml"):
+        if (folder / name).exists():
+            kept.append(name)
+        elif (kit / name).is_file():
+            shutil.copyfile(kit / name, folder / name)
+    typer.echo(_("{site}: the kit fits this hospital's keys; certificate installed in {folder}", site=site,
+                 folder=folder.resolve()))
+    typer.echo(_("the federation's CA fingerprint: {fingerprint} (compare it with the coordinator's)",
+                 fingerprint=fingerprint((folder / "ca.crt").read_bytes())))
+    if kept:
+        typer.echo(_("kept this hospital's own {files}", files=", ".join(kept)))
+
+
 @app.command()
 def start(config: Path = SITE_OPTION) -> None:
     """Run the hospital daemon (Flower SuperNode + app approval + audit log) in the foreground."""

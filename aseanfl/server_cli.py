@@ -29,7 +29,11 @@ def _federation(path: Path):
 
 def provision(
     federation: str = typer.Option(..., "--federation", help="federation name, e.g. asean-cxr"),
-    sites: str = typer.Option("", help="comma-separated hospital ids (new ones are added, existing kept)"),
+    enroll: list[Path] = typer.Option([], help="a hospital's enrollment request (`aseanfl client enroll`): sign it, "
+                                              "write its kit"),
+    reenroll: bool = typer.Option(False, help="with --enroll: new keys for an enrolled hospital (after a leak); its "
+                                              "old certificate is revoked, its old node key unregistered"),
+    sites: str = typer.Option("", help="trying out on one machine only: hospital ids whose keys are made here"),
     out: Path = typer.Option(Path("federation"), "--out", "-o", help="the federation folder"),
     address: str = typer.Option("127.0.0.1:9092", help="host:port the hospitals reach the server's front at"),
     host: list[str] = typer.Option([], help="more names/IPs for the server certificate"),
@@ -37,26 +41,28 @@ def provision(
     local_port: Optional[int] = typer.Option(None, help="the SuperLink's loopback port (default: the address's port + 1)"),
     revoke: list[str] = typer.Option([], help="revoke a hospital: its certificate is refused, its node key unregistered"),
 ) -> None:
-    """Create the federation's CA, the server's certificate and a kit per hospital (or add hospitals, or revoke one)."""
+    """Create the federation's CA and the server's certificate; enroll hospitals from their requests
+    (or revoke one)."""
     from server.control import app_dir, app_hash, server_allowlist
-    from server.provision import default_ca_dir, provision as make, revoke as cancel
+    from server.provision import default_ca_dir, enroll as sign, provision as make, revoke as cancel
 
     from .allowlist import approve
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
-    if not names and not revoke:
-        typer.echo(_("error: give --sites (hospitals to add) or --revoke SITE"), err=True)
-        raise typer.Exit(2)
+    enrolled = []
     try:
         if revoke:
             for site in revoke:
                 fed = cancel(out, site, ca_dir)
                 typer.echo(_("revoked {site}: its certificate is on {file}; a running server refuses it and unregisters "
                              "its node key within seconds", site=site, file=fed.server_dir / "crl.pem"))
-            if not names:
+            if not names and not enroll:
                 return
         new = not (out / "federation.json").is_file()
         fed, added = make(out, federation, names, address, host, ca_dir, local_port)
+        for request in enroll:
+            fed, req = sign(out, request, ca_dir, reenroll)
+            enrolled.append(req)
     except ValueError as exc:
         typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(2) from None
@@ -65,7 +71,16 @@ def provision(
     typer.echo(_("federation {federation} in {folder}: hospitals reach {address}; the SuperLink listens on {superlink} "
                  "only", federation=fed.name, folder=fed.root, address=fed.address, superlink=fed.superlink))
     typer.echo(_("CA key: {file} (keep it off the server machine)", file=(ca_dir or default_ca_dir(out)).resolve() / "ca.key"))
+    if added:
+        typer.echo(_("trying out on one machine: the keys of {sites} were made here; in production each hospital "
+                     "enrolls with `aseanfl client enroll` and its private keys never leave it", sites=", ".join(added)))
+    for req in enrolled:
+        typer.echo(_("enrolled {site}: request fingerprint {fingerprint} (check it with the hospital); kit with no "
+                     "private key: {kit}", site=req.site, fingerprint=req.fingerprint, kit=fed.site_kit(req.site)))
+    just = {r.site for r in enrolled}
     for site in fed.sites():
+        if site in just:
+            continue
         state = _("new") if site in added else _("kept")
         typer.echo(_("  {site} {state} kit: {kit}  (send it to the hospital)", site=f"{site:24s}", state=f"{state:5s}",
                      kit=fed.site_kit(site)))

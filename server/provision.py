@@ -1,14 +1,21 @@
-"""Federation provisioning: a CA, the server's TLS certificate, and per hospital a node key pair
-(Flower's SuperNode authentication) and a client certificate (mutual TLS at the server's front).
+"""Federation provisioning: the CA, the server's TLS certificate, and per hospital a signed client
+certificate (mutual TLS at the server's front) and its registered node public key (Flower's
+SuperNode authentication).
+
+Hospitals enroll (aseanfl/enrollment.py): each makes its own keys and sends a request; `aseanfl
+provision --enroll FILE` signs it and writes a kit with no private key in it. `--sites` makes
+the hospitals' keys here instead: for trying things out on one machine only.
 
 Layout (`aseanfl provision --out federation`):
   federation-ca/ca.key, ca.crt   the CA: only provisioning needs it; never on the server machine
                                  in production (offline CA: docs/security.md)
-  federation/federation.json     name, public address, the SuperLink's loopback address, revoked sites
+  federation/federation.json     name, public address, the SuperLink's loopback address, revoked
+                                 hospitals, certificates retired by re-enrollment
   federation/ca.crt              the CA certificate (public)
   federation/server/             what the server machine needs: server.crt/key, ca.crt, crl.pem,
                                  approved-apps.yaml (app bundles the server runs)
-  federation/sites/<site>/       the kit sent to a hospital
+  federation/sites/<site>/       the kit returned to a hospital: client.crt, node.pub, ca.crt,
+                                 server-address, a site.yaml to fill in
 
 Re-running with more sites adds their kits and leaves every existing key and certificate alone.
 """
@@ -28,7 +35,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SITE_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
+from aseanfl.enrollment import (SITE_PATTERN, EnrollmentError, Request, make_keys, read_request, same_key,
+                                write_atomic as _write_atomic, write_private as _write_private)
+
 _VALID = dt.timedelta(days=3 * 365)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -101,19 +110,6 @@ def default_ca_dir(out: Path) -> Path:
     return out.resolve().parent / f"{out.resolve().name}-ca"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
@@ -135,7 +131,7 @@ def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, ca: bool, hosts
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
         .issuer_name(issuer_name)
-        .public_key(key.public_key())
+        .public_key(key if isinstance(key, ec.EllipticCurvePublicKey) else key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + _VALID)
@@ -182,6 +178,11 @@ class _CA:
         key = ec.generate_private_key(ec.SECP384R1())
         cert = _cert(subject, key, self.cert.subject, self.key, ca=False, hosts=hosts, client=client)
         return _pem(cert), _pem_key(key), cert.serial_number
+
+    def sign(self, request: Request) -> tuple[bytes, int]:
+        """A hospital's client certificate for the key in its request (certificate PEM, serial)."""
+        cert = _cert(request.site, request.csr.public_key(), self.cert.subject, self.key, ca=False, client=True)
+        return _pem(cert), cert.serial_number
 
     def crl(self, serials: list[int]) -> bytes:
         now = dt.datetime.now(dt.timezone.utc)
@@ -239,27 +240,71 @@ def site_yaml(site: str, address: str) -> str:
     )
 
 
-def _client_cert(fed: Federation, ca: _CA, site: str) -> None:
-    cert, key, _ = ca.issue(site, client=True)
-    kit = fed.site_kit(site)
-    (kit / "client.key").unlink(missing_ok=True)
-    _write_private(kit / "client.key", key)
+def _install_site(fed: Federation, ca: _CA, request: Request) -> None:
+    """The hospital's kit: its signed certificate, its node public key, the CA and the address."""
+    kit = fed.site_kit(request.site)
+    kit.mkdir(parents=True, exist_ok=True)
+    cert, _serial = ca.sign(request)
     _write_atomic(kit / "client.crt", cert)
+    _write_atomic(kit / "node.pub", request.node_pub)
+    (kit / "ca.crt").write_bytes(fed.ca_cert.read_bytes())
+    (kit / "server-address").write_text(fed.address + "\n")
+    if not (kit / "site.yaml").exists():  # a try-out kit's filled-in one stays
+        (kit / "site.yaml").write_text(site_yaml(request.site, fed.address))
+    if not (kit / "approved-apps.yaml").exists():
+        (kit / "approved-apps.yaml").write_text("# sha256 of the app bundles this hospital runs (aseanfl client approve)\n"
+                                               "approved: []\n")
 
 
 def _new_site(fed: Federation, ca: _CA, site: str) -> None:
+    """Trying out on one machine: the hospital's keys are made here, in its kit, then enrolled."""
     kit = fed.site_kit(site)
-    key = ec.generate_private_key(ec.SECP384R1())  # Flower's SuperNode auth: a NIST EC key in OpenSSH format
-    _write_private(kit / "node.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                       serialization.NoEncryption()))
-    (kit / "node.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                 serialization.PublicFormat.OpenSSH) + b"\n")
-    _client_cert(fed, ca, site)
-    (kit / "ca.crt").write_bytes(fed.ca_cert.read_bytes())
-    (kit / "server-address").write_text(fed.address + "\n")
-    (kit / "site.yaml").write_text(site_yaml(site, fed.address))
-    (kit / "approved-apps.yaml").write_text("# sha256 of the app bundles this hospital runs (aseanfl client approve)\n"
-                                           "approved: []\n")
+    kit.mkdir(parents=True, exist_ok=True)
+    request = kit / "enroll-request.json"
+    request.write_bytes(make_keys(kit, site))
+    _install_site(fed, ca, read_request(request))
+
+
+def _crl_serials(meta: dict) -> list[int]:
+    """Revoked hospitals' certificates and certificates retired by re-enrollment."""
+    return [int(v["serial"]) for v in meta.get("revoked", {}).values()] + [int(r["serial"]) for r in meta.get("retired", [])]
+
+
+def enroll(root: Path, request_path: Path, ca_dir: Path | None = None, reenroll: bool = False) -> tuple[Federation, Request]:
+    """Sign a hospital's enrollment request and write its kit (no private key). With `reenroll`,
+    a hospital already enrolled gets its new keys (after a leak): its old certificate goes on the
+    CRL and a running server unregisters its old node key and registers the new one."""
+    fed = load_federation(root)
+    try:
+        request = read_request(request_path)
+    except EnrollmentError as exc:
+        raise ValueError(str(exc)) from None
+    site = request.site
+    if site in fed.revoked:
+        raise ValueError(f"{site}: revoked; enroll the hospital under a new id")
+    ca = _CA((ca_dir or default_ca_dir(root)).resolve())
+    new_key = serialization.load_ssh_public_key(request.node_pub)
+    for other in fed.sites():
+        if other != site and same_key(serialization.load_ssh_public_key(fed.public_key(other).read_bytes()), new_key):
+            raise ValueError(f"{request_path}: its node key is {other}'s; each hospital enrolls with a key of its own")
+    meta = fed.meta
+    kit = fed.site_kit(site)
+    if (kit / "client.crt").is_file():
+        if not reenroll:
+            raise ValueError(f"{site} is enrolled already; after a leaked key the hospital enrolls again and you add "
+                             "--reenroll (its old certificate is revoked, its old node key unregistered)")
+        old = x509.load_pem_x509_certificate((kit / "client.crt").read_bytes())
+        if same_key(old.public_key(), request.csr.public_key()):
+            raise ValueError(f"{request_path}: the same client key as {site}'s current certificate; re-enrollment needs "
+                             "new keys (`aseanfl client enroll` into an empty folder)")
+        meta.setdefault("retired", []).append({"site": site, "serial": str(old.serial_number),
+                                               "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        _write_atomic(fed.server_dir / "crl.pem", ca.crl(_crl_serials(meta)))
+        _write_atomic(root / "federation.json", (json.dumps(meta, indent=1) + "\n").encode())
+        for name in ("client.key", "node.key"):  # a try-out kit's old keys are worthless now
+            (kit / name).unlink(missing_ok=True)
+    _install_site(fed, ca, request)
+    return fed, request
 
 
 def _listen(address: str) -> str:
@@ -333,6 +378,6 @@ def revoke(root: Path, site: str, ca_dir: Path | None = None) -> Federation:
     meta = fed.meta
     meta.setdefault("revoked", {})[site] = {"serial": str(serial),
                                             "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    _write_atomic(fed.server_dir / "crl.pem", ca.crl([int(v["serial"]) for v in meta["revoked"].values()]))
+    _write_atomic(fed.server_dir / "crl.pem", ca.crl(_crl_serials(meta)))
     _write_atomic(root / "federation.json", (json.dumps(meta, indent=1) + "\n").encode())
     return fed

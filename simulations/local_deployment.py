@@ -1,7 +1,12 @@
 """A whole deployment on one machine (loopback): provisioned federation, `aseanfl server start`,
 one `aseanfl client start` daemon per hospital reading its own folder of PNG files. For trying
 the deployment out, for its tests and for the deployed-vs-simulated benchmark. Every process is
-started in its own session and stopped (with its children) on exit."""
+started in its own session and stopped (with its children) on exit.
+
+Hospitals enroll as in production (docs/hospital.md): each one's keys are made in its own folder
+(`hospitals/<site>`, which stands for the hospital's machine) by `aseanfl client enroll`, the
+coordinator signs the request into `federation/sites/<site>` (no private key) and the hospital
+installs that kit with `aseanfl client install-kit`."""
 
 from __future__ import annotations
 
@@ -55,11 +60,35 @@ class LocalDeployment:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def provision(self, sites: list[str] | None = None) -> subprocess.CompletedProcess:
-        return aseanfl("provision", "--federation", self.name, "--sites", ",".join(sites or self.sites),
-                       "--out", str(self.fed), "--address", self.address, "--local-port", str(self.local_port))
+        """Create the federation if need be and enroll the hospitals not enrolled yet; the
+        provision command's result (its stdout has every step's lines; a failed step's result
+        is returned as it is)."""
+        said = []
+        requests = []
+        for site in sites or self.sites:
+            if (self.kit(site) / "node.key").exists():
+                continue
+            res = aseanfl("client", "enroll", "--site", site, "--dir", str(self.kit(site)))
+            if res.returncode != 0:
+                return res
+            said.append(res.stdout)
+            requests += ["--enroll", str(self.kit(site) / "enroll-request.json")]
+        res = aseanfl("provision", "--federation", self.name, *requests, "--out", str(self.fed), "--address",
+                      self.address, "--local-port", str(self.local_port))
+        if res.returncode != 0:
+            return res
+        said.append(res.stdout)
+        for site in requests[1::2]:
+            site = Path(site).parent.name
+            installed = aseanfl("client", "install-kit", "--kit", str(self.fed / "sites" / site), "--dir", str(self.kit(site)))
+            if installed.returncode != 0:
+                return installed
+            said.append(installed.stdout)
+        return subprocess.CompletedProcess(res.args, 0, "".join(said), res.stderr)
 
     def kit(self, site: str) -> Path:
-        return self.fed / "sites" / site
+        """The hospital's own folder: its keys, site.yaml, audit log and state (its machine)."""
+        return self.root / "hospitals" / site
 
     def prepare_site(self, site: str, index: int, image_size: int = 32, dp: bool = False, samples: int = 90,
                      threads: int | None = 1) -> Path:
