@@ -9,7 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from inprocess import Collect
 
 from client.messages import REFUSAL_KEY, Refusal, TrainMetrics
-from server.loop import _checked
+from server.loop import _checked, learn_names
 
 _ids = iter(range(1, 1000))
 
@@ -21,7 +21,8 @@ def _server_identity():
 
 
 def _reply(site: str, metrics: dict | None = None, arrays: bool = True, refusal: Refusal | None = None) -> Message:
-    out = Message(content=RecordDict({"config": ConfigRecord({"task": "{}"})}), dst_node_id=7, message_type=MessageType.TRAIN)
+    node = 100 + next(_ids)  # each hospital its own node: the server names a reply by its node
+    out = Message(content=RecordDict({"config": ConfigRecord({"task": "{}"})}), dst_node_id=node, message_type=MessageType.TRAIN)
     out.metadata.__dict__["_message_id"] = str(next(_ids))  # as the link does when it stores a message
     content = {"site": ConfigRecord({"name": site})}
     if metrics is not None:
@@ -49,7 +50,9 @@ def test_only_schema_conformant_replies_are_kept():
         failed,
     ]
     progress, refusals = Collect(), {}
-    kept = _checked(replies, TrainMetrics, progress, 3, "training", refusals, {})
+    names: dict[int, str] = {}
+    learn_names(replies, names)  # nodes the server did not know: named by what they declared (_exchange)
+    kept = _checked(replies, TrainMetrics, progress, 3, "training", refusals, names)
     assert [m.content.config_records["site"]["name"] for m in kept] == ["bangkok"]
     text = "\n".join(progress.problems)
     assert "hanoi sent metrics that break the schema" in text and "patient-age" in text
