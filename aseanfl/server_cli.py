@@ -50,7 +50,7 @@ def provision(
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
     if (out / "federation.json").is_file() and not (names or enroll or revoke):
-        typer.echo(_("error: {folder} is provisioned already; give --enroll FILE (a hospital's request) or --revoke SITE",
+        typer.echo(_("error: {folder} is provisioned already; give --enroll REQUEST (a hospital's request) or --revoke SITE",
                      folder=out), err=True)
         raise typer.Exit(2)
     enrolled = []
