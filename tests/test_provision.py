@@ -56,7 +56,7 @@ def test_operator_mistakes_are_one_clear_line(tmp_path):
         (["--revoke", "h1", "--ca-dir", str(tmp_path / "elsewhere")], "the federation's CA key is not here"),
         (["--sites", "Bad_Name"], "site id 'Bad_Name'"),
         (["--sites", "h2", "--ca-dir", str(tmp_path / "federation" / "ca")], "the CA must live outside"),
-        ([], "is provisioned already; give --enroll FILE"),
+        ([], "is provisioned already; give --enroll REQUEST"),
     ):
         res = _provision(tmp_path, *args)
         assert res.returncode == 2 and says in res.stderr, (args, res.stderr)
