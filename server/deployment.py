@@ -5,7 +5,6 @@ hospitals are whichever registered SuperNodes are connected."""
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sys
@@ -24,7 +23,7 @@ from medimaging.yamlconfig import ConfigError, parse_sets, read_config
 from . import checkpoint
 from .config import RunConfig
 from .control import RUNS_ENV
-from .loop import Plan, TaskShape
+from .loop import Plan, TaskShape, registered_names
 
 log = logging.getLogger("aseanfl")
 
@@ -165,15 +164,6 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
     log.info(_("{count} hospital(s) connected; run folder {folder}", count=connected, folder=run_dir))
     t = cfg.task
     return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
-                private=cfg.dp_models, sites=connected, node_names=_registered(runs.parent / "registered.json"),
+                private=cfg.dp_models, sites=connected, node_names=registered_names(runs.parent / "registered.json"),
                 registry=runs.parent / "registered.json",
                 resume=bool(resume))
-
-
-def _registered(path: Path) -> dict[int, str]:
-    """Node id -> hospital, as `aseanfl server start` registered them (so a hospital that goes
-    silent before its first reply is still named)."""
-    try:
-        return {int(node): site for site, node in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}

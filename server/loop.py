@@ -237,17 +237,25 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: di
     return replies, sent
 
 
+def registered_names(registry: Path | None) -> dict[int, str]:
+    """Node id -> hospital, as `aseanfl server start` registered them in server/registered.json
+    (a revoked hospital's or an old key's entry is named so: 'site (revoked)')."""
+    if registry is None:
+        return {}
+    try:
+        return {int(node): site for site, node in json.loads(registry.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def unregistered(registry: Path | None, nodes: set[int]) -> set[int]:
     """Those of `nodes` that the coordinator no longer registers (revoked, or a re-enrolled
     hospital's old key), from server/registered.json (site -> node id; such entries are renamed
     'site (revoked)' or 'site (old key N)'); none when the run has no registry (a simulation)."""
     if registry is None:
         return set()
-    try:
-        current = {int(node) for site, node in json.loads(registry.read_text()).items() if "(" not in site}
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return {n for n in nodes if n not in current}
+    current = {node for node, site in registered_names(registry).items() if "(" not in site}
+    return {n for n in nodes if n not in current} if current else set()
 
 
 def _await_rejoin(grid: Grid, before: set[int], wait: float, plan: "Plan", names: dict[int, str], rnd: int) -> set[int]:
@@ -627,6 +635,8 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
                                  f"itself as {declared}; left out (rejected:identity)")
             return report
 
+        for nid, site in registered_names(plan.registry).items():  # a hospital enrolled since the run started
+            known.setdefault(nid, site)
         present = _await_rejoin(grid, present, cfg.server.rejoin_wait_s, plan, known, rnd)
         progress.round_started(rnd, rounds, "training")
         shared = _without(arrays, local)

@@ -74,3 +74,50 @@ def test_a_round_does_not_wait_for_a_revoked_hospital(tmp_path):
     plan.stop.clear()
     waited = _await_rejoin(_Grid([11]), {11, 33}, 1.5, plan, {11: "site-a", 33: "site-c"}, 2)
     assert waited == {11} and "site-c disconnected" in problems[0] and "still away" in problems[1]
+
+
+def test_the_round_loop_names_an_impostor_by_its_node_and_says_when_only_validation_was_lost(tmp_path):
+    """The real round loop and the deployed hospital's ClientApp on an in-process grid: the
+    hospital on node 101 declares itself site-a (its site.yaml says so); site-c's validation
+    reply of round 2 never arrives after it trained."""
+    from flwr.app import MessageType
+    from inprocess import Collect, InProcessGrid, site_yaml
+
+    from client.app import app as deployed_app
+    from client.site import SITE_CONFIG_KEY
+    from server.loop import run_federation
+    from server.outputs import read_rows
+    from simulations.config import load_config
+    from simulations.runner import prepare_run
+
+    sites = {name: site_yaml(tmp_path, name, i, tmp_path / name / "state") for i, name in enumerate(["site-a", "site-b", "site-c"])}
+    sites["site-b"].write_text(sites["site-b"].read_text().replace("site: site-b\n", "site: site-a\n"))
+    cfg = load_config(None, {"sites": 3, "server.rounds": 2, "train.local_epochs": 1, "data.image_size": 32,
+                             "server.output_dir": str(tmp_path / "runs"), "strategy.min_sites": 1,
+                             "server.round_timeout_s": 2, "server.rejoin_wait_s": 0})
+    plan = prepare_run(cfg)
+    plan.progress = Collect()
+    plan.node_names = {100 + i: name for i, name in enumerate(sites)}
+
+    class LosesOneValidation(InProcessGrid):
+        def pull_messages(self, ids):
+            got = super().pull_messages(ids)
+            return [m for m in got if not (m.metadata.src_node_id == 102 and m.metadata.group_id == "2"
+                                           and m.metadata.message_type == MessageType.EVALUATE)]
+
+    grid = LosesOneValidation(deployed_app, 3)
+    for nid, path in zip(grid.contexts, sites.values(), strict=True):
+        grid.contexts[nid].node_config = {SITE_CONFIG_KEY: str(path)}
+    run_federation(grid, plan)
+
+    rows = {(r["round"], r["site"]): r for r in read_rows(plan.run_dir)}
+    for rnd in (1, 2):
+        assert rows[(rnd, "site-b")]["status"] == "rejected:identity", rows[(rnd, "site-b")]
+        assert rows[(rnd, "site-b")].get("train_loss") in (None, "") and rows[(rnd, "site-b")]["bytes_from_site"] > 0
+        assert rows[(rnd, "site-a")]["status"] == "ok" and rows[(rnd, "site-a")]["num_train"] > 0  # its own figures only
+    assert rows[(1, "global")]["status"].startswith("2 trained"), rows[(1, "global")]
+    lost = rows[(2, "site-c")]
+    assert lost["status"] == "validation-lost" and lost["train_loss"] not in (None, "") and lost.get("val_auc") in (None, "")
+    said = "\n".join(plan.progress.problems)
+    assert "the reply of site-b (its registered node key) declares itself as site-a" in said, said
+    assert "site-c did not reply within 2 s; it trained this round" in said, said
