@@ -39,12 +39,34 @@ def _covers(family: str, sample: str) -> bool:
     return all(ord(c) in charmap for c in sample)
 
 
+@lru_cache(maxsize=1)
+def _add_new_system_fonts() -> int:
+    """Fonts installed after matplotlib cached its font list (its cache is kept across processes,
+    so a font package installed after the first plot would never be seen): add the files on disk
+    it does not know. Returns how many were added."""
+    from matplotlib import font_manager
+
+    known = {entry.fname for entry in font_manager.fontManager.ttflist}
+    added = 0
+    for path in font_manager.findSystemFonts():
+        if path not in known:
+            try:
+                font_manager.fontManager.addfont(path)
+                added += 1
+            except (RuntimeError, OSError, ValueError):
+                continue
+    return added
+
+
 @lru_cache(maxsize=None)
 def font_for(lang: str) -> str | None:
     """The first installed family that has the language's glyphs (None: the language needs none
     beyond DejaVu Sans, or no installed font has them)."""
     families, sample, _ = SCRIPTS.get(lang, ([], "", ""))
-    return next((f for f in families if _covers(f, sample)), None)
+    found = next((f for f in families if _covers(f, sample)), None)
+    if found is None and families and _add_new_system_fonts():
+        found = next((f for f in families if _covers(f, sample)), None)
+    return found
 
 
 def families(lang: str) -> list[str] | None:

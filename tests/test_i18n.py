@@ -176,6 +176,30 @@ def test_plots_with_thai_and_khmer_labels_have_every_glyph(tmp_path):
         set_language("en")
 
 
+def test_fonts_installed_after_matplotlib_cached_its_font_list_are_found():
+    """The README's order: the main job draws plots first (matplotlib caches the fonts it saw, on
+    disk, for every later process), then the test command installs the Noto fonts. A cached list
+    without them must not leave Thai plots in English for good."""
+    from matplotlib import font_manager
+
+    from aseanfl import fonts
+
+    manager = font_manager.fontManager
+    saved = list(manager.ttflist)
+    try:
+        manager.ttflist = [e for e in saved if "Noto" not in e.name]  # the list cached before fonts-noto-core
+        type(manager)._findfont_cached.cache_clear()
+        fonts.font_for.cache_clear()
+        fonts._add_new_system_fonts.cache_clear()
+        assert not any("Noto Sans Thai" in e.name for e in manager.ttflist)
+        assert fonts.font_for("th") == "Noto Sans Thai" and fonts.font_for("km") == "Noto Sans Khmer"
+    finally:
+        manager.ttflist = saved
+        type(manager)._findfont_cached.cache_clear()
+        fonts.font_for.cache_clear()
+        fonts._add_new_system_fonts.cache_clear()
+
+
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     """(The Thai and Vietnamese reports of a real run: test_simulate, on its run, not a run of its own.)"""
     from simulations.local_deployment import BIN
