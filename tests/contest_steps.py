@@ -63,7 +63,7 @@ def contest(dep, tmp: Path, model: Path, page, url: str) -> dict:
     return out
 
 
-def central(fed: Path, sites: list[str], model: Path, private: bool = True) -> dict[str, tuple]:
+def central(hospitals: Path, sites: list[str], model: Path, private: bool = True) -> dict[str, tuple]:
     """Each hospital's test cases scored centrally: site -> (probability of class 1, labels). The
     test reads the hospitals' own decoded files here; the server never does."""
     import numpy as np
@@ -82,7 +82,7 @@ def central(fed: Path, sites: list[str], model: Path, private: bool = True) -> d
     net.eval()
     out = {}
     for site in sites:
-        cfg = load_site(fed / "sites" / site / "site.yaml")
+        cfg = load_site(hospitals / site / "site.yaml")
         arrays = load_npz(str(decode(cfg.data).cache))
         x, y = to_tensor(arrays["test_images"], 32), targets(arrays["test_labels"], 32).numpy().astype(int)
         assert len(y) >= 40 and 0 < y.sum() < len(y) and x.std() > 0.1, site  # real, labelled, both classes

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from attacks import PATHS, flwr_as, marker_app, post
+from attacks import PATHS, fleet_post, flwr_as, forged_reply, marker_app, post, raw_post, rss_mib, signed_headers
 from console_steps import hospitals_view, start_and_stop, start_consoles, steward_approves, watch_run
 from consoles import login
 from contest_steps import CONTEST, central, contest
@@ -75,7 +76,7 @@ def deployed(tmp_path_factory, chromium):
         out = {"fed": dep.fed, "tmp": tmp, "run": run, "seconds": seconds, "hash": app_hash, "dep": dep,
                "listening": _listening(dep), "zombies": {n: zombies(descendants(p.pid)) for n, p in dep.procs.items()},
                "watched": watched, "shots": shots}
-        apps = dep.fed / "sites" / UNAPPROVED / "state" / "flwr-home" / "apps"
+        apps = dep.kit(UNAPPROVED) / "state" / "flwr-home" / "apps"
         out["unpacked before approval"] = apps.exists() and any(apps.iterdir())
         out["hospitals"] = hospitals_view(coordinator, urls["console-server"], "coordinator-hospitals")
         # the region's contest, while site-d has not approved the bundle: it refuses to score
@@ -88,11 +89,16 @@ def deployed(tmp_path_factory, chromium):
         out["no_cert"] = _supernode_without_client_certificate(dep)
         out.update(_attack(dep, tmp, run.stdout))
         out["console run"] = start_and_stop(coordinator, urls["console-server"], dep)
+        out["impostor"] = _impostor_round(dep, tmp)
         out["added"] = _add_while_running(dep, "site-e")
+        out["front"] = _member_attacks_the_front(dep, "site-e")
         out["hospitals after adding"] = hospitals_view(coordinator, urls["console-server"], "coordinator-hospitals-added")
         out["revoked"] = _revoke(dep, REVOKED)
         out["hospitals after revoking"] = hospitals_view(coordinator, urls["console-server"], "coordinator-hospitals-revoked")
         out["coordinator errors"] = list(coordinator.errors)
+        out["private keys on the coordinator's side"] = [
+            p.relative_to(tmp).as_posix() for folder in (dep.fed, tmp / "federation-ca") for p in folder.rglob("*")
+            if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
         yield out
     time.sleep(2)
     assert _processes_using(tmp) == [], "processes left running after the deployment test"
@@ -176,7 +182,7 @@ def _kill_the_superlink_alone(dep: LocalDeployment, timeout: float = 120) -> str
     log = dep.root / "server.log"
     start = log.stat().st_size
     links = [pid for pid, (_, cmd) in live_processes().items()
-             if "flower-superlink" in cmd and str(dep.fed) in cmd]
+             if "aseanfl-superlink" in cmd and str(dep.fed) in cmd]
     for pid in links:
         os.kill(pid, 9)
     deadline = time.monotonic() + timeout
@@ -266,6 +272,91 @@ def _attack(dep: LocalDeployment, tmp: Path, run_log: str) -> dict:
     return out
 
 
+def _impostor_round(dep: LocalDeployment, tmp: Path) -> dict:
+    """A member hospital speaks for another. site-a's daemon, with its own kit, certificate and
+    node key, declares `site: site-b` in its site.yaml (a run's worker reads it anew). site-b's
+    daemon is paused while the round's tasks go out; meanwhile site-a pushes a reply to site-b's
+    task in site-b's name (the task id read from the SuperLink's database stands for a leaked
+    one), and `aseanfl status` is read. Then site-b goes on and answers its task itself."""
+    site_yaml = dep.kit("site-a") / "site.yaml"
+    honest = site_yaml.read_text()
+    site_yaml.write_text(honest.replace("site: site-a\n", "site: site-b\n", 1))
+    nodes = json.loads((dep.fed / "server" / "registered.json").read_text())
+    paused = dep.procs["site-b"]
+    os.killpg(paused.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    out: dict = {}
+    try:
+        assert "site: site-b" in site_yaml.read_text()
+        results = tmp / "impostor"
+        proc = subprocess.Popen([str(BIN / "aseanfl"), "run", "-f", str(dep.fed), "--out", str(results), "--rounds", "1",
+                                 "--set", "task.image_size=32", "--set", "train.local_epochs=1", "--set", "wait_for_sites=4",
+                                 "--set", "wait_timeout_s=120", "--set", "server.round_timeout_s=300"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+        deadline, body = time.monotonic() + 180, None
+        while body is None and time.monotonic() < deadline and proc.poll() is None:
+            body = forged_reply(dep.fed / "server" / "state.db", int(nodes["site-b"]), int(nodes["site-a"]))
+            time.sleep(0.2)
+        a = dep.kit("site-a")
+        out["forged"] = body is not None and fleet_post(dep.address, "/v1/fleet/push-messages", dep.fed / "ca.crt",
+                                                        (a / "client.crt", a / "client.key"), a / "node.key", body)
+        # paused 17 s: Flower still counts site-b online (it waits a minute of missed heartbeats), the front has
+        # not heard it for longer than SILENT_S
+        time.sleep(max(0.0, 17 - (time.monotonic() - stopped)))
+        out["status while paused"] = aseanfl("status", "-f", str(dep.fed)).stdout
+    finally:
+        os.killpg(paused.pid, signal.SIGCONT)
+    try:
+        out["run"] = (proc.communicate(timeout=400)[0], proc.returncode)
+        out["rows"] = _rows(results)
+    finally:
+        site_yaml.write_text(honest)
+    out["server log"] = (dep.root / "server.log").read_text(errors="replace")
+    return out
+
+
+def _member_attacks_the_front(dep: LocalDeployment, member: str) -> dict:
+    """A member hospital's admitted certificate (`member`'s, its daemon not running) against the
+    front: bodies far over the cap, the same body within it, another hospital's node key with
+    its certificate (by hand and with a real SuperNode), and a flood of requests."""
+    import httpx
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from flwr.proto.node_pb2 import Node
+
+    from client.gate import mutual_tls
+
+    kit, other, ca = dep.kit(member), dep.kit("site-b"), dep.fed / "ca.crt"
+    cert = (kit / "client.crt", kit / "client.key")
+    link = next(pid for pid, (_, cmd) in live_processes().items() if "aseanfl-superlink" in cmd and str(dep.fed) in cmd)
+    out: dict = {"rss before": rss_mib(link)}
+    # signed with the member's own node key: only the size stands between these bodies and the SuperLink
+    headers = signed_headers(kit / "node.key")
+    out["oversize"] = raw_post(dep.address, "/v1/fleet/push-object", ca, cert, 256 << 20, headers=headers)
+    out["oversize chunked"] = raw_post(dep.address, "/v1/fleet/push-object", ca, cert, 64 << 20, chunked=True,
+                                       headers=headers)
+    time.sleep(1)
+    out["rss after"] = rss_mib(link)
+    out["within the cap"] = raw_post(dep.address, "/v1/fleet/push-object", ca, cert, 4 << 20, headers=headers)
+    nodes = json.loads((dep.fed / "server" / "registered.json").read_text())
+    beat = SendNodeHeartbeatRequest(node=Node(node_id=int(nodes["site-b"])), heartbeat_interval=30).SerializeToString()
+    out["site-b's key, member's certificate"] = fleet_post(dep.address, "/v1/fleet/send-node-heartbeat", ca, cert,
+                                                           other / "node.key", beat)
+    out["site-b's key, site-b's certificate"] = fleet_post(dep.address, "/v1/fleet/send-node-heartbeat", ca,
+                                                           (other / "client.crt", other / "client.key"),
+                                                           other / "node.key", beat)
+    env = {**os.environ, "ASEANFL_SITE_CONFIG": str(dep.kit(UNAPPROVED) / "site.yaml")}  # site-d's certificate
+    out["supernode"] = subprocess.run(
+        [str(BIN / "aseanfl-supernode"), "--superlink", dep.address, "--root-certificates", str(ca),
+         "--auth-supernode-private-key", str(other / "node.key"), "--max-retries", "1", "--isolation", "process",
+         "--port", str(free_port())], capture_output=True, text=True, timeout=120, env=env)
+    with httpx.Client(verify=mutual_tls(ca, *cert), timeout=30) as client:
+        started = time.monotonic()
+        out["flood"] = [client.get(f"https://{dep.address}/aseanfl/door").status_code for _ in range(600)]
+        out["flood seconds"] = time.monotonic() - started
+    out["access log"] = (dep.fed / "server" / "front" / "access.log").read_text(errors="replace")
+    return out
+
+
 def _add_while_running(dep: LocalDeployment, site: str, timeout: float = 60) -> str:
     """A hospital provisioned while the server runs: the server registers its key by itself."""
     assert dep.provision([site]).returncode == 0
@@ -277,14 +368,17 @@ def _add_while_running(dep: LocalDeployment, site: str, timeout: float = 60) -> 
 
 def _revoke(dep: LocalDeployment, site: str, timeout: float = 90) -> dict:
     """`aseanfl provision --revoke` while everything runs; the hospital's daemon must say why it is out."""
-    res = aseanfl("provision", "--federation", "asean-test", "--out", str(dep.fed), "--revoke", site)
     log = dep.root / f"{site}.log"
+    start = log.stat().st_size
+    res = aseanfl("provision", "--federation", "asean-test", "--out", str(dep.fed), "--revoke", site)
     deadline = time.monotonic() + timeout
     while "certificate revoked" not in log.read_text(errors="replace") and time.monotonic() < deadline:
         time.sleep(1)
     kit = dep.kit(site)
     door = post(dep.address, "/aseanfl/door", ca=dep.fed / "ca.crt", cert=(kit / "client.crt", kit / "client.key"))
+    time.sleep(3)  # whatever else the daemon says about it
     return {"provision": res, "log": log.read_text(errors="replace"), "door": door,
+            "said since": log.read_bytes()[start:].decode(errors="replace"),
             "status": aseanfl("status", "-f", str(dep.fed)).stdout}
 
 
@@ -341,7 +435,7 @@ def test_each_hospital_serves_its_run_from_one_warm_worker(deployed):
 
 
 def test_the_crash_runs_compressed_updates_are_decoded_and_their_residuals_stay_at_the_hospitals(deployed):
-    crash, fed = deployed["crash"], deployed["fed"]
+    crash, hosp = deployed["crash"], deployed["tmp"] / "hospitals"
     name = crash["folder"].name
     rows = list(csv.DictReader((crash["results"] / "metrics.csv").open()))
     model = load_file(str(crash["results"] / "model.safetensors"))
@@ -349,20 +443,20 @@ def test_the_crash_runs_compressed_updates_are_decoded_and_their_residuals_stay_
     for site in ("site-b", "site-c"):
         ok = [r for r in rows if r["site"] == site and r["status"] == "ok"]
         assert ok and all(0.2 < int(r["bytes_from_site"]) / fp32 < 0.3 for r in ok), (site, ok)
-        assert (fed / "sites" / site / "state" / "compression" / f"{name}.safetensors").is_file()
+        assert (hosp / site / "state" / "compression" / f"{name}.safetensors").is_file()
         ids = {int(name.removeprefix("run-")), *map(int, re.findall(r"run (\d+) \(continuing", crash["resumed"][0]))}
-        logged = [json.loads(line) for line in (fed / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (hosp / site / "audit.jsonl").read_text().splitlines()]
         sent = [e["records"]["arrays"]["entries"] for e in logged
                 if e.get("run") in ids and e.get("type") == "train" and "arrays" in e.get("records", {})]
         assert len(sent) >= 3 and len(ids) == 2, (len(sent), ids)
         for entries in sent:  # what left: codes and scales only, no weights, no residual
             assert {k.split(":")[0] for k in entries} == {"q", "s"}, sorted(entries)[:4]
             assert {v["dtype"] for k, v in entries.items() if k.startswith("q:")} == {"int8"}
-        res = aseanfl("client", "audit", "-c", str(fed / "sites" / site / "site.yaml"))
+        res = aseanfl("client", "audit", "-c", str(hosp / site / "site.yaml"))
         assert res.returncode == 0, res.stdout
         # the model came down as deltas against the copy each hospital keeps beside its ledgers: the
         # resumed server sends it in full once (it forgot what each holds), then deltas or nothing
-        ids_kept = [p for p in (fed / "sites" / site / "state" / "compression").glob("run-*.model.safetensors")]
+        ids_kept = [p for p in (hosp / site / "state" / "compression").glob("run-*.model.safetensors")]
         assert ids_kept, site
         last = [r for r in rows if r["site"] == site and r["round"] == "3"]
         assert last and int(last[0]["bytes_to_site"]) < 0.6 * fp32, (site, last)
@@ -476,6 +570,9 @@ def test_revoked_hospital_is_refused_and_told_why(deployed):
     lines = [line for line in rev["log"].splitlines() if "refused at the federation server's door" in line]
     assert lines and "certificate revoked" in lines[-1] and "ask the coordinator" in lines[-1], rev["log"][-2000:]
     assert rev["door"].status_code == 403 and "FAILED:certificate revoked" in rev["door"].text
+    # one line from its SuperNode and one from its daemon; no traceback of Flower's heartbeat thread
+    assert "Traceback" not in rev["said since"] and "HTTPStatusError" not in rev["said since"], rev["said since"][-3000:]
+    assert "Run transitioned" not in rev["said since"], rev["said since"][-3000:]
     row = [line for line in rev["status"].splitlines() if f"{REVOKED} (revoked)" in line]
     assert row and "unregistered" in row[0], rev["status"]
 
@@ -530,7 +627,7 @@ def test_the_contest_ranks_two_submissions_as_the_central_figures_do(deployed):
     assert "not scored again" in c["copycat"].stdout and not c["scored again"]
     figures = {}
     for name, model in (("federated", c["model"]), ("baseline", c["baseline"])):
-        scores = central(deployed["fed"], APPROVED, model)
+        scores = central(deployed["tmp"] / "hospitals", APPROVED, model)
         p = np.concatenate([scores[s][0] for s in APPROVED])
         y = np.concatenate([scores[s][1] for s in APPROVED]) == 1
         figures[name] = {"exact": _rank_auc(p, y), "grid": _rank_auc(np.floor(np.round(p * (GRID - 1), 10)) / (GRID - 1), y),
@@ -575,11 +672,11 @@ def test_unregistered_key_is_refused_even_with_a_valid_certificate(deployed):
 
 
 def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
-    fed = deployed["fed"]
+    hosp = deployed["tmp"] / "hospitals"
     for site in APPROVED:
-        res = aseanfl("client", "audit", "-c", str(fed / "sites" / site / "site.yaml"))
+        res = aseanfl("client", "audit", "-c", str(hosp / site / "site.yaml"))
         assert res.returncode == 0, res.stdout
-        logged = [json.loads(line) for line in (fed / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        logged = [json.loads(line) for line in (hosp / site / "audit.jsonl").read_text().splitlines()]
         # the approval given before the run is in the chain, as a local decision, first
         assert logged[0]["event"] == "app approved" and logged[0]["sha256"] == deployed["hash"], logged[0]
         entries = [e for e in logged if "event" not in e]
@@ -598,16 +695,15 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
             sent = e["records"]["arrays"]["entries"]
             assert set(sent) == set(model) and all(v["packed"] == "safetensors" for v in sent.values()), sent
             assert all(sent[k]["shape"] == list(v.shape) and sent[k]["bytes"] == v.nbytes for k, v in model.items())
-        raw = (fed / "sites" / site / "audit.jsonl").read_text()
+        raw = (hosp / site / "audit.jsonl").read_text()
         assert "patient-" not in raw and "pacs" not in raw
     # the refusing hospital logged its error replies, which carry no data
-    res = aseanfl("client", "audit", "-c", str(fed / "sites" / UNAPPROVED / "site.yaml"))
+    res = aseanfl("client", "audit", "-c", str(hosp / UNAPPROVED / "site.yaml"))
     assert res.returncode == 0, res.stdout
 
 
 def test_audit_detects_an_edited_log(deployed, tmp_path):
-    fed = deployed["fed"]
-    kit = fed / "sites" / "site-b"
+    kit = deployed["tmp"] / "hospitals" / "site-b"
     lines = (kit / "audit.jsonl").read_text().splitlines()
     sent = next(i for i, line in enumerate(lines) if "records" in json.loads(line))  # the first message
     entry = json.loads(lines[sent])
@@ -668,7 +764,7 @@ def test_steward_approves_the_refused_bundle_in_the_console_and_the_hospital_the
     assert sha in s["pending"] and first in s["pending"] and "127.0.0.2" in s["pending"], s["pending"]
     assert "approved" in s["notice"] and s["still pending"] == 0, s["notice"]
     assert "steward (console)" in s["approved"] and "data protection officer" in s["approved"], s["approved"]
-    kit = deployed["fed"] / "sites" / UNAPPROVED
+    kit = deployed["tmp"] / "hospitals" / UNAPPROVED
     assert sha in (kit / "approved-apps.yaml").read_text()
     events = [json.loads(line) for line in (kit / "audit.jsonl").read_text().splitlines() if '"event"' in line]
     assert [(e["event"], e["sha256"], e["by"]) for e in events] == [("app approved", sha, "steward (console)")], events
@@ -712,3 +808,86 @@ def test_every_console_page_was_photographed_with_content(deployed):
         pixels = np.asarray(Image.open(deployed["shots"] / f"{name}.png").convert("L"))
         assert pixels.std() > 10 and pixels.shape[0] >= 400, name  # not a blank page
     print(f"screenshots: {deployed['shots']}")
+
+
+def test_a_hospital_that_answers_as_another_is_left_out_under_its_own_name(deployed):
+    """site-a's daemon declared itself site-b: its reply is named by its node key (site-a),
+    left out as rejected:identity; site-b's row is site-b's own reply."""
+    imp = deployed["impostor"]
+    said, code = imp["run"]
+    assert code == 0 and "finished:completed" in said, said[-3000:]
+    rows = [r for r in imp["rows"] if r["round"] == "1"]
+    assert sorted(r["site"] for r in rows) == sorted([*APPROVED, UNAPPROVED, "global"]), rows  # one row each
+    by_site = {r["site"]: r for r in rows}
+    a = by_site["site-a"]
+    assert a["status"] == "rejected:identity" and not a["train_loss"] and not a["num_train"], a
+    assert int(a["bytes_from_site"]) > 0  # it did answer: the reply reached the server
+    assert {by_site[s]["status"] for s in ("site-b", "site-c", UNAPPROVED)} == {"ok"}, rows
+    assert by_site["global"]["status"].startswith("3 trained"), by_site["global"]
+    assert "the reply of site-a (its registered node key) declares itself as site-b" in said, said[-3000:]
+
+
+def test_a_reply_pushed_in_another_hospitals_name_is_refused_by_the_superlink(deployed):
+    """site-a signs a push of a reply to site-b's open task that claims to come from site-b:
+    Flower alone would store it (the reply's sender is the task's recipient); aseanfl's
+    SuperLink refuses it because the signer is not the sender. site-b's own reply, sent once it
+    went on, is the one the round took (a stored forged error reply would have made it 'error')."""
+    imp = deployed["impostor"]
+    forged = imp["forged"]
+    assert forged is not False, "site-b's task never appeared in the SuperLink's database"
+    assert forged.status_code == 403 and "claims to come from node" in forged.text, (forged.status_code, forged.text)
+    assert "aseanfl: refused: node" in imp["server log"] and "pushed a reply that claims" in imp["server log"]
+    rows = {r["site"]: r for r in imp["rows"] if r["round"] == "1"}
+    assert rows["site-b"]["status"] == "ok" and rows["site-b"]["train_loss"], rows["site-b"]
+
+
+def test_an_oversize_body_is_refused_at_the_front_and_the_superlink_never_sees_it(deployed):
+    f = deployed["front"]
+    for key in ("oversize", "oversize chunked"):
+        assert f[key].startswith("HTTP/1.1 413") and "over 6 MiB" in f[key], (key, f[key][:300])
+    grew = f["rss after"] - f["rss before"]
+    print(f"SuperLink RSS {f['rss before']:.0f} MiB before, {f['rss after']:.0f} MiB after 320 MiB of refused bodies")
+    assert grew < 40, (f["rss before"], f["rss after"])
+    # the same junk within the cap reaches the SuperLink, which answers it itself: the path is live
+    within = f["within the cap"]
+    assert within.startswith("HTTP/1.1 4") and not within.startswith("HTTP/1.1 413"), within[:300]
+    assert "aseanfl front" not in within, within[:300]
+    assert re.search(r'CN=site-e" SUCCESS "POST /v1/fleet/push-object HTTP/1.1" 413 ', f["access log"])
+
+
+def test_a_certificate_is_admitted_only_with_its_own_hospitals_node_key(deployed):
+    f = deployed["front"]
+    bad, good = f["site-b's key, member's certificate"], f["site-b's key, site-b's certificate"]
+    assert bad.status_code == 403 and "not signed with the node key registered for CN=site-e" in bad.text, bad.text
+    assert good.status_code == 200, (good.status_code, good.text[:200])  # the same request with site-b's certificate
+    sn = f["supernode"]
+    said = sn.stdout + sn.stderr
+    assert sn.returncode == 3 and "not signed with the node key registered for CN=site-d" in said, said[-1500:]
+    assert "Traceback" not in said and "SuperNode ID" not in said, said[-1500:]
+
+
+def test_a_flood_from_one_certificate_is_cut_to_its_rate(deployed):
+    from server.front import BURST, RATE_PER_S
+
+    f = deployed["front"]
+    codes, seconds = f["flood"], f["flood seconds"]
+    admitted = codes.count(200)
+    assert set(codes) <= {200, 429}, set(codes)
+    assert admitted <= BURST + RATE_PER_S * seconds + 2, (admitted, seconds)
+    assert codes.count(429) > 0 or seconds > (len(codes) - BURST) / RATE_PER_S, (admitted, seconds)
+
+
+def test_status_calls_a_hospital_that_went_quiet_silent_before_flower_calls_it_offline(deployed):
+    said = deployed["impostor"]["status while paused"]
+    rows = {line.split("│")[1].strip(): line for line in said.splitlines() if line.startswith("│ site-")}
+    assert "silent (not heard for over 15 s)" in rows["site-b"], said
+    assert " online " in rows["site-c"], said  # the others are heard every second
+
+
+def test_no_hospital_private_key_is_written_on_the_coordinators_side(deployed):
+    assert deployed["private keys on the coordinator's side"] == ["federation/server/server.key",
+                                                                  "federation-ca/ca.key"], \
+        deployed["private keys on the coordinator's side"]
+    kit = deployed["fed"] / "sites" / "site-a"
+    assert sorted(p.name for p in kit.iterdir()) == ["approved-apps.yaml", "ca.crt", "client.crt", "node.pub",
+                                                     "server-address", "site.yaml"]
