@@ -8,6 +8,9 @@ requests a hospital makes per round (benchmarks/deployment.py counts them in the
 log), that is the front's cost per round.
 
     python -m benchmarks.front [--calls 300]
+
+Calls are paced below the front's per-certificate rate (server.front.RATE_PER_S): a hospital's
+SuperNode never sends faster, and a faster loop would measure the limit's 429s instead.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ import httpx
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from client.gate import mutual_tls
+from server.front import RATE_PER_S
 from simulations.local_deployment import LocalDeployment
+
+GAP_S = 1.5 / RATE_PER_S  # between the starts of two calls: two thirds of the allowed rate
+
+
+def _paced(calls: int):
+    """Yield `calls` times, at most one call per GAP_S."""
+    for _ in range(calls):
+        start = time.perf_counter()
+        yield
+        time.sleep(max(0.0, GAP_S - (time.perf_counter() - start)))
 
 
 def _client(address: str, kit: Path, ca: Path):
@@ -55,7 +69,7 @@ def _heartbeats(address: str, kit: Path, ca: Path, calls: int, node_id: int) -> 
 
     seconds = []
     with _client(address, kit, ca) as client:
-        for _ in range(calls):
+        for _ in _paced(calls):
             start = time.perf_counter()
             res = client.SendNodeHeartbeat(SendNodeHeartbeatRequest(node=Node(node_id=node_id),
                                                                     heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
@@ -68,7 +82,7 @@ def _connects(address: str, kit: Path, ca: Path, calls: int, node_id: int) -> li
     """A new TLS connection (handshake with the client certificate) and one small request."""
     context = mutual_tls(ca, kit / "client.crt", kit / "client.key")
     seconds = []
-    for _ in range(calls):
+    for _ in _paced(calls):
         start = time.perf_counter()
         with httpx.Client(verify=context) as client:
             client.get(f"https://{address}/aseanfl/door")

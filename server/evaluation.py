@@ -272,7 +272,8 @@ def deployed_evaluation(context, grid) -> None:
     from client.messages import EvaluationSpec
 
     from .control import RUNS_ENV
-    from .deployment import _registered, _stream_logs, await_sites, lock_run_dir, run_folder
+    from .deployment import _stream_logs, await_sites, lock_run_dir, run_folder
+    from .loop import registered_names
 
     _stream_logs()
     log = logging.getLogger("aseanfl")
@@ -292,7 +293,7 @@ def deployed_evaluation(context, grid) -> None:
                evaluation=spec.evaluation, model=spec.model_sha256[:12], count=wanted, seconds=f"{wait:g}"))
     connected = await_sites(grid, wanted, wait)
     log.info(_("{count} hospital(s) connected; sending the model ({bytes} bytes)", count=connected, bytes=len(blob)))
-    result = evaluate_federation(grid, spec, blob, out_dir, _registered(runs.parent / "registered.json"), None,
+    result = evaluate_federation(grid, spec, blob, out_dir, registered_names(runs.parent / "registered.json"), None,
                                  float(rc.get("timeout-s", 600)))
     for site, s in result["sites"].items():
         log.info("%s: %s", site, site_line(s))
