@@ -17,7 +17,8 @@ restart, exact path allow-lists and an access log, all in configuration):
   another's node key;
 * a request body is capped at what the federation really sends (Flower chunks arrays into 5 MiB
   objects) and buffered here before it is forwarded, so an oversize body is refused (413) before
-  the SuperLink parses any of it; requests and concurrent requests are limited per certificate.
+  the SuperLink parses any of it; forwarded requests and concurrent requests are limited per
+  certificate (refusals nginx answers itself, which cost nothing upstream, are not counted).
 """
 
 from __future__ import annotations
@@ -93,8 +94,11 @@ http {{
   access_log {d / 'access.log'} front;
 {temp}
   client_max_body_size {MAX_BODY_MIB}m;
-  client_body_buffer_size 256k;  # larger bodies wait in tmp/client_body until whole (at most the cap)
-  proxy_request_buffering on;    # nothing reaches the SuperLink before the body is whole and within the cap
+  # a body is held whole in memory (never in a temp file: nginx's workers may run as another
+  # account, and model updates need not touch this disk), at most the cap per request and
+  # CONNECTIONS requests per hospital; nothing reaches the SuperLink before it is whole and within the cap
+  client_body_buffer_size {MAX_BODY_MIB}m;
+  proxy_request_buffering on;
   proxy_buffering off;
   limit_req_zone $ssl_client_s_dn zone=per_hospital:1m rate={RATE_PER_S}r/s;
   limit_conn_zone $ssl_client_s_dn zone=hospital_conns:1m;

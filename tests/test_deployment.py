@@ -4,8 +4,10 @@ which stands for the server's public interface: mutual TLS, Fleet API only), fou
 start` daemons (SuperNodes presenting their client certificates) each reading its own folder of
 PNG files, and `aseanfl run` over loopback. Three hospitals approved the app, one did not; the
 server is restarted before the run, so the run also shows that the daemons reconnect by
-themselves. Then an outsider, a curious hospital and a local user on the server try what they
-should not, and a hospital is revoked. Every process is stopped at the end."""
+themselves. Then an outsider, a curious hospital, a malicious member hospital and a local user
+on the server try what they should not, and a hospital is revoked. Every hospital enrolled as in
+production: its keys made in its own folder (hospitals/<site>), never in the federation's. Every
+process is stopped at the end."""
 
 from __future__ import annotations
 
@@ -349,10 +351,16 @@ def _member_attacks_the_front(dep: LocalDeployment, member: str) -> dict:
         [str(BIN / "aseanfl-supernode"), "--superlink", dep.address, "--root-certificates", str(ca),
          "--auth-supernode-private-key", str(other / "node.key"), "--max-retries", "1", "--isolation", "process",
          "--port", str(free_port())], capture_output=True, text=True, timeout=120, env=env)
+    # a flood of signed Fleet calls the front forwards (a heartbeat of the member's own node)
+    own = SendNodeHeartbeatRequest(node=Node(node_id=int(nodes[member])), heartbeat_interval=30).SerializeToString()
     with httpx.Client(verify=mutual_tls(ca, *cert), timeout=30) as client:
-        started = time.monotonic()
-        out["flood"] = [client.get(f"https://{dep.address}/aseanfl/door").status_code for _ in range(600)]
-        out["flood seconds"] = time.monotonic() - started
+        started, codes = time.monotonic(), []
+        for _ in range(600):
+            headers = {"content-type": "application/protobuf", "accept": "application/protobuf",
+                       **signed_headers(kit / "node.key")}
+            codes.append(client.post(f"https://{dep.address}/v1/fleet/send-node-heartbeat", content=own,
+                                     headers=headers).status_code)
+        out["flood"], out["flood seconds"] = codes, time.monotonic() - started
     out["access log"] = (dep.fed / "server" / "front" / "access.log").read_text(errors="replace")
     return out
 
@@ -666,17 +674,25 @@ def test_the_contest_ranks_two_submissions_as_the_central_figures_do(deployed):
 
 
 def test_unregistered_key_is_refused_even_with_a_valid_certificate(deployed):
+    """The front refuses it first (not site-d's registered node key); Flower's node auth stands behind."""
     rogue = deployed["rogue"]
-    assert rogue.returncode != 0
-    assert "Failed to activate SuperNode" in rogue.stdout + rogue.stderr
+    said = rogue.stdout + rogue.stderr
+    assert rogue.returncode == 3 and "not signed with the node key registered for CN=site-d" in said, said[-1500:]
 
 
 def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
     hosp = deployed["tmp"] / "hospitals"
+    impostor = {int(i) for i in re.findall(r"run (\d+): finished", deployed["impostor"]["run"][0])}
     for site in APPROVED:
         res = aseanfl("client", "audit", "-c", str(hosp / site / "site.yaml"))
-        assert res.returncode == 0, res.stdout
         logged = [json.loads(line) for line in (hosp / site / "audit.jsonl").read_text().splitlines()]
+        if site == "site-a":  # its own log shows the run its daemon answered as site-b, and only that
+            lied = [i + 1 for i, e in enumerate(logged) if e.get("run") in impostor]
+            problems = [line for line in res.stdout.splitlines() if line.startswith("problem")]
+            assert res.returncode == 1 and len(lied) == 2 and problems == [
+                f"problem line {n}: site.name is not this hospital's id 'site-a'" for n in lied], res.stdout
+        else:
+            assert res.returncode == 0, res.stdout
         # the approval given before the run is in the chain, as a local decision, first
         assert logged[0]["event"] == "app approved" and logged[0]["sha256"] == deployed["hash"], logged[0]
         entries = [e for e in logged if "event" not in e]
