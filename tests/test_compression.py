@@ -188,8 +188,13 @@ def test_the_server_rejects_a_compressed_update_that_does_not_decode_naming_the_
     replies = [Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                                    "site": ConfigRecord({"name": site})}), reply_to=task)
                for site, arrays in (("hanoi", good), ("bangkok", bad))]
+    names = {}
+    for node, reply in enumerate(replies, start=1):  # the server names each reply by the node it came from
+        reply.metadata.__dict__["_src_node_id"] = node
+        names[node] = reply.content["site"]["name"]
     rows, progress = {}, Collect()
-    kept = _decoded(replies, sent_model, CompressionConfig(codec="int8"), progress, 2, lambda s: rows.setdefault(s, {"site": s}), {})
+    kept = _decoded(replies, sent_model, CompressionConfig(codec="int8"), progress, 2, lambda s: rows.setdefault(s, {"site": s}),
+                    names)
     assert [m.content["site"]["name"] for m in kept] == ["hanoi"]
     restored = {k: a.numpy() for k, a in kept[0].content["arrays"].items()}
     assert set(restored) == set(trained) and all(np.abs(restored[k] - trained[k]).max() < 1e-3 for k in trained)
