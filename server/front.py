@@ -69,8 +69,8 @@ def header_key(node_pub: bytes) -> str:
 
 
 def _key_map(fed: Federation) -> str:
-    """nginx map: the certificate's subject -> the node key its hospital registered. Values are
-    compared byte for byte (`if` with `!=` is case-sensitive; a map's keys are matched as given)."""
+    """nginx map: the certificate's subject -> the node key its hospital registered. The key is
+    compared byte for byte (`if` with `!=` is case-sensitive); the subjects are lower-case site ids."""
     lines = [f'    "CN={site}" "{header_key(fed.public_key(site).read_bytes())}";' for site in fed.sites()]
     return "\n".join(["  map $ssl_client_s_dn $aseanfl_node_key {", '    default "none";', *lines, "  }"])
 
@@ -122,7 +122,6 @@ http {{
     error_page 429 @too_many;
     location @too_many {{ return 429 "aseanfl front: refused: too many requests from this certificate\\n"; }}
     location = {DOOR} {{
-      limit_req zone=per_hospital burst={BURST} nodelay;
       if ($ssl_client_verify != SUCCESS) {{ return 403 {refuse}; }}
       return 200 "aseanfl front: admitted $ssl_client_s_dn\\n";
     }}
