@@ -108,7 +108,7 @@ def enroll(
 ) -> None:
     """Make this hospital's private keys here and write the enrollment request (nothing secret) to
     send to the coordinator."""
-    from .enrollment import REQUEST, EnrollmentError, fingerprint, make_keys, write_atomic
+    from .enrollment import REQUEST, EnrollmentError, fingerprint, make_keys
     from .i18n import _
 
     try:
@@ -116,7 +116,6 @@ def enroll(
     except EnrollmentError as exc:
         typer.echo(_("error: {reason}", reason=exc), err=True)
         raise typer.Exit(2) from None
-    write_atomic(folder / REQUEST, request)
     typer.echo(_("{site}: private keys written to {folder} (node.key, client.key; they never leave this machine)",
                  site=site, folder=folder.resolve()))
     typer.echo(_("send {file} to the coordinator, and read them its fingerprint over the phone: {fingerprint}",

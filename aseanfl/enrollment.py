@@ -65,8 +65,8 @@ def fingerprint(data: bytes) -> str:
 
 
 def make_keys(folder: Path, site: str) -> bytes:
-    """Write node.key, node.pub and client.key into `folder` (keys never overwritten) and return
-    the enrollment request (JSON bytes) for `site`."""
+    """Write node.key, node.pub and client.key into `folder` (keys never overwritten) and the
+    enrollment request for `site` beside them (REQUEST); returns the request's bytes."""
     check_site_id(site)
     for name in ("node.key", "client.key"):
         if (folder / name).exists():
@@ -82,12 +82,11 @@ def make_keys(folder: Path, site: str) -> bytes:
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
            .sign(client, hashes.SHA256()))
-    return request_bytes(site, node_pub, csr.public_bytes(serialization.Encoding.PEM))
-
-
-def request_bytes(site: str, node_pub: bytes, csr_pem: bytes) -> bytes:
-    return (json.dumps({"format": FORMAT, "site": site, "node_public_key": node_pub.decode("ascii").strip(),
-                        "certificate_request": csr_pem.decode("ascii")}, indent=1) + "\n").encode()
+    request = (json.dumps({"format": FORMAT, "site": site, "node_public_key": node_pub.decode("ascii").strip(),
+                           "certificate_request": csr.public_bytes(serialization.Encoding.PEM).decode("ascii")},
+                          indent=1) + "\n").encode()
+    write_atomic(folder / REQUEST, request)
+    return request
 
 
 @dataclass(frozen=True)
@@ -124,11 +123,10 @@ def read_request(path: Path) -> Request:
         raise EnrollmentError(f"{path}: {exc}") from None
     try:
         node_pub = (str(data["node_public_key"]).strip() + "\n").encode("ascii")
-        _ec_key(serialization.load_ssh_public_key(node_pub), "node public key", str(path))
-    except (KeyError, ValueError, UnicodeError) as exc:
-        if isinstance(exc, EnrollmentError):
-            raise
+        node_key = serialization.load_ssh_public_key(node_pub)
+    except (KeyError, ValueError, UnicodeError):
         raise EnrollmentError(f"{path}: node_public_key is not an OpenSSH public key") from None
+    _ec_key(node_key, "node public key", str(path))
     try:
         csr = x509.load_pem_x509_csr(str(data["certificate_request"]).encode("ascii"))
     except (KeyError, ValueError, UnicodeError):
@@ -168,11 +166,9 @@ def check_kit(folder: Path, kit: Path) -> str:
     if names != [request.site]:
         raise EnrollmentError(f"{kit / 'client.crt'}: the certificate names {names}, not this hospital ({request.site})")
     try:
-        ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
-    except (InvalidSignature, TypeError, AttributeError):
+        cert.verify_directly_issued_by(ca)  # the issuer's name and its signature
+    except (InvalidSignature, ValueError, TypeError):
         raise EnrollmentError(f"{kit / 'client.crt'}: not issued by the kit's CA ({kit / 'ca.crt'})") from None
-    if cert.issuer != ca.subject:
-        raise EnrollmentError(f"{kit / 'client.crt'}: not issued by the kit's CA ({kit / 'ca.crt'})")
     if kit_node.strip() != request.node_pub.strip():
         raise EnrollmentError(f"{kit / 'node.pub'}: not this hospital's node key (the coordinator registered another)")
     return request.site

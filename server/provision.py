@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from aseanfl.enrollment import (SITE_PATTERN, EnrollmentError, Request, make_keys, read_request, same_key,
+from aseanfl.enrollment import (REQUEST, EnrollmentError, Request, check_site_id, make_keys, read_request, same_key,
                                 write_atomic as _write_atomic, write_private as _write_private)
 
 _VALID = dt.timedelta(days=3 * 365)
@@ -260,9 +260,8 @@ def _new_site(fed: Federation, ca: _CA, site: str) -> None:
     """Trying out on one machine: the hospital's keys are made here, in its kit, then enrolled."""
     kit = fed.site_kit(site)
     kit.mkdir(parents=True, exist_ok=True)
-    request = kit / "enroll-request.json"
-    request.write_bytes(make_keys(kit, site))
-    _install_site(fed, ca, read_request(request))
+    make_keys(kit, site)
+    _install_site(fed, ca, read_request(kit / REQUEST))
 
 
 def _crl_serials(meta: dict) -> list[int]:
@@ -324,8 +323,7 @@ def provision(root: Path, name: str, sites: list[str], address: str = "127.0.0.1
               local_port: int | None = None) -> tuple[Federation, list[str]]:
     """Create (or extend) the federation folder; returns it and the sites added now."""
     for site in sites:
-        if not re.match(SITE_PATTERN, site):
-            raise ValueError(f"site id {site!r}: use lower-case letters, digits and '-' (e.g. 'hanoi-bach-mai')")
+        check_site_id(site)
     if not re.match(r"^[^:\s]+:\d+$", address):
         raise ValueError(f"--address {address!r}: expected host:port")
     ca_dir = (ca_dir or default_ca_dir(root)).resolve()

@@ -63,23 +63,21 @@ class LocalDeployment:
         """Create the federation if need be and enroll the hospitals not enrolled yet; the
         provision command's result (its stdout has every step's lines; a failed step's result
         is returned as it is)."""
-        said = []
-        requests = []
-        for site in sites or self.sites:
-            if (self.kit(site) / "node.key").exists():
-                continue
+        from aseanfl.enrollment import REQUEST
+
+        said, new = [], [s for s in sites or self.sites if not (self.kit(s) / "node.key").exists()]
+        for site in new:
             res = aseanfl("client", "enroll", "--site", site, "--dir", str(self.kit(site)))
             if res.returncode != 0:
                 return res
             said.append(res.stdout)
-            requests += ["--enroll", str(self.kit(site) / "enroll-request.json")]
+        requests = [arg for site in new for arg in ("--enroll", str(self.kit(site) / REQUEST))]
         res = aseanfl("provision", "--federation", self.name, *requests, "--out", str(self.fed), "--address",
                       self.address, "--local-port", str(self.local_port))
         if res.returncode != 0:
             return res
         said.append(res.stdout)
-        for site in requests[1::2]:
-            site = Path(site).parent.name
+        for site in new:
             installed = aseanfl("client", "install-kit", "--kit", str(self.fed / "sites" / site), "--dir", str(self.kit(site)))
             if installed.returncode != 0:
                 return installed

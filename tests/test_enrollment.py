@@ -44,6 +44,16 @@ def test_enrollment_leaves_every_private_key_at_its_hospital(tmp_path):
     assert wrong.returncode == 2 and "not for this hospital's client key" in wrong.stderr, wrong.stderr
     assert len(wrong.stderr.strip().splitlines()) == 1 and "Traceback" not in wrong.stderr
     assert not (b / "client.crt").exists()  # nothing installed from a kit that does not fit
+    # a kit whose CA is another federation's: the certificate was not issued by it
+    other = tmp_path / "other"
+    assert aseanfl("provision", "--federation", "u", "--out", str(other), "--address", "127.0.0.1:9603").returncode == 0
+    forged = tmp_path / "forged-kit"
+    forged.mkdir()
+    for name in ("client.crt", "node.pub"):
+        (forged / name).write_bytes((fed / "sites" / "site-a" / name).read_bytes())
+    (forged / "ca.crt").write_bytes((other / "ca.crt").read_bytes())
+    res = aseanfl("client", "install-kit", "--kit", str(forged), "--dir", str(a))
+    assert res.returncode == 2 and "not issued by the kit's CA" in res.stderr, res.stderr
     cert = x509.load_pem_x509_certificate((a / "client.crt").read_bytes())
     assert cert.subject.rfc4514_string() == "CN=site-a"
     # enrolling twice without --reenroll is refused; a request with another hospital's node key too
