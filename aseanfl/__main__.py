@@ -1,3 +1,3 @@
-from .cli import main
+from aseanfl.cli import main
 
 main()

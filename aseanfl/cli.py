@@ -32,7 +32,7 @@ def _root(lang: Optional[str] = typer.Option(
         None, "--lang", help="language of what aseanfl prints: en, vi, th, zh_Hans, id, ms, km, my (default: "
                              "ASEANFL_LANG, a hospital's site.yaml language, the locale)")) -> None:
     """Federated medical imaging for ASEAN hospitals."""
-    from .i18n import LANGUAGES, _cli, normalise, use
+    from common.i18n import LANGUAGES, _cli, normalise, use
 
     if lang is not None and normalise(lang) is None:
         _fail(f"--lang: {lang!r} is not one of {', '.join(LANGUAGES)}")
@@ -81,7 +81,7 @@ def simulate(
     from simulations.runner import SimulationFailed
     from simulations.runner import simulate as run
 
-    from .progress import RichProgress
+    from aseanfl.progress import RichProgress
 
     console = Console()
     names = ", ".join(cfg.sites) if len(cfg.sites) <= 12 else f"{', '.join(cfg.sites[:3])}, ..., {cfg.sites[-1]}"
@@ -117,7 +117,7 @@ def evaluate(
     """Score a model at every hospital on its own held-out cases (simulated, or with -f a
     deployment's); only figures come back."""
     if federation_dir is not None:
-        from .contest_cli import evaluate_deployed
+        from aseanfl.contest_cli import evaluate_deployed
 
         if split not in ("test", "validation"):
             _fail("--split: test or validation")
@@ -148,7 +148,7 @@ def evaluate(
         _fail(str(exc), "error", 1)
     import json
 
-    from server.evaluation import pooled_line
+    from server.engine.scoring import pooled_line
 
     typer.echo(f"pooled over {pooled_line(json.loads((folder / 'evaluation.json').read_text())['pooled'])}")
     typer.echo(f"done: {folder / 'evaluation.md'}")
@@ -158,7 +158,7 @@ def evaluate(
 def report(run_dir: Path = typer.Argument(..., help="a run folder (simulated or deployed)")) -> None:
     """Write a run folder's report.md and its plots again, in the language of --lang (or
     ASEANFL_LANG, or the locale): e.g. `aseanfl --lang vi report runs/run-123`."""
-    from server.report import write_report
+    from server.records.report import write_report
 
     if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "metrics.csv").is_file():
         _fail(f"{run_dir}: not a run folder (no metrics.jsonl or metrics.csv)")
@@ -169,9 +169,9 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder (simulated or 
     typer.echo(f"done: {path}")
 
 
-from .client_cli import app as client_app  # noqa: E402
-from .contest_cli import contest_app, leaderboard  # noqa: E402
-from .server_cli import app_hash, console_cert, provision, run, server_app, status  # noqa: E402
+from aseanfl.client_cli import app as client_app  # noqa: E402
+from aseanfl.contest_cli import contest_app, leaderboard  # noqa: E402
+from aseanfl.server_cli import app_hash, console_cert, provision, run, server_app, status  # noqa: E402
 
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")

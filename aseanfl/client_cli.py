@@ -18,14 +18,14 @@ SITE_OPTION = typer.Option(..., "--config", "-c", help="the hospital's site.yaml
 
 def config_errors(exc) -> str:
     """A ConfigError as the operator reads it: one 'config error: ...' line per problem."""
-    from .i18n import _
+    from common.i18n import _
 
     return "\n".join(_("config error: {problem}", problem=line) for line in str(exc).splitlines())
 
 
 def approved_line(new: bool, sha256: str, allowlist: Path) -> str:
     """What `client approve` and `server approve` say once the allow-list holds the hash."""
-    from .i18n import _
+    from common.i18n import _
 
     said = {"sha256": sha256, "file": allowlist}
     return _("approved: {sha256} ({file})", **said) if new else _("already approved: {sha256} ({file})", **said)
@@ -36,7 +36,7 @@ def load_site(path: Path):
     from client.config import load_site as read
     from medimaging.yamlconfig import ConfigError
 
-    from .i18n import use
+    from common.i18n import use
 
     try:
         site = read(path)
@@ -61,9 +61,9 @@ def operator() -> str:
 def check_data(config: Path = SITE_OPTION) -> None:
     """Read every image the site's data section names; print counts per class and split, image
     sizes and spacing, and every file that cannot be used, with the reason. Nothing is sent."""
-    from client.datacheck import MASKS, check
+    from client.operations.datacheck import MASKS, check
 
-    from .i18n import _, number, text_of
+    from common.i18n import _, number, text_of
 
     site = load_site(config)
     console = Console()
@@ -108,8 +108,8 @@ def enroll(
 ) -> None:
     """Make this hospital's private keys here and write the enrollment request (nothing secret) to
     send to the coordinator."""
-    from .enrollment import REQUEST, EnrollmentError, fingerprint, make_keys
-    from .i18n import _
+    from common.enrollment import REQUEST, EnrollmentError, fingerprint, make_keys
+    from common.i18n import _
 
     try:
         request = make_keys(folder, site)
@@ -131,8 +131,8 @@ def install_kit(
     federation's CA and address, and a site.yaml to fill in (an existing one is kept)."""
     import shutil
 
-    from .enrollment import EnrollmentError, check_kit, fingerprint, write_atomic
-    from .i18n import _
+    from common.enrollment import EnrollmentError, check_kit, fingerprint, write_atomic
+    from common.i18n import _
 
     try:
         site = check_kit(folder, kit)
@@ -159,9 +159,9 @@ def install_kit(
 @app.command()
 def start(config: Path = SITE_OPTION) -> None:
     """Run the hospital daemon (Flower SuperNode + app approval + audit log) in the foreground."""
-    from client.daemon import run_daemon
+    from client.operations.daemon import run_daemon
 
-    from .i18n import _, text_of
+    from common.i18n import _, text_of
 
     site = load_site(config)
     try:
@@ -180,10 +180,10 @@ def approve(
     note: str = typer.Option("", help="why / who approved it"),
 ) -> None:
     """Add an app bundle to this hospital's allow-list (the daemon runs nothing else)."""
-    from aseanfl.allowlist import fab_hash
-    from client.approvals import approve as add
+    from common.allowlist import fab_hash
+    from client.operations.approvals import approve as add
 
-    from .i18n import _, text_of
+    from common.i18n import _, text_of
 
     site = load_site(config)
     if sum(x is not None for x in (sha256, fab, app_dir)) != 1:
@@ -192,7 +192,7 @@ def approve(
     if fab is not None:
         sha256 = fab_hash(fab)
     elif app_dir is not None:
-        from server.control import app_hash
+        from server.operations.bundle import app_hash
 
         sha256 = app_hash(app_dir)
     try:
@@ -207,9 +207,9 @@ def approve(
 def audit(config: Path = SITE_OPTION) -> None:
     """Verify the audit log: its hash chain, and that only model arrays and allowed aggregate
     metrics left (no other record or key, no data folder or file name in any value)."""
-    from client.audit import forbidden_strings, verify
+    from client.operations.audit import forbidden_strings, verify
 
-    from .i18n import _, number, shown
+    from common.i18n import _, number, shown
 
     site = load_site(config)
     forbidden = forbidden_strings(site)
@@ -240,7 +240,7 @@ def read_password(confirm: bool = True) -> str:
 
 def serve_console(build, add_user: str, host: str, port: int, cert, key, idle: float) -> None:
     """Start a console (hospital or coordinator); one line and exit 2 where it cannot."""
-    from aseanfl.web import ConsoleError, serve
+    from common.web import ConsoleError, serve
 
     app, console = build()
     console.sessions.idle_s, console.add_user = idle * 60, add_user
@@ -267,7 +267,7 @@ def console(
     idle_minutes: float = IDLE_OPTION,
 ) -> None:
     """The hospital's web console: data, app approvals, privacy ledgers, audit log, daemon status."""
-    from client.console import build_console
+    from client.operations.console import build_console
 
     site = load_site(config)
     serve_console(lambda: build_console(site), f"aseanfl client console-user -c {config}", host, port, tls_cert,
@@ -276,7 +276,7 @@ def console(
 
 def set_console_user(users: Path, name: str) -> None:
     """Add a console user or set their password (read_password); exits 2 with one line if refused."""
-    from aseanfl.web import ConsoleError, add_user
+    from common.logins import ConsoleError, add_user
 
     try:
         new = add_user(users, name, read_password())
@@ -289,6 +289,6 @@ def set_console_user(users: Path, name: str) -> None:
 @app.command("console-user")
 def console_user(config: Path = SITE_OPTION, name: str = typer.Argument(..., help="the user's login name")) -> None:
     """Add a console user, or set a user's password (asked twice; or the first line of stdin)."""
-    from client.console import users_path
+    from client.operations.console import users_path
 
     set_console_user(users_path(load_site(config)), name)

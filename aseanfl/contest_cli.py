@@ -21,7 +21,7 @@ def model_card(model: Path, card: Path | None):
     model file is in (a deployed run's or a simulated one's)."""
     import yaml
 
-    from server.evaluation import card_of_deployment, read_card
+    from server.evaluation.federated import card_of_deployment, read_card
 
     if card is not None:
         return read_card(card), str(card)
@@ -42,20 +42,20 @@ def evaluate_deployed(federation_dir: Path, model: Path, card: Path | None, conf
                       out: Path, split: str, wait_for_sites: int, timeout: float) -> None:
     """`aseanfl evaluate -f`: print each hospital's line and the pooled figures."""
     from medimaging.yamlconfig import ConfigError
-    from server.contest import EvaluationFailed, run_evaluation
-    from server.evaluation import pooled_line
+    from server.evaluation.contest import EvaluationFailed, run_evaluation
+    from server.engine.scoring import pooled_line
 
-    from .server_cli import _federation
+    from aseanfl.server_cli import _federation
 
     fed = _federation(federation_dir)
     try:
         model_card_, where = model_card(model, card)
         task = None
         if config is not None:  # the federation's task, as `aseanfl run` reads it
-            from server.deployment import check_run_config
+            from server.engine.deployment import check_run_config
 
             t = check_run_config(config.read_text(), []).task
-            from server.loop import TaskShape
+            from server.engine.plan import TaskShape
 
             task, where = TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), str(card or config)
         result, local = run_evaluation(fed, model, model_card_, task, where, min_cases=min_cases, out=out, split=split,
@@ -79,9 +79,9 @@ def submit(
 ) -> None:
     """Score a team's model at every connected hospital and keep its figures on the leaderboard."""
     from medimaging.yamlconfig import ConfigError
-    from server.contest import EvaluationFailed, read_contest, submit as send
+    from server.evaluation.contest import EvaluationFailed, read_contest, submit as send
 
-    from .server_cli import _federation
+    from aseanfl.server_cli import _federation
 
     fed = _federation(federation_dir)
     try:
@@ -105,7 +105,7 @@ def _print_board(fed, name: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from server.contest import leaderboard as board
+    from server.evaluation.contest import leaderboard as board
 
     contest, rows = board(fed, name)
     table = Table(title=f"{contest.name}: ranked by pooled {contest.metric} ({contest.split} cases, 95 % CI)")
@@ -128,9 +128,9 @@ def leaderboard(
 ) -> None:
     """The contest's ranking, with 95 % confidence intervals."""
     from medimaging.yamlconfig import ConfigError
-    from server.contest import read_contest
+    from server.evaluation.contest import read_contest
 
-    from .server_cli import _federation
+    from aseanfl.server_cli import _federation
 
     fed = _federation(federation_dir)
     try:

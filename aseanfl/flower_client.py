@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from flwr.app import Context
 
-from client.app import Hospital, build_client_app
-from client.site import SITE_CONFIG_KEY, load_site_hospital
+from client.training.app import Hospital, build_client_app
+from client.training.site import SITE_CONFIG_KEY, load_site_hospital
 
 
 def _hospital(context: Context, image_size: int) -> Hospital:

@@ -7,12 +7,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.digest import MANY, digest
-from server.loop import PHASES, Progress
-from server.outputs import score_of
-from server.words import refusal_line, status_word
+from server.records.digest import MANY, digest
+from server.engine.plan import PHASES, Progress
+from server.records.outputs import score_of
+from server.records.words import refusal_line, status_word
 
-from .i18n import _
+from common.i18n import _
 
 
 def _f(value) -> str:

@@ -9,16 +9,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.words import node_word, run_word
+from server.records.words import node_word, run_word
 
-from .i18n import _
+from common.i18n import _
 
 server_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Coordinator: the federation's SuperLink.")
 FED_OPTION = typer.Option(Path("federation"), "--federation-dir", "-f", help="the provisioned federation folder")
 
 
 def _federation(path: Path):
-    from server.provision import load_federation
+    from server.operations.provision import load_federation
 
     try:
         return load_federation(path)
@@ -43,10 +43,11 @@ def provision(
 ) -> None:
     """Create the federation's CA and the server's certificate; enroll hospitals from their requests
     (or revoke one)."""
-    from server.control import app_dir, app_hash, server_allowlist
-    from server.provision import default_ca_dir, enroll as sign, provision as make, revoke as cancel
+    from server.operations.bundle import app_dir, app_hash
+    from server.operations.control import server_allowlist
+    from server.operations.provision import default_ca_dir, enroll as sign, provision as make, revoke as cancel
 
-    from .allowlist import approve
+    from common.allowlist import approve
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
     if (out / "federation.json").is_file() and not (names or enroll or revoke):
@@ -93,7 +94,7 @@ def provision(
 @server_app.command("start")
 def start(federation_dir: Path = FED_OPTION) -> None:
     """Run the SuperLink (TLS, registered hospitals only, state in server/state.db) in the foreground."""
-    from server.control import run_server
+    from server.operations.control import run_server
 
     fed = _federation(federation_dir)
     try:
@@ -112,10 +113,11 @@ def approve_app(
     note: str = typer.Option("", help="why / who approved it"),
 ) -> None:
     """Add an app bundle to the server's allow-list (its ServerApp runs nothing else)."""
-    from server.control import app_dir, app_hash, server_allowlist
+    from server.operations.bundle import app_dir, app_hash
+    from server.operations.control import server_allowlist
 
-    from .allowlist import approve
-    from .client_cli import approved_line
+    from common.allowlist import approve
+    from aseanfl.client_cli import approved_line
 
     fed = _federation(federation_dir)
     digest = sha256 or app_hash(app or app_dir())
@@ -130,7 +132,7 @@ def approve_app(
 @server_app.command("register")
 def register(federation_dir: Path = FED_OPTION) -> None:
     """Register hospitals provisioned after the server started (their keys may connect from now on)."""
-    from server.control import register_sites
+    from server.operations.control import register_sites
 
     for site, node in register_sites(_federation(federation_dir)).items():
         typer.echo(_("{site}: node {node}", site=site, node=node))
@@ -150,11 +152,12 @@ def run(
 ) -> None:
     """Start a federated run on the connected hospitals, stream its progress, download its results."""
     from medimaging.yamlconfig import ConfigError
-    from server.checkpoint import CheckpointError, inspect
-    from server.control import app_dir, start_run
-    from server.deployment import check_run_config, run_busy, run_folder
+    from server.engine.checkpoint import CheckpointError, inspect
+    from server.operations.bundle import app_dir
+    from server.operations.control import start_run
+    from server.engine.deployment import check_run_config, run_busy, run_folder
 
-    from .client_cli import config_errors
+    from aseanfl.client_cli import config_errors
 
     fed = _federation(federation_dir) if resume is not None else None
     old = run_folder(fed.server_dir / "runs", resume) if fed is not None else None
@@ -188,7 +191,7 @@ def run(
     label = (_("run {run} (continuing run {resumed})", run=run_id, resumed=resume) if resume is not None
              else _("run {run}", run=run_id))
     if final == "lost":
-        from server.checkpoint import round_of
+        from server.engine.checkpoint import round_of
 
         folder = resume if resume is not None else run_id
         done = round_of(run_folder(fed.server_dir / "runs", folder))
@@ -199,7 +202,7 @@ def run(
         raise typer.Exit(1)
     typer.echo(_("{run}: {status}", run=label, status=run_word(final) if final else _("status unknown")))
     if local is not None:
-        from server.outputs import untrained
+        from server.records.outputs import untrained
 
         report = local / "report.md"
         typer.echo(_("results: {folder}  (report: {report})", folder=local, report=report) if report.is_file()
@@ -214,7 +217,7 @@ def run(
 
 def status(federation_dir: Path = FED_OPTION) -> None:
     """Hospitals (registered / online) and runs on the SuperLink."""
-    from server.control import status as read
+    from server.operations.control import status as read
 
     info = read(_federation(federation_dir))
     console = Console()
@@ -239,7 +242,7 @@ def status(federation_dir: Path = FED_OPTION) -> None:
 
 def app_hash(app: Optional[Path] = typer.Option(None, help="the Flower App folder (default: this aseanfl)")) -> None:
     """sha256 of the app bundle a run sends: hospitals approve it with `aseanfl client approve`."""
-    from server.control import app_dir, app_hash as digest
+    from server.operations.bundle import app_dir, app_hash as digest
 
     typer.echo(digest(app or app_dir()))
 
@@ -255,10 +258,10 @@ def console(
     idle_minutes: float = typer.Option(30.0, "--idle-minutes", help="a session ends after this long without a request"),
 ) -> None:
     """The coordinator's web console: hospitals, runs (live, downloadable), start and stop runs."""
-    from aseanfl.web import loopback
+    from common.web import loopback
     from server.console import build_console
 
-    from .client_cli import serve_console
+    from aseanfl.client_cli import serve_console
 
     fed = _federation(federation_dir)
     if not loopback(host) and tls_cert is None and tls_key is None:
@@ -272,7 +275,7 @@ def console_user(federation_dir: Path = FED_OPTION, name: str = typer.Argument(.
     """Add a console user, or set a user's password (asked twice; or the first line of stdin)."""
     from server.console import users_path
 
-    from .client_cli import set_console_user
+    from aseanfl.client_cli import set_console_user
 
     set_console_user(users_path(_federation(federation_dir)), name)
 
@@ -284,7 +287,7 @@ def console_cert(
 ) -> None:
     """Issue a TLS certificate for a web console (hospital or coordinator) from the federation's CA.
     Browsers that trust the federation's ca.crt then trust the console."""
-    from server.provision import console_certificate
+    from server.operations.provision import console_certificate
 
     try:
         crt, key = console_certificate(ca_dir, host, out)

@@ -11,8 +11,8 @@ import torch
 from medimaging.datasets import Split
 from medimaging.models import build_model
 from medimaging.training import evaluate, train_epochs
-from server.loop import initial_arrays
-from server.outputs import read_rows
+from server.engine.updates import initial_arrays
+from server.records.outputs import read_rows
 from simulations.config import SimulationConfig
 from simulations.federation import global_test, site_data, task_shape
 

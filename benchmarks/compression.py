@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import PNEUMONIA
-from server.outputs import read_rows
+from server.records.outputs import read_rows
 from simulations.config import load_config
 from simulations.runner import simulate
 

@@ -9,7 +9,7 @@ log), that is the front's cost per round.
 
     python -m benchmarks.front [--calls 300]
 
-Calls are paced below the front's per-certificate rate (server.front.RATE_PER_S): a hospital's
+Calls are paced below the front's per-certificate rate (server.operations.front.RATE_PER_S): a hospital's
 SuperNode never sends faster, and a faster loop would measure the limit's 429s instead.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from client.gate import mutual_tls
-from server.front import RATE_PER_S
+from client.operations.gate import mutual_tls
+from server.operations.front import RATE_PER_S
 from simulations.local_deployment import LocalDeployment
 
 GAP_S = 1.5 / RATE_PER_S  # between the starts of two calls: two thirds of the allowed rate

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import PNEUMONIA
-from server.outputs import read_rows
+from server.records.outputs import read_rows
 
 # (sites, fraction, rounds): the two goals are 1000 x 0.1 x 5 and 100 x 1.0 x 10
 RUNS = [(10, 1.0, 5), (10, 0.1, 5), (100, 1.0, 10), (100, 0.1, 5), (1000, 1.0, 2), (1000, 0.1, 5)]

@@ -15,7 +15,7 @@ def train_case(model: torch.nn.Module, data: Split, steps: int, batch: int, mode
     ("hooks", "ghost") at noise 1.0, as the throughput benchmarks measure it; `precision`: the
     autocast dtype (None: fp32)."""
     from client.config import PrivacyConfig, TrainConfig
-    from client.privacy import DPPlan, train_private
+    from client.training.privacy import DPPlan, train_private
 
     if mode == "none":
         train_epochs(model, data, 1, batch, 1e-3, "adam", 0, precision=precision)

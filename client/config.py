@@ -8,15 +8,8 @@ from typing import Literal
 from pydantic import Field
 
 from medimaging.compute import ComputeConfig
-from medimaging.config import AugmentConfig, FilesConfig, Strict
-
-
-class TrainConfig(Strict):
-    local_epochs: int = Field(2, ge=1, le=100)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0, le=10)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    augment: AugmentConfig = AugmentConfig()
+from medimaging.config import FilesConfig, Strict
+from protocol.messages import TrainConfig  # noqa: F401  (site.yaml's `train:`; the wire schema owns it)
 
 
 class PrivacyConfig(Strict):

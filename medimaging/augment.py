@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import AugmentConfig
+from medimaging.config import AugmentConfig
 
 
 def augmenter(cfg: AugmentConfig, seed: int) -> Callable[[torch.Tensor], torch.Tensor] | None:

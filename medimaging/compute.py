@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from .config import Strict
+from medimaging.config import Strict
 
 if TYPE_CHECKING:
     import torch

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from aseanfl.i18n import Reason
+from common.i18n import Reason
 
 MODEL_MIN_SIZE = {"cnn": 16, "resnet18": 16, "densenet121": 32, "unet": 16}
 Task = Literal["classification", "segmentation"]

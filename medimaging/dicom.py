@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aseanfl.i18n import Reason, text_of
+from common.i18n import Reason, text_of
 
-from .config import DicomConfig
+from medimaging.config import DicomConfig
 
 DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle pyjpegls"
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # RGB -> the luminance a grey display shows

@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DicomWebConfig, FilesConfig
+from medimaging.config import DicomWebConfig, FilesConfig
 
 KEYS = {"study": "StudyInstanceUID", "series": "SeriesInstanceUID", "instance": "SOPInstanceUID"}
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM's UID syntax: they name the store's folders and files
@@ -109,9 +109,9 @@ def _why(exc: BaseException, web: DicomWebConfig) -> tuple[str, bool]:
 
 
 def _manifest(web: DicomWebConfig, problems: list) -> list[Row]:
-    from aseanfl.i18n import Text
+    from common.i18n import Text
 
-    from .files import Problem, bad_split
+    from medimaging.items import Problem, bad_split
 
     if not web.manifest.is_file():
         raise SourceError(f"data.files.dicomweb.manifest: file not found: {web.manifest}")
@@ -188,10 +188,10 @@ def _write_row(folder: Path, instances: dict[str, bytes]) -> None:
 def pacs_inventory(cfg: FilesConfig, inv) -> None:
     """Fill `inv` (a files.Inventory) with the PACS's labelled instances, retrieved into the store:
     one item per instance (2D) or per row (3D: the row's instances are the slices of a volume)."""
-    from aseanfl.i18n import Text
+    from common.i18n import Text
 
-    from .dicom import captured
-    from .files import Item, Problem
+    from medimaging.dicom import captured
+    from medimaging.items import Item, Problem
 
     web = cfg.dicomweb
     rows = _manifest(web, inv.problems)

@@ -10,7 +10,7 @@ from monai.networks.nets import UNet, Classifier, DenseNet121, resnet18
 from monai.networks.nets.resnet import ResNetBlock
 from opacus.validators import ModuleValidator
 
-from .config import MODEL_MIN_SIZE, ModelConfig
+from medimaging.config import MODEL_MIN_SIZE, ModelConfig
 
 log = logging.getLogger("aseanfl")
 

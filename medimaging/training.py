@@ -10,10 +10,10 @@ from monai.losses import DiceLoss
 from monai.metrics import compute_dice, compute_roc_auc
 from torch.utils.data import DataLoader, TensorDataset
 
-from .augment import augmenter
-from .compute import autocast, device_of
-from .config import AugmentConfig
-from .datasets import Split
+from medimaging.augment import augmenter
+from medimaging.compute import autocast, device_of
+from medimaging.config import AugmentConfig
+from medimaging.datasets import Split
 
 
 def loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0, device: torch.device | None = None) -> DataLoader:

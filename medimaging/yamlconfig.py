@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from aseanfl.i18n import N_, Reason, _
+from common.i18n import N_, Reason, _
 
 
 class ConfigError(Exception):
@@ -130,3 +130,14 @@ def read_config(path: Path | None, overrides: dict | None, schema: type[BaseMode
         return schema.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
+
+
+def flat_overrides(tree: dict, prefix: str = "") -> dict:
+    """A nested config as dotted overrides: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_overrides(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .loop import Plan, run_federation
-from .report import write_report
+from server.engine.plan import Plan
+
+from server.engine.rounds import run_federation
+from server.records.report import write_report
 
 
 def build_server_app(make_plan: Callable[[Context], Plan] | None = None) -> ServerApp:
@@ -19,15 +21,15 @@ def build_server_app(make_plan: Callable[[Context], Plan] | None = None) -> Serv
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if make_plan is None:  # a deployment's ServerApp: the language of who ran `aseanfl run`/`evaluate`
-            from aseanfl.i18n import use
+            from common.i18n import use
 
             use(str(context.run_config.get("lang", "") or "") or None)
         if context.run_config.get("mode") == "evaluation":  # `aseanfl evaluate -f`: score a model, train nothing
-            from .evaluation import deployed_evaluation
+            from server.evaluation.federated import deployed_evaluation
 
             return deployed_evaluation(context, grid)
         if context.run_config.get("mode") == "deployment":  # `aseanfl run` on real hospitals
-            from .deployment import deployment_plan
+            from server.engine.deployment import deployment_plan
 
             plan = deployment_plan(context, grid)
         elif make_plan is None:

@@ -3,7 +3,7 @@
 run folder: status, rounds, strategy; per run a live view of the score per round and site, each
 site's status per round, epsilon and bytes, and the run folder as one zip), Start (a run from a
 federation.yaml, validated as `aseanfl run` validates it; nothing is sent when invalid; a running
-run can be stopped), Contests (each contest's leaderboard, server/contest.py). It reads the server's folder and asks the SuperLink on its loopback port,
+run can be stopped), Contests (each contest's leaderboard, server/evaluation/contest.py). It reads the server's folder and asks the SuperLink on its loopback port,
 as the `aseanfl` commands do; it opens no other port."""
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse
 from starlette.background import BackgroundTask
 
-from aseanfl.charts import line_chart
-from aseanfl.i18n import ENV, N_, _, current
-from aseanfl.web import Console, build, form, local_time
+from common.charts import line_chart
+from common.i18n import ENV, N_, _, current
+from common.web import Console, build, form, local_time
 
-from .digest import MANY, digest
-from .outputs import IDLE
-from .provision import Federation
-from .words import node_word, run_word, status_word
+from server.records.digest import MANY, digest
+from server.records.outputs import IDLE
+from server.operations.provision import Federation
+from server.records.words import node_word, run_word, status_word
 
 PAGES = [("/hospitals", N_("Hospitals")), ("/runs", N_("Runs")), ("/start", N_("Start a run")), ("/contests", N_("Contests"))]
 RUN_NAME = re.compile(r"^run-[0-9]{1,20}$")  # Flower run ids are 64-bit
@@ -58,8 +58,8 @@ def _config(run_dir: Path) -> dict:
 
 def run_info(run_dir: Path, link: dict[int, str] | None = None) -> dict:
     """One run folder: what the runs page and the run page say of it."""
-    from .deployment import run_busy
-    from .outputs import read_rows
+    from server.engine.deployment import run_busy
+    from server.records.outputs import read_rows
 
     cfg, run_id = _config(run_dir), int(run_dir.name[4:])
     summary_path = run_dir / "summary.json"
@@ -109,7 +109,7 @@ def _spread_series(rows: list[dict], key: str) -> list[tuple[str, list[tuple[int
 
 def run_view(info: dict) -> dict:
     """Chart, site x round statuses, epsilon per site and bytes per round, from the run's rows."""
-    from .outputs import score_of
+    from server.records.outputs import score_of
 
     rows = info["rows"]
     suffix, label = score_of(rows)
@@ -207,8 +207,8 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
     from medimaging.yamlconfig import ConfigError
     from strategies.config import STRATEGIES
 
-    from . import control
-    from .deployment import check_run_config
+    from server.operations import control
+    from server.engine.deployment import check_run_config
 
     console = Console(N_("coordinator console: {name}"), N_("hospitals, runs"), PAGES, users_path(fed), name=fed.name,
                       language=current())
@@ -271,7 +271,7 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
     def contest_page(request: Request):
         import sqlite3
 
-        from .contest import contests, leaderboard
+        from server.evaluation.contest import contests, leaderboard
 
         try:
             boards, problems = [leaderboard(fed, c.name) for c in contests(fed)], []

@@ -12,7 +12,7 @@ from client.config import PrivacyConfig
 from medimaging.compute import Precision
 from medimaging.config import MODEL_MIN_SIZE, Strict
 from medimaging.yamlconfig import ConfigError, describe, parse_sets, read_config, set_dotted  # noqa: F401
-from server.config import RunConfig
+from server.engine.config import RunConfig
 
 DEFAULT_SITES = ["nanning", "hanoi", "bangkok", "kuala-lumpur", "jakarta", "manila"]
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from flwr.serverapp import ServerApp
 
-from client.app import build_client_app
-from client.messages import EvaluationSpec
-from server.evaluation import (ModelCard, check_against_task, check_model_file, evaluate_federation, evaluation_spec,
+from client.training.app import build_client_app
+from protocol.messages import EvaluationSpec
+from server.evaluation.federated import (ModelCard, check_against_task, check_model_file, evaluate_federation, evaluation_spec,
                                read_card)
 
-from .config import ConfigError, SimulationConfig, load_config
-from .federation import hospital, resolved, task_shape
-from .runner import SimulationFailed, check_gpus, engine
+from simulations.config import ConfigError, SimulationConfig, load_config
+from simulations.federation import hospital, resolved, task_shape
+from simulations.runner import SimulationFailed, check_gpus, engine
 
 
 def card_of_run(config_yaml: Path) -> ModelCard:

@@ -15,16 +15,16 @@ from datasets import Dataset
 from flwr.app import Context
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, LinearPartitioner
 
-from client.app import Hospital
-from client.privacy import epsilon_of, make_plan
+from client.training.hospital import Hospital
+from client.training.privacy import epsilon_of, make_plan
 from medimaging.compute import ComputeUnavailable, resolve_precision
 from medimaging.config import MODEL_MIN_SIZE, check_augment, check_model_task
 from medimaging.files import decode
 from medimaging.datasets import SiteData, Split, load_npz, npz_info, partition_labels, split_train_val, targets, to_tensor
 from medimaging.synthetic import site_images, site_profile, volume_side
-from server.loop import TaskShape
+from server.engine.plan import TaskShape
 
-from .config import ConfigError, SimulationConfig
+from simulations.config import ConfigError, SimulationConfig, load_config, parse_sets
 
 log = logging.getLogger("aseanfl")
 
@@ -220,10 +220,15 @@ def site_precision(cfg: SimulationConfig, site: str) -> torch.dtype | None:
         raise ConfigError(str(exc)) from None
 
 
+def config_from_run_config(run_config: dict) -> SimulationConfig:
+    """`flwr run . --run-config "config-file='x.yaml' set='server.rounds=3 model.name=cnn'"`."""
+    path = str(run_config.get("config-file", "") or "")
+    overrides = parse_sets(str(run_config.get("set", "") or "").split())
+    return resolved(load_config(Path(path) if path else None, overrides))
+
+
 def hospital_from_context(context: Context, image_size: int) -> Hospital:
     """The simulated hospital behind this node (its partition-id), for `flwr run`."""
-    from .runner import config_from_run_config
-
     cfg, index = config_from_run_config(context.run_config), int(context.node_config["partition-id"])
     if index >= len(cfg.sites):
         raise ValueError(

@@ -63,7 +63,7 @@ class LocalDeployment:
         """Create the federation if need be and enroll the hospitals not enrolled yet; the
         provision command's result (its stdout has every step's lines; a failed step's result
         is returned as it is)."""
-        from aseanfl.enrollment import REQUEST
+        from common.enrollment import REQUEST
 
         said, new = [], [s for s in sites or self.sites if not (self.kit(s) / "node.key").exists()]
         for site in new:

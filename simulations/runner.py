@@ -20,24 +20,18 @@ for _key, _value in (
 import torch  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from client.app import build_client_app  # noqa: E402
+from client.training.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
-from server.loop import Plan, Progress, local_keys  # noqa: E402
-from server.outputs import untrained  # noqa: E402
+from server.engine.plan import Plan, Progress  # noqa: E402
+from server.engine.updates import local_keys  # noqa: E402
+from server.records.outputs import untrained  # noqa: E402
 
 from strategies.factory import build_secure_workflow, build_strategy, cohort  # noqa: E402
 
-from .config import ConfigError, SimulationConfig, dump_config, load_config, parse_sets  # noqa: E402
-from .federation import (  # noqa: E402
-    check_budgets, distribution, global_test, hospital, resolved, site_precision, small_sites, task_shape,
+from simulations.config import ConfigError, SimulationConfig, dump_config  # noqa: E402
+from simulations.federation import (  # noqa: E402
+    check_budgets, config_from_run_config, distribution, global_test, hospital, resolved, site_precision, small_sites, task_shape,
 )
-
-
-def config_from_run_config(run_config: dict) -> SimulationConfig:
-    """`flwr run . --run-config "config-file='x.yaml' set='server.rounds=3 model.name=cnn'"`."""
-    path = str(run_config.get("config-file", "") or "")
-    overrides = parse_sets(str(run_config.get("set", "") or "").split())
-    return resolved(load_config(Path(path) if path else None, overrides))
 
 
 def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan:
@@ -176,7 +170,7 @@ def simulate(cfg: SimulationConfig, progress: Progress | None = None) -> Path:
 
 
 def nothing_trained(run_dir: Path) -> None:
-    """SimulationFailed where no round took in an update (server.outputs.untrained says why)."""
+    """SimulationFailed where no round took in an update (server.records.outputs.untrained says why)."""
     why = untrained(run_dir)
     if why:
         raise SimulationFailed(why)

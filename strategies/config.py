@@ -22,14 +22,14 @@ class UpdateValidation(Strict):
 
 
 class CompressionConfig(Strict):
-    """How hospitals encode their model updates (aseanfl/compression.py)."""
+    """How hospitals encode their model updates (common/compression.py)."""
 
     codec: Literal["none", "fp16", "int8", "int4"] = Field("none", description="none sends the trained weights as fp32")
     block: int = Field(256, ge=8, le=65536, description="int8/int4: values per scale")
     topk: float | None = Field(None, gt=0, le=1, description="send only this share of the update's largest values")
     error_feedback: bool = Field(True, description="the hospital adds what the last encoding lost to the next update")
     downlink: Literal["none", "fp16", "int8", "int4"] = Field(
-        "none", description="the server sends the global model as a delta in this codec (server/downlink.py)")
+        "none", description="the server sends the global model as a delta in this codec (server/engine/downlink.py)")
 
 
 class StrategyConfig(Strict):

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from .config import SecAggConfig, StrategyConfig
+from strategies.config import SecAggConfig, StrategyConfig
 
 
 def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -47,7 +47,7 @@ def post(address: str, path: str, ca: Path | bool, cert: tuple[Path, Path] | Non
     """One protobuf-over-HTTP POST as Flower's clients send it (ca=False: no server check, like curl -k)."""
     import ssl
 
-    from client.gate import mutual_tls
+    from client.operations.gate import mutual_tls
 
     if cert:
         context = mutual_tls(ca, *cert)
@@ -76,7 +76,7 @@ def signed_headers(node_key: Path) -> dict[str, str]:
 
 def fleet_post(address: str, path: str, ca: Path, cert: tuple[Path, Path], node_key: Path, body: bytes) -> httpx.Response:
     """A Fleet API call as a SuperNode makes it: mutual TLS with `cert`, signed with `node_key`."""
-    from client.gate import mutual_tls
+    from client.operations.gate import mutual_tls
 
     headers = {"content-type": "application/protobuf", "accept": "application/protobuf", **signed_headers(node_key)}
     with httpx.Client(verify=mutual_tls(ca, *cert), timeout=60) as client:
@@ -89,7 +89,7 @@ def raw_post(address: str, path: str, ca: Path, cert: tuple[Path, Path], size: i
     certificate, as far as the server lets it; the status line and body it answered."""
     import socket
 
-    from client.gate import mutual_tls
+    from client.operations.gate import mutual_tls
 
     host, port = address.rsplit(":", 1)
     piece = os.urandom(1 << 20)

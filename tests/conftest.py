@@ -29,7 +29,7 @@ def simulate_plan(plan, before_load=None, mods=()) -> Path:
     straggles), `mods` are client mods (e.g. one that poisons the update)."""
     from flwr.simulation import run_simulation
 
-    from client.app import build_client_app
+    from client.training.app import build_client_app
     from server.app import build_server_app
     from simulations.federation import hospital
     from simulations.runner import backend_config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from consoles import add_user, login, shot, wait_up
 
-from server.deployment import run_busy
+from server.engine.deployment import run_busy
 from simulations.local_deployment import LocalDeployment, free_port
 
 

@@ -19,8 +19,8 @@ CONTEST = "asean-cxr-2026"
 def _baseline(tmp: Path) -> tuple[Path, Path]:
     """A second team's model: the same architecture, untrained (seeded), with its model card."""
     from medimaging.config import ModelConfig
-    from server.config import RunConfig
-    from server.evaluation import ModelCard
+    from server.engine.config import RunConfig
+    from server.evaluation.federated import ModelCard
 
     folder = tmp / "team-baseline"
     folder.mkdir(exist_ok=True)
@@ -73,8 +73,8 @@ def central(hospitals: Path, sites: list[str], model: Path, private: bool = True
     from medimaging.config import ModelConfig
     from medimaging.datasets import load_npz, targets, to_tensor
     from medimaging.files import decode
-    from server.config import RunConfig
-    from server.evaluation import ModelCard
+    from server.engine.config import RunConfig
+    from server.evaluation.federated import ModelCard
 
     card = ModelCard(model=ModelConfig(name="cnn"), in_channels=1, num_classes=2, image_size=32, private=private)
     net = card.build(RunConfig())

@@ -12,7 +12,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.loop import Progress
+from server.engine.plan import Progress
 from simulations.local_deployment import write_pngs
 
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from aseanfl.allowlist import AllowListUnreadable, AppNotApproved, approve, bundle_hash, check_approved
-from client.gate import approved_bundle
-from server.gate import check_bundle
+from common.allowlist import AllowListUnreadable, AppNotApproved, approve, bundle_hash, check_approved
+from client.operations.gate import approved_bundle
+from server.operations.gate import check_bundle
 
 BUNDLE, OTHER = b"PK\x03\x04 an approved bundle", b"PK\x03\x04 someone else's bundle"
 

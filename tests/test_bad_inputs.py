@@ -17,13 +17,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aseanfl.cli import app
-from client.app import app as deployed_app
-from client.site import SITE_CONFIG_KEY
+from client.training.app import app as deployed_app
+from client.training.site import SITE_CONFIG_KEY
 from medimaging import dicomgen
 from medimaging.config import FilesConfig
 from medimaging.files import decode, read_pixels
-from server.loop import run_federation
-from server.report import write_report
+from server.engine.rounds import run_federation
+from server.records.report import write_report
 from simulations.config import load_config
 from simulations.runner import SimulationFailed, nothing_trained, prepare_run
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from server.loop import initial_arrays
+from server.engine.updates import initial_arrays
 from simulations.config import ConfigError, load_config
 from simulations.federation import task_shape
 from simulations.runner import simulate

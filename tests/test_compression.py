@@ -14,9 +14,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from aseanfl.compression import CompressionError, apply, compress, decode
-from client.messages import TaskSpec
-from client.mods import RESIDUAL_KEY, compression_mod
+from common.compression import CompressionError, apply, compress, decode
+from protocol.messages import TaskSpec
+from client.training.mods import RESIDUAL_KEY, compression_mod
 from medimaging.config import ModelConfig
 from medimaging.models import build_model
 from medimaging.yamlconfig import ConfigError, read_config
@@ -175,7 +175,7 @@ def test_a_federation_learns_on_a_quarter_of_the_upload_bytes(tmp_path):
 def test_the_server_rejects_a_compressed_update_that_does_not_decode_naming_the_site_and_the_array():
     from inprocess import Collect
 
-    from server.loop import _decoded
+    from server.engine.updates import decoded
     from strategies.config import CompressionConfig
 
     received, trained = _model_update()
@@ -193,7 +193,7 @@ def test_the_server_rejects_a_compressed_update_that_does_not_decode_naming_the_
         reply.metadata.__dict__["_src_node_id"] = node
         names[node] = reply.content["site"]["name"]
     rows, progress = {}, Collect()
-    kept = _decoded(replies, sent_model, CompressionConfig(codec="int8"), progress, 2, lambda s: rows.setdefault(s, {"site": s}),
+    kept = decoded(replies, sent_model, CompressionConfig(codec="int8"), progress, 2, lambda s: rows.setdefault(s, {"site": s}),
                     names)
     assert [m.content["site"]["name"] for m in kept] == ["hanoi"]
     restored = {k: a.numpy() for k, a in kept[0].content["arrays"].items()}
@@ -209,13 +209,13 @@ def _server_message(node: int, arrays: dict, config: ConfigRecord, kind=MessageT
 
 
 def test_the_global_model_goes_down_as_a_delta_against_what_each_hospital_holds(tmp_path):
-    """server/downlink.py with client/mods.downlink_mod: full to a hospital that holds nothing,
+    """server/engine/downlink.py with client/mods.downlink_mod: full to a hospital that holds nothing,
     one delta to one that holds the last version, a chain to one that sat rounds out, nothing new
     to one that is up to date; each rebuilds the server's model bit for bit, and one whose copy
     is gone is told so in one line and gets the full model next time."""
-    from aseanfl.compression import digest
-    from client.mods import downlink_mod
-    from server.downlink import Downlink
+    from common.compression import digest
+    from client.training.mods import downlink_mod
+    from server.engine.downlink import Downlink
 
     start, _ = _model_update(0)
     down = Downlink("int8", 256, ArrayRecord({k: Array(v) for k, v in start.items()}))
@@ -246,7 +246,7 @@ def test_the_global_model_goes_down_as_a_delta_against_what_each_hospital_holds(
         return sizes, replies
 
     def private_errors(m, ctxt):
-        from client.mods import private_errors_mod
+        from client.training.mods import private_errors_mod
 
         def inner(msg, c):
             return downlink_mod(msg, c, app)

@@ -13,13 +13,13 @@ import torch
 from flwr.app import MessageType
 from inprocess import InProcessGrid, site_yaml
 
-from client.app import app as deployed_app
+from client.training.app import app as deployed_app
 from client.config import load_site
-from client.site import SITE_CONFIG_KEY
+from client.training.site import SITE_CONFIG_KEY
 from medimaging.compute import ComputeUnavailable, cores, resolve_device
 from medimaging.yamlconfig import ConfigError
-from server.loop import run_federation
-from server.outputs import read_rows
+from server.engine.rounds import run_federation
+from server.records.outputs import read_rows
 from simulations.config import load_config
 from simulations.federation import hospital
 from simulations.local_deployment import BIN
@@ -105,7 +105,7 @@ def test_bf16_autocast_trains_plain_and_with_dp_sgd_hooks_and_ghost():
     """Mixed precision on the CPU (the same code path a GPU takes): bf16 costs no AUC here, the
     weights stay fp32, and Opacus' per-sample clipping works under it in both modes."""
     from client.config import PrivacyConfig, TrainConfig
-    from client.privacy import make_plan, train_private
+    from client.training.privacy import make_plan, train_private
     from medimaging.config import ModelConfig
     from medimaging.datasets import Split, to_tensor
     from medimaging.models import build_model
@@ -150,9 +150,9 @@ OOM_RUN = """
 import os, resource, sys
 sys.path.insert(0, {tests!r})
 from inprocess import Collect, InProcessGrid
-from client.app import build_client_app
-from server.loop import run_federation
-from server.outputs import read_rows
+from client.training.app import build_client_app
+from server.engine.rounds import run_federation
+from server.records.outputs import read_rows
 from simulations.config import load_config
 from simulations.federation import hospital
 from simulations.runner import prepare_run

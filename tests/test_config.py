@@ -69,8 +69,8 @@ def test_min_sites_cannot_exceed_sites():
         load_config(None, {"sites": 3, "strategy.min_sites": 4})
 
 
-def test_the_readme_shows_config_errors_as_they_are_printed():
+def test_the_researcher_guide_shows_config_errors_as_they_are_printed():
     from pathlib import Path
 
     line = run_cli("--model", "vgg").stderr.strip()
-    assert line and line in (Path(__file__).parents[1] / "README.md").read_text()
+    assert line and line in (Path(__file__).parents[1] / "docs" / "researcher.md").read_text()

@@ -37,9 +37,9 @@ def _start(tmp: Path, name: str, *args: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def consoles(tmp_path_factory):
-    from client import approvals
+    from client.operations import approvals
     from client.config import load_site
-    from server.outputs import RunRecorder
+    from server.records.outputs import RunRecorder
 
     tmp = tmp_path_factory.mktemp("consoles")
     site_path = site_yaml(tmp, "site-a", 0, tmp / "site-a" / "state")
@@ -70,12 +70,12 @@ def consoles(tmp_path_factory):
 def _routes(kind: str, consoles) -> list[tuple[str, str]]:
     """(method, path) of every route the console serves, path parameters filled in."""
     if kind == "client":
-        from client.console import build_console
+        from client.operations.console import build_console
 
         app, _ = build_console(consoles["site"])
     else:
         from server.console import build_console
-        from server.provision import load_federation
+        from server.operations.provision import load_federation
 
         app, _ = build_console(load_federation(consoles["fed"]))
     found = []
@@ -277,8 +277,8 @@ def test_decoder_notes_on_the_data_page_hide_the_header_values_they_quote(consol
     from pydicom import config
     from pydicom.valuerep import validate_value
 
-    from client.console import _hide_values
-    from client.datacheck import DataCheck
+    from client.operations.console import _hide_values
+    from client.operations.datacheck import DataCheck
 
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
@@ -347,8 +347,8 @@ def test_each_script_is_drawn_with_a_font_that_has_it_and_the_switch_is_remember
     Chromium with a font of that script (the platform fonts DevTools reports for the node, each
     with glyphs drawn, none a fallback for missing glyphs) and visibly inked; then the language
     switch: a click on "Tiếng Việt" is remembered by the next page whatever the browser asks."""
-    from aseanfl.fonts import SCRIPTS
-    from aseanfl.i18n import render
+    from common.fonts import SCRIPTS
+    from common.i18n import render
 
     shots = consoles["tmp"] / "shots"
     shots.mkdir(exist_ok=True)

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file
 from processes import descendants, listening, live_processes, zombies
 
 from medimaging.compute import cores
-from server.evaluation import sha256
+from server.evaluation.federated import sha256
 from simulations.local_deployment import BIN, LocalDeployment, aseanfl, free_port
 
 APPROVED, UNAPPROVED = ["site-a", "site-b", "site-c"], "site-d"
@@ -112,7 +112,7 @@ def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
     --resume`; while the resumed round 2 trains, site-a's daemon is killed (-9) and started again
     (as systemd would). site-a trains with DP-SGD; its hospital allows 40 epsilon in all, so the
     rounds that run again are accounted, not refused."""
-    from server.checkpoint import round_of
+    from server.engine.checkpoint import round_of
 
     kit = dep.kit("site-a")
     (kit / "site.yaml").write_text((kit / "site.yaml").read_text().replace(
@@ -208,7 +208,7 @@ def _listening(dep: LocalDeployment) -> dict[str, set]:
 def _rogue_supernode(tmp: Path, dep: LocalDeployment) -> subprocess.CompletedProcess:
     """A node key the coordinator never registered, presented with a valid hospital certificate
     (site-d's, say a curious hospital's second machine): the door admits it, node auth does not."""
-    from server.provision import provision
+    from server.operations.provision import provision
 
     other, _ = provision(tmp / "rogue", "rogue", ["intruder"], dep.address)
     env = {**os.environ, "ASEANFL_SITE_CONFIG": str(dep.kit(UNAPPROVED) / "site.yaml")}
@@ -325,7 +325,7 @@ def _member_attacks_the_front(dep: LocalDeployment, member: str) -> dict:
     from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
     from flwr.proto.node_pb2 import Node
 
-    from client.gate import mutual_tls
+    from client.operations.gate import mutual_tls
 
     kit, other, ca = dep.kit(member), dep.kit("site-b"), dep.fed / "ca.crt"
     cert = (kit / "client.crt", kit / "client.key")
@@ -626,8 +626,8 @@ def test_the_contest_ranks_two_submissions_as_the_central_figures_do(deployed):
     refuses; an identical model is not scored again; a broken file is refused before anything
     is sent."""
     from medimaging.scoring import GRID, _rank_auc
-    from server.contest import leaderboard
-    from server.provision import load_federation
+    from server.evaluation.contest import leaderboard
+    from server.operations.provision import load_federation
 
     c, tmp = deployed["contest"], deployed["tmp"]
     for key in ("evaluate", "federated", "baseline team", "copycat", "leaderboard"):
@@ -883,7 +883,7 @@ def test_a_certificate_is_admitted_only_with_its_own_hospitals_node_key(deployed
 
 
 def test_a_flood_from_one_certificate_is_cut_to_its_rate(deployed):
-    from server.front import BURST, RATE_PER_S
+    from server.operations.front import BURST, RATE_PER_S
 
     f = deployed["front"]
     codes, seconds = f["flood"], f["flood seconds"]

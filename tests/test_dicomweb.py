@@ -20,16 +20,16 @@ from orthanc import READER, READER_PASSWORD, start_orthanc, stop_orthanc
 from typer.testing import CliRunner
 
 from aseanfl.cli import app
-from client.app import app as deployed_app
+from client.training.app import app as deployed_app
 from client.config import load_site
-from client.site import SITE_CONFIG_KEY
+from client.training.site import SITE_CONFIG_KEY
 from medimaging import dicomgen
 from medimaging.datasets import Split, targets, to_tensor
 from medimaging.dicomweb import store_of
 from medimaging.files import decode
 from medimaging.synthetic import site_images
-from server.loop import run_federation
-from server.outputs import read_rows
+from server.engine.rounds import run_federation
+from server.records.outputs import read_rows
 from simulations.config import load_config
 from simulations.runner import prepare_run
 

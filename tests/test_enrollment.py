@@ -34,7 +34,7 @@ def test_enrollment_leaves_every_private_key_at_its_hospital(tmp_path):
                   "--enroll", str(b / "enroll-request.json"))
     assert res.returncode == 0, res.stdout + res.stderr
     # the coordinator reads the same fingerprint the hospital was shown
-    from aseanfl.enrollment import fingerprint
+    from common.enrollment import fingerprint
 
     assert f"enrolled site-a: request fingerprint {fingerprint((a / 'enroll-request.json').read_bytes())}" in res.stdout
     assert _private_files(fed, ca) == ["ca.key", "server.key"], _private_files(fed, ca)

@@ -1,4 +1,4 @@
-"""Federated evaluation's input checks (server/evaluation.py): a model file that is not
+"""Federated evaluation's input checks (server/evaluation/federated.py): a model file that is not
 safetensors, cut short, or holds another model's tensors, and a model card that does not fit the
 federation's task, are each one clear error before any hospital is contacted."""
 
@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from medimaging.config import ModelConfig
 from medimaging.yamlconfig import ConfigError
-from server.config import RunConfig
-from server.evaluation import ModelCard, check_against_task, check_model_file, read_card, sha256
-from server.loop import TaskShape
+from server.engine.config import RunConfig
+from server.evaluation.federated import ModelCard, check_against_task, check_model_file, read_card, sha256
+from server.engine.plan import TaskShape
 
 CARD = ModelCard(model=ModelConfig(name="cnn"), in_channels=1, num_classes=2, image_size=28)
 
@@ -82,7 +82,7 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
 
     data = medmnist_file("pneumoniamnist")
     fed = {"data.path": str(data), "sites": 3, "partition.scheme": "quantity", "data.val_fraction": 0.1}
-    run_dir = simulate(load_config(None, {**fed, "server.rounds": 2, "train.local_epochs": 1, "server.cross_site": True,
+    run_dir = simulate(load_config(None, {**fed, "server.rounds": 2, "train.local_epochs": 1, "server.engine.cross_site": True,
                                           "server.cross_site_min_cases": 30, "server.output_dir": str(tmp_path / "runs")}))
     model_file = run_dir / "model.safetensors"
 
@@ -135,7 +135,7 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
     assert band["auc"]["low"] < result["pooled"]["auc"] < band["auc"]["high"]
     assert band["accuracy"]["low"] < result["pooled"]["accuracy"] < band["accuracy"]["high"]
 
-    # cross-site (server.cross_site): the global model's row is the same model scored as above, the
+    # cross-site (server.engine.cross_site): the global model's row is the same model scored as above, the
     # hospitals' own final-round models are other models, the small hospital's column is withheld
     cross = json.loads((run_dir / "cross_site.json").read_text())
     assert cross["rows"] == ["global", *sorted(cfg.sites)] and cross["sites"] == sorted(cfg.sites)
@@ -159,7 +159,7 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
 
 
 def test_cross_site_refuses_what_would_show_one_hospitals_protected_model():
-    from server.config import RunConfig
+    from server.engine.config import RunConfig
 
     for extra, said in (({"strategy": {"secure_aggregation": {}}}, "never sees one hospital's model"),
                         ({"strategy": {"fedbn": True}}, "normalisation layers")):
@@ -182,7 +182,7 @@ def test_an_evaluation_reply_holds_the_fixed_schema_and_the_audit_flags_anything
     more field in its figures (patient ids), or one more key, or no model hash, is flagged."""
     import numpy as np
 
-    from client.audit import AuditLog, describe, verify
+    from client.operations.audit import AuditLog, describe, verify
     from medimaging.scoring import score
 
     rng = np.random.default_rng(0)
@@ -211,9 +211,9 @@ def test_an_evaluation_reply_holds_the_fixed_schema_and_the_audit_flags_anything
 def test_a_hospital_scores_only_the_model_whose_sha256_was_named():
     import hashlib
 
-    from client.contest import MODEL_KEY, model_record, received_model
-    from client.messages import EvaluationSpec
-    from client.site import SiteDataError
+    from client.training.contest import MODEL_KEY, model_record, received_model
+    from protocol.messages import EvaluationSpec
+    from client.training.site import SiteDataError
     from safetensors.torch import save
 
     blob = save({k: v.contiguous() for k, v in CARD.build(RunConfig()).state_dict().items()})
@@ -234,10 +234,10 @@ def test_a_hospital_with_noise_epsilon_scores_under_dp_the_same_way_twice(tmp_pa
 
     from safetensors.torch import save
 
-    from client.app import Hospital
-    from client.contest import MODEL_KEY, model_record, score_model
-    from client.messages import EvaluationSpec
-    from client.site import SiteDataError
+    from client.training.app import Hospital
+    from client.training.contest import MODEL_KEY, model_record, score_model
+    from protocol.messages import EvaluationSpec
+    from client.training.site import SiteDataError
     from medimaging.datasets import SiteData, Split
     from medimaging.synthetic import site_images
 

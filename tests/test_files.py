@@ -150,9 +150,9 @@ def test_deployed_site_without_usable_images_replies_with_a_clear_error_naming_n
     from flwr.app import ArrayRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import app as client_app
-    from client.messages import TaskSpec
-    from client.site import SITE_CONFIG_KEY
+    from client.training.app import app as client_app
+    from protocol.messages import TaskSpec
+    from client.training.site import SITE_CONFIG_KEY
     from medimaging.config import ModelConfig
     from client.config import TrainConfig
     from medimaging.models import build_model

@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.config import PrivacyConfig, TrainConfig
-from client.privacy import make_plan, train_private
+from client.training.privacy import make_plan, train_private
 from medimaging.config import ModelConfig
 from medimaging.models import build_model
 from medimaging.synthetic import site_images
@@ -94,9 +94,9 @@ def test_deterministic_mode_gives_identical_numbers_on_the_gpu():
 def test_out_of_gpu_memory_at_a_hospital_is_a_named_error(tmp_path):
     from inprocess import Collect, InProcessGrid
 
-    from client.app import build_client_app
-    from server.loop import run_federation
-    from server.outputs import read_rows
+    from client.training.app import build_client_app
+    from server.engine.rounds import run_federation
+    from server.records.outputs import read_rows
     from simulations.federation import hospital
     from simulations.runner import prepare_run
 

@@ -18,14 +18,14 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import Collect, InProcessGrid, site_yaml
 
-from client.app import app as deployed_app
-from client.audit import AuditLog, verify
+from client.training.app import app as deployed_app
+from client.operations.audit import AuditLog, verify
 from client.config import load_site
-from client.gate import AuditUnwritable, audited_push
-from client.site import SITE_CONFIG_KEY
-from client.warm import AUDIT_DOWN, TaskRunner
-from server.loop import run_federation
-from server.outputs import read_rows
+from client.operations.gate import AuditUnwritable, audited_push
+from client.training.site import SITE_CONFIG_KEY
+from client.operations.warm import AUDIT_DOWN, TaskRunner
+from server.engine.rounds import run_federation
+from server.records.outputs import read_rows
 from simulations.config import load_config
 from simulations.runner import prepare_run
 

@@ -1,4 +1,4 @@
-"""The region's languages (aseanfl/i18n.py): every catalog covers every message the sources mark,
+"""The region's languages (common/i18n.py): every catalog covers every message the sources mark,
 with the same placeholders, compiled as shipped, its glossary's terms used consistently; the
 language is chosen as documented; `client check-data` speaks Thai and Vietnamese on real files."""
 
@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from aseanfl.i18n import LANGUAGES, LOCALE_DIR, PLACEHOLDER, Text, choose, compile_catalog, extract, po_path, read_catalog
+from common.i18n import LANGUAGES, LOCALE_DIR, PLACEHOLDER, Text, choose, compile_catalog, extract, po_path, read_catalog
 
 TRANSLATED = LANGUAGES[1:]
 
@@ -24,8 +24,8 @@ def template():
 def test_every_catalog_covers_every_message_with_the_same_placeholders(lang, template):
     catalog = {m.id: m for m in read_catalog(lang) if m.id}
     missing = sorted(template - {i for i, m in catalog.items() if m.string and not m.fuzzy})
-    assert not missing, f"{lang}: no translation for {missing[:5]} (python -m aseanfl.i18n update, then translate)"
-    assert not sorted(set(catalog) - template), f"{lang}: obsolete messages (python -m aseanfl.i18n update)"
+    assert not missing, f"{lang}: no translation for {missing[:5]} (python -m common.i18n update, then translate)"
+    assert not sorted(set(catalog) - template), f"{lang}: obsolete messages (python -m common.i18n update)"
     for msgid in template:
         said = catalog[msgid].string
         assert sorted(PLACEHOLDER.findall(said)) == sorted(PLACEHOLDER.findall(msgid)), (lang, msgid, said)
@@ -35,8 +35,8 @@ def test_every_catalog_covers_every_message_with_the_same_placeholders(lang, tem
 @pytest.mark.parametrize("lang", TRANSLATED)
 def test_catalogs_compile_and_the_shipped_ones_are_current(lang):
     shipped = po_path(lang).with_suffix(".mo")
-    assert shipped.is_file(), f"{shipped} missing: python -m aseanfl.i18n compile"
-    assert shipped.read_bytes() == compile_catalog(lang), f"{shipped} is stale: python -m aseanfl.i18n compile"
+    assert shipped.is_file(), f"{shipped} missing: python -m common.i18n compile"
+    assert shipped.read_bytes() == compile_catalog(lang), f"{shipped} is stale: python -m common.i18n compile"
 
 
 def _words(msgid: str) -> str:
@@ -143,8 +143,8 @@ def test_plots_with_thai_and_khmer_labels_have_every_glyph(tmp_path):
     glyphs, the labels fall back to English with one warning."""
     import logging
 
-    from aseanfl import fonts
-    from aseanfl.i18n import _, set_language
+    from common import fonts
+    from common.i18n import _, set_language
 
     labels = ["โรงพยาบาลรามาธิบดี", "មន្ទីរពេទ្យកាល់ម៉ែត", "รอบ"]
     set_language("th")
@@ -182,7 +182,7 @@ def test_fonts_installed_after_matplotlib_cached_its_font_list_are_found():
     without them must not leave Thai plots in English for good."""
     from matplotlib import font_manager
 
-    from aseanfl import fonts
+    from common import fonts
 
     manager = font_manager.fontManager
     saved = list(manager.ttflist)
@@ -259,11 +259,11 @@ def test_hospital_commands_speak_the_hospitals_language(tmp_path):
 def test_coordinator_commands_and_round_words_speak_the_coordinators_language(tmp_path):
     """`provision` and `run`'s config errors in Khmer and Indonesian; the per-site status words
     and a hospital's refusal rendered on the server from its code and numbers, not its English text."""
-    from client.messages import Refusal
-    from server.digest import digest
-    from server.words import refusal_line, status_word
+    from protocol.messages import Refusal
+    from server.records.digest import digest
+    from server.records.words import refusal_line, status_word
 
-    from aseanfl.i18n import set_language
+    from common.i18n import set_language
 
     out = tmp_path / "federation"
     km = _aseanfl("--lang", "km", "provision", "--federation", "asean-cxr", "--sites", "cho-ray,siriraj",
@@ -298,14 +298,14 @@ def test_coordinator_commands_and_round_words_speak_the_coordinators_language(tm
 
 def test_a_process_that_never_chose_speaks_the_language_its_daemon_handed_down(tmp_path):
     """A daemon's workers never parse --lang: `client start` puts its language in ASEANFL_LANG
-    (client/daemon.py daemon_env) and their first message takes it from there."""
+    (client/operations/daemon.py daemon_env) and their first message takes it from there."""
     import os
     import sys
 
     from client.config import load_site
-    from client.daemon import daemon_env
+    from client.operations.daemon import daemon_env
 
-    from aseanfl.i18n import ENV, set_language
+    from common.i18n import ENV, set_language
 
     (tmp_path / "data").mkdir()
     (tmp_path / "site.yaml").write_text("site: cho-ray\ndata:\n  root: data\n")
@@ -314,6 +314,6 @@ def test_a_process_that_never_chose_speaks_the_language_its_daemon_handed_down(t
         assert daemon_env(load_site(tmp_path / "site.yaml"), tmp_path / "site.yaml")[ENV] == "km"
     finally:
         set_language("en")
-    said = subprocess.run([sys.executable, "-c", "from server.words import status_word; print(status_word('no-reply'))"],
+    said = subprocess.run([sys.executable, "-c", "from server.records.words import status_word; print(status_word('no-reply'))"],
                           capture_output=True, text=True, timeout=60, env={**os.environ, ENV: "km"})
     assert said.stdout.strip() == "គ្មានចម្លើយ", said.stdout + said.stderr

@@ -1,5 +1,5 @@
-"""Who a reply is from: the node that sent it, never the name it declares (server.loop), a reply
-pushed in another node's name (server.gate.check_senders), and a revoked hospital that a round
+"""Who a reply is from: the node that sent it, never the name it declares (server.engine.rounds), a reply
+pushed in another node's name (server.operations.gate.check_senders), and a revoked hospital that a round
 does not wait for. The deployment test plays each against real processes."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 from flwr.proto.fleet_pb2 import PushMessagesRequest
 from flwr.proto.node_pb2 import Node
 
-from server.gate import ForgedSender, check_senders
-from server.loop import Plan, _await_rejoin, _site_name, impostor, learn_names, unregistered
+from server.operations.gate import ForgedSender, check_senders
+from server.engine.exchange import await_rejoin
+from server.engine.names import impostor, learn_names, site_name, unregistered
+from server.engine.plan import Plan
 
 
 def _reply(node: int, declared: str | None) -> Message:
@@ -26,11 +28,11 @@ def _reply(node: int, declared: str | None) -> Message:
 def test_a_reply_is_named_by_its_node_and_a_declared_other_name_is_an_impostor():
     names = {11: "site-a", 22: "site-b"}
     liar = _reply(11, "site-b")
-    assert _site_name(liar, names) == "site-a" and impostor(liar, names) == "site-b"
+    assert site_name(liar, names) == "site-a" and impostor(liar, names) == "site-b"
     assert impostor(_reply(22, "site-b"), names) is None
     # an unknown node is named by what it declares, unless a known hospital holds that name
     learn_names([_reply(33, "site-c"), _reply(44, "site-a")], names)
-    assert names[33] == "site-c" and 44 not in names and _site_name(_reply(44, "site-a"), names) == "node-44"
+    assert names[33] == "site-c" and 44 not in names and site_name(_reply(44, "site-a"), names) == "node-44"
 
 
 def test_a_push_in_another_nodes_name_is_refused():
@@ -65,14 +67,14 @@ def test_a_round_does_not_wait_for_a_revoked_hospital(tmp_path):
     stopper.start()
     try:
         started = time.monotonic()
-        now = _await_rejoin(_Grid([11]), {11, 33}, 600, plan, {11: "site-a", 33: "site-c (revoked)"}, 2)
+        now = await_rejoin(_Grid([11]), {11, 33}, 600, plan, {11: "site-a", 33: "site-c (revoked)"}, 2)
     finally:
         stopper.cancel()
     assert now == {11} and problems == [] and time.monotonic() - started < 15
     # a hospital that is still registered is waited for (and named)
     registry.write_text(json.dumps({"site-a": "11", "site-c": "33"}))
     plan.stop.clear()
-    waited = _await_rejoin(_Grid([11]), {11, 33}, 1.5, plan, {11: "site-a", 33: "site-c"}, 2)
+    waited = await_rejoin(_Grid([11]), {11, 33}, 1.5, plan, {11: "site-a", 33: "site-c"}, 2)
     assert waited == {11} and "site-c disconnected" in problems[0] and "still away" in problems[1]
 
 
@@ -83,10 +85,10 @@ def test_the_round_loop_names_an_impostor_by_its_node_and_says_when_only_validat
     from flwr.app import MessageType
     from inprocess import Collect, InProcessGrid, site_yaml
 
-    from client.app import app as deployed_app
-    from client.site import SITE_CONFIG_KEY
-    from server.loop import run_federation
-    from server.outputs import read_rows
+    from client.training.app import app as deployed_app
+    from client.training.site import SITE_CONFIG_KEY
+    from server.engine.rounds import run_federation
+    from server.records.outputs import read_rows
     from simulations.config import load_config
     from simulations.runner import prepare_run
 

@@ -1,7 +1,7 @@
-"""Model arrays travel packed (aseanfl/packing.py): a handful of Flower objects per message
+"""Model arrays travel packed (common/packing.py): a handful of Flower objects per message
 whatever the model, every array back bit for bit and in order, a blob that does not decode
 refused with its reason, the audit log still naming every tensor that left; and the hospital's
-poll clock (client/gate.py)."""
+poll clock (client/operations/gate.py)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from flwr.supercore.task_identity import TaskIdentity
 from inprocess import Collect, InProcessGrid
 from safetensors.numpy import save
 
-from aseanfl import packing
-from aseanfl.packing import KEY, STYPE, PackingError, pack, unpack
-from client import gate
-from client.app import build_client_app
-from client.audit import AuditLog, describe, verify
+from common import packing
+from common.packing import KEY, STYPE, PackingError, pack, unpack
+from client.operations import gate
+from client.training.app import build_client_app
+from client.operations.audit import AuditLog, describe, verify
 from medimaging.config import ModelConfig
 from medimaging.models import build_model
-from server.loop import run_federation
-from server.outputs import read_rows
+from server.engine.rounds import run_federation
+from server.records.outputs import read_rows
 from simulations.config import load_config
 from simulations.federation import hospital
 from simulations.runner import prepare_run

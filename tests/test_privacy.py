@@ -12,7 +12,7 @@ import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.config import PrivacyConfig, TrainConfig
-from client.privacy import BudgetExceeded, LedgerError, PrivacyLedger, epsilon_of, make_plan, train_private
+from client.training.privacy import BudgetExceeded, LedgerError, PrivacyLedger, epsilon_of, make_plan, train_private
 from medimaging.config import AugmentConfig, ModelConfig
 from medimaging.datasets import Split
 from medimaging.models import build_model

@@ -13,10 +13,10 @@ from flwr.app import MessageType
 from inprocess import InProcessGrid
 from safetensors.numpy import load_file
 
-from client.app import build_client_app
-from server import checkpoint
-from server.loop import run_federation
-from server.outputs import read_rows
+from client.training.app import build_client_app
+from server.engine import checkpoint
+from server.engine.rounds import run_federation
+from server.records.outputs import read_rows
 from simulations.config import load_config
 from simulations.federation import hospital
 from simulations.runner import prepare_run

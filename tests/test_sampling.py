@@ -11,8 +11,8 @@ import pytest
 from rich.console import Console
 
 from aseanfl.progress import RichProgress
-from server.digest import digest
-from server.report import write_report
+from server.records.digest import digest
+from server.records.report import write_report
 from simulations.config import ConfigError, load_config
 from simulations.runner import prepare_run, simulate
 

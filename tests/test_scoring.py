@@ -146,8 +146,8 @@ def test_a_hospitals_noise_seed_is_its_own_secret_and_fixed_per_model(tmp_path):
     import os
     from types import SimpleNamespace
 
-    from client.contest import NOISE_KEY_FILE, noise_seed
-    from client.messages import EvaluationSpec
+    from client.training.contest import NOISE_KEY_FILE, noise_seed
+    from protocol.messages import EvaluationSpec
     from medimaging.config import ModelConfig
 
     spec = EvaluationSpec(evaluation="e", model_sha256="a" * 64, model=ModelConfig(name="cnn"), in_channels=1,

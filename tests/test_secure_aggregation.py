@@ -10,7 +10,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from safetensors.torch import load_file
 
 from conftest import simulate_plan
-from server.loop import Progress, initial_arrays
+from server.engine.plan import Progress
+from server.engine.updates import initial_arrays
 from simulations.config import ConfigError, load_config
 from simulations.runner import prepare_run, simulate
 

@@ -130,10 +130,10 @@ def test_deployed_site_trains_on_its_masks_and_refuses_another_task(mask_files, 
     from flwr.app import ArrayRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import app as client_app
+    from client.training.app import app as client_app
     from client.config import TrainConfig
-    from client.messages import TaskSpec
-    from client.site import SITE_CONFIG_KEY
+    from protocol.messages import TaskSpec
+    from client.training.site import SITE_CONFIG_KEY
     from medimaging.config import ModelConfig
     from medimaging.models import build_model
 

@@ -8,8 +8,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import Collect
 
-from client.messages import REFUSAL_KEY, Refusal, TrainMetrics
-from server.loop import _checked, learn_names
+from protocol.messages import REFUSAL_KEY, Refusal, TrainMetrics
+from server.engine.exchange import checked
+from server.engine.names import learn_names
 
 _ids = iter(range(1, 1000))
 
@@ -51,8 +52,8 @@ def test_only_schema_conformant_replies_are_kept():
     ]
     progress, refusals = Collect(), {}
     names: dict[int, str] = {}
-    learn_names(replies, names)  # nodes the server did not know: named by what they declared (_exchange)
-    kept = _checked(replies, TrainMetrics, progress, 3, "training", refusals, names)
+    learn_names(replies, names)  # nodes the server did not know: named by what they declared (exchange)
+    kept = checked(replies, TrainMetrics, progress, 3, "training", refusals, names)
     assert [m.content.config_records["site"]["name"] for m in kept] == ["bangkok"]
     text = "\n".join(progress.problems)
     assert "hanoi sent metrics that break the schema" in text and "patient-age" in text
@@ -65,8 +66,8 @@ def test_hospital_errors_reach_the_server_without_local_detail(caplog):
     """A hospital whose data loading fails: the reply says what kind of failure, never the path."""
     from flwr.app import Context
 
-    from client.app import build_client_app
-    from client.messages import TaskSpec
+    from client.training.app import build_client_app
+    from protocol.messages import TaskSpec
     from client.config import TrainConfig
     from medimaging.config import ModelConfig
 
@@ -124,12 +125,12 @@ def test_a_hospital_that_went_away_gets_its_own_no_reply_row_not_the_links():
     for the SuperLink's own node id (the `node-1,error` row of before)."""
     import threading
 
-    from server.loop import _exchange
+    from server.engine.exchange import exchange
 
     messages = [Message(RecordDict({"config": ConfigRecord({"task": "{}"})}), dst_node_id=n, message_type=MessageType.TRAIN)
                 for n in (11, 12, 13)]
     silent = []
-    replies, sent = _exchange(_LinkThatLostANode(lost=13), messages, 5.0, {13: "site-c"},
+    replies, sent = exchange(_LinkThatLostANode(lost=13), messages, 5.0, {13: "site-c"},
                               lambda nid, nbytes, why: silent.append((nid, why)), threading.Event())
     assert sorted(sent) == ["site-11", "site-12"] and len(replies) == 2
     assert [nid for nid, _ in silent] == [13] and "went offline" in silent[0][1] and "Node unavailable" in silent[0][1]
@@ -141,7 +142,7 @@ def test_a_killed_daemons_port_is_free_again_at_once_but_a_live_one_is_not():
     connections in TIME_WAIT, which must not read as 'in use' (the SuperNode binds over them)."""
     import socket
 
-    from client.daemon import _port_free
+    from client.operations.daemon import _port_free
 
     with socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's server does

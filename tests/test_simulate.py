@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from medimaging.models import build_model
 from medimaging.training import evaluate
-from server.loop import Progress
+from server.engine.plan import Progress
 from simulations.config import load_config
 from simulations.federation import global_test, task_shape
 from simulations.runner import simulate

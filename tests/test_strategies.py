@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, MessageType
 from safetensors.torch import load_file
 
 from conftest import simulate_plan
-from server.loop import initial_arrays
+from server.engine.updates import initial_arrays
 from simulations.config import ConfigError, load_config
 from simulations.federation import task_shape
 from simulations.runner import prepare_run, simulate

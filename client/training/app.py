@@ -1,0 +1,207 @@
+"""The hospital ClientApp: local training and validation on data that never leaves the site."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from common.i18n import _
+from medimaging.compute import precision_name, set_deterministic
+from medimaging.datasets import SiteData
+from medimaging.models import build_model, norm_keys
+from medimaging.training import evaluate, train_epochs
+
+from client.training.hospital import Hospital, HospitalLoader
+from protocol.messages import REFUSAL_KEY, EvalMetrics, EvaluationSpec, Refusal, TaskSpec, TrainMetrics
+from client.training.mods import central_dp_mod, compression_mod, downlink_mod, packing_mod, private_errors_mod
+from client.training.secure import secure_aggregation_mod
+from client.training.site import SiteDataError, load_site_hospital
+from client.training.privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
+
+log = logging.getLogger("aseanfl")
+LOCAL_NORMS = "fedbn-local-norms"  # a record in the node's own state, never in a message
+PROXIMAL_KEY = "proximal-mu"
+
+
+def _load(load_hospital: HospitalLoader, context: Context, task: TaskSpec) -> Hospital:
+    hospital = load_hospital(context, task.image_size)
+    data = hospital.data.train
+    kind = "segmentation" if data.segmentation else "classification"
+    dims = data.x.ndim - 2
+    if (kind, dims) != (task.task, task.spatial_dims):
+        raise SiteDataError(f"this hospital's data are for {dims}D {kind}, the run is {task.spatial_dims}D {task.task}")
+    if hospital.num_classes is not None and hospital.num_classes != task.num_classes:
+        raise SiteDataError(f"this hospital's data has {hospital.num_classes} classes, the run's model "
+                            f"{task.num_classes}")
+    return hospital
+
+
+def _site_seed(task: TaskSpec, site: str) -> int:
+    return (task.seed * 1_000_003 + task.server_round * 7919 + zlib.crc32(site.encode())) % 2**31
+
+
+def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
+    """The server's model; under FedBN with this hospital's own normalisation layers (kept in the
+    node's state between rounds; freshly initialised in its first round)."""
+    model = build_model(task.model, task.in_channels, task.num_classes, task.image_size, task.private, task.spatial_dims)
+    arrays = msg.content["arrays"].to_torch_state_dict()
+    if not task.fedbn:
+        model.load_state_dict(arrays)
+        return model
+    if LOCAL_NORMS in context.state.array_records:
+        arrays.update(context.state.array_records[LOCAL_NORMS].to_torch_state_dict())
+    missing, extra = set(model.state_dict()) - set(arrays), set(arrays) - set(model.state_dict())
+    if extra or missing - norm_keys(model):
+        raise ValueError(f"FedBN: the server's arrays do not fit this model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(extra)[:3]})")
+    model.load_state_dict(arrays, strict=False)
+    return model
+
+
+def _outgoing(task: TaskSpec, model: torch.nn.Module, context: Context) -> ArrayRecord:
+    """What leaves: the whole model, or under FedBN all but the normalisation layers, which stay."""
+    state = model.state_dict()
+    if not task.fedbn:
+        return ArrayRecord(state)
+    local = norm_keys(model)
+    context.state[LOCAL_NORMS] = ArrayRecord(OrderedDict((k, v) for k, v in state.items() if k in local))
+    return ArrayRecord(OrderedDict((k, v) for k, v in state.items() if k not in local))
+
+
+def _reply(site: SiteData, records: dict) -> RecordDict:
+    return RecordDict({**records, "site": ConfigRecord({"name": site.name})})
+
+
+def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float) -> dict:
+    """Train (privately if the hospital's policy says so); the reply's records."""
+    site, cfg, policy, seed = hospital.data, task.train, hospital.privacy, _site_seed(task, hospital.data.name)
+    epsilon = math.nan
+    if policy.enabled:
+        plan = make_plan(policy, len(site.train), cfg, task.total_rounds)
+        try:
+            ledger = PrivacyLedger(ledger_path(policy, hospital.ledger_root / task.run / "privacy", site.name), site.name, plan)
+            epsilon = ledger.charge(task.run, task.server_round, plan, policy.cap)  # before training: a crash still counts
+        except LedgerError as exc:
+            log.error("%s: %s", site.name, exc)  # the local log names the file; the reply does not
+            return {REFUSAL_KEY: Refusal(code="privacy-ledger", reason=exc.reason, epsilon_budget=policy.cap).record()}
+        except BudgetExceeded as exc:
+            log.warning(_("{site}: refused round {round} of run {run}: it would raise epsilon from {spent} to {after}, "
+                          "above this hospital's privacy budget {budget}", site=site.name, round=task.server_round,
+                          run=task.run, spent=f"{exc.spent:.4f}", after=f"{exc.after:.4f}", budget=policy.cap))
+            reason = (f"round {task.server_round} would raise epsilon from {exc.spent:.4f} to {exc.after:.4f}, "
+                      f"above this hospital's budget {policy.cap}")
+            return {REFUSAL_KEY: Refusal(code="privacy-budget", reason=reason, epsilon_spent=exc.spent,
+                                         epsilon_budget=policy.cap).record()}
+        loss, steps, _spent = train_private(model, site.train, cfg, policy, plan, seed, proximal_mu=mu,
+                                       precision=hospital.precision)
+    else:
+        loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu,
+                                   cfg.augment, hospital.precision)
+    metrics = TrainMetrics(num_examples=len(site.train), train_loss=loss, steps=steps, epsilon=epsilon)
+    return {"metrics": metrics.record()}
+
+
+class OutOfDeviceMemory(SiteDataError):
+    """The task did not fit the hospital's GPU memory; said to the server (names no file or value)."""
+
+
+def _hardware(hospital: Hospital) -> None:
+    torch.set_num_threads(hospital.threads)
+    set_deterministic(hospital.deterministic)
+
+
+@contextmanager
+def _device_memory(task: TaskSpec, hospital: Hospital):
+    """An out-of-memory on the hospital's GPU becomes a named error for this site (the round goes
+    on with the others), and the memory is given back for the next task."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise  # the CPU allocator's out-of-memory is a RuntimeError; other RuntimeErrors are not this
+        log.error("%s: %s", hospital.data.name, " ".join(str(exc).split())[:300])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        local = ("set compute.precision: bf16 or share the GPU with fewer tasks" if hospital.device.type == "cuda"
+                 else "give the daemon more memory")
+        raise OutOfDeviceMemory(
+            f"out of memory on the hospital's {hospital.device.type.upper()} ({task.model.name}, {task.image_size} px, "
+            f"train.batch_size {task.train.batch_size if hasattr(task, 'train') else 64}, {precision_name(hospital.precision)}); the coordinator can lower train.batch_size, "
+            f"the hospital can {local}") from None
+
+
+def _finetuned(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> dict[str, float]:
+    """Validation scores of the global model after one local epoch (the copy is discarded)."""
+    if hospital.privacy.enabled:  # it would train on private data outside the ledger
+        raise ValueError("finetune_eval is not available for a hospital that trains with DP-SGD")
+    tuned, cfg = copy.deepcopy(model), task.train
+    train_epochs(tuned, hospital.data.train, 1, cfg.batch_size, cfg.lr, cfg.optimizer, _site_seed(task, hospital.data.name),
+                 augment=cfg.augment, precision=hospital.precision)
+    return evaluate(tuned, hospital.data.val, task.num_classes, precision=hospital.precision)
+
+
+def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
+    hospital: its site.yaml; a simulation hands its own). `extra_mods` run just inside the error
+    guard and the wire packing, before SecAgg+ and clipping (e.g. a site's own audit)."""
+    app = ClientApp(mods=[private_errors_mod, packing_mod, downlink_mod, compression_mod, *extra_mods, secure_aggregation_mod,
+                          central_dp_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        task = TaskSpec.from_config(msg.content["config"])
+        hospital = _load(load_hospital, context, task)
+        _hardware(hospital)
+        torch.manual_seed(_site_seed(task, hospital.data.name))
+        model = _model(task, msg, context).to(hospital.device)  # the reply's arrays go back to the CPU (Flower's Array)
+        mu = float(msg.content["config"].get(PROXIMAL_KEY, 0.0))  # Flower's FedProx sends it
+        with _device_memory(task, hospital):
+            records = _train(task, hospital, model, mu)
+        if REFUSAL_KEY not in records:
+            records = {"arrays": _outgoing(task, model, context), **records}
+        return Message(content=_reply(hospital.data, records), reply_to=msg)
+
+    @app.evaluate()
+    def validate(msg: Message, context: Context) -> Message:
+        task = TaskSpec.from_config(msg.content["config"])
+        hospital = _load(load_hospital, context, task)
+        _hardware(hospital)
+        site, model = hospital.data, _model(task, msg, context).to(hospital.device)
+        with _device_memory(task, hospital):
+            scores = evaluate(model, site.val, task.num_classes, precision=hospital.precision)
+            tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}
+        metrics = EvalMetrics(
+            num_examples=len(site.val), val_loss=scores["loss"], val_accuracy=scores["accuracy"], val_auc=scores["auc"],
+            ft_val_accuracy=tuned.get("accuracy"), ft_val_auc=tuned.get("auc"),
+            val_dice=scores.get("dice"), ft_val_dice=tuned.get("dice"),
+        )
+        return Message(content=_reply(site, {"metrics": metrics.record()}), reply_to=msg)
+
+    @app.evaluate("contest")
+    def contest(msg: Message, context: Context) -> Message:
+        """Score a submitted model on this hospital's held-out cases; only aggregate figures leave."""
+        from client.training.contest import SCORES_KEY, score_model, scores_record
+
+        spec = EvaluationSpec.from_config(msg.content["config"])
+        hospital = _load(load_hospital, context, spec)  # the same checks: task, dimensions, classes
+        _hardware(hospital)
+        with _device_memory(spec, hospital):
+            scores = score_model(spec, msg.content, hospital)
+        log.info("%s: scored model %s for evaluation %s on %d %s cases", hospital.data.name, spec.model_sha256[:12],
+                 spec.evaluation, scores.cases, scores.split)
+        return Message(content=_reply(hospital.data, {SCORES_KEY: scores_record(scores, spec)}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app(load_site_hospital)  # a deployed hospital (its SuperNode names its site.yaml)

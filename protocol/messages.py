@@ -1,0 +1,147 @@
+"""Schemas of what crosses the wire between server and hospital (besides model arrays).
+
+The server sends a TaskSpec; a hospital replies with TrainMetrics / EvalMetrics, a fixed set
+of aggregate numbers. extra="forbid" on both sides means nothing else can ride along.
+"""
+
+from __future__ import annotations
+
+import json
+
+import math
+from typing import Literal
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from pydantic import BaseModel, ConfigDict, Field
+
+from medimaging.config import AugmentConfig, Dims, ModelConfig, Strict, Task
+
+TASK_KEY = "task"
+NAMES_KEY = "array-names"  # SecAgg+: legacy Parameters have no names; the server sends them alongside
+MODEL_KEY = "model"  # an evaluation request's array record: the model file, bytes as one uint8 array
+FILE_KEY = "file"
+
+
+def model_record(blob: bytes) -> ArrayRecord:
+    """A model file's bytes as the request's array record."""
+    return ArrayRecord({FILE_KEY: Array(np.frombuffer(blob, dtype=np.uint8).copy())})
+
+
+class TrainConfig(Strict):
+    local_epochs: int = Field(2, ge=1, le=100)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    augment: AugmentConfig = AugmentConfig()
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TaskSpec(Message):
+    """What the server asks a hospital to do in one round."""
+
+    run: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run id; names ledger entries")
+    server_round: int = Field(ge=0)
+    total_rounds: int = Field(ge=1, description="planned rounds; DP noise is calibrated for them")
+    seed: int
+    model: ModelConfig
+    train: TrainConfig
+    in_channels: int = Field(ge=1)
+    num_classes: int = Field(ge=2)
+    image_size: int = Field(ge=8)
+    task: Task = Field("classification", description="classification (incl. multi-label) or segmentation")
+    spatial_dims: Dims = Field(2, description="2 = images, 3 = volumes")
+    private: bool = Field(False, description="the federation trains with DP-SGD: DP-compatible model")
+    client_clipping: Literal["none", "fixed", "adaptive"] = Field(
+        "none", description="clip the update at the hospital (Flower client-side central DP)"
+    )
+    fedbn: bool = Field(False, description="keep normalisation layers at the hospital; send the rest")
+    finetune_eval: bool = Field(False, description="also validate after one local epoch of fine-tuning")
+    codec: Literal["none", "fp16", "int8", "int4"] = Field("none", description="how the update is encoded")
+    block: int = Field(256, ge=8, le=65536)
+    topk: float | None = Field(None, gt=0, le=1)
+    error_feedback: bool = True
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec != "none" or self.topk is not None
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({TASK_KEY: self.model_dump_json()})
+
+    @classmethod
+    def from_config(cls, record: ConfigRecord) -> "TaskSpec":
+        return cls.model_validate(json.loads(str(record[TASK_KEY])))
+
+
+class TrainMetrics(Message):
+    num_examples: int = Field(alias="num-examples", ge=1)
+    train_loss: float = Field(alias="train-loss")
+    steps: int = Field(ge=0)
+    epsilon: float = Field(description="the hospital's total epsilon spent so far; NaN without DP")
+    norm_bit: bool | None = Field(None, description="set by Flower's adaptive clipping mod: update was clipped")
+
+    def record(self) -> MetricRecord:
+        return MetricRecord(self.model_dump(by_alias=True, exclude_none=True))
+
+
+class EvalMetrics(Message):
+    num_examples: int = Field(alias="num-examples", ge=1)
+    val_loss: float = Field(alias="val-loss")
+    val_accuracy: float = Field(alias="val-accuracy", ge=0, le=1)
+    val_auc: float = Field(alias="val-auc")
+    ft_val_accuracy: float | None = Field(None, alias="ft-val-accuracy", ge=0, le=1)
+    ft_val_auc: float | None = Field(None, alias="ft-val-auc")
+    val_dice: float | None = Field(None, alias="val-dice", description="segmentation: mean Dice of the foreground labels")
+    ft_val_dice: float | None = Field(None, alias="ft-val-dice")
+
+    def record(self) -> MetricRecord:
+        return MetricRecord(self.model_dump(by_alias=True, exclude_none=True))
+
+
+REFUSAL_KEY = "refusal"
+
+
+class Refusal(Message):
+    """A hospital's structured 'no' to a round: it did not train, and says why."""
+
+    code: Literal["privacy-budget", "privacy-ledger"]
+    reason: str
+    epsilon_spent: float = Field(math.nan, alias="epsilon-spent")
+    epsilon_budget: float = Field(math.nan, alias="epsilon-budget")
+
+    def record(self) -> ConfigRecord:
+        return ConfigRecord(self.model_dump(by_alias=True))
+
+
+EVALUATION_KEY = "evaluation"
+SCORES_KEY = "scores"  # an evaluation reply's config record: "json" (medimaging.scoring.SiteScores), "model-sha256"
+
+
+class EvaluationSpec(Message):
+    """What the server asks a hospital to score (federated evaluation): a model of this card,
+    its arrays in the message, identified by the model file's sha256."""
+
+    evaluation: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="evaluation id; names audit entries")
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model: ModelConfig
+    in_channels: int = Field(ge=1)
+    num_classes: int = Field(ge=2)
+    image_size: int = Field(ge=8)
+    task: Task = "classification"
+    spatial_dims: Dims = 2
+    private: bool = False
+    min_cases: int = Field(20, ge=1, description="figures on fewer positives or negatives are withheld")
+    threshold: float = Field(0.5, gt=0, lt=1, description="operating point: probability of class 1")
+    split: Literal["test", "validation"] = Field("test", description="the cases asked for (a hospital's site.yaml may name its own)")
+    seed: int = 0
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({EVALUATION_KEY: self.model_dump_json()})
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "EvaluationSpec":
+        return cls.model_validate_json(str(config[EVALUATION_KEY]))

@@ -1,0 +1,61 @@
+"""Pydantic schema of a federated run as the coordinator configures it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from protocol.messages import TrainConfig
+from medimaging.config import DataConfig, ModelConfig, Strict
+from strategies.config import StrategyConfig
+
+
+class ServerConfig(Strict):
+    rounds: int = Field(8, ge=1, le=10_000)
+    round_timeout_s: float = Field(600.0, gt=0, description="how long a round waits for hospitals' replies")
+    rejoin_wait_s: float = Field(90.0, ge=0, description="a round waits this long for a hospital that was connected at "
+                                                         "the round before and is reconnecting (a daemon restarted "
+                                                         "after a crash needs up to ~60 s); once per absence")
+    output_dir: Path = Field(Path("runs"), description="run folders are created inside it")
+    tracking: Literal["none", "tensorboard", "mlflow"] = Field(
+        "none", description="also write metrics.csv's values to TensorBoard (run folder) or MLflow (server/records/tracking.py)")
+    tracking_uri: str | None = Field(None, description="MLflow's tracking URI; default a SQLite file beside the run folders")
+    cross_site: bool = Field(False, description="after the last round, score the global model and each hospital's "
+                                                "final-round model at every hospital (server/engine/cross_site.py)")
+    cross_site_min_cases: int = Field(20, ge=1, description="cross-site figures on fewer positives or negatives are withheld")
+
+    @field_validator("tracking")
+    @classmethod
+    def _installed(cls, kind: str) -> str:
+        from server.records.tracking import missing
+
+        why = missing(kind)
+        if why:
+            raise ValueError(why)
+        return kind
+
+
+class RunConfig(Strict):
+    name: str = Field("aseanfl", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(42, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    server: ServerConfig = ServerConfig()
+
+    @model_validator(mode="after")
+    def _cross_site_composes(self) -> "RunConfig":
+        s = self.strategy
+        if not self.server.cross_site:
+            return self
+        why = ("secure_aggregation: the server never sees one hospital's model" if s.secure_aggregation is not None
+               else "central_dp: one hospital's model is protected only inside the noised aggregate"
+               if s.central_dp is not None
+               else "fedbn: the hospitals' models come back without their normalisation layers" if s.fedbn else None)
+        if why:
+            raise ValueError(f"server.engine.cross_site does not go with strategy.{why}")
+        return self

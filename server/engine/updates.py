@@ -1,0 +1,134 @@
+"""The global model between rounds: the arrays shared (FedBN keeps norm layers at home),
+decoding compressed updates, screening updates before any strategy, and the server's own test."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+
+from medimaging.datasets import Split
+from medimaging.models import norm_keys
+from medimaging.training import evaluate
+from strategies.config import UpdateValidation
+
+from server.engine.config import RunConfig
+from server.engine.names import site_name
+from server.engine.plan import Progress, TaskShape
+
+
+def local_keys(cfg: RunConfig, shape: TaskShape, private: bool = False) -> set[str]:
+    """Arrays that stay at the hospitals: the normalisation layers under FedBN, else none."""
+    if not cfg.strategy.fedbn:
+        return set()
+    return norm_keys(shape.model(cfg, private))
+
+
+def without(arrays: ArrayRecord, keys: set[str]) -> ArrayRecord:
+    return ArrayRecord({k: v for k, v in arrays.items() if k not in keys}) if keys else arrays
+
+
+def merged(arrays: ArrayRecord, new: ArrayRecord) -> ArrayRecord:
+    """The global model with the aggregated arrays in, in the model's dtypes (FedOpt computes in
+    float64); under FedBN the norm layers keep their values."""
+    out = dict(arrays.items())
+    for name, array in new.items():
+        out[name] = Array(array.numpy().astype(out[name].numpy().dtype, copy=False))
+    return ArrayRecord(out)
+
+
+def _update_problem(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> tuple[str, str] | None:
+    """(code, reason) if a hospital's arrays cannot be a model update of `reference`."""
+    if set(arrays) != set(reference):
+        odd = sorted(set(arrays) ^ set(reference))[:3]
+        return "shape", f"its arrays are not the model's (differs at {', '.join(odd)})"
+    for name, array in arrays.items():
+        value, ref = array.numpy(), reference[name]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return "shape", f"{name} is {value.dtype}{list(value.shape)}, the model's is {ref.dtype}{list(ref.shape)}"
+        if not np.all(np.isfinite(value)):
+            return "non-finite", f"{name} holds NaN or Inf"
+    return None
+
+
+def decoded(replies: list[Message], sent: ArrayRecord, c, progress: Progress, rnd: int,
+             row: Callable[[str], dict], names: dict[int, str]) -> list[Message]:
+    """Compressed updates (strategy.compression) turned back into the hospitals' trained arrays,
+    against the model the server sent; one that does not decode, or decodes to other shapes, is
+    left out as rejected:decode with the reason. (Traffic was counted before: compressed bytes.)"""
+    if c.codec == "none" and c.topk is None:
+        return replies
+    from common.compression import CompressionError, apply, decode
+
+    reference = {k: a.numpy() for k, a in sent.items()}
+    kept = []
+    for reply in replies:
+        try:
+            update = decode({k: a.numpy() for k, a in reply.content["arrays"].items()}, reference, c.codec, c.block, c.topk)
+        except CompressionError as exc:
+            row(site_name(reply, names))["status"] = "rejected:decode"
+            progress.problem(f"round {rnd} training: update from {site_name(reply, names)} rejected: its compressed "
+                             f"update does not decode: {exc}")
+            continue
+        reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in apply(reference, update).items()})
+        kept.append(reply)
+    return kept
+
+
+def screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, progress: Progress, rnd: int,
+              row: Callable[[str], dict], names: dict[int, str]) -> list[Message]:
+    """Server-side update validation, before any strategy: an update with NaN/Inf, the wrong
+    arrays, shapes or dtypes, or a norm beyond norm_factor x the round's median is left out,
+    its site and the reason reported; the round goes on with the rest."""
+    if not cfg.enabled:
+        return replies
+    reference = {k: a.numpy() for k, a in sent.items()}
+    kept, norms = [], []
+    for reply in replies:
+        problem = _update_problem(reply.content["arrays"], reference)
+        if problem is None:
+            arrays = reply.content["arrays"]
+            norms.append(math.sqrt(sum(float(np.sum((arrays[k].numpy().astype(np.float64) - ref) ** 2))
+                                       for k, ref in reference.items() if np.issubdtype(ref.dtype, np.floating))))
+            kept.append(reply)
+            continue
+        row(site_name(reply, names))["status"] = f"rejected:{problem[0]}"
+        progress.problem(f"round {rnd} training: update from {site_name(reply, names)} rejected: {problem[1]}")
+    if len(kept) < cfg.min_sites_for_norm:
+        return kept
+    median = statistics.median(norms)
+    out = []
+    for reply, norm in zip(kept, norms, strict=True):
+        if median > 0 and norm > cfg.norm_factor * median:
+            row(site_name(reply, names))["status"] = "rejected:norm"
+            progress.problem(f"round {rnd} training: update from {site_name(reply, names)} rejected: its norm {norm:.4g} is "
+                             f"{norm / median:.1f}x the round's median {median:.4g} (limit {cfg.norm_factor:g}x)")
+        else:
+            out.append(reply)
+    return out
+
+
+def score_key(task: str) -> str:
+    """The federated validation score that picks the best round: AUC, or Dice for segmentation."""
+    return "val_dice" if task == "segmentation" else "val_auc"
+
+
+def initial_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> ArrayRecord:
+    torch.manual_seed(cfg.seed)
+    return ArrayRecord(shape.model(cfg, private).state_dict())
+
+
+def server_evaluate(
+    cfg: RunConfig, shape: TaskShape, arrays: ArrayRecord, test: Split, private: bool = False
+) -> dict[str, float]:
+    model = shape.model(cfg, private)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    scores = evaluate(model, test, shape.num_classes)
+    for key, value in scores.items():  # per class/label lists: one column, "0.91;0.78"
+        if isinstance(value, list):
+            scores[key] = ";".join(f"{v:.4f}" for v in value)
+    return scores

@@ -1,0 +1,1 @@
+"""Scoring a finished model at the hospitals: `aseanfl evaluate -f` and the region's contest."""
