@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
@@ -12,11 +15,51 @@ from server.engine.plan import PHASES, Progress
 from server.records.outputs import score_of
 from server.records.words import refusal_line, status_word
 
-from common.i18n import _
+from common.i18n import _, size
 
 
 def _f(value) -> str:
     return "-" if value is None or value != value else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _columns(score: tuple[str, str]) -> list[tuple[str, Callable[[dict], str], int]]:
+    """(header, cell, priority): at a narrow width the highest priority numbers are dropped first."""
+    key, name = score
+    return [
+        (_("site"), lambda r: r["site"], 0),
+        (_("status"), lambda r: "" if r["site"] == "global" else status_word(r.get("status") or "ok"), 1),
+        (_("epsilon"), lambda r: _f(r.get("epsilon")), 3),
+        (_("train loss"), lambda r: _f(r.get("train_loss")), 7),
+        (_("val loss"), lambda r: _f(r.get("val_loss")), 8),
+        (_("val {score}", score=name), lambda r: _f(r.get(f"val_{key}")), 2),
+        (_("test {score}", score=name), lambda r: _f(r.get(f"test_{key}")), 6),
+        (_("examples"), lambda r: _f(r.get("num_train")), 4),
+        (_("bytes out"), lambda r: size(r.get("bytes_from_site")), 5),
+    ]
+
+
+PAD = 3  # rich's table: a space each side of a cell and a rule between columns (one rule fewer in all)
+
+
+def fit(headers: list[str], cells: list[list[str]], priority: list[int], width: int | None) -> list[int]:
+    """The columns (indices, in order) that fit `width` whole, dropping the least needed first;
+    all of them when width is None."""
+    need = [max([cell_len(h)] + [cell_len(row[i]) for row in cells]) + PAD for i, h in enumerate(headers)]
+    keep = list(range(len(headers)))
+    if width is None:
+        return keep
+    for i in sorted(keep, key=lambda i: -priority[i]):
+        if sum(need[j] for j in keep) - 1 <= width or priority[i] <= 1:  # site and status always stay
+            break
+        keep.remove(i)
+    return keep
+
+
+def table_width(table: Table) -> int:
+    """The width a table needs to print every column whole (for output with no width: a log)."""
+    from rich.console import Console as Measure
+
+    return Measure(width=10_000).measure(table).maximum
 
 
 class RichProgress(Progress):
@@ -47,27 +90,33 @@ class RichProgress(Progress):
                       counts=d.counts())
             caption = _("{spread}; shown: failed, worst and best sites; every row in metrics.csv", spread=d.spread())
             rows = d.shown() + [r for r in rows if r["site"] == "global"]
+        columns = _columns(score_of(rows))
+        cells = [[cell(r) for _h, cell, _p in columns] for r in rows]
+        # In a terminal, the columns that fit its width, whole; piped into a log, every column
+        # (a log has no width, and a cut line is lost for good).
+        width = self.console.width if self.console.is_terminal else None
+        keep = fit([h for h, _c, _p in columns], cells, [p for _h, _c, p in columns], width)
+        left = [columns[i][0] for i in range(len(columns)) if i not in keep]
+        if left:
+            note = _("not shown at this width: {columns} (every column is in metrics.csv)", columns=", ".join(left))
+            caption = f"{caption}\n{note}" if caption else note
         table = Table(title=title, title_justify="left", show_edge=False, caption=caption, caption_justify="left")
-        score, name = score_of(rows)
-        widest = max(len(r["site"]) for r in rows)  # site names whole, however narrow the terminal or pipe
-        columns = (_("site"), _("status"), _("epsilon"), _("train loss"), _("val loss"), _("val {score}", score=name),
-                   _("test {score}", score=name), _("examples"), _("bytes out"))
-        for i, col in enumerate(columns):
-            if i == 0:
-                table.add_column(col, justify="left", no_wrap=True, min_width=widest)
-            else:
-                table.add_column(col, justify="right")
-        for r in rows:
-            style = "bold" if r["site"] == "global" else None
-            status = "" if r["site"] == "global" else status_word(r.get("status") or "ok")
-            table.add_row(r["site"], status, _f(r.get("epsilon")), _f(r.get("train_loss")), _f(r.get("val_loss")),
-                          _f(r.get(f"val_{score}")), _f(r.get(f"test_{score}")), _f(r.get("num_train")),
-                          _f(r.get("bytes_from_site")), style=style)
-        self.bar.console.print(table)
+        for i in keep:
+            table.add_column(columns[i][0], justify="left" if i <= 1 else "right", no_wrap=True)
+        for r, row in zip(rows, cells, strict=True):
+            table.add_row(*(row[i] for i in keep), style="bold" if r["site"] == "global" else None)
+        if width is None:  # Console.print never goes past the console's width: widen it for this table
+            narrow, self.console.width = self.console.width, max(self.console.width, table_width(table))
+            try:
+                self.console.print(table)
+            finally:
+                self.console.width = narrow
+        else:
+            self.console.print(table)
         self.bar.update(self.task, completed=rnd)
 
     def refused(self, rnd: int, site: str, refusal) -> None:
-        self.bar.console.print(f"[yellow]{escape(refusal_line(rnd, site, refusal))}[/]")
+        self.bar.console.print(f"[yellow]{escape(refusal_line(rnd, site, refusal))}[/]", soft_wrap=True)
 
-    def problem(self, text: str) -> None:
-        self.bar.console.print(_("[yellow]warning:[/] {text}", text=text))
+    def problem(self, text: str) -> None:  # a sentence whole: the terminal wraps it, nothing cuts it
+        self.bar.console.print(_("[yellow]warning:[/] {text}", text=text), soft_wrap=True)

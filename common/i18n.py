@@ -86,6 +86,21 @@ def number(value, digits: int | None = None, lang: str | None = None) -> str:
     return format_decimal(value, format=fmt, locale=lang if lang != "en" else "en_US")
 
 
+def size(nbytes: float | None, lang: str | None = None) -> str:
+    """Bytes in decimal units, as the reader's locale writes them (Babel/CLDR): 340 kB, 1.2 MB."""
+    from babel.units import format_unit
+
+    if nbytes is None or nbytes != nbytes:
+        return "-"
+    lang = lang or current()
+    locale = lang if lang != "en" else "en_US"
+    for unit, scale in (("digital-gigabyte", 1e9), ("digital-megabyte", 1e6), ("digital-kilobyte", 1e3)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return format_unit(value, unit, length="short", locale=locale, format="#,##0.0" if value < 10 else "#,##0")
+    return format_unit(nbytes, "digital-byte", length="short", locale=locale, format="#,##0")
+
+
 def when(timestamp: float, lang: str | None = None) -> str:
     """A local date and time as the reader's locale writes it (Babel, medium format)."""
     from datetime import datetime
