@@ -171,6 +171,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder (simulated or 
 
 from aseanfl.client_cli import app as client_app  # noqa: E402
 from aseanfl.contest_cli import contest_app, leaderboard  # noqa: E402
+from aseanfl.demo import demo  # noqa: E402
 from aseanfl.server_cli import app_hash, console_cert, provision, run, server_app, status  # noqa: E402
 
 app.add_typer(client_app, name="client")
@@ -180,6 +181,7 @@ app.command()(leaderboard)
 app.command()(provision)
 app.command()(run)
 app.command()(status)
+app.command()(demo)
 app.command("app-hash")(app_hash)
 app.command("console-cert")(console_cert)
 
