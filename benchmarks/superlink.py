@@ -55,7 +55,7 @@ def _online(db: Path) -> int:
 
 def measure(nodes: int, idle: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        db, fleet = Path(tmp) / "state.db", _free_port()  # one port: Fleet, Control and Runtime APIs (Flower 1.41)
+        db, fleet = Path(tmp) / "state.db", _free_port()  # one port: Fleet, Control and Runtime APIs (Flower 1.41-1.42)
         env = {**os.environ, "FLWR_HOME": tmp, "FLWR_TELEMETRY_ENABLED": "0"}
         link = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--database", str(db), "--isolation", "process",

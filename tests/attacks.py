@@ -12,7 +12,7 @@ import tomli_w
 
 from simulations.local_deployment import BIN
 
-# Control and Runtime API paths of Flower 1.41's SuperLink, and the Fleet API's own node (un)registration
+# Control and Runtime API paths of Flower 1.41-1.42's SuperLink, and the Fleet API's own node (un)registration
 CONTROL = ["start-run", "list-runs", "stop-run", "stream-logs", "pull-artifacts", "register-node", "unregister-node",
            "list-nodes", "add-app", "start-automation"]
 RUNTIME = ["acquire-task", "pull-task-input", "create-task", "push-task-output"]

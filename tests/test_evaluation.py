@@ -82,7 +82,7 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
 
     data = medmnist_file("pneumoniamnist")
     fed = {"data.path": str(data), "sites": 3, "partition.scheme": "quantity", "data.val_fraction": 0.1}
-    run_dir = simulate(load_config(None, {**fed, "server.rounds": 2, "train.local_epochs": 1, "server.engine.cross_site": True,
+    run_dir = simulate(load_config(None, {**fed, "server.rounds": 2, "train.local_epochs": 1, "server.cross_site": True,
                                           "server.cross_site_min_cases": 30, "server.output_dir": str(tmp_path / "runs")}))
     model_file = run_dir / "model.safetensors"
 
@@ -135,7 +135,7 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
     assert band["auc"]["low"] < result["pooled"]["auc"] < band["auc"]["high"]
     assert band["accuracy"]["low"] < result["pooled"]["accuracy"] < band["accuracy"]["high"]
 
-    # cross-site (server.engine.cross_site): the global model's row is the same model scored as above, the
+    # cross-site (server.cross_site): the global model's row is the same model scored as above, the
     # hospitals' own final-round models are other models, the small hospital's column is withheld
     cross = json.loads((run_dir / "cross_site.json").read_text())
     assert cross["rows"] == ["global", *sorted(cfg.sites)] and cross["sites"] == sorted(cfg.sites)

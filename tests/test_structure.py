@@ -13,7 +13,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LINT = Path(sys.executable).parent / "lint-imports"
+# import-linter's `lint-imports` command, run by this interpreter (whichever environment runs the suite)
+LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
 CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
 PACKAGES = CONFIG["root_packages"]
 MAX_LINES = 400
@@ -21,7 +22,7 @@ MAX_LINES = 400
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(root)}  # this tree's packages, not the installed ones
-    return subprocess.run([str(LINT), str(root / "pyproject.toml"), "--no-cache"], cwd=root, env=env,
+    return subprocess.run([*LINT, str(root / "pyproject.toml"), "--no-cache"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""Experiment tracking (server.records.tracking): a real simulation writes to MLflow (its local SQLite
+"""Experiment tracking (server.tracking): a real simulation writes to MLflow (its local SQLite
 store) and another to TensorBoard (event files in the run folder); every number of metrics.csv,
 per site and global, is there at its round, and nothing else is made up."""
 
@@ -17,7 +17,7 @@ COLUMNS = ("val_auc", "val_loss", "train_loss", "test_auc", "bytes_from_site", "
 
 def _simulate(out, kind):
     res = subprocess.run([sys.executable, "-m", "aseanfl", "simulate", "--sites", "3", "--rounds", "2", "--seed", "7",
-                          "--set", f"server.records.tracking={kind}", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                          "--set", f"server.tracking={kind}", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Warning" not in res.stderr and "INFO" not in res.stdout + res.stderr, res.stderr[-2000:]
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
@@ -60,8 +60,8 @@ def test_tracking_needs_its_package_and_never_stops_a_run(tmp_path, monkeypatch,
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"server.records.tracking: .*mlflow is not installed: pip install 'aseanfl\[tracking\]'"):
-        read_config(None, {"server.records.tracking": "mlflow"}, SimulationConfig)
+    with pytest.raises(ConfigError, match=r"server.tracking: .*mlflow is not installed: pip install 'aseanfl\[tracking\]'"):
+        read_config(None, {"server.tracking": "mlflow"}, SimulationConfig)
     monkeypatch.undo()
     # a store that cannot be written: one warning, and the recorder goes on without it
     (tmp_path / "run-1").mkdir()

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 NAME = "checkpoint.safetensors"
 KEY = "aseanfl-checkpoint"
-# Strategy attributes that change from round to round (Flower 1.41's FedAvgM, FedOpt family and
+# Strategy attributes that change from round to round (Flower 1.41-1.42's FedAvgM, FedOpt family and
 # DP wrappers); the rest is built again from the config.
 STATE = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
 # Settings that may differ on resume: they do not change what a round computes.

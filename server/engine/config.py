@@ -57,5 +57,5 @@ class RunConfig(Strict):
                if s.central_dp is not None
                else "fedbn: the hospitals' models come back without their normalisation layers" if s.fedbn else None)
         if why:
-            raise ValueError(f"server.engine.cross_site does not go with strategy.{why}")
+            raise ValueError(f"server.cross_site does not go with strategy.{why}")
         return self

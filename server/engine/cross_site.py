@@ -1,4 +1,4 @@
-"""Cross-site evaluation after a federated run (`server.engine.cross_site: true`; NVFlare's cross-site
+"""Cross-site evaluation after a federated run (`server.cross_site: true`; NVFlare's cross-site
 validation): the final global model and each hospital's own model, as it came back in the final
 round (the round-before global model trained on that hospital's data), are each scored at every
 hospital on its own cases, as `aseanfl evaluate` scores a file (server/evaluation/federated.py), with the

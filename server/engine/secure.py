@@ -1,6 +1,6 @@
 """Server side of SecAgg+: one training phase through Flower's `SecAggPlusWorkflow`.
 
-Flower 1.41 offers SecAgg+ only as a legacy workflow (it wants a LegacyContext whose strategy
+Flower 1.41 and 1.42 offer SecAgg+ only as a legacy workflow (it wants a LegacyContext whose strategy
 has configure_fit/aggregate_fit). A small bridge hands it this round's Message-API tasks and
 takes back the unmasked, example-weighted mean: no single hospital's model is ever seen here.
 """

@@ -1,6 +1,6 @@
 """The federation's public front: nginx terminating mutual TLS and forwarding only the Fleet API.
 
-Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port, and the
+Flower 1.41-1.42's SuperLink serves its Fleet, Control and Runtime APIs on one HTTPS port, and the
 open-source Control API has no authentication. So the SuperLink listens on 127.0.0.1 only, and
 the federation's public address is served by nginx (Debian's package; chosen over a Python proxy
 because it is a well-kept TLS terminator with client-certificate checks, CRL reloads without a
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from server.operations.provision import Federation
 
-# the Fleet API calls of an authenticated SuperNode (flwr 1.41); register/unregister are not among them
+# the Fleet API calls of an authenticated SuperNode (flwr 1.41-1.42); register/unregister are not among them
 FLEET_PATHS = ("activate-node", "deactivate-node", "send-node-heartbeat", "pull-messages", "push-messages",
                "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received")
 DOOR = "/aseanfl/door"

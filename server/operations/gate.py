@@ -113,15 +113,76 @@ def check_senders(request) -> None:
                                f"{message.metadata.src_node_id}")
 
 
+# How long a restarted hospital's node is kept out while a task its previous SuperNode took is
+# unanswered: the ServerApp polls every 0.2 s, so it sees the node offline well within this.
+LOST_TASK_GRACE_S = 30.0
+
+
+def unanswered_tasks(state, node_id: int) -> int:
+    """Tasks delivered to `node_id` that are neither answered nor expired, if Flower counts the node
+    offline now (a SuperNode may only activate then); 0 while it is online."""
+    import time
+
+    from sqlalchemy import exists, func, select
+
+    from flwr.supercore.state.schema.linkstate_models import MessageIns, MessageRes, Node
+    from flwr.supercore.utils import uint64_to_int64
+
+    if not hasattr(state, "session"):  # Flower's in-memory state (aseanfl's SuperLink keeps a database)
+        return 0
+    node, now = uint64_to_int64(node_id), time.time()
+    with state.session() as session:
+        online_until = session.scalar(select(Node.online_until).where(Node.node_id == node))
+        if online_until is not None and online_until > now:
+            return 0
+        return session.scalar(select(func.count()).select_from(MessageIns).where(
+            MessageIns.dst_node_id == node, MessageIns.delivered_at != "",
+            MessageIns.created_at + MessageIns.ttl > now,
+            ~exists().where(MessageRes.reply_to_message_id == MessageIns.message_id))) or 0
+
+
+class LostTaskGate:
+    """Flower delivers a task once. If a hospital's SuperNode dies holding one (a crash, kill -9)
+    and its restarted daemon activates the node again before the ServerApp has polled while the
+    node was offline, Flower never answers the task for it and the round waits for its timeout.
+    So a node is activated only once no task delivered to its previous connection is
+    unanswered: meanwhile the ServerApp finds the node offline, gets Flower's 'node unavailable'
+    reply and goes on; the daemon retries within seconds. Never longer than
+    LOST_TASK_GRACE_S per node, so a task nobody polls for (a dead run) cannot keep it out."""
+
+    def __init__(self, activate, grace: float = LOST_TASK_GRACE_S) -> None:
+        self.activate, self.grace, self.held = activate, grace, {}
+
+    def __call__(self, request, state):
+        import time
+
+        from flwr.supercore.error import ApiErrorCode, FlowerError
+
+        node_id = state.get_node_id_by_public_key(request.public_key)
+        waiting = unanswered_tasks(state, node_id) if node_id is not None else 0
+        if waiting:
+            first = self.held.setdefault(node_id, time.monotonic())
+            if time.monotonic() - first < self.grace:
+                print(f"aseanfl: node {node_id} activates again with {waiting} task(s) of its previous connection "
+                      "unanswered: held until the ServerApp has counted them lost", flush=True)
+                raise FlowerError(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED,
+                                  f"aseanfl: {waiting} task(s) delivered to this node's previous connection are not "
+                                  "answered yet; activate again in a few seconds")
+        self.held.pop(node_id, None)
+        return self.activate(request=request, state=state)
+
+
 def superlink_main() -> None:
     """`aseanfl-superlink`: Flower's SuperLink whose Fleet API refuses a reply pushed in another
-    node's name (check_senders), with 403 and a line in its log."""
+    node's name (check_senders), with 403 and a line in its log, and activates a restarted node
+    only once the tasks its previous connection took are counted lost (LostTaskGate)."""
     from fastapi import HTTPException
 
     from flwr.superlink.cli import flower_superlink
     from flwr.superlink.servicer.fleet import fleet_handlers
 
     push = fleet_handlers.push_messages
+    fleet_handlers.activate_node = LostTaskGate(fleet_handlers.activate_node)
 
     def push_messages_checked(request, state):
         try:

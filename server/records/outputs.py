@@ -32,7 +32,7 @@ class RunRecorder:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path, self.jsonl_path = run_dir / "metrics.csv", run_dir / "metrics.jsonl"
-        self.tracker = None  # server/records/tracking.py: set by `track` where server.records.tracking asks for one
+        self.tracker = None  # server/records/tracking.py: set by `track` where server.tracking asks for one
         kept = [r for r in read_rows(run_dir) if int(r["round"]) <= keep_rounds] if keep_rounds is not None else []
         _replace(self.csv_path, lambda f: csv.writer(f).writerow(COLUMNS))
         _replace(self.jsonl_path, lambda f: None)

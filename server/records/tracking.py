@@ -1,5 +1,5 @@
 """Optional experiment tracking: every row the round recorder writes to metrics.csv also goes to
-TensorBoard or MLflow (`server.records.tracking`), the same values, per site and global, one step per
+TensorBoard or MLflow (`server.tracking`), the same values, per site and global, one step per
 round. TensorBoard writes event files into the run folder (`tensorboard/`); MLflow writes to
 `server.tracking_uri`, by default a local SQLite store beside the run folders
 (`<output_dir>/mlflow.db`: no server needed; MLflow 3 no longer writes its old file store).
