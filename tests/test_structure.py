@@ -113,3 +113,12 @@ def test_every_link_between_the_docs_resolves():
             elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
                 broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, broken
+
+
+def test_every_source_file_the_docs_name_exists():
+    """The docs follow the layout: a module they point a reader to is where they say."""
+    named = re.compile(r"(?<![\w./-])((?:aseanfl|common|protocol|client|server|strategies|simulations|medimaging|tests|"
+                       r"benchmarks)/[\w/-]+\.py)\b")
+    missing = [f"{page.name}: {path}" for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+               for path in named.findall(page.read_text()) if not (ROOT / path).is_file()]
+    assert not missing, missing
