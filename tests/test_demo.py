@@ -26,7 +26,7 @@ def _processes_under(folder: Path) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if str(folder) in cmd and "pytest" not in cmd:
+        if str(folder) in cmd and int(pid) != os.getpid():
             found.append(cmd)
     return found
 
@@ -58,13 +58,17 @@ def test_the_demo_starts_a_federation_and_prints_logins_and_the_run_command(demo
     logins = dict((m[1], (m[2], m[3], m[4])) for m in (re.match(r"^  (\S+)\s+(http://127\.0\.0\.1:\d+)\s+(\S+) / (\S+)$", x)
                                                        for x in lines) if m)
     assert set(logins) == {"coordinator", "nanning", "hanoi"}, lines
-    url, user, password = logins["coordinator"]
-    with session(url, user, password) as client:
+    client = session(*logins["coordinator"])  # the login printed opens the coordinator's console
+    try:
         page = client.get("/hospitals", headers={"Accept": "text/html"})
         assert page.status_code == 200 and "nanning" in page.text and "hanoi" in page.text
-    url, user, password = logins["hanoi"]
-    with session(url, user, password) as client:
+    finally:
+        client.close()
+    client = session(*logins["hanoi"])  # and each hospital's
+    try:
         assert client.get("/", headers={"Accept": "text/html"}).status_code in (200, 303)
+    finally:
+        client.close()
     status = aseanfl("status", "-f", str(folder / "federation")).stdout
     assert re.search(r"nanning .* online", status) and re.search(r"hanoi .* online", status), status
 

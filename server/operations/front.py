@@ -96,8 +96,11 @@ http {{
   client_max_body_size {MAX_BODY_MIB}m;
   # a body is held whole in memory (never in a temp file: nginx's workers may run as another
   # account, and model updates need not touch this disk), at most the cap per request and
-  # CONNECTIONS requests per hospital; nothing reaches the SuperLink before it is whole and within the cap
-  client_body_buffer_size {MAX_BODY_MIB}m;
+  # CONNECTIONS requests per hospital; nothing reaches the SuperLink before it is whole and within the cap.
+  # One MiB above the cap: a chunked body is refused (413) when the chunk that passes the cap is
+  # announced; with a buffer the size of the cap, a body that fills it exactly at a chunk's end was
+  # spilled to a temp file first (500 where the workers cannot write there)
+  client_body_buffer_size {MAX_BODY_MIB + 1}m;
   proxy_request_buffering on;
   proxy_buffering off;
   limit_req_zone $ssl_client_s_dn zone=per_hospital:1m rate={RATE_PER_S}r/s;
