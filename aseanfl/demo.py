@@ -30,36 +30,13 @@ def _fail(line: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _user(kind: str, where: Path, name: str) -> str:
-    """A console user with a password made for this demo, shown once."""
-    from simulations.local_deployment import BIN
+def _user(users: Path, name: str) -> str:
+    """A console user with a password made for this demo, shown once (`users`: the console's file)."""
+    from common.logins import add_user
 
     password = secrets.token_urlsafe(12)
-    flag = "-c" if kind == "client" else "-f"
-    done = subprocess.run([str(BIN / "aseanfl"), kind, "console-user", flag, str(where), name], input=password + "\n",
-                          capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        _fail((done.stderr or done.stdout).strip().splitlines()[-1], 1)
+    add_user(users, name, password)
     return password
-
-
-def _console(dep, name: str, args: list[str]) -> str:
-    import time
-
-    import httpx
-
-    from simulations.local_deployment import free_port
-
-    port = free_port()
-    proc = dep.start(name, *args, "--port", str(port))
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            httpx.get(url + "/login", timeout=2)
-            return url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise RuntimeError(f"the console {name} did not come up; see {dep.root / (name + '.log')}")
 
 
 def demo(
@@ -69,6 +46,12 @@ def demo(
 ) -> None:
     """The whole deployment on this machine: a federation on 127.0.0.1, the server, a daemon per
     hospital with synthetic images, and both web consoles. Starts no run; Ctrl-C stops it all."""
+    from client.config import load_site
+    from common.logins import ConsoleError
+    from medimaging.yamlconfig import ConfigError
+    from client.operations.console import users_path as site_users
+    from server.console import users_path as server_users
+    from server.operations.provision import load_federation
     from simulations.local_deployment import LocalDeployment, aseanfl
 
     if folder.exists() and any(folder.iterdir()):
@@ -96,15 +79,16 @@ def demo(
             online = dep.wait_online(set(sites))
             if not set(sites) <= online:
                 _fail(_("not every hospital came online: see the logs in {folder}", folder=root), 1)
-            password = _user("server", dep.fed, "coordinator")  # a console needs its first user before it starts
-            logins = [(_("coordinator"), _console(dep, "console-server", ["server", "console", "-f", str(dep.fed)]),
+            # a console needs its first user before it starts
+            password = _user(server_users(load_federation(dep.fed)), "coordinator")
+            logins = [(_("coordinator"), dep.start_console("console-server", "server", "console", "-f", str(dep.fed)),
                        "coordinator", password)]
             for site in sites:
-                config = str(dep.kit(site) / "site.yaml")
-                password = _user("client", dep.kit(site) / "site.yaml", "steward")
-                logins.append((site, _console(dep, f"console-{site}", ["client", "console", "-c", config]), "steward",
-                               password))
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                config = dep.kit(site) / "site.yaml"
+                password = _user(site_users(load_site(config)), "steward")
+                logins.append((site, dep.start_console(f"console-{site}", "client", "console", "-c", str(config)),
+                               "steward", password))
+        except (RuntimeError, OSError, ValueError, ConsoleError, ConfigError, subprocess.SubprocessError) as exc:
             _fail(str(exc), 1)
         except KeyboardInterrupt:  # Ctrl-C while it starts: stop what has started
             _say(_("stopping ..."))

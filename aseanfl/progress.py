@@ -12,7 +12,7 @@ from rich.table import Table
 
 from server.records.digest import MANY, digest
 from server.engine.plan import PHASES, Progress
-from server.records.outputs import score_of
+from server.records.outputs import GLOBAL, score_of
 from server.records.words import refusal_line, status_word
 
 from common.i18n import _, size
@@ -27,7 +27,7 @@ def _columns(score: tuple[str, str]) -> list[tuple[str, Callable[[dict], str], i
     key, name = score
     return [
         (_("site"), lambda r: r["site"], 0),
-        (_("status"), lambda r: "" if r["site"] == "global" else status_word(r.get("status") or "ok"), 1),
+        (_("status"), lambda r: "" if r["site"] == GLOBAL else status_word(r.get("status") or "ok"), 1),
         (_("epsilon"), lambda r: _f(r.get("epsilon")), 3),
         (_("train loss"), lambda r: _f(r.get("train_loss")), 7),
         (_("val loss"), lambda r: _f(r.get("val_loss")), 8),
@@ -89,7 +89,7 @@ class RichProgress(Progress):
             title = _("Round {round}/{total}: {sites} sites: {counts}", round=rnd, total=total, sites=d.sites,
                       counts=d.counts())
             caption = _("{spread}; shown: failed, worst and best sites; every row in metrics.csv", spread=d.spread())
-            rows = d.shown() + [r for r in rows if r["site"] == "global"]
+            rows = d.shown() + [r for r in rows if r["site"] == GLOBAL]
         columns = _columns(score_of(rows))
         cells = [[cell(r) for _h, cell, _p in columns] for r in rows]
         # In a terminal, the columns that fit its width, whole; piped into a log, every column
@@ -104,7 +104,7 @@ class RichProgress(Progress):
         for i in keep:
             table.add_column(columns[i][0], justify="left" if i <= 1 else "right", no_wrap=True)
         for r, row in zip(rows, cells, strict=True):
-            table.add_row(*(row[i] for i in keep), style="bold" if r["site"] == "global" else None)
+            table.add_row(*(row[i] for i in keep), style="bold" if r["site"] == GLOBAL else None)
         if width is None:  # Console.print never goes past the console's width: widen it for this table
             narrow, self.console.width = self.console.width, max(self.console.width, table_width(table))
             try:

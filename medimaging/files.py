@@ -26,8 +26,8 @@ from common.i18n import Reason, Text
 
 from medimaging.config import FilesConfig
 
-from medimaging.pixels import _resize, _to_uint8, read_mask, read_pixels  # noqa: F401  (read_pixels: the files' reader)
-from medimaging.items import SPLITS, Inventory, Item, Problem, bad_split  # noqa: F401  (the files' data model)
+from medimaging.items import SPLITS, Inventory, Item, Problem, bad_split
+from medimaging.pixels import _resize, _to_uint8, read_mask, read_pixels
 
 
 NO_FINDING = "none"  # a multi-label row without findings

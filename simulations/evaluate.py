@@ -10,8 +10,8 @@ from flwr.serverapp import ServerApp
 
 from client.training.app import build_client_app
 from protocol.messages import EvaluationSpec
-from server.evaluation.federated import (ModelCard, check_against_task, check_model_file, evaluate_federation, evaluation_spec,
-                               read_card)
+from server.engine.scoring import evaluate_federation
+from server.evaluation.federated import ModelCard, check_against_task, check_model_file, evaluation_spec, read_card
 
 from simulations.config import ConfigError, SimulationConfig, load_config
 from simulations.federation import hospital, resolved, task_shape

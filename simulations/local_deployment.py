@@ -117,6 +117,22 @@ class LocalDeployment:
         self.procs[name] = proc
         return proc
 
+    def start_console(self, name: str, *args: str, timeout: float = 60) -> str:
+        """Start a web console (`server console -f ...` or `client console -c ...`) on a free
+        loopback port; its address once it answers."""
+        import httpx
+
+        port = free_port()
+        proc = self.start(name, *args, "--port", str(port))
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                httpx.get(url + "/login", timeout=2)
+                return url
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError(f"the console {name} did not come up; see {self.root / (name + '.log')}")
+
     def start_server(self, timeout: float = 120) -> None:
         """Start the server and wait until it has registered every provisioned hospital (a SuperNode
         that connects before that is refused and retries with Flower's growing back-off)."""

@@ -7,24 +7,19 @@ import time
 import zipfile
 from pathlib import Path
 
-from consoles import add_user, login, shot, wait_up
+from consoles import add_user, login, shot
 
 from server.engine.deployment import run_busy
-from simulations.local_deployment import LocalDeployment, free_port
+from simulations.local_deployment import LocalDeployment
 
 
 def start_consoles(dep: LocalDeployment, site: str) -> dict[str, str]:
     """The coordinator's console and `site`'s, as real processes of the deployment (stopped with it)."""
     assert add_user("server", dep.fed, "coordinator").returncode == 0
     assert add_user("client", dep.kit(site) / "site.yaml", "steward").returncode == 0
-    urls = {}
-    for name, args in (("console-server", ["server", "console", "-f", str(dep.fed)]),
-                       (f"console-{site}", ["client", "console", "-c", str(dep.kit(site) / "site.yaml")])):
-        port = free_port()
-        proc = dep.start(name, *args, "--port", str(port))
-        urls[name] = f"http://127.0.0.1:{port}"
-        wait_up(urls[name], proc)
-    return urls
+    return {"console-server": dep.start_console("console-server", "server", "console", "-f", str(dep.fed)),
+            f"console-{site}": dep.start_console(f"console-{site}", "client", "console", "-c",
+                                                 str(dep.kit(site) / "site.yaml"))}
 
 
 def _statuses(page) -> dict[str, list[str]]:

@@ -21,7 +21,8 @@ from client.training.app import app as deployed_app
 from client.training.site import SITE_CONFIG_KEY
 from medimaging import dicomgen
 from medimaging.config import FilesConfig
-from medimaging.files import decode, read_pixels
+from medimaging.files import decode
+from medimaging.pixels import read_pixels
 from server.engine.rounds import run_federation
 from server.records.report import write_report
 from simulations.config import load_config

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from aseanfl.cli import app
 from medimaging import dicomgen
 from medimaging.config import DicomConfig
-from medimaging.files import read_pixels
+from medimaging.pixels import read_pixels
 
 RAW = DicomConfig(window="none")
 # lossy codecs: the largest and the mean absolute error allowed, as a share of the stored range
@@ -116,7 +116,7 @@ def test_a_missing_decoder_names_the_package_to_install(tmp_path):
     code = ("from pydicom.pixels import get_decoder\n"  # as on a machine without the JPEG 2000 decoders
             "decoder = get_decoder('1.2.840.10008.1.2.4.90')\n"
             "for name in list(decoder.available_plugins): decoder.remove_plugin(name)\n"
-            "from medimaging.files import read_pixels\n"
+            "from medimaging.pixels import read_pixels\n"
             f"try:\n    read_pixels({str(path)!r})\nexcept ValueError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "compressed as JPEG 2000 Image Compression (Lossless Only), and no installed decoder reads it" in out.stdout

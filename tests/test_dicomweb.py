@@ -99,7 +99,7 @@ def test_the_modalities_read_as_they_were_made(tmp_path, pacs):
     the PACS matches the picture it was made from (rank correlation: scaling aside)."""
     (x, _), _ = site_images(1, 11, 240, 10)
     site = load_site(pacs_site(tmp_path, pacs, pacs.rows[:6]))
-    from medimaging.files import read_pixels
+    from medimaging.pixels import read_pixels
 
     decode(site.data, write_cache=False)  # retrieves into the store
     for k, row in enumerate(pacs.rows[:6]):

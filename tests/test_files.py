@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from aseanfl.cli import app
 from conftest import simulate_plan
 from medimaging.config import FilesConfig
-from medimaging.files import decode, read_pixels
+from medimaging.files import decode
+from medimaging.pixels import read_pixels
 from medimaging.synthetic import site_images, synthetic_dicom
 from inprocess import Wire
 from simulations.config import ConfigError, load_config

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from aseanfl.cli import app
 from medimaging.config import FilesConfig, ModelConfig
-from medimaging.files import decode, read_pixels
+from medimaging.files import decode
+from medimaging.pixels import read_pixels
 from medimaging.models import build_model
 from medimaging.synthetic import generate_volumes, site_profile, synthetic_dicom
 from simulations.config import load_config

@@ -9,7 +9,8 @@ from collections import Counter
 
 from pydantic import BaseModel
 
-from medimaging.files import Problem, decode, item_name
+from medimaging.files import decode, item_name
+from medimaging.items import Problem
 
 from client.config import SiteConfig
 
