@@ -60,6 +60,10 @@ def demo(
         _fail(_("nginx is not installed (the server's front): apt-get install nginx"))
     sites = HOSPITALS[:hospitals]
     root = folder.resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(_("{folder} cannot be made ({reason})", folder=root, reason=exc.strerror))
     stop = threading.Event()
     with LocalDeployment(root, sites, "demo") as dep:
         try:
@@ -88,6 +92,8 @@ def demo(
                 password = _user(site_users(load_site(config)), "steward")
                 logins.append((site, dep.start_console(f"console-{site}", "client", "console", "-c", str(config)),
                                "steward", password))
+        except typer.Exit:  # a line was said already (typer's Exit is a RuntimeError too)
+            raise
         except (RuntimeError, OSError, ValueError, ConsoleError, ConfigError, subprocess.SubprocessError) as exc:
             _fail(str(exc), 1)
         except KeyboardInterrupt:  # Ctrl-C while it starts: stop what has started

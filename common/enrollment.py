@@ -48,14 +48,22 @@ def write_private(path: Path, data: bytes) -> None:
     """A private key file, readable by its owner only, never over an existing one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError:  # the file is this call's own (O_EXCL): no half key is left
+        path.unlink(missing_ok=True)
+        raise
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fingerprint(data: bytes) -> str:
@@ -71,14 +79,32 @@ def make_keys(folder: Path, site: str) -> bytes:
     for name in ("node.key", "client.key"):
         if (folder / name).exists():
             raise EnrollmentError(f"{folder / name} exists; a key is never overwritten (move it away to enroll anew)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnrollmentError(f"{folder}: the folder cannot be made ({exc.strerror})") from None
+    written: list[Path] = []
+    try:
+        request = _write_keys(folder, site, written)
+    except OSError as exc:  # a full disk, a read-only folder: the keys written so far go too
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise EnrollmentError(f"{exc.filename or folder}: cannot be written ({exc.strerror}); nothing was kept") from None
+    return request
+
+
+def _write_keys(folder: Path, site: str, written: list[Path]) -> bytes:
     node = ec.generate_private_key(ec.SECP384R1())  # Flower's SuperNode auth: a NIST EC key in OpenSSH format
     write_private(folder / "node.key", node.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                                           serialization.NoEncryption()))
+    written.append(folder / "node.key")
     node_pub = node.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
     write_atomic(folder / "node.pub", node_pub)
+    written.append(folder / "node.pub")
     client = ec.generate_private_key(ec.SECP384R1())
     write_private(folder / "client.key", client.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                               serialization.NoEncryption()))
+    written.append(folder / "client.key")
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
            .sign(client, hashes.SHA256()))

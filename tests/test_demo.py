@@ -94,3 +94,16 @@ def test_ctrl_c_stops_every_process_the_demo_started(demo):
     for url in consoles:
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/login", timeout=2)
+
+
+def test_a_folder_it_cannot_use_gets_one_line_and_starts_nothing(tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("someone's\n")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder\n")
+    for folder, said in ((used, "is not empty"), (blocked / "demo", "cannot be made")):
+        done = aseanfl("demo", "--dir", str(folder), timeout=60)
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and said in lines[0], lines
+    assert (used / "notes.txt").read_text() == "someone's\n" and sorted(p.name for p in used.iterdir()) == ["notes.txt"]

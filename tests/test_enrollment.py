@@ -111,3 +111,34 @@ def test_bad_requests_are_one_line_each(tmp_path):
     # keys are never overwritten
     res = aseanfl("client", "enroll", "--site", "site-a", "--dir", str(a))
     assert res.returncode == 2 and "never overwritten" in res.stderr, res.stderr
+
+
+def test_a_folder_that_cannot_be_made_or_written_gets_one_line_and_keeps_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from common import enrollment
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder\n")
+    said = aseanfl("client", "enroll", "--site", "hanoi", "--dir", str(blocked / "keys"))
+    assert said.returncode == 2 and said.stderr.strip().count("\n") == 0, said.stderr
+    assert "the folder cannot be made" in said.stderr and "Traceback" not in said.stdout + said.stderr
+
+    real = enrollment.write_private
+
+    def disk_full_at_the_client_key(path, data):
+        if path.name == "client.key":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(enrollment, "write_private", disk_full_at_the_client_key)
+    folder = tmp_path / "keys"
+    with pytest.raises(enrollment.EnrollmentError, match=r"client.key: cannot be written \(No space left on device\); "
+                                                          "nothing was kept"):
+        enrollment.make_keys(folder, "hanoi")
+    assert list(folder.iterdir()) == []  # node.key and node.pub, written before, are gone: enrolling again works
+    monkeypatch.setattr(enrollment, "write_private", real)
+    enrollment.make_keys(folder, "hanoi")
+    assert sorted(p.name for p in folder.iterdir()) == ["client.key", "enroll-request.json", "node.key", "node.pub"]
