@@ -22,7 +22,9 @@ class PrivacyConfig(Strict):
     )
     delta: float | None = Field(None, gt=0, lt=1, description="default 1/(10 n) for n local training images")
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping bound")
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["auto", "rdp", "prv", "pld"] = Field(
+        "auto", description="auto: the tightest of rdp (Renyi DP), prv (Opacus) and pld (dp-accounting) for each "
+                            "figure; all are valid upper bounds, so auto adds no more noise than the budget needs")
     grad_sample_mode: Literal["hooks", "ghost"] = Field("hooks", description="ghost clipping saves memory")
     ledger_dir: Path | None = Field(None, description="where the privacy ledger lives; default <run folder>/privacy")
 

@@ -16,7 +16,8 @@ from flwr.app import Context
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, LinearPartitioner
 
 from client.training.hospital import Hospital
-from client.training.privacy import epsilon_of, make_plan
+from client.training.accounting import epsilon_of
+from client.training.privacy import make_plan
 from medimaging.compute import ComputeUnavailable, resolve_precision
 from medimaging.config import MODEL_MIN_SIZE, check_augment, check_model_task
 from medimaging.files import decode

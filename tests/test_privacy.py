@@ -1,4 +1,5 @@
-"""DP-SGD accounting: the ledger's epsilon is Opacus' epsilon; it survives restarts; it refuses
+"""DP-SGD accounting: the ledger's epsilon is its accountant's epsilon, each accountant agrees with
+an independent implementation, auto takes the tightest; the ledger survives restarts; it refuses
 to forget; real private training spends exactly what the ledger recorded."""
 
 import json
@@ -6,13 +7,19 @@ import subprocess
 import sys
 
 import math
+import warnings
 
+import dp_accounting
 import pytest
 import torch
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from opacus.accountants import PRVAccountant, RDPAccountant
+from scipy.optimize import brentq
+from scipy.stats import norm
 
 from client.config import PrivacyConfig, TrainConfig
-from client.training.privacy import BudgetExceeded, LedgerError, PrivacyLedger, epsilon_of, make_plan, train_private
+from client.training.accounting import RDP_ORDERS, accounted, epsilon_of
+from client.training.privacy import BudgetExceeded, LedgerError, PrivacyLedger, make_plan, train_private
 from medimaging.config import AugmentConfig, ModelConfig
 from medimaging.datasets import Split
 from medimaging.models import build_model
@@ -30,8 +37,50 @@ def test_ledger_epsilon_equals_opacus_accountant(tmp_path, accountant):
         recorded = ledger.record("run", k, plan)
         for _ in range(plan.steps_per_round):  # what Opacus' optimizer hook does once per step
             reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-        assert recorded == pytest.approx(reference.get_epsilon(plan.delta), abs=1e-6)
+        alphas = {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
+        assert recorded == pytest.approx(reference.get_epsilon(plan.delta, **alphas), abs=1e-6)
         assert ledger.spent() == pytest.approx(recorded, abs=1e-12)
+    assert {e.accountant for e in ledger.data.entries} == {accountant}
+
+
+def _exact_gaussian(noise: float, steps: int, delta: float) -> float:
+    """Independent of both libraries: without subsampling, `steps` Gaussian steps compose to one
+    Gaussian mechanism with mu = sqrt(steps) / noise, whose exact epsilon solves Balle & Wang's
+    (2018, Thm 8) delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu)."""
+    mu = math.sqrt(steps) / noise
+    return brentq(lambda e: norm.cdf(mu / 2 - e / mu) - math.exp(e) * norm.cdf(-mu / 2 - e / mu) - delta, 0, 100)
+
+
+@pytest.mark.parametrize("noise,steps", [(2.0, 1), (4.0, 10), (8.0, 50)])
+def test_accountants_agree_with_independent_implementations(noise, steps):
+    delta = 1e-5
+    exact = _exact_gaussian(noise, steps, delta)
+    figures = {name: epsilon_of([(noise, 1.0, steps)], delta, name) for name in ("rdp", "prv", "pld")}
+    assert all(f >= exact - 1e-6 for f in figures.values()), (exact, figures)  # upper bounds, never optimistic
+    assert figures["prv"] == pytest.approx(exact, rel=0.02) and figures["pld"] == pytest.approx(exact, rel=0.02)
+    assert figures["rdp"] < exact * 1.5  # RDP's conversion is looser, but not wildly
+    # subsampled, as DP-SGD trains: Opacus' RDP equals Google's, and the two tight methods agree
+    history = [(0.8, 1 / 30, 300)]
+    google = RdpAccountant(orders=list(RDP_ORDERS))
+    google.compose(dp_accounting.PoissonSampledDpEvent(1 / 30, dp_accounting.GaussianDpEvent(0.8)), 300)
+    assert epsilon_of(history, delta, "rdp") == pytest.approx(google.get_epsilon(delta), rel=0.01)
+    assert epsilon_of(history, delta, "pld") == pytest.approx(epsilon_of(history, delta, "prv"), rel=0.03)
+
+
+def test_auto_takes_the_tightest_and_spends_less_noise():
+    policy = PrivacyConfig(enabled=True, target_epsilon=8.0)
+    assert policy.accountant == "auto"
+    with warnings.catch_warnings():  # the orders reach far enough: Opacus' "largest alpha" warning never fires
+        warnings.simplefilter("error")
+        auto = make_plan(policy, n_train=940, train=TrainConfig(local_epochs=1, batch_size=32), total_rounds=10)
+        rdp = make_plan(PrivacyConfig(enabled=True, target_epsilon=8.0, accountant="rdp"), n_train=940,
+                        train=TrainConfig(local_epochs=1, batch_size=32), total_rounds=10)
+        history = [(auto.noise_multiplier, auto.sample_rate, auto.steps_per_round)] * 10
+        figures = {name: epsilon_of(history, auto.delta, name) for name in ("rdp", "prv", "pld")}
+        epsilon, by = accounted(history, auto.delta, "auto")
+    assert epsilon == min(figures.values()) and by == min(figures, key=figures.get)
+    assert 7.9 <= epsilon <= 8.0 and figures["rdp"] > 8.0, figures
+    assert auto.noise_multiplier < 0.97 * rdp.noise_multiplier, (auto, rdp)
 
 
 def test_noise_is_calibrated_for_the_whole_planned_run():
@@ -39,8 +88,8 @@ def test_noise_is_calibrated_for_the_whole_planned_run():
     plan = make_plan(policy, n_train=400, train=TRAIN, total_rounds=6)
     assert plan.delta == pytest.approx(1 / 4000)
     history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)] * 6
-    assert 2.95 <= epsilon_of(history, plan.delta, "rdp") <= 3.0
-    assert epsilon_of(history + history[:1], plan.delta, "rdp") > 3.0
+    assert 2.95 <= epsilon_of(history, plan.delta, "auto") <= 3.0
+    assert epsilon_of(history + history[:1], plan.delta, "auto") > 3.0
 
 
 def test_ledger_survives_restart_and_refuses_to_forget(tmp_path):
@@ -56,6 +105,12 @@ def test_ledger_survives_restart_and_refuses_to_forget(tmp_path):
     other = make_plan(PrivacyConfig(enabled=True, delta=1e-6), n_train=300, train=TRAIN, total_rounds=3)
     with pytest.raises(LedgerError, match="delta="):
         PrivacyLedger(path, "hanoi", other)
+    kept_by_rdp = json.loads(path.read_text()) | {"accountant": "rdp"}  # a ledger from before auto
+    path.write_text(json.dumps(kept_by_rdp))
+    assert PrivacyLedger(path, "hanoi", plan).spent() == pytest.approx(spent), "auto adopts it: same history"
+    with pytest.raises(LedgerError, match="accountant=rdp"):
+        PrivacyLedger(path, "hanoi", make_plan(PrivacyConfig(enabled=True, accountant="prv"), n_train=300,
+                                               train=TRAIN, total_rounds=3))
     path.write_text(path.read_text()[:40])  # truncated by a crash or an editor
     with pytest.raises(LedgerError, match="unreadable.*refusing to train") as err:
         PrivacyLedger(path, "hanoi", plan)

@@ -50,7 +50,8 @@ def _hide_values(text: str) -> str:
 
 
 def _ledgers(site: SiteConfig) -> list[dict]:
-    from client.training.privacy import LedgerFile, epsilon_of
+    from client.training.accounting import epsilon_of
+    from client.training.privacy import LedgerFile
 
     out = []
     for path in sorted(site.privacy.ledger_dir.glob("*.json")) if site.privacy.ledger_dir.is_dir() else []:

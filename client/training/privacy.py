@@ -2,8 +2,8 @@
 
 The ledger is the hospital's memory of what it has spent: a JSON file holding every
 (noise multiplier, sample rate, steps) it trained with, across rounds, runs and restarts.
-Epsilon is always recomputed from that history with Opacus' accountant, so the number
-reported is the accountant's number. A round is written to the ledger *before* it trains,
+Epsilon is always recomputed from that history with the policy's accountant (accounting.py;
+'auto': the tightest of RDP, PRV and PLD), and each entry records which one gave its figure. A round is written to the ledger *before* it trains,
 so a crash mid-round still counts against the budget.
 """
 
@@ -16,14 +16,11 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from medimaging.compute import device_of
 from medimaging.datasets import Split
@@ -31,6 +28,7 @@ from medimaging.augment import augmenter
 from medimaging.training import loader, loss_for, make_optimizer, proximal_step, run_epochs
 
 from client.config import PrivacyConfig, TrainConfig
+from client.training.accounting import accounted, epsilon_of, noise_for
 
 log = logging.getLogger("aseanfl")
 
@@ -55,24 +53,8 @@ def make_plan(policy: PrivacyConfig, n_train: int, train: TrainConfig, total_rou
     batches = math.ceil(n_train / train.batch_size)  # Opacus' Poisson loader: sample rate 1 / len(loader)
     steps = train.local_epochs * batches
     delta = policy.delta if policy.delta is not None else default_delta(n_train)
-    noise = _noise(policy.target_epsilon, delta, 1.0 / batches, steps * total_rounds, policy.accountant)
+    noise = noise_for(policy.target_epsilon, delta, 1.0 / batches, steps * total_rounds, policy.accountant)
     return DPPlan(noise, 1.0 / batches, steps, delta, policy.accountant)
-
-
-@lru_cache(maxsize=64)
-def _noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    return get_noise_multiplier(
-        target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
-    )
-
-
-def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Opacus' epsilon for a (noise, sample rate, steps) history."""
-    if not history:
-        return 0.0
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = [tuple(h) for h in history]
-    return float(acc.get_epsilon(delta))
 
 
 class LedgerEntry(BaseModel):
@@ -82,6 +64,7 @@ class LedgerEntry(BaseModel):
     sample_rate: float
     steps: int
     epsilon_after: float
+    accountant: str | None = Field(None, description="which accountant gave epsilon_after (ledgers before 2026-12: the file's)")
     time: float
 
 
@@ -116,6 +99,8 @@ class PrivacyLedger:
             except (ValidationError, ValueError, OSError) as exc:
                 raise LedgerError(f"the privacy ledger is unreadable ({exc.__class__.__name__}); "
                                   "refusing to train rather than forget past spending", path) from None
+            if plan.accountant == "auto" and self.data.delta == plan.delta:
+                self.data.accountant = "auto"  # the history bounds the same under any accountant; auto takes the tightest
             if (self.data.accountant, self.data.delta) != (plan.accountant, plan.delta):
                 raise LedgerError(
                     f"the privacy ledger was kept with accountant={self.data.accountant} delta={self.data.delta}; "
@@ -131,24 +116,27 @@ class PrivacyLedger:
         return epsilon_of(self.history(), self.data.delta, self.data.accountant)
 
     def spent_after(self, plan: DPPlan) -> float:
+        return self._after(plan)[0]
+
+    def _after(self, plan: DPPlan) -> tuple[float, str]:
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        return epsilon_of(self.history() + [step], self.data.delta, self.data.accountant)
+        return accounted(self.history() + [step], self.data.delta, self.data.accountant)
 
     def charge(self, run: str, rnd: int, plan: DPPlan, cap: float) -> float:
         """Record one round of `plan` if the total stays within `cap` (BudgetExceeded if not);
         returns the new total."""
-        after = self.spent_after(plan)
+        after, by = self._after(plan)
         if after > cap:
             raise BudgetExceeded(self.spent(), after)
-        return self.record(run, rnd, plan, after)
+        return self.record(run, rnd, plan, (after, by))
 
-    def record(self, run: str, rnd: int, plan: DPPlan, epsilon: float | None = None) -> float:
+    def record(self, run: str, rnd: int, plan: DPPlan, figure: tuple[float, str] | None = None) -> float:
         """Append this round's spending and write the file atomically; returns the new total
-        (`epsilon`: that total, when the caller has just computed it)."""
-        epsilon = self.spent_after(plan) if epsilon is None else epsilon
+        (`figure`: that total and its accountant, when the caller has just computed them)."""
+        epsilon, by = self._after(plan) if figure is None else figure
         self.data.entries.append(LedgerEntry(
             run=run, round=rnd, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-            steps=plan.steps_per_round, epsilon_after=epsilon, time=time.time(),
+            steps=plan.steps_per_round, epsilon_after=epsilon, accountant=by, time=time.time(),
         ))
         tmp = None
         try:
@@ -179,7 +167,7 @@ def train_private(
     with warnings.catch_warnings():
         # Known and documented: noise comes from torch's seeded RNG (reproducible runs), not a CSPRNG.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=plan.accountant)
+        engine = PrivacyEngine(accountant="rdp")  # only its history is read: (noise, rate, steps) under any accountant
     prox = proximal_step(model, proximal_mu, train.lr)
     opt = make_optimizer(model, train.optimizer, train.lr)
     data = loader(split, train.batch_size, shuffle=True, seed=seed, device=device_of(model))  # its generator drives Poisson sampling
