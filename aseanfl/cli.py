@@ -24,7 +24,15 @@ def _data_line(data) -> str:
         return f"the PACS at {data.files.dicomweb.url}"
     if data.files is not None:
         return f"files under {data.files.root}" + (f" (manifest {data.files.manifest.name})" if data.files.manifest else "")
-    return str(data.path) if data.path else "synthetic (embedded default)"
+    if data.path is None:
+        s = data.synthetic
+        return f"synthetic (embedded default, {'3D volumes' if s.spatial_dims == 3 else '2D images'})"
+    from medimaging.datasets import npz_info
+
+    info = npz_info(data.path)
+    side = data.image_size or info.native
+    kind = f"3D volumes {side}x{side}x{side}" if info.spatial_dims == 3 else f"2D images {side}x{side}"
+    return f"{data.path} ({kind}, {info.classes} classes)"
 
 
 @app.callback()

@@ -34,8 +34,9 @@ def augmenter(cfg: AugmentConfig, seed: int) -> Callable[[torch.Tensor], torch.T
         n = len(x)
         if n == 0:  # Poisson sampling (DP-SGD) can draw an empty batch
             return x
-        if cfg.flip:
-            x = torch.where(draw(n)[:, None, None, None], x.flip(-1), x)
+        if cfg.flip:  # images: left-right; volumes: each of the three axes on its own draw
+            for axis in range(-1, -2 if x.ndim == 4 else -4, -1):
+                x = torch.where(draw(n).view((n,) + (1,) * (x.ndim - 1)), x.flip(axis), x)
         if cfg.rotate_deg > 0:
             x = _rotate(x, uniform(n, math.radians(cfg.rotate_deg)) * draw(n))
         per_image = (n,) + (1,) * (x.ndim - 1)  # broadcasts over channels and 2 or 3 spatial axes

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from common.i18n import Reason
 
-MODEL_MIN_SIZE = {"cnn": 16, "resnet18": 16, "densenet121": 32, "unet": 16}
+MODEL_MIN_SIZE = {"cnn": 16, "smallresnet": 8, "resnet18": 16, "densenet121": 32, "unet": 16}
 Task = Literal["classification", "segmentation"]
 Dims = Literal[2, 3]
 
@@ -18,7 +18,7 @@ Dims = Literal[2, 3]
 def check_model_task(model: str, task: str, image_size: int | None = None) -> None:
     """ValueError naming the fields where the network cannot do the task."""
     if (model == "unet") != (task == "segmentation"):
-        want = "model.name=unet" if task == "segmentation" else "model.name=cnn, resnet18 or densenet121"
+        want = "model.name=unet" if task == "segmentation" else "model.name=cnn, smallresnet, resnet18 or densenet121"
         raise Reason("model.name={model} does not fit the {task} task of the data; use {want}", model=model, task=task,
                      want=want)
     if model == "unet" and image_size is not None and image_size % 8:
@@ -125,7 +125,8 @@ class DataConfig(Strict):
     path: Path | None = Field(None, description="MedMNIST-style .npz; None = synthetic default")
     files: FilesConfig | None = Field(None, description="DICOM/NIfTI/PNG/JPEG files; decoded to a cached .npz (wins over path)")
     image_size: int | None = Field(None, ge=8, le=512, description="side in pixels; None = native")
-    val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="share of a site's images held back for validation, "
+                                "where the npz has no validation split of its own (MedMNIST's val_images are used)")
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @field_validator("path")
@@ -156,16 +157,20 @@ class AugmentConfig(Strict):
 def check_augment(cfg: AugmentConfig, task: str, dims: int) -> None:
     """ValueError where train.augment would move pixels the labels cannot follow."""
     moves = [k for k in ("flip", "rotate_deg") if getattr(cfg, k)]
-    if moves and (task == "segmentation" or dims == 3):
+    if moves and task == "segmentation":
         raise Reason("{field}: flips and rotations are for 2D classification (masks and volumes are not moved with "
                      "them); intensity and noise_std work for every task", field=f"train.augment.{moves[0]}")
+    if cfg.rotate_deg and dims == 3:  # flips take volumes (each axis drawn on its own): classes do not move
+        raise Reason("{field}: rotations are for 2D images; flips, intensity and noise_std work for volumes",
+                     field="train.augment.rotate_deg")
 
 
 class ModelConfig(Strict):
-    name: Literal["cnn", "resnet18", "densenet121", "unet"] = Field(
-        "cnn", description="classifiers: cnn, resnet18, densenet121; segmentation: unet (MONAI UNet)")
+    name: Literal["cnn", "smallresnet", "resnet18", "densenet121", "unet"] = Field(
+        "cnn", description="classifiers: cnn, smallresnet (0.9 M parameters in 3D: volumes at 28-64 voxels), "
+                           "resnet18, densenet121; segmentation: unet (MONAI UNet)")
     norm: Literal["group", "instance", "batch"] = Field(
-        "group", description="normalisation layers of resnet18/densenet121 (unet: instance unless batch)"
+        "group", description="normalisation layers of smallresnet/resnet18/densenet121 (unet: instance unless batch)"
     )
 
 

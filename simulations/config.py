@@ -99,5 +99,11 @@ def load_config(path: Path | None = None, overrides: dict | None = None, schema:
     return read_config(path, overrides, schema or SimulationConfig)
 
 
-def dump_config(cfg: SimulationConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_config(cfg: SimulationConfig, data_note: str | None = None) -> str:
+    """The config as YAML; with real data (path or files) its unused synthetic section is left out
+    (a 2D default beside a 3D npz misleads); `data_note` goes first as a comment."""
+    dumped = cfg.model_dump(mode="json")
+    if cfg.data.path is not None or cfg.data.files is not None:
+        dumped["data"].pop("synthetic", None)
+    head = f"# {data_note}\n" if data_note else ""
+    return head + yaml.safe_dump(dumped, sort_keys=False)

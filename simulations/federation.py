@@ -67,12 +67,27 @@ def resolved(cfg: SimulationConfig) -> SimulationConfig:
     return out
 
 
+def _own_validation(arrays: dict[str, np.ndarray]) -> bool:
+    """The npz carries its own validation split (MedMNIST's val_images/val_labels): hospitals
+    validate on their share of it, so validation and the union of training shares are the
+    published splits."""
+    return "val_images" in arrays and "val_labels" in arrays and len(arrays["val_labels"]) > 0
+
+
+def _pool_labels(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """What is partitioned among hospitals: the training labels, then the npz's own validation labels."""
+    keys = ("train_labels", "val_labels") if _own_validation(arrays) else ("train_labels",)
+    return np.concatenate([partition_labels(arrays[k]) for k in keys])
+
+
 @lru_cache(maxsize=4)
 def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:
-    labels = partition_labels(load_npz(path)["train_labels"])
+    """Each site's indices into the pool (_pool_labels), train and validation split alike: a
+    hospital's validation images follow its own label mix."""
+    labels = _pool_labels(load_npz(path))
     if scheme == "dirichlet" and num_sites * min_size > len(labels):
         raise ConfigError(f"partition.min_partition_size: {min_size} images for each of {num_sites} sites needs "
-                          f"{num_sites * min_size}, the data has {len(labels)} training images; lower it, simulate "
+                          f"{num_sites * min_size}, the data has {len(labels)} images to share (training and validation); lower it, simulate "
                           "fewer sites or use partition.scheme iid")
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_sites)
@@ -100,18 +115,36 @@ def _synthetic(cfg: SimulationConfig, index: int):
     return site_images(index, cfg.seed, s.samples_per_site, s.test_per_site, s.task, s.spatial_dims)
 
 
-def _local_arrays(cfg: SimulationConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
+Arrays = tuple[np.ndarray, np.ndarray]
+
+
+def _local_arrays(cfg: SimulationConfig, index: int) -> tuple[Arrays, Arrays | None]:
+    """A site's (images, labels) to train on, and its share of the npz's own validation split
+    (None: the site holds back data.val_fraction of its training share)."""
     if cfg.data.path is None:
-        return _synthetic(cfg, index)[0]
+        return _synthetic(cfg, index)[0], None
     p = cfg.partition
     idx = _partitions(str(cfg.data.path), len(cfg.sites), p.scheme, p.alpha, p.min_partition_size, cfg.seed)[index]
     arrays = load_npz(str(cfg.data.path))
-    return arrays["train_images"][idx], arrays["train_labels"][idx]
+    n = len(arrays["train_labels"])
+    mine = np.sort(idx[idx < n])
+    train = arrays["train_images"][mine], arrays["train_labels"][mine]
+    if not _own_validation(arrays):
+        return train, None
+    val = np.sort(idx[idx >= n]) - n
+    return train, (arrays["val_images"][val], arrays["val_labels"][val])
+
+
+def _splits(cfg: SimulationConfig, index: int, image_size: int, images: bool = True) -> tuple[Split, Split]:
+    (x, y), own = _local_arrays(cfg, index)
+    tensor = (lambda a: to_tensor(a, image_size)) if images else (lambda a: torch.empty(len(a), 0))
+    if own is None:
+        return split_train_val(tensor(x), targets(y, image_size), cfg.data.val_fraction, cfg.seed + index)
+    return Split(tensor(x), targets(y, image_size)), Split(tensor(own[0]), targets(own[1], image_size))
 
 
 def site_data(cfg: SimulationConfig, index: int, image_size: int) -> SiteData:
-    x, y = _local_arrays(cfg, index)
-    train, val = split_train_val(to_tensor(x, image_size), targets(y, image_size), cfg.data.val_fraction, cfg.seed + index)
+    train, val = _splits(cfg, index, image_size)
     return SiteData(name=cfg.sites[index], train=train, val=val)
 
 
@@ -148,9 +181,7 @@ def site_counts(cfg: SimulationConfig) -> list[SiteCounts]:
     shape, out = task_shape(cfg), []
     for i, name in enumerate(cfg.sites):
         if cfg.data.path is not None and shape.task == "classification":
-            _, y = _local_arrays(cfg, i)
-            y = targets(y, shape.image_size)
-            train, val = split_train_val(torch.empty(len(y), 0), y, cfg.data.val_fraction, cfg.seed + i)
+            train, val = _splits(cfg, i, shape.image_size, images=False)
         else:
             site = site_data(cfg, i, shape.image_size)
             train, val = site.train, site.val

@@ -24,6 +24,7 @@ from client.training.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from server.engine.plan import Plan, Progress  # noqa: E402
 from server.engine.updates import local_keys  # noqa: E402
+from server.records.report import data_line  # noqa: E402
 from server.records.outputs import untrained  # noqa: E402
 
 from strategies.factory import build_secure_workflow, build_strategy, cohort  # noqa: E402
@@ -36,6 +37,7 @@ from simulations.federation import (  # noqa: E402
 
 def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan:
     """Resolve the config, create the run folder with config.yaml and data_distribution.json."""
+    created = time.time()  # the run's wall time counts its preparation (data checks, test split)
     cfg = resolved(cfg)
     check_budgets(cfg)
     try:  # Flower's strategy constructors check their own arguments: ask them before the run starts
@@ -44,7 +46,7 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
         raise ConfigError(f"strategy{'.central_dp' if cfg.strategy.central_dp else ''}: {exc}") from None
     if cfg.strategy.fedbn and not local_keys(cfg, task_shape(cfg), cfg.private):
         raise ConfigError(f"strategy.fedbn: model.name={cfg.model.name} has no normalisation weights to keep at the "
-                          "hospitals; use resnet18 or densenet121")
+                          "hospitals; use smallresnet, resnet18 or densenet121")
     if cfg.strategy.finetune_eval and any(cfg.site_policy(name).enabled for name in cfg.sites):
         raise ConfigError("strategy.finetune_eval: not available with DP-SGD (fine-tuning would train on private "
                           "data outside the privacy ledger)")
@@ -66,10 +68,13 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
         suffix += 1
         run_dir = cfg.server.output_dir / f"{stamp}-{cfg.name}-{suffix}"
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    shape = task_shape(cfg)
+    note = data_line({"spatial_dims": shape.spatial_dims, "image_size": shape.image_size,
+                      "channels": shape.in_channels, "task": shape.task})
+    (run_dir / "config.yaml").write_text(dump_config(cfg, note))
     (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
     return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(), test=global_test(cfg),
-                progress=progress, private=cfg.private, sites=len(cfg.sites), site_names=list(cfg.sites))
+                progress=progress, private=cfg.private, sites=len(cfg.sites), site_names=list(cfg.sites), created=created)
 
 
 def plan_from_run_config(run_config: dict) -> Plan:

@@ -16,7 +16,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--model", "vgg"], "model.name: Input should be one of: 'cnn', 'resnet18', 'densenet121', 'unet'"),
+        (["--model", "vgg"], "model.name: Input should be one of: 'cnn', 'smallresnet', 'resnet18', 'densenet121', 'unet'"),
         (["--rounds", "-3"], "server.rounds: Input should be greater than or equal to 1"),
         (["--data", "missing/file.npz"], "data.path: file not found: missing/file.npz"),
         (["--partition", "dirichlet", "--alpha", "0"], "partition.alpha: Input should be greater than 0"),

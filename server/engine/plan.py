@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,7 @@ class Plan:
     registry: Path | None = None  # a deployment's server/registered.json, read again each round (revocations)
     site_names: list[str] | None = None  # a simulation's hospitals, in partition-id order
     resume: bool = False  # continue the run in run_dir from its checkpoint
+    created: float = field(default_factory=time.time)  # the command's start: wall time counts start-up
 
     def __getstate__(self) -> dict:  # a copy sent to another process gets its own stop signal
         return {k: v for k, v in self.__dict__.items() if k != "stop"}

@@ -356,7 +356,11 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     summary = {
         "rounds": rounds,
         "best_round": run.best["round"],
-        "seconds": round(time.time() - run.started, 2),
+        # from the command's start (a resumed run: from its first start), so start-up is counted
+        "seconds": round(time.time() - min(plan.created, run.started), 2),
+        "setup_seconds": None if run.resumed else round(max(run.started - plan.created, 0.0), 2),
+        "data": {"spatial_dims": plan.shape.spatial_dims, "image_size": plan.shape.image_size,
+                 "channels": plan.shape.in_channels, "task": plan.shape.task},
         "round_seconds": run.round_seconds,
         "aggregate_seconds": run.aggregate_seconds,  # decode, screen and aggregate, per round this process ran
         "trained_rounds": run.trained_rounds,

@@ -194,6 +194,16 @@ def write_report(run_dir: Path, lang: str | None = None) -> Path:
         set_language(before)
 
 
+def data_line(data: dict) -> str:
+    """'Data: 3D volumes of 28x28x28 voxels, 1 channel(s), classification.'"""
+    side, dims = data["image_size"], data["spatial_dims"]
+    if dims == 3:
+        return _("Data: 3D volumes of {size} voxels, {channels} channel(s), {task}.",
+                 size="x".join([str(side)] * 3), channels=data["channels"], task=data["task"])
+    return _("Data: 2D images of {size} pixels, {channels} channel(s), {task}.",
+             size="x".join([str(side)] * 2), channels=data["channels"], task=data["task"])
+
+
 def _write_report(run_dir: Path) -> Path:
     rows = read_rows(run_dir)
     with labels_for():
@@ -204,7 +214,14 @@ def _write_report(run_dir: Path) -> Path:
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         lines += [_("Rounds: {rounds}; best round by federated validation {name}: {best}; wall time {seconds} s.",
-                    rounds=s["rounds"], name=_score(rows)[1], best=s["best_round"], seconds=s["seconds"]), ""]
+                    rounds=s["rounds"], name=_score(rows)[1], best=s["best_round"], seconds=s["seconds"])]
+        if s.get("setup_seconds") is not None:
+            lines += [_("The wall time counts the run's set-up ({setup} s before round 1: data checks, test split, "
+                        "start model); round 1 also includes the hospitals' processes starting.",
+                        setup=s["setup_seconds"])]
+        if s.get("data"):
+            lines += [data_line(s["data"])]
+        lines += [""]
         if s.get("trained_rounds", 1) == 0 and s["rounds"]:
             lines += [_("**Nothing was trained**: no round took in an update from the hospitals (see each site's "
                         "status below); no model was written."), ""]
