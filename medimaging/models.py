@@ -107,6 +107,16 @@ def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
     )
 
 
+def head_keys(model: torch.nn.Module) -> set[str]:
+    """state_dict names of the classifier's last linear layer (FedPer keeps it at each hospital);
+    empty for a network without one (unet)."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if not linear:
+        return set()
+    last = linear[-1]
+    return {f"{last}.{key}" for key in dict(model.named_modules())[last].state_dict()}
+
+
 _NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 

@@ -59,6 +59,7 @@ class TaskSpec(Message):
         "none", description="clip the update at the hospital (Flower client-side central DP)"
     )
     fedbn: bool = Field(False, description="keep normalisation layers at the hospital; send the rest")
+    fedper: bool = Field(False, description="keep the classifier head (last linear layer) at the hospital")
     finetune_eval: bool = Field(False, description="also validate after one local epoch of fine-tuning")
     codec: Literal["none", "fp16", "int8", "int4"] = Field("none", description="how the update is encoded")
     block: int = Field(256, ge=8, le=65536)

@@ -23,7 +23,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 from client.training.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from server.engine.plan import Plan, Progress  # noqa: E402
-from server.engine.updates import local_keys  # noqa: E402
+from medimaging.models import head_keys, norm_keys  # noqa: E402
 from server.records.report import data_line  # noqa: E402
 from server.records.outputs import untrained  # noqa: E402
 
@@ -44,9 +44,13 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
         build_strategy(cfg.strategy, cohort(cfg.strategy, len(cfg.sites)))
     except ValueError as exc:
         raise ConfigError(f"strategy{'.central_dp' if cfg.strategy.central_dp else ''}: {exc}") from None
-    if cfg.strategy.fedbn and not local_keys(cfg, task_shape(cfg), cfg.private):
+    model = task_shape(cfg).model(cfg, cfg.private)
+    if cfg.strategy.fedbn and not norm_keys(model):
         raise ConfigError(f"strategy.fedbn: model.name={cfg.model.name} has no normalisation weights to keep at the "
                           "hospitals; use smallresnet, resnet18 or densenet121")
+    if cfg.strategy.fedper and not head_keys(model):
+        raise ConfigError(f"strategy.fedper: model.name={cfg.model.name} has no classifier head to keep at the "
+                          "hospitals; FedPer is for classification")
     if cfg.strategy.finetune_eval and any(cfg.site_policy(name).enabled for name in cfg.sites):
         raise ConfigError("strategy.finetune_eval: not available with DP-SGD (fine-tuning would train on private "
                           "data outside the privacy ledger)")
@@ -73,7 +77,11 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
                       "channels": shape.in_channels, "task": shape.task})
     (run_dir / "config.yaml").write_text(dump_config(cfg, note))
     (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
-    return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(), test=global_test(cfg),
+    if cfg.strategy.fedper:  # the server's head is never trained: a test score of it would mean nothing
+        progress.problem("strategy.fedper: each hospital keeps its own head, so there is no global model to test on "
+                         "the server; the validation scores are the hospitals' personalized models")
+    return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(),
+                test=None if cfg.strategy.fedper else global_test(cfg),
                 progress=progress, private=cfg.private, sites=len(cfg.sites), site_names=list(cfg.sites), created=created)
 
 

@@ -49,6 +49,8 @@ class StrategyConfig(Strict):
     num_malicious: int = Field(1, ge=0, description="krum/multikrum/bulyan: hospitals assumed hostile")
     num_selected: int = Field(0, ge=0, description="multikrum: updates averaged (0: all but num_malicious)")
     fedbn: bool = Field(False, description="normalisation layers stay at each hospital, never sent")
+    fedper: bool = Field(False, description="personalization (FedPer): each hospital keeps its own classifier head "
+                                            "(the last linear layer), never sent; the body is federated")
     finetune_eval: bool = Field(False, description="also validate the global model after 1 local epoch")
     validation: UpdateValidation = Field(default_factory=UpdateValidation)
     central_dp: "CentralDPConfig | None" = Field(None, description="hospital-level DP wrapper (Flower)")
@@ -87,8 +89,8 @@ class StrategyConfig(Strict):
             raise ValueError(f"secure_aggregation gives the server a weighted mean only: '{self.name}' needs each "
                              "hospital's update (robust strategies) or is not wired to the secure sum (server "
                              "optimisers); use fedavg or fedprox")
-        if self.fedbn:
-            raise ValueError("secure_aggregation with fedbn is not supported yet")
+        if self.fedbn or self.fedper:
+            raise ValueError(f"secure_aggregation with {'fedbn' if self.fedbn else 'fedper'} is not supported yet")
         return self
 
 

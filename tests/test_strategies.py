@@ -11,7 +11,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, MessageType
 from safetensors.torch import load_file
 
-from conftest import simulate_plan
+from conftest import medmnist_file, simulate_plan
+from medimaging.models import head_keys
 from server.engine.updates import initial_arrays
 from simulations.config import ConfigError, load_config
 from simulations.federation import task_shape
@@ -139,10 +140,35 @@ def test_fedbn_keeps_norm_layers_local_and_finetune_eval_is_reported(tmp_path):
     assert "ft_val_auc" in (run_dir / "report.md").read_text()
 
 
+def test_fedper_keeps_each_hospitals_head_and_validates_the_personalized_model(tmp_path):
+    """FedPer: the classifier head never leaves a hospital (smaller replies, the server's head
+    never moves), each hospital validates the shared body with its own head, and the server
+    tests no 'global' model it cannot have."""
+    cfg = load_config(None, {"sites": 3, "server.rounds": 2, "train.local_epochs": 1, "strategy.fedper": True,
+                             "data.path": str(medmnist_file("pneumoniamnist")), "partition.scheme": "dirichlet",
+                             "partition.alpha": 0.3, "server.output_dir": str(tmp_path)})
+    run_dir = simulate(cfg)
+    rows = _rows(run_dir)
+    before = initial_arrays(cfg, task_shape(cfg))
+    after = load_file(str(run_dir / "model.safetensors"))
+    head = head_keys(task_shape(cfg).model(cfg))
+    assert head and all(np.array_equal(after[k].numpy(), before[k].numpy()) for k in head), "the head never came back"
+    assert any(not np.array_equal(after[k].numpy(), before[k].numpy()) for k in after if k not in head), "the body trained"
+    full = sum(len(a.data) for a in before.values())
+    heads = sum(len(before[k].data) for k in head)
+    sites = [r for r in rows if r["site"] != "global" and r["round"] != "0"]
+    assert sites and all(int(r["bytes_from_site"]) < full - heads // 2 for r in sites)
+    final = [r for r in rows if r["site"] == "global"][-1]
+    assert float(final["val_auc"]) > 0.9, final  # the hospitals' own heads on the shared body (measured 0.99)
+    assert not any(r["test_auc"] for r in rows), "no server-side test of a model without a trained head"
+
+
 @pytest.mark.parametrize(
     "sets, expected",
     [({"strategy.name": "krum", "strategy.num_malicious": 1, "sites": 4}, "strategy: krum with num_malicious=1 needs at least 5"),
      ({"strategy.fedbn": True}, "strategy.fedbn: model.name=cnn has no normalisation weights"),
+     ({"strategy.fedper": True, "strategy.secure_aggregation.max_weight": 5000}, "secure_aggregation with fedper"),
+     ({"strategy.fedper": True, "server.cross_site": True}, "server.cross_site does not go with strategy.fedper"),
      ({"strategy.finetune_eval": True, "privacy.enabled": True}, "strategy.finetune_eval: not available with DP-SGD"),
      ({"strategy.name": "krum", "strategy.secure_aggregation.max_weight": 5000}, "gives the server a weighted mean only")],
 )

@@ -18,7 +18,7 @@ from flwr.clientapp.typing import Mod
 from common.i18n import _
 from medimaging.compute import precision_name, set_deterministic
 from medimaging.datasets import SiteData
-from medimaging.models import build_model, norm_keys
+from medimaging.models import build_model, head_keys, norm_keys
 from medimaging.training import evaluate, train_epochs
 
 from client.training.hospital import Hospital, HospitalLoader
@@ -29,7 +29,7 @@ from client.training.site import SiteDataError, load_site_hospital
 from client.training.privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
 
 log = logging.getLogger("aseanfl")
-LOCAL_NORMS = "fedbn-local-norms"  # a record in the node's own state, never in a message
+LOCAL_ARRAYS = "local-arrays"  # FedBN norms, FedPer head: a record in the node's own state, never in a message
 PROXIMAL_KEY = "proximal-mu"
 
 
@@ -50,31 +50,37 @@ def _site_seed(task: TaskSpec, site: str) -> int:
     return (task.seed * 1_000_003 + task.server_round * 7919 + zlib.crc32(site.encode())) % 2**31
 
 
+def _local(task: TaskSpec, model: torch.nn.Module) -> set[str]:
+    """The arrays this hospital keeps: normalisation layers (FedBN), the classifier head (FedPer)."""
+    return (norm_keys(model) if task.fedbn else set()) | (head_keys(model) if task.fedper else set())
+
+
 def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
-    """The server's model; under FedBN with this hospital's own normalisation layers (kept in the
-    node's state between rounds; freshly initialised in its first round)."""
+    """The server's model; under FedBN/FedPer with this hospital's own normalisation layers/head
+    (kept in the node's state between rounds; freshly initialised in its first round)."""
     model = build_model(task.model, task.in_channels, task.num_classes, task.image_size, task.private, task.spatial_dims)
     arrays = msg.content["arrays"].to_torch_state_dict()
-    if not task.fedbn:
+    local = _local(task, model)
+    if not local:
         model.load_state_dict(arrays)
         return model
-    if LOCAL_NORMS in context.state.array_records:
-        arrays.update(context.state.array_records[LOCAL_NORMS].to_torch_state_dict())
+    if LOCAL_ARRAYS in context.state.array_records:
+        arrays.update(context.state.array_records[LOCAL_ARRAYS].to_torch_state_dict())
     missing, extra = set(model.state_dict()) - set(arrays), set(arrays) - set(model.state_dict())
-    if extra or missing - norm_keys(model):
-        raise ValueError(f"FedBN: the server's arrays do not fit this model (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(extra)[:3]})")
+    if extra or missing - local:
+        raise ValueError(f"{'FedBN' if task.fedbn else 'FedPer'}: the server's arrays do not fit this model (missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
     model.load_state_dict(arrays, strict=False)
     return model
 
 
 def _outgoing(task: TaskSpec, model: torch.nn.Module, context: Context) -> ArrayRecord:
-    """What leaves: the whole model, or under FedBN all but the normalisation layers, which stay."""
+    """What leaves: the whole model, or under FedBN/FedPer all but the arrays that stay."""
     state = model.state_dict()
-    if not task.fedbn:
+    local = _local(task, model)
+    if not local:
         return ArrayRecord(state)
-    local = norm_keys(model)
-    context.state[LOCAL_NORMS] = ArrayRecord(OrderedDict((k, v) for k, v in state.items() if k in local))
+    context.state[LOCAL_ARRAYS] = ArrayRecord(OrderedDict((k, v) for k, v in state.items() if k in local))
     return ArrayRecord(OrderedDict((k, v) for k, v in state.items() if k not in local))
 
 

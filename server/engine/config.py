@@ -55,7 +55,8 @@ class RunConfig(Strict):
         why = ("secure_aggregation: the server never sees one hospital's model" if s.secure_aggregation is not None
                else "central_dp: one hospital's model is protected only inside the noised aggregate"
                if s.central_dp is not None
-               else "fedbn: the hospitals' models come back without their normalisation layers" if s.fedbn else None)
+               else "fedbn: the hospitals' models come back without their normalisation layers" if s.fedbn
+               else "fedper: the hospitals' models come back without their heads" if s.fedper else None)
         if why:
             raise ValueError(f"server.cross_site does not go with strategy.{why}")
         return self

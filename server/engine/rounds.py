@@ -320,7 +320,7 @@ def _task(run: Run, rnd: int) -> TaskSpec:
     cfg, shape, s = run.plan.config, run.plan.shape, run.plan.config.strategy
     return TaskSpec(
         run=run.plan.run_dir.name, server_round=rnd, total_rounds=cfg.server.rounds, seed=cfg.seed,
-        private=run.plan.private, client_clipping=client_clipping(s), fedbn=s.fedbn, finetune_eval=s.finetune_eval,
+        private=run.plan.private, client_clipping=client_clipping(s), fedbn=s.fedbn, fedper=s.fedper, finetune_eval=s.finetune_eval,
         codec=s.compression.codec, block=s.compression.block, topk=s.compression.topk,
         error_feedback=s.compression.error_feedback, model=cfg.model, train=cfg.train,
         in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,

@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from medimaging.datasets import Split
-from medimaging.models import norm_keys
+from medimaging.models import head_keys, norm_keys
 from medimaging.training import evaluate
 from strategies.config import UpdateValidation
 
@@ -22,10 +22,13 @@ from server.engine.plan import Progress, TaskShape
 
 
 def local_keys(cfg: RunConfig, shape: TaskShape, private: bool = False) -> set[str]:
-    """Arrays that stay at the hospitals: the normalisation layers under FedBN, else none."""
-    if not cfg.strategy.fedbn:
+    """Arrays that stay at the hospitals: the normalisation layers under FedBN, the classifier
+    head under FedPer, else none."""
+    s = cfg.strategy
+    if not (s.fedbn or s.fedper):
         return set()
-    return norm_keys(shape.model(cfg, private))
+    model = shape.model(cfg, private)
+    return (norm_keys(model) if s.fedbn else set()) | (head_keys(model) if s.fedper else set())
 
 
 def without(arrays: ArrayRecord, keys: set[str]) -> ArrayRecord:
