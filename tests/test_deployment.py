@@ -122,6 +122,7 @@ def _server_killed_then_resumed(dep: LocalDeployment, tmp: Path) -> dict:
     args = ["--rounds", "3", "--strategy", "fedavgm", "--set", "strategy.server_momentum=0.5", "--set", "task.image_size=32",
             "--set", "strategy.compression.codec=int8",  # compressed updates, deployed: decoded by the server
             "--set", "strategy.compression.downlink=int8",  # and the model sent down as deltas
+            "--set", "strategy.fedper=true",  # personalization, deployed: each hospital keeps its head
             "--set", "train.local_epochs=8", "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120"]
     proc = subprocess.Popen([str(BIN / "aseanfl"), "run", "-f", str(dep.fed), "--out", str(results), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
@@ -442,6 +443,9 @@ def test_each_hospital_serves_its_run_from_one_warm_worker(deployed):
     assert "site-d: refused app bundle" in (deployed["tmp"] / f"{UNAPPROVED}.log").read_text(errors="replace")
 
 
+HEAD = {"final.1.weight", "final.1.bias"}  # the cnn's classifier head (medimaging.models.head_keys)
+
+
 def test_the_crash_runs_compressed_updates_are_decoded_and_their_residuals_stay_at_the_hospitals(deployed):
     crash, hosp = deployed["crash"], deployed["tmp"] / "hospitals"
     name = crash["folder"].name
@@ -457,8 +461,10 @@ def test_the_crash_runs_compressed_updates_are_decoded_and_their_residuals_stay_
         sent = [e["records"]["arrays"]["entries"] for e in logged
                 if e.get("run") in ids and e.get("type") == "train" and "arrays" in e.get("records", {})]
         assert len(sent) >= 3 and len(ids) == 2, (len(sent), ids)
-        for entries in sent:  # what left: codes and scales only, no weights, no residual
+        for entries in sent:  # what left: codes and scales only, no weights, no residual, no head (FedPer)
             assert {k.split(":")[0] for k in entries} == {"q", "s"}, sorted(entries)[:4]
+            assert {k.split(":", 1)[1] for k in entries} & HEAD == set(), sorted(entries)
+            assert len({k.split(":", 1)[1] for k in entries if k.startswith("q:")}) == len(model) - len(HEAD)
             assert {v["dtype"] for k, v in entries.items() if k.startswith("q:")} == {"int8"}
         res = aseanfl("client", "audit", "-c", str(hosp / site / "site.yaml"))
         assert res.returncode == 0, res.stdout

@@ -83,23 +83,30 @@ def noise_for(epsilon: float, delta: float, sample_rate: float, steps: int, acco
     """The smallest noise multiplier (within `tolerance` of epsilon) whose run of `steps` steps
     stays at or under `epsilon`. Under 'auto' each accountant is searched and the smallest
     noise taken: a run is as private as its tightest valid bound says."""
-    names = ACCOUNTANTS if accountant == "auto" else (accountant,)
-    found = []
+    names = ("pld", "prv", "rdp") if accountant == "auto" else (accountant,)  # usually tightest first
+    best = None
     for name in names:
+        method = _BY_NAME[name]
         try:
-            found.append(_search(_BY_NAME[name], epsilon, delta, sample_rate, steps, tolerance))
+            # epsilon falls as the noise grows: a method above epsilon at the best noise so far
+            # cannot do with less, and is not searched (the result is the same, in a third of the time)
+            if best is not None and method([(best, sample_rate, steps)], delta) > epsilon:
+                continue
+            best = _search(method, epsilon, delta, sample_rate, steps, tolerance, best)
         except (ValueError, ArithmeticError, RuntimeError) as exc:
             if accountant != "auto":
                 raise ValueError(f"accountant {name}: {exc}") from None
             log.debug("accountant %s cannot calibrate: %s", name, exc)
-    if not found:
+    if best is None:
         raise ValueError(f"no accountant reaches epsilon {epsilon} with delta {delta}")
-    return min(found)
+    return best
 
 
-def _search(method, epsilon: float, delta: float, rate: float, steps: int, tolerance: float) -> float:
-    """Bisection on the noise multiplier, as Opacus' get_noise_multiplier does."""
-    low, high = 0.0, 1.0
+def _search(method, epsilon: float, delta: float, rate: float, steps: int, tolerance: float,
+            high: float | None = None) -> float:
+    """Bisection on the noise multiplier, as Opacus' get_noise_multiplier does (`high`: a noise
+    known to be enough)."""
+    low, high = 0.0, high or 1.0
     while (eps_high := method([(high, rate, steps)], delta)) > epsilon:
         low, high = high, 2 * high
         if high > MAX_NOISE:
