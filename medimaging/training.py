@@ -25,10 +25,13 @@ def loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0, device: 
                       pin_memory=pin)
 
 
+SGD_MOMENTUM = 0.9
+
+
 def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM)
 
 
 def proximal_step(model: torch.nn.Module, mu: float, lr: float) -> Callable[[], None] | None:
@@ -84,8 +87,9 @@ def run_epochs(
     model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Callable[[int], Iterable], epochs: int,
     loss_fn: Callable | None = None, after_step: Callable[[], None] | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: torch.dtype | None = None,
+    correct: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
-    """The training loop; `batches(epoch)` yields (x, y) on the CPU, `augment` changes x there (its
+    """The training loop (`correct`: changes the gradients before each step, e.g. SCAFFOLD's); `batches(epoch)` yields (x, y) on the CPU, `augment` changes x there (its
     own seeded generator), then both go to the model's device. `precision`: the autocast dtype of
     the forward pass and loss (None: fp32); fp16 steps through a grad scaler. Returns (mean loss
     of the last epoch, steps)."""
@@ -105,9 +109,14 @@ def run_epochs(
                 loss = loss_fn(model(x), y)
             if scaler is None:
                 loss.backward()
+                if correct is not None:
+                    correct()
                 opt.step()
             else:
                 scaler.scale(loss).backward()
+                if correct is not None:
+                    scaler.unscale_(opt)  # the correction is in true gradient units
+                    correct()
                 scaler.step(opt)
                 scaler.update()
             if after_step is not None:
@@ -122,12 +131,13 @@ def run_epochs(
 def train_epochs(
     model: torch.nn.Module, split: Split, epochs: int, batch_size: int, lr: float, optimizer: str, seed: int,
     proximal_mu: float = 0.0, augment: AugmentConfig | None = None, precision: torch.dtype | None = None,
+    correct: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """Plain (non-private) local training, in place; returns (last-epoch loss, steps)."""
     opt = make_optimizer(model, optimizer, lr)
     batches = lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch, device=device_of(model))  # noqa: E731
     return run_epochs(model, opt, batches, epochs, loss_for(split), after_step=proximal_step(model, proximal_mu, lr),
-                      augment=augmenter(augment, seed) if augment else None, precision=precision)
+                      augment=augmenter(augment, seed) if augment else None, precision=precision, correct=correct)
 
 
 def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

@@ -20,6 +20,7 @@ from medimaging.config import AugmentConfig, Dims, ModelConfig, Strict, Task
 TASK_KEY = "task"
 NAMES_KEY = "array-names"  # SecAgg+: legacy Parameters have no names; the server sends them alongside
 MODEL_KEY = "model"  # an evaluation request's array record: the model file, bytes as one uint8 array
+CONTROL_KEY = "control"  # SCAFFOLD: the server's control variate in a task, a hospital's change of its own in the reply
 FILE_KEY = "file"
 
 
@@ -60,6 +61,7 @@ class TaskSpec(Message):
     )
     fedbn: bool = Field(False, description="keep normalisation layers at the hospital; send the rest")
     fedper: bool = Field(False, description="keep the classifier head (last linear layer) at the hospital")
+    scaffold: bool = Field(False, description="correct local steps with control variates (the task's 'control' record)")
     finetune_eval: bool = Field(False, description="also validate after one local epoch of fine-tuning")
     codec: Literal["none", "fp16", "int8", "int4"] = Field("none", description="how the update is encoded")
     block: int = Field(256, ge=8, le=65536)

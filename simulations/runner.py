@@ -51,6 +51,9 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     if cfg.strategy.fedper and not head_keys(model):
         raise ConfigError(f"strategy.fedper: model.name={cfg.model.name} has no classifier head to keep at the "
                           "hospitals; FedPer is for classification")
+    if cfg.strategy.name == "scaffold" and any(cfg.site_policy(name).enabled for name in cfg.sites):
+        raise ConfigError("strategy.name scaffold: not available with DP-SGD at the hospitals (Opacus writes the "
+                          "noised gradient at its step, so the control-variate correction would not survive it)")
     if cfg.strategy.finetune_eval and any(cfg.site_policy(name).enabled for name in cfg.sites):
         raise ConfigError("strategy.finetune_eval: not available with DP-SGD (fine-tuning would train on private "
                           "data outside the privacy ledger)")

@@ -10,7 +10,7 @@ from medimaging.config import Strict
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
-              "krum", "multikrum", "bulyan")
+              "krum", "multikrum", "bulyan", "scaffold")
 
 
 class UpdateValidation(Strict):
@@ -72,6 +72,19 @@ class StrategyConfig(Strict):
             raise ValueError(f"compression with central_dp.clipping '{dp.clipping}': the decoded update can exceed the "
                              "norm the hospital clipped to, and the noise is calibrated to it; use server-fixed or "
                              "server-adaptive clipping (the server clips the decoded update)")
+        return self
+
+    @model_validator(mode="after")
+    def _scaffold_composes(self) -> "StrategyConfig":
+        if self.name != "scaffold":
+            return self
+        if self.central_dp is not None:
+            raise ValueError("scaffold with central_dp: each hospital's control variate would leave unclipped and "
+                             "un-noised beside its protected update; use DP at the hospitals or another strategy")
+        c = self.compression
+        if c.codec != "none" or c.topk is not None or c.downlink != "none":
+            raise ValueError("scaffold with compression: the control variates are sent as they are; set "
+                             "compression.codec: none and compression.downlink: none")
         return self
 
     @model_validator(mode="after")

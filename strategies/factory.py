@@ -90,7 +90,7 @@ def _base(cfg: StrategyConfig, num_sites: int) -> Strategy:
         return MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=cfg.num_selected or max(num_sites - f, 1))
     if name == "bulyan":
         return Bulyan(**common, num_malicious_nodes=f)
-    return FedAvg(**common)
+    return FedAvg(**common)  # fedavg; scaffold averages as it does (its control variates: server/engine/scaffold.py)
 
 
 def build_strategy(cfg: StrategyConfig, num_sites: int) -> Strategy:

@@ -22,7 +22,7 @@ from medimaging.models import build_model, head_keys, norm_keys
 from medimaging.training import evaluate, train_epochs
 
 from client.training.hospital import Hospital, HospitalLoader
-from protocol.messages import REFUSAL_KEY, EvalMetrics, EvaluationSpec, Refusal, TaskSpec, TrainMetrics
+from protocol.messages import CONTROL_KEY, REFUSAL_KEY, EvalMetrics, EvaluationSpec, Refusal, TaskSpec, TrainMetrics
 from client.training.mods import central_dp_mod, compression_mod, downlink_mod, packing_mod, private_errors_mod
 from client.training.secure import secure_aggregation_mod
 from client.training.site import SiteDataError, load_site_hospital
@@ -88,7 +88,7 @@ def _reply(site: SiteData, records: dict) -> RecordDict:
     return RecordDict({**records, "site": ConfigRecord({"name": site.name})})
 
 
-def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float) -> dict:
+def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float, correct=None) -> dict:
     """Train (privately if the hospital's policy says so); the reply's records."""
     site, cfg, policy, seed = hospital.data, task.train, hospital.privacy, _site_seed(task, hospital.data.name)
     epsilon = math.nan
@@ -112,7 +112,7 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float
                                        precision=hospital.precision)
     else:
         loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu,
-                                   cfg.augment, hospital.precision)
+                                   cfg.augment, hospital.precision, correct)
     metrics = TrainMetrics(num_examples=len(site.train), train_loss=loss, steps=steps, epsilon=epsilon)
     return {"metrics": metrics.record()}
 
@@ -156,6 +156,17 @@ def _finetuned(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> di
     return evaluate(tuned, hospital.data.val, task.num_classes, precision=hospital.precision)
 
 
+def _control(task: TaskSpec, hospital: Hospital, msg: Message, context: Context, model: torch.nn.Module):
+    """SCAFFOLD's local control (client/training/scaffold.py), or None."""
+    if not task.scaffold:
+        return None
+    if hospital.privacy.enabled:  # Opacus writes the noised gradient at its step: a correction would not survive it
+        raise SiteDataError("SCAFFOLD is not available at a hospital that trains with DP-SGD")
+    from client.training.scaffold import LocalControl
+
+    return LocalControl(msg, context, model)
+
+
 def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
     hospital: its site.yaml; a simulation hands its own). `extra_mods` run just inside the error
@@ -171,10 +182,13 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
         torch.manual_seed(_site_seed(task, hospital.data.name))
         model = _model(task, msg, context).to(hospital.device)  # the reply's arrays go back to the CPU (Flower's Array)
         mu = float(msg.content["config"].get(PROXIMAL_KEY, 0.0))  # Flower's FedProx sends it
+        control = _control(task, hospital, msg, context, model)
         with _device_memory(task, hospital):
-            records = _train(task, hospital, model, mu)
+            records = _train(task, hospital, model, mu, control.correct if control else None)
         if REFUSAL_KEY not in records:
             records = {"arrays": _outgoing(task, model, context), **records}
+            if control is not None:
+                records[CONTROL_KEY] = control.finish(context, int(records["metrics"]["steps"]), task.train.lr)
         return Message(content=_reply(hospital.data, records), reply_to=msg)
 
     @app.evaluate()

@@ -48,6 +48,13 @@ class RunConfig(Strict):
     server: ServerConfig = ServerConfig()
 
     @model_validator(mode="after")
+    def _scaffold_trains_with_sgd(self) -> "RunConfig":
+        if self.strategy.name == "scaffold" and self.train.optimizer != "sgd":
+            raise ValueError("strategy.name scaffold corrects plain SGD steps; set train.optimizer: sgd (and a larger "
+                             "train.lr, e.g. 0.05)")
+        return self
+
+    @model_validator(mode="after")
     def _cross_site_composes(self) -> "RunConfig":
         s = self.strategy
         if not self.server.cross_site:

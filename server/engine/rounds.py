@@ -31,6 +31,7 @@ from server.engine.exchange import await_rejoin, checked, count_traffic, exchang
 from server.engine.names import SiteOrder, partition_names, registered_names, site_name
 from server.engine.plan import Plan, Progress
 from server.engine.secure import secure_phase
+from server.engine.scaffold import Controls
 from server.engine.updates import (decoded, initial_arrays, local_keys, merged, score_key, screened, server_evaluate,
                                    without)
 from server.records.outputs import GLOBAL, RunRecorder
@@ -59,6 +60,7 @@ class Run:
     aggregate_seconds: dict[int, float] = field(default_factory=dict)
     local_models: dict[str, ArrayRecord] = field(default_factory=dict)  # the final round's models, by hospital
     resumed: checkpoint.Checkpoint | None = None
+    controls: Controls | None = None  # SCAFFOLD's server control variate
 
     @property
     def progress(self) -> Progress:
@@ -147,6 +149,8 @@ def _training_tasks(run: Run, rd: Round) -> list[Message]:
     random.seed(f"{run.plan.config.seed}-{rd.rnd}-train")  # Flower samples with `random`: the cohort follows seed and round
     tasks = in_round(run.strategy.configure_train(rd.rnd, run.shared, rd.task.to_config(), run.grid), rd.rnd, run.known)
     rd.asked = {m.metadata.dst_node_id for m in tasks}
+    if run.controls is not None:
+        run.controls.attach(tasks)
     return tasks
 
 
@@ -161,6 +165,8 @@ def _record_training(run: Run, rd: Round) -> None:
 def train(run: Run, rd: Round) -> None:
     """Each sampled hospital trains on the shared model; its update comes back in the clear."""
     replies = _send(run, rd, _training_tasks(run, rd), "training")
+    if run.controls is not None:  # each hospital's delta c_i out of its reply, before any check of the model
+        replies = run.controls.take(replies, run.known, rd.row, lambda text: run.progress.problem(f"round {rd.rnd}: {text}"))
     rd.trained = checked(replies, TrainMetrics, run.progress, rd.rnd, "training", rd.refusals, run.known)
     _record_training(run, rd)
 
@@ -190,6 +196,8 @@ def aggregate(run: Run, rd: Round) -> None:
         run.progress.problem(f"round {rd.rnd}: the strategy returned no model; the global model is unchanged")
     else:
         run.arrays = merged(run.arrays, rd.new_arrays)
+        if run.controls is not None:
+            run.controls.update(rd.used, run.known)
         if run.down:  # the federation's model is what the hospitals rebuild from the delta
             run.arrays = merged(run.arrays, run.down.advance(run.shared))
         run.trained_rounds += 1
@@ -262,6 +270,8 @@ def save(run: Run, rd: Round) -> None:
         round=rd.rnd, arrays=run.arrays, best=run.best, seconds=time.time() - run.started,
         round_seconds=run.round_seconds, random_state=checkpoint.random_state(), names=run.known,
         trained_rounds=run.trained_rounds), run.strategy, run.plan.config)
+    if run.controls is not None:
+        run.controls.save()
     if run.trained_rounds:  # the initial model is never presented as a result
         run.recorder.save_model(run.arrays, "model.safetensors", round=rd.rnd)
         if improved:
@@ -302,6 +312,8 @@ def _start(plan: Plan, grid: Grid) -> Run:
     run = Run(plan=plan, grid=SiteOrder(PackedGrid(grid), known), raw_grid=grid, strategy=strategy, workflow=workflow,
               down=down, recorder=RunRecorder(plan.run_dir, keep_rounds=ckpt.round if ckpt else None), arrays=arrays,
               local=local, known=known)
+    if cfg.strategy.name == "scaffold":
+        run.controls = Controls(run.shared, plan.run_dir, plan.sites or len(known), resume=ckpt is not None)
     if ckpt is None:
         return run
     run.resumed, run.first, run.best, run.trained_rounds = ckpt, ckpt.round + 1, ckpt.best, ckpt.trained_rounds
@@ -320,7 +332,8 @@ def _task(run: Run, rnd: int) -> TaskSpec:
     cfg, shape, s = run.plan.config, run.plan.shape, run.plan.config.strategy
     return TaskSpec(
         run=run.plan.run_dir.name, server_round=rnd, total_rounds=cfg.server.rounds, seed=cfg.seed,
-        private=run.plan.private, client_clipping=client_clipping(s), fedbn=s.fedbn, fedper=s.fedper, finetune_eval=s.finetune_eval,
+        private=run.plan.private, client_clipping=client_clipping(s), fedbn=s.fedbn, fedper=s.fedper,
+        scaffold=s.name == "scaffold", finetune_eval=s.finetune_eval,
         codec=s.compression.codec, block=s.compression.block, topk=s.compression.topk,
         error_feedback=s.compression.error_feedback, model=cfg.model, train=cfg.train,
         in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
