@@ -226,3 +226,32 @@ def test_a_straggler_is_left_out_and_the_round_goes_on(tmp_path):
     assert "no-reply" in [r["status"] for r in second if r["site"] != "global"], second
     summary = json.loads((plan.run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["round_seconds"][1] < 2 * 10 + 15, summary
+
+
+def test_a_hospitals_outsized_scaffold_variate_is_left_out_of_c(tmp_path):
+    """A member hospital sends a control-variate change 1000x the others': with update validation
+    on it does not reach c (it would steer every hospital's corrected steps); without, it does."""
+    from flwr.app import Message, Metadata, RecordDict
+
+    from server.engine.scaffold import Controls
+    from strategies.config import UpdateValidation
+
+    shared = ArrayRecord({"w": Array(np.zeros((4,), np.float32))})
+    names = {i: f"site-{i}" for i in range(1, 5)}
+
+    def reply(node: int, scale: float) -> Message:
+        content = RecordDict({"arrays": shared, "control": ArrayRecord({"w": Array(np.full(4, scale, np.float32))})})
+        meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                        group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
+        return Message(content=content, metadata=meta)
+
+    said = []
+    # c += |S|/N x mean: three of four hospitals at 1.0 give 0.75; all four, (3 + 1000) / 4
+    for screen, expect in ((UpdateValidation(), 0.75), (UpdateValidation(enabled=False), (3 + 1000) / 4)):
+        controls = Controls(shared, tmp_path, 4, resume=False)
+        replies = [reply(1, 1.0), reply(2, 1.0), reply(3, 1.0), reply(4, 1000.0)]
+        kept = controls.take(replies, names, lambda s: {}, said.append)
+        assert len(kept) == 4 and all("control" not in r.content.array_records for r in kept)
+        controls.update(kept, names, screen, said.append)
+        assert np.allclose(controls.c["w"], expect), (screen, controls.c)
+    assert any("site-4" in line and "left out of c" in line for line in said), said

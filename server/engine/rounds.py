@@ -197,7 +197,8 @@ def aggregate(run: Run, rd: Round) -> None:
     else:
         run.arrays = merged(run.arrays, rd.new_arrays)
         if run.controls is not None:
-            run.controls.update(rd.used, run.known)
+            run.controls.update(rd.used, run.known, cfg.strategy.validation,
+                                lambda text: run.progress.problem(f"round {rd.rnd}: {text}"))
         if run.down:  # the federation's model is what the hospitals rebuild from the delta
             run.arrays = merged(run.arrays, run.down.advance(run.shared))
         run.trained_rounds += 1

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, Message
 from safetensors.numpy import load_file, save_file
 
 from protocol.messages import CONTROL_KEY
+from strategies.config import UpdateValidation
 
 from server.engine.names import site_name
 
@@ -60,9 +61,22 @@ class Controls:
             kept.append(reply)
         return kept
 
-    def update(self, used: list[Message], names: dict[int, str]) -> None:
-        """c += |S|/N x mean of the used hospitals' delta c_i (N: the federation's hospitals)."""
-        deltas = [self.deltas[s] for s in (site_name(r, names) for r in used) if s in self.deltas]
+    def update(self, used: list[Message], names: dict[int, str], screen: UpdateValidation | None = None,
+               problem=lambda text: None) -> None:
+        """c += |S|/N x mean of the used hospitals' delta c_i (N: the federation's hospitals). With
+        update validation on, a delta whose norm is above norm_factor x the round's median is left
+        out of c, as an update of that size is left out of the model (a hospital could otherwise
+        steer every hospital's steps through c)."""
+        sites = [s for s in (site_name(r, names) for r in used) if s in self.deltas]
+        if screen is not None and screen.enabled and len(sites) >= screen.min_sites_for_norm:
+            norms = {s: float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in self.deltas[s].values())))
+                     for s in sites}
+            bound = screen.norm_factor * float(np.median(list(norms.values())))
+            for s in [s for s in sites if norms[s] > bound]:
+                problem(f"{s}'s SCAFFOLD control variate change has norm {norms[s]:.3g}, above {bound:.3g} "
+                        f"({screen.norm_factor:g} x the round's median); left out of c")
+                sites.remove(s)
+        deltas = [self.deltas[s] for s in sites]
         if not deltas:
             return
         share = len(deltas) / max(self.sites, len(deltas))
