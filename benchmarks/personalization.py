@@ -2,8 +2,10 @@
 FedAvg and SCAFFOLD models, and of its personalized model (FedPer: shared body, its own head),
 on pneumoniamnist Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch, several seeds; and
 the global models' test AUC beside the same model trained centrally on the pooled images.
-SCAFFOLD needs SGD (lr 0.05, momentum 0.9); the others train with the default Adam (lr 0.001). Each hospital validates on its share of the npz's own val split; the
-average over hospitals leaves out a hospital whose validation images are all of one class (no AUC).
+SCAFFOLD needs SGD (lr 0.01, momentum 0.9; at 0.05 it diverged on the single-class hospitals);
+the others train with the default Adam (lr 0.001). Each hospital validates on its share of the
+npz's own val split; the average over hospitals leaves out a hospital whose validation images
+are all of one class (no AUC).
 
     python -m benchmarks.personalization [--seeds 42,1,2] [--rounds 10] [--alpha 0.3] [--model cnn]
 """
@@ -56,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = {"local only": None, "FedAvg (global)": {},
-                "SCAFFOLD (global)": {"strategy.name": "scaffold", "train.optimizer": "sgd", "train.lr": 0.05},
+                "SCAFFOLD (global)": {"strategy.name": "scaffold", "train.optimizer": "sgd", "train.lr": 0.01},
                 "FedPer (personalized)": {"strategy.fedper": True}}
     means: dict[str, list[float]] = {k: [] for k in settings}
     tests: dict[str, list[float]] = {"centralized": [], "FedAvg (global)": [], "SCAFFOLD (global)": []}

@@ -169,7 +169,7 @@ def test_scaffold_sends_control_variates_both_ways_and_learns(tmp_path):
     from safetensors.numpy import load_file as load_np
 
     cfg = load_config(None, {"sites": 3, "server.rounds": 2, "train.local_epochs": 1, "strategy.name": "scaffold",
-                             "train.optimizer": "sgd", "train.lr": 0.05,
+                             "train.optimizer": "sgd", "train.lr": 0.01,
                              "data.path": str(medmnist_file("pneumoniamnist")), "partition.scheme": "dirichlet",
                              "partition.alpha": 0.3, "server.output_dir": str(tmp_path)})
     run_dir = simulate(cfg)

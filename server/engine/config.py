@@ -51,7 +51,7 @@ class RunConfig(Strict):
     def _scaffold_trains_with_sgd(self) -> "RunConfig":
         if self.strategy.name == "scaffold" and self.train.optimizer != "sgd":
             raise ValueError("strategy.name scaffold corrects plain SGD steps; set train.optimizer: sgd (and a larger "
-                             "train.lr, e.g. 0.05)")
+                             "train.lr, e.g. 0.01)")
         return self
 
     @model_validator(mode="after")
