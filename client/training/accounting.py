@@ -57,10 +57,21 @@ def _pld(history: History, delta: float) -> float:
 _BY_NAME = {"rdp": _rdp, "prv": _prv, "pld": _pld}
 
 
+def merged(history: History) -> History:
+    """Entries with the same noise and sample rate as one entry of all their steps: composing
+    the same mechanism k and then m times is composing it k + m times, under every accountant;
+    a ledger's rounds usually share both, so each figure costs one entry, not one per round."""
+    steps: dict[tuple[float, float], int] = {}
+    for noise, rate, n in history:
+        steps[(float(noise), float(rate))] = steps.get((float(noise), float(rate)), 0) + int(n)
+    return [(noise, rate, n) for (noise, rate), n in steps.items()]
+
+
 def accounted(history: History, delta: float, accountant: str) -> tuple[float, str]:
     """(epsilon, the accountant that gave it). `accountant` 'auto': the smallest valid figure."""
     if not history:
         return 0.0, accountant if accountant != "auto" else "rdp"
+    history = merged(history)
     if accountant != "auto":
         return _BY_NAME[accountant](history, delta), accountant
     figures = {}
