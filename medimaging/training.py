@@ -89,7 +89,8 @@ def run_epochs(
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: torch.dtype | None = None,
     correct: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
-    """The training loop (`correct`: changes the gradients before each step, e.g. SCAFFOLD's); `batches(epoch)` yields (x, y) on the CPU, `augment` changes x there (its
+    """The training loop (`correct`: changes the gradients before each step, e.g. SCAFFOLD's);
+    `batches(epoch)` yields (x, y) on the CPU, `augment` changes x there (its
     own seeded generator), then both go to the model's device. `precision`: the autocast dtype of
     the forward pass and loss (None: fp32); fp16 steps through a grad scaler. Returns (mean loss
     of the last epoch, steps)."""

@@ -87,7 +87,8 @@ def _partitions(path: str, num_sites: int, scheme: str, alpha: float, min_size: 
     labels = _pool_labels(load_npz(path))
     if scheme == "dirichlet" and num_sites * min_size > len(labels):
         raise ConfigError(f"partition.min_partition_size: {min_size} images for each of {num_sites} sites needs "
-                          f"{num_sites * min_size}, the data has {len(labels)} images to share (training and validation); lower it, simulate "
+                          f"{num_sites * min_size}, the data has {len(labels)} images to share (training and "
+                          "validation); lower it, simulate "
                           "fewer sites or use partition.scheme iid")
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_sites)

@@ -44,7 +44,8 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
         build_strategy(cfg.strategy, cohort(cfg.strategy, len(cfg.sites)))
     except ValueError as exc:
         raise ConfigError(f"strategy{'.central_dp' if cfg.strategy.central_dp else ''}: {exc}") from None
-    model = task_shape(cfg).model(cfg, cfg.private)
+    shape = task_shape(cfg)
+    model = shape.model(cfg, cfg.private) if cfg.strategy.fedbn or cfg.strategy.fedper else None
     if cfg.strategy.fedbn and not norm_keys(model):
         raise ConfigError(f"strategy.fedbn: model.name={cfg.model.name} has no normalisation weights to keep at the "
                           "hospitals; use smallresnet, resnet18 or densenet121")
@@ -75,15 +76,12 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
         suffix += 1
         run_dir = cfg.server.output_dir / f"{stamp}-{cfg.name}-{suffix}"
     run_dir.mkdir(parents=True)
-    shape = task_shape(cfg)
-    note = data_line({"spatial_dims": shape.spatial_dims, "image_size": shape.image_size,
-                      "channels": shape.in_channels, "task": shape.task})
-    (run_dir / "config.yaml").write_text(dump_config(cfg, note))
+    (run_dir / "config.yaml").write_text(dump_config(cfg, data_line(shape.data())))
     (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
     if cfg.strategy.fedper:  # the server's head is never trained: a test score of it would mean nothing
         progress.problem("strategy.fedper: each hospital keeps its own head, so there is no global model to test on "
                          "the server; the validation scores are the hospitals' personalized models")
-    return Plan(config=cfg, shape=task_shape(cfg), run_dir=run_dir.resolve(),
+    return Plan(config=cfg, shape=shape, run_dir=run_dir.resolve(),
                 test=None if cfg.strategy.fedper else global_test(cfg),
                 progress=progress, private=cfg.private, sites=len(cfg.sites), site_names=list(cfg.sites), created=created)
 

@@ -63,7 +63,8 @@ def merged(history: History) -> History:
     a ledger's rounds usually share both, so each figure costs one entry, not one per round."""
     steps: dict[tuple[float, float], int] = {}
     for noise, rate, n in history:
-        steps[(float(noise), float(rate))] = steps.get((float(noise), float(rate)), 0) + int(n)
+        key = (float(noise), float(rate))
+        steps[key] = steps.get(key, 0) + int(n)
     return [(noise, rate, n) for (noise, rate), n in steps.items()]
 
 

@@ -3,8 +3,9 @@
 The ledger is the hospital's memory of what it has spent: a JSON file holding every
 (noise multiplier, sample rate, steps) it trained with, across rounds, runs and restarts.
 Epsilon is always recomputed from that history with the policy's accountant (accounting.py;
-'auto': the tightest of RDP, PRV and PLD), and each entry records which one gave its figure. A round is written to the ledger *before* it trains,
-so a crash mid-round still counts against the budget.
+'auto': the tightest of RDP, PRV and PLD), and each entry records which one gave its figure.
+A round is written to the ledger *before* it trains, so a crash mid-round still counts against
+the budget.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class LedgerEntry(BaseModel):
     sample_rate: float
     steps: int
     epsilon_after: float
-    accountant: str | None = Field(None, description="which accountant gave epsilon_after (ledgers before 2026-12: the file's)")
+    accountant: str | None = Field(
+        None, description="which accountant gave epsilon_after (ledgers before 2026-12: the file's)")
     time: float
 
 

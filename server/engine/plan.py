@@ -38,6 +38,11 @@ class TaskShape:
     def model(self, cfg: RunConfig, private: bool = False) -> torch.nn.Module:
         return build_model(cfg.model, self.in_channels, self.num_classes, self.image_size, private, self.spatial_dims)
 
+    def data(self) -> dict:
+        """What the run's data are, as summary.json and config.yaml's first line say it."""
+        return {"spatial_dims": self.spatial_dims, "image_size": self.image_size, "channels": self.in_channels,
+                "task": self.task}
+
 
 class Progress:
     """Receives round events; the CLI shows them live, the default logs them (in the reader's

@@ -82,6 +82,18 @@ def decoded(replies: list[Message], sent: ArrayRecord, c, progress: Progress, rn
     return kept
 
 
+def l2(arrays) -> float:
+    """The L2 norm of several arrays taken as one vector (float64 sums)."""
+    return math.sqrt(sum(float(np.sum(np.asarray(a, dtype=np.float64) ** 2)) for a in arrays))
+
+
+def beyond_median(norms: list[float], factor: float) -> tuple[float, list[bool]]:
+    """The median of `norms` and, for each, whether it is above `factor` x that median: the
+    outlier rule of update validation (models here, SCAFFOLD's control variates too)."""
+    median = statistics.median(norms)
+    return median, [norm > factor * median for norm in norms]
+
+
 def screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, progress: Progress, rnd: int,
               row: Callable[[str], dict], names: dict[int, str]) -> list[Message]:
     """Server-side update validation, before any strategy: an update with NaN/Inf, the wrong
@@ -95,18 +107,18 @@ def screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, p
         problem = _update_problem(reply.content["arrays"], reference)
         if problem is None:
             arrays = reply.content["arrays"]
-            norms.append(math.sqrt(sum(float(np.sum((arrays[k].numpy().astype(np.float64) - ref) ** 2))
-                                       for k, ref in reference.items() if np.issubdtype(ref.dtype, np.floating))))
+            norms.append(l2(arrays[k].numpy().astype(np.float64) - ref
+                            for k, ref in reference.items() if np.issubdtype(ref.dtype, np.floating)))
             kept.append(reply)
             continue
         row(site_name(reply, names))["status"] = f"rejected:{problem[0]}"
         progress.problem(f"round {rnd} training: update from {site_name(reply, names)} rejected: {problem[1]}")
     if len(kept) < cfg.min_sites_for_norm:
         return kept
-    median = statistics.median(norms)
+    median, above = beyond_median(norms, cfg.norm_factor)
     out = []
-    for reply, norm in zip(kept, norms, strict=True):
-        if median > 0 and norm > cfg.norm_factor * median:
+    for reply, norm, outlier in zip(kept, norms, above, strict=True):
+        if median > 0 and outlier:
             row(site_name(reply, names))["status"] = "rejected:norm"
             progress.problem(f"round {rnd} training: update from {site_name(reply, names)} rejected: its norm {norm:.4g} is "
                              f"{norm / median:.1f}x the round's median {median:.4g} (limit {cfg.norm_factor:g}x)")

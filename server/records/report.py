@@ -257,7 +257,8 @@ def _write_report(run_dir: Path) -> Path:
         drew_epsilon = _plot_epsilon(rows, run_dir / "epsilon.png")
     if drew_epsilon:
         lines += ["## " + _("Privacy"), "", _("Epsilon each hospital has spent, from its privacy ledger "
-                                              "(DP-SGD; by default the tightest of the RDP, PRV and PLD accountants)."), "", "![epsilon per round](epsilon.png)", ""]
+                                              "(DP-SGD; by default the tightest of the RDP, PRV and PLD accountants)."),
+                  "", "![epsilon per round](epsilon.png)", ""]
     dist_path = run_dir / "data_distribution.json"
     if dist_path.exists():
         with labels_for():
