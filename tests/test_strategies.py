@@ -248,10 +248,33 @@ def test_a_hospitals_outsized_scaffold_variate_is_left_out_of_c(tmp_path):
     said = []
     # c += |S|/N x mean: three of four hospitals at 1.0 give 0.75; all four, (3 + 1000) / 4
     for screen, expect in ((UpdateValidation(), 0.75), (UpdateValidation(enabled=False), (3 + 1000) / 4)):
-        controls = Controls(shared, tmp_path, 4, resume=False)
+        controls = Controls(shared, {"w"}, tmp_path, 4, resume=False)
         replies = [reply(1, 1.0), reply(2, 1.0), reply(3, 1.0), reply(4, 1000.0)]
         kept = controls.take(replies, names, lambda s: {}, said.append)
         assert len(kept) == 4 and all("control" not in r.content.array_records for r in kept)
         controls.update(kept, names, screen, said.append)
         assert np.allclose(controls.c["w"], expect), (screen, controls.c)
     assert any("site-4" in line and "left out of c" in line for line in said), said
+
+
+def test_scaffold_variates_cover_parameters_not_batchnorm_statistics(tmp_path):
+    """With a BatchNorm model the shared arrays hold running statistics, which no step moves: c
+    leaves them out, and a hospital accepts c (it refuses a variate that is not its parameters)."""
+    from flwr.app import Context, Message, RecordDict
+
+    from client.training.scaffold import LocalControl
+    from server.engine.scaffold import Controls
+
+    cfg = load_config(None, {"model.name": "resnet18", "model.norm": "batch", "strategy.name": "scaffold",
+                             "train.optimizer": "sgd", "server.output_dir": str(tmp_path)})
+    shape = task_shape(cfg)
+    model = shape.model(cfg)
+    shared = initial_arrays(cfg, shape)
+    assert any("running_mean" in k for k in shared)
+    controls = Controls(shared, {n for n, _ in model.named_parameters()}, tmp_path, 2, resume=False)
+    assert controls.c and not any("running" in k or "num_batches" in k for k in controls.c)
+    task = Message(content=RecordDict({"arrays": shared}), dst_node_id=1, message_type=MessageType.TRAIN)
+    controls.attach([task])
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    local = LocalControl(task, context, model)
+    assert set(local.params) == set(controls.c)

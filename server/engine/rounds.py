@@ -314,7 +314,8 @@ def _start(plan: Plan, grid: Grid) -> Run:
               down=down, recorder=RunRecorder(plan.run_dir, keep_rounds=ckpt.round if ckpt else None), arrays=arrays,
               local=local, known=known)
     if cfg.strategy.name == "scaffold":
-        run.controls = Controls(run.shared, plan.run_dir, plan.sites or len(known), resume=ckpt is not None)
+        parameters = {name for name, _ in plan.shape.model(cfg, plan.private).named_parameters()}
+        run.controls = Controls(run.shared, parameters, plan.run_dir, plan.sites or len(known), resume=ckpt is not None)
     if ckpt is None:
         return run
     run.resumed, run.first, run.best, run.trained_rounds = ckpt, ckpt.round + 1, ckpt.best, ckpt.trained_rounds
@@ -373,8 +374,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
         # from the command's start (a resumed run: from its first start), so start-up is counted
         "seconds": round(time.time() - min(plan.created, run.started), 2),
         "setup_seconds": None if run.resumed else round(max(run.started - plan.created, 0.0), 2),
-        "data": {"spatial_dims": plan.shape.spatial_dims, "image_size": plan.shape.image_size,
-                 "channels": plan.shape.in_channels, "task": plan.shape.task},
+        "data": plan.shape.data(),
         "round_seconds": run.round_seconds,
         "aggregate_seconds": run.aggregate_seconds,  # decode, screen and aggregate, per round this process ran
         "trained_rounds": run.trained_rounds,

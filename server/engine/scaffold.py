@@ -20,16 +20,18 @@ from protocol.messages import CONTROL_KEY
 from strategies.config import UpdateValidation
 
 from server.engine.names import site_name
+from server.engine.updates import beyond_median, l2
 
 FILE = "control.safetensors"
 
 
 class Controls:
-    """The server's control variate over the shared floating-point arrays of the model."""
+    """The server's control variate over the shared arrays that are the model's trained parameters
+    (not buffers such as BatchNorm's running statistics, which no gradient step moves)."""
 
-    def __init__(self, shared: ArrayRecord, run_dir: Path, sites: int, resume: bool) -> None:
+    def __init__(self, shared: ArrayRecord, parameters: set[str], run_dir: Path, sites: int, resume: bool) -> None:
         self.path, self.sites = run_dir / FILE, max(sites, 1)
-        self.c = {k: np.zeros(a.shape, np.float32) for k, a in shared.items() if np.issubdtype(a.numpy().dtype, np.floating)}
+        self.c = {k: np.zeros(a.shape, np.float32) for k, a in shared.items() if k in parameters}
         if resume and self.path.is_file():
             self.c.update(load_file(str(self.path)))
         self.deltas: dict[str, dict[str, np.ndarray]] = {}
@@ -69,12 +71,11 @@ class Controls:
         steer every hospital's steps through c)."""
         sites = [s for s in (site_name(r, names) for r in used) if s in self.deltas]
         if screen is not None and screen.enabled and len(sites) >= screen.min_sites_for_norm:
-            norms = {s: float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in self.deltas[s].values())))
-                     for s in sites}
-            bound = screen.norm_factor * float(np.median(list(norms.values())))
-            for s in [s for s in sites if norms[s] > bound]:
-                problem(f"{s}'s SCAFFOLD control variate change has norm {norms[s]:.3g}, above {bound:.3g} "
-                        f"({screen.norm_factor:g} x the round's median); left out of c")
+            norms = [l2(self.deltas[s].values()) for s in sites]
+            median, above = beyond_median(norms, screen.norm_factor)
+            for s, norm in [(s, n) for s, n, out in zip(sites, norms, above, strict=True) if out]:
+                problem(f"{s}'s SCAFFOLD control variate change has norm {norm:.3g}, above "
+                        f"{screen.norm_factor * median:.3g} ({screen.norm_factor:g} x the round's median); left out of c")
                 sites.remove(s)
         deltas = [self.deltas[s] for s in sites]
         if not deltas:
