@@ -1,6 +1,7 @@
 """Hospitals that differ: per hospital, validation AUC of its local-only model, of the global
-FedAvg and SCAFFOLD models, and of its personalized model (FedPer: shared body, its own head),
-on pneumoniamnist Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch, several seeds; and
+FedAvg, SCAFFOLD and FedMedian models, and of its personalized models (FedPer and FedRep: shared
+body, its own head; Ditto and APFL: its own whole model beside the global one), on
+pneumoniamnist Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch, several seeds; and
 the global models' test AUC beside the same model trained centrally on the pooled images.
 SCAFFOLD needs SGD (lr 0.01, momentum 0.9; at 0.05 it diverged on the single-class hospitals);
 the others train with the default Adam (lr 0.001). Each hospital validates on its share of the
@@ -8,6 +9,7 @@ npz's own val split; the average over hospitals leaves out a hospital whose vali
 are all of one class (no AUC).
 
     python -m benchmarks.personalization [--seeds 42,1,2] [--rounds 10] [--alpha 0.3] [--model cnn]
+        [--ditto-lambda 1.0] [--only local,fedavg,ditto]
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from simulations.federation import task_shape
 from simulations.runner import simulate
 
 
-def _final_site_auc(run_dir) -> dict[str, float]:
+def _final_site_auc(run_dir, column: str = "val_auc") -> dict[str, float]:
     rows = read_rows(run_dir)
     last = max(r["round"] for r in rows)
-    return {r["site"]: r["val_auc"] for r in rows if r["round"] == last and r["site"] != "global"
-            and r.get("val_auc") is not None}
+    return {r["site"]: r[column] for r in rows if r["round"] == last and r["site"] != "global"
+            and r.get(column) is not None}
 
 
 def _local_only(cfg, epochs: int) -> dict[str, float]:
@@ -55,13 +57,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--model", default="cnn")
+    ap.add_argument("--ditto-lambda", type=float, default=1.0)
+    ap.add_argument("--only", default="", help="settings whose names start with these words, e.g. local,fedavg,ditto")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = {"local only": None, "FedAvg (global)": {},
                 "SCAFFOLD (global)": {"strategy.name": "scaffold", "train.optimizer": "sgd", "train.lr": 0.01},
-                "FedPer (personalized)": {"strategy.fedper": True}}
+                "FedMedian (global)": {"strategy.name": "fedmedian"},
+                "FedPer (personalized)": {"strategy.personalization.method": "fedper"},
+                "FedRep (personalized)": {"strategy.personalization.method": "fedrep"},
+                "Ditto (personalized)": {"strategy.personalization.method": "ditto",
+                                         "strategy.personalization.ditto_lambda": args.ditto_lambda},
+                "APFL (personalized)": {"strategy.personalization.method": "apfl"}}
+    if args.only:
+        settings = {k: v for k, v in settings.items() if k.split()[0].lower() in args.only.lower().split(",")}
     means: dict[str, list[float]] = {k: [] for k in settings}
-    tests: dict[str, list[float]] = {"centralized": [], "FedAvg (global)": [], "SCAFFOLD (global)": []}
+    tests: dict[str, list[float]] = {k: [] for k in ("centralized", "FedAvg (global)", "SCAFFOLD (global)",
+                                                     "FedMedian (global)")
+                                     if k in settings or (k == "centralized" and "local only" in settings)}
     for seed in seeds:
         base = {"data.path": args.data, "sites": 5, "partition.scheme": "dirichlet", "partition.alpha": args.alpha,
                 "server.rounds": args.rounds, "train.local_epochs": 1, "seed": seed, "model.name": args.model}
@@ -74,7 +87,8 @@ def main() -> None:
                     tests["centralized"].append(centralized(cfg, args.rounds)[0]["auc"])
                 else:
                     run_dir = simulate(cfg)
-                    per_site[label] = _final_site_auc(run_dir)
+                    per_site[label] = _final_site_auc(run_dir, "pers_val_auc" if label[:4] in ("Ditt", "APFL")
+                                                      else "val_auc")
                     if label in tests:
                         tests[label].append(final_global(run_dir)["test_auc"])
             means[label].append(_mean(per_site[label]))

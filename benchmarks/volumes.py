@@ -8,6 +8,7 @@ test AUC 0.827 (ResNet-18 + ACS 0.839, ResNet-50 + 3D 0.828). resnet18 in 3D is 
 smallresnet 0.9 M (2.7 %).
 
     python -m benchmarks.volumes [--seeds 42,1,2] [--rounds 10] [--scheme iid] [--model smallresnet]
+        [--batch-size 32] [--strategy fedavg]
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=5)
     ap.add_argument("--scheme", default="iid", choices=["iid", "dirichlet"])
     ap.add_argument("--model", default="smallresnet")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--strategy", default="fedavg")
     ap.add_argument("--no-central", action="store_true")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -48,7 +51,8 @@ def main() -> None:
             cfg = load_config(None, {
                 "data.path": str(args.data), "sites": args.sites, "server.rounds": args.rounds, "seed": seed,
                 "train.local_epochs": 1, "partition.scheme": args.scheme, "model.name": args.model,
-                "train.augment.flip": True, "server.output_dir": out,
+                "train.augment.flip": True, "server.output_dir": out, "train.batch_size": args.batch_size,
+                "strategy.name": args.strategy,
             })
             run_dir = simulate(cfg)
             sel, last, rnd = selected(run_dir)
@@ -64,8 +68,9 @@ def main() -> None:
             cen_last.append(c_last)
             line += f"; centralized {c_sel:.3f} (epoch {epoch}), last {c_last:.3f}"
         print(line, flush=True)
-    print(f"\n{args.data.name}: {args.sites} hospitals ({args.scheme}), {args.rounds} rounds x 1 local epoch, "
-          f"{args.model} ({params / 1e6:.2f} M parameters), flips on each axis; seeds {seeds}; mean ± sd")
+    print(f"\n{args.data.name}: {args.sites} hospitals ({args.scheme}), {args.strategy}, {args.rounds} rounds x 1 local "
+          f"epoch, batch {args.batch_size}, {args.model} ({params / 1e6:.2f} M parameters), flips on each axis; seeds "
+          f"{seeds}; mean ± sd")
     print("| setting | test AUC (best validation round) | test AUC (last round) | seconds a round |\n|---|---|---|---|")
     print(f"| federated | {_spread(fed_sel)} | {_spread(fed_last)} | {statistics.mean(round_s):.0f} |")
     if cen_sel:

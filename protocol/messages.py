@@ -41,6 +41,30 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+PERSONAL_METHODS = ("none", "fedper", "fedrep", "ditto", "apfl")
+
+
+class Personalization(Message):
+    """Each hospital's own model beside the federation's (strategy.personalization; the
+    hospital's side is client/training/personal.py). fedper/fedrep keep the classifier head at the
+    hospital and federate the body; ditto/apfl keep a whole personal model at the hospital and
+    federate a plain global model. Nothing personal is ever sent."""
+
+    method: Literal[PERSONAL_METHODS] = "none"  # type: ignore[valid-type]
+    head_epochs: int = Field(1, ge=1, le=100, description="fedrep: epochs on the head (body frozen) before the body's")
+    ditto_lambda: float = Field(1.0, ge=0, description="ditto: pull of the personal model towards the global one")
+    apfl_alpha: float = Field(0.25, ge=0, le=1, description="apfl: starting weight of the personal model in the mix "
+                                                            "(then learned by each hospital)")
+
+    @property
+    def keeps_head(self) -> bool:
+        return self.method in ("fedper", "fedrep")
+
+    @property
+    def keeps_model(self) -> bool:
+        return self.method in ("ditto", "apfl")
+
+
 class TaskSpec(Message):
     """What the server asks a hospital to do in one round."""
 
@@ -60,7 +84,7 @@ class TaskSpec(Message):
         "none", description="clip the update at the hospital (Flower client-side central DP)"
     )
     fedbn: bool = Field(False, description="keep normalisation layers at the hospital; send the rest")
-    fedper: bool = Field(False, description="keep the classifier head (last linear layer) at the hospital")
+    personal: Personalization = Field(default_factory=Personalization, description="the hospital's own model, if any")
     scaffold: bool = Field(False, description="correct local steps with control variates (the task's 'control' record)")
     finetune_eval: bool = Field(False, description="also validate after one local epoch of fine-tuning")
     codec: Literal["none", "fp16", "int8", "int4"] = Field("none", description="how the update is encoded")
@@ -100,6 +124,10 @@ class EvalMetrics(Message):
     ft_val_auc: float | None = Field(None, alias="ft-val-auc")
     val_dice: float | None = Field(None, alias="val-dice", description="segmentation: mean Dice of the foreground labels")
     ft_val_dice: float | None = Field(None, alias="ft-val-dice")
+    pers_val_accuracy: float | None = Field(None, alias="pers-val-accuracy", ge=0, le=1,
+                                            description="ditto/apfl: the hospital's personalized model")
+    pers_val_auc: float | None = Field(None, alias="pers-val-auc")
+    pers_val_dice: float | None = Field(None, alias="pers-val-dice")
 
     def record(self) -> MetricRecord:
         return MetricRecord(self.model_dump(by_alias=True, exclude_none=True))

@@ -49,9 +49,13 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     if cfg.strategy.fedbn and not norm_keys(model):
         raise ConfigError(f"strategy.fedbn: model.name={cfg.model.name} has no normalisation weights to keep at the "
                           "hospitals; use smallresnet, resnet18 or densenet121")
+    method = cfg.strategy.personalization.method
     if cfg.strategy.fedper and not head_keys(model):
-        raise ConfigError(f"strategy.fedper: model.name={cfg.model.name} has no classifier head to keep at the "
-                          "hospitals; FedPer is for classification")
+        raise ConfigError(f"strategy.personalization.method {method}: model.name={cfg.model.name} has no classifier "
+                          f"head to keep at the hospitals; {method} is for classification")
+    if method in ("fedrep", "ditto", "apfl") and any(cfg.site_policy(name).enabled for name in cfg.sites):
+        raise ConfigError(f"strategy.personalization.method {method}: not available with DP-SGD at the hospitals (its "
+                          "extra local passes would train on private data outside the privacy ledger)")
     if cfg.strategy.name == "scaffold" and any(cfg.site_policy(name).enabled for name in cfg.sites):
         raise ConfigError("strategy.name scaffold: not available with DP-SGD at the hospitals (Opacus writes the "
                           "noised gradient at its step, so the control-variate correction would not survive it)")
@@ -79,8 +83,9 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     (run_dir / "config.yaml").write_text(dump_config(cfg, data_line(shape.data())))
     (run_dir / "data_distribution.json").write_text(json.dumps(distribution(cfg), indent=1) + "\n")
     if cfg.strategy.fedper:  # the server's head is never trained: a test score of it would mean nothing
-        progress.problem("strategy.fedper: each hospital keeps its own head, so there is no global model to test on "
-                         "the server; the validation scores are the hospitals' personalized models")
+        progress.problem(f"strategy.personalization.method {method}: each hospital keeps its own head, so there is no "
+                         "global model to test on the server; the validation scores are the hospitals' personalized "
+                         "models")
     return Plan(config=cfg, shape=shape, run_dir=run_dir.resolve(),
                 test=None if cfg.strategy.fedper else global_test(cfg),
                 progress=progress, private=cfg.private, sites=len(cfg.sites), site_names=list(cfg.sites), created=created)

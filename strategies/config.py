@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from medimaging.config import Strict
+from protocol.messages import Personalization
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg",
@@ -49,13 +50,43 @@ class StrategyConfig(Strict):
     num_malicious: int = Field(1, ge=0, description="krum/multikrum/bulyan: hospitals assumed hostile")
     num_selected: int = Field(0, ge=0, description="multikrum: updates averaged (0: all but num_malicious)")
     fedbn: bool = Field(False, description="normalisation layers stay at each hospital, never sent")
-    fedper: bool = Field(False, description="personalization (FedPer): each hospital keeps its own classifier head "
-                                            "(the last linear layer), never sent; the body is federated")
+    personalization: Personalization = Field(
+        default_factory=Personalization, description="each hospital's own model: fedper/fedrep (its own classifier "
+        "head, never sent; the body is federated), ditto/apfl (its own whole model beside the global one)")
     finetune_eval: bool = Field(False, description="also validate the global model after 1 local epoch")
     validation: UpdateValidation = Field(default_factory=UpdateValidation)
     central_dp: "CentralDPConfig | None" = Field(None, description="hospital-level DP wrapper (Flower)")
     secure_aggregation: "SecAggConfig | None" = Field(None, description="Flower's SecAgg+: the server sees only the sum")
     compression: CompressionConfig = Field(default_factory=CompressionConfig, description="hospitals' updates encoded")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fedper_shorthand(cls, data):
+        """`fedper: true` (the earlier spelling) is `personalization: {method: fedper}`."""
+        if not isinstance(data, dict) or "fedper" not in data:
+            return data
+        data = dict(data)
+        if data.pop("fedper") is True:
+            personal = data.get("personalization") or {}
+            method = personal.get("method", "fedper") if isinstance(personal, dict) else personal.method
+            if method != "fedper":
+                raise ValueError(f"fedper: true and personalization.method {method}: choose one")
+            data["personalization"] = {**(personal if isinstance(personal, dict) else personal.model_dump()),
+                                       "method": "fedper"}
+        return data
+
+    @property
+    def fedper(self) -> bool:
+        """The classifier head stays at each hospital (FedPer or FedRep)."""
+        return self.personalization.keeps_head
+
+    @model_validator(mode="after")
+    def _personalization_composes(self) -> "StrategyConfig":
+        method = self.personalization.method
+        if self.name == "scaffold" and method in ("fedrep", "ditto", "apfl"):
+            raise ValueError(f"scaffold with personalization.method {method}: not supported (its extra local passes "
+                             "would need their own control variates); use fedper or none with scaffold")
+        return self
 
     @model_validator(mode="after")
     def _compression_composes(self) -> "StrategyConfig":
@@ -103,7 +134,8 @@ class StrategyConfig(Strict):
                              "hospital's update (robust strategies) or is not wired to the secure sum (server "
                              "optimisers); use fedavg or fedprox")
         if self.fedbn or self.fedper:
-            raise ValueError(f"secure_aggregation with {'fedbn' if self.fedbn else 'fedper'} is not supported yet")
+            raise ValueError(f"secure_aggregation with {'fedbn' if self.fedbn else self.personalization.method} is not "
+                             "supported yet")
         return self
 
 

@@ -190,7 +190,7 @@ def test_scaffold_sends_control_variates_both_ways_and_learns(tmp_path):
     [({"strategy.name": "krum", "strategy.num_malicious": 1, "sites": 4}, "strategy: krum with num_malicious=1 needs at least 5"),
      ({"strategy.fedbn": True}, "strategy.fedbn: model.name=cnn has no normalisation weights"),
      ({"strategy.fedper": True, "strategy.secure_aggregation.max_weight": 5000}, "secure_aggregation with fedper"),
-     ({"strategy.fedper": True, "server.cross_site": True}, "server.cross_site does not go with strategy.fedper"),
+     ({"strategy.fedper": True, "server.cross_site": True}, "server.cross_site does not go with strategy.personalization.method fedper"),
      ({"strategy.name": "scaffold"}, "scaffold corrects plain SGD steps; set train.optimizer: sgd"),
      ({"strategy.name": "scaffold", "train.optimizer": "sgd", "privacy.enabled": True}, "not available with DP-SGD"),
      ({"strategy.name": "scaffold", "train.optimizer": "sgd", "strategy.compression.codec": "int8"},

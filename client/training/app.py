@@ -52,7 +52,7 @@ def _site_seed(task: TaskSpec, site: str) -> int:
 
 def _local(task: TaskSpec, model: torch.nn.Module) -> set[str]:
     """The arrays this hospital keeps: normalisation layers (FedBN), the classifier head (FedPer)."""
-    return (norm_keys(model) if task.fedbn else set()) | (head_keys(model) if task.fedper else set())
+    return (norm_keys(model) if task.fedbn else set()) | (head_keys(model) if task.personal.keeps_head else set())
 
 
 def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
@@ -68,7 +68,7 @@ def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
         arrays.update(context.state.array_records[LOCAL_ARRAYS].to_torch_state_dict())
     missing, extra = set(model.state_dict()) - set(arrays), set(arrays) - set(model.state_dict())
     if extra or missing - local:
-        raise ValueError(f"{'FedBN' if task.fedbn else 'FedPer'}: the server's arrays do not fit this model (missing "
+        raise ValueError(f"{'FedBN' if task.fedbn else task.personal.method}: the server's arrays do not fit this model (missing "
                          f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
     model.load_state_dict(arrays, strict=False)
     return model
@@ -110,6 +110,11 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float
                                          epsilon_budget=policy.cap).record()}
         loss, steps, _spent = train_private(model, site.train, cfg, policy, plan, seed, proximal_mu=mu,
                                        precision=hospital.precision)
+    elif task.personal.method == "fedrep":
+        from client.training.personal import train_fedrep
+
+        loss, steps = train_fedrep(model, head_keys(model), site.train, cfg, task.personal.head_epochs, seed,
+                                   hospital.precision, correct)
     else:
         loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu,
                                    cfg.augment, hospital.precision, correct)
@@ -167,6 +172,20 @@ def _control(task: TaskSpec, hospital: Hospital, msg: Message, context: Context,
     return LocalControl(msg, context, model)
 
 
+def _personal(task: TaskSpec, hospital: Hospital, context: Context, model: torch.nn.Module, trained: bool = False):
+    """Ditto's / APFL's personal model (client/training/personal.py), or None. In validation
+    (`trained`) only once the hospital has trained it."""
+    from client.training.personal import PERSONAL_MODEL, PersonalModel
+
+    method = task.personal.method
+    if method in ("fedrep", "ditto", "apfl") and hospital.privacy.enabled:  # passes outside the privacy plan
+        raise SiteDataError(f"personalization {method} is not available at a hospital that trains with DP-SGD: its "
+                            "extra local passes would train on private data outside the privacy ledger")
+    if not task.personal.keeps_model or (trained and PERSONAL_MODEL not in context.state.array_records):
+        return None
+    return PersonalModel(task.personal, context, model)
+
+
 def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
     hospital: its site.yaml; a simulation hands its own). `extra_mods` run just inside the error
@@ -183,8 +202,12 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
         model = _model(task, msg, context).to(hospital.device)  # the reply's arrays go back to the CPU (Flower's Array)
         mu = float(msg.content["config"].get(PROXIMAL_KEY, 0.0))  # Flower's FedProx sends it
         control = _control(task, hospital, msg, context, model)
+        personal = _personal(task, hospital, context, model)
         with _device_memory(task, hospital):
             records = _train(task, hospital, model, mu, control.correct if control else None)
+            if personal is not None and REFUSAL_KEY not in records:
+                personal.train(hospital.data.train, task.train, _site_seed(task, hospital.data.name), hospital.precision)
+                personal.keep(context)
         if REFUSAL_KEY not in records:
             records = {"arrays": _outgoing(task, model, context), **records}
             if control is not None:
@@ -197,13 +220,16 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
         hospital = _load(load_hospital, context, task)
         _hardware(hospital)
         site, model = hospital.data, _model(task, msg, context).to(hospital.device)
+        personal = _personal(task, hospital, context, model, trained=True)
         with _device_memory(task, hospital):
             scores = evaluate(model, site.val, task.num_classes, precision=hospital.precision)
             tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}
+            own = personal.score(model, site.val, task.num_classes, hospital.precision) if personal else {}
         metrics = EvalMetrics(
             num_examples=len(site.val), val_loss=scores["loss"], val_accuracy=scores["accuracy"], val_auc=scores["auc"],
             ft_val_accuracy=tuned.get("accuracy"), ft_val_auc=tuned.get("auc"),
-            val_dice=scores.get("dice"), ft_val_dice=tuned.get("dice"),
+            val_dice=scores.get("dice"), ft_val_dice=tuned.get("dice"), pers_val_accuracy=own.get("accuracy"),
+            pers_val_auc=own.get("auc"), pers_val_dice=own.get("dice"),
         )
         return Message(content=_reply(site, {"metrics": metrics.record()}), reply_to=msg)
 

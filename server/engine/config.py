@@ -63,7 +63,8 @@ class RunConfig(Strict):
                else "central_dp: one hospital's model is protected only inside the noised aggregate"
                if s.central_dp is not None
                else "fedbn: the hospitals' models come back without their normalisation layers" if s.fedbn
-               else "fedper: the hospitals' models come back without their heads" if s.fedper else None)
+               else f"personalization.method {s.personalization.method}: the hospitals' models come back without their "
+               "heads" if s.fedper else None)
         if why:
             raise ValueError(f"server.cross_site does not go with strategy.{why}")
         return self

@@ -214,7 +214,8 @@ def validate(run: Run, rd: Round) -> None:
         m, r = reply_metrics(reply), rd.row(site_name(reply, run.known))
         r.update(val_loss=m["val-loss"], val_accuracy=m["val-accuracy"], val_auc=m["val-auc"], num_val=m["num-examples"],
                  ft_val_accuracy=m.get("ft-val-accuracy"), ft_val_auc=m.get("ft-val-auc"), val_dice=m.get("val-dice"),
-                 ft_val_dice=m.get("ft-val-dice"))
+                 ft_val_dice=m.get("ft-val-dice"), pers_val_accuracy=m.get("pers-val-accuracy"),
+                 pers_val_auc=m.get("pers-val-auc"), pers_val_dice=m.get("pers-val-dice"))
     rd.eval_agg = run.strategy.aggregate_evaluate(rd.rnd, replies) if replies else None
     _sampling(run, rd)
 
@@ -246,7 +247,8 @@ def record(run: Run, rd: Round) -> None:
         "epsilon": max(spent) if spent else None,  # the worst-off hospital
         "train_loss": train_agg.get("train-loss"),
         **{k.replace("-", "_"): eval_agg.get(k) for k in ("val-loss", "val-accuracy", "val-auc", "ft-val-accuracy",
-                                                           "ft-val-auc", "val-dice", "ft-val-dice")},
+                                                           "ft-val-auc", "val-dice", "ft-val-dice", "pers-val-accuracy",
+                                                           "pers-val-auc", "pers-val-dice")},
         "num_train": sum(r.get("num_train", 0) for r in site_rows),
         "num_val": sum(r.get("num_val", 0) for r in site_rows),
         "bytes_to_site": sum(r["bytes_to_site"] for r in site_rows),
@@ -334,7 +336,7 @@ def _task(run: Run, rnd: int) -> TaskSpec:
     cfg, shape, s = run.plan.config, run.plan.shape, run.plan.config.strategy
     return TaskSpec(
         run=run.plan.run_dir.name, server_round=rnd, total_rounds=cfg.server.rounds, seed=cfg.seed,
-        private=run.plan.private, client_clipping=client_clipping(s), fedbn=s.fedbn, fedper=s.fedper,
+        private=run.plan.private, client_clipping=client_clipping(s), fedbn=s.fedbn, personal=s.personalization,
         scaffold=s.name == "scaffold", finetune_eval=s.finetune_eval,
         codec=s.compression.codec, block=s.compression.block, topk=s.compression.topk,
         error_feedback=s.compression.error_feedback, model=cfg.model, train=cfg.train,

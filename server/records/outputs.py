@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 GLOBAL = "global"  # the site column of a round's federation-wide row; the global model in cross_site.json
 COLUMNS = [
     "round", "site", "status", "epsilon", "train_loss", "val_loss", "val_accuracy", "val_auc", "ft_val_accuracy", "ft_val_auc",
-    "val_dice", "ft_val_dice", "test_loss", "test_accuracy", "test_auc", "test_dice", "test_dice_per_label", "test_auc_per_class",
+    "val_dice", "ft_val_dice", "pers_val_accuracy", "pers_val_auc", "pers_val_dice", "test_loss", "test_accuracy",
+    "test_auc", "test_dice", "test_dice_per_label", "test_auc_per_class",
     "test_accuracy_per_class", "num_train", "num_val", "bytes_to_site", "bytes_from_site",
 ]
 

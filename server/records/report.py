@@ -231,6 +231,8 @@ def _write_report(run_dir: Path) -> Path:
             "test_accuracy", "bytes_from_site"]
     if any(r.get(f"ft_val_{key}") is not None for r in rows):  # fine-tuning evaluation was on
         cols[cols.index("val_accuracy") + 1:cols.index("val_accuracy") + 1] = [f"ft_val_{key}", "ft_val_accuracy"]
+    if any(r.get(f"pers_val_{key}") is not None for r in rows):  # ditto/apfl: the hospitals' personalized models
+        cols[cols.index("val_accuracy") + 1:cols.index("val_accuracy") + 1] = [f"pers_val_{key}", "pers_val_accuracy"]
     per_class = ["test_dice_per_label"] if key == "dice" else ["test_auc_per_class", "test_accuracy_per_class"]
     if key == "dice":
         cols.remove("test_accuracy")
