@@ -1,5 +1,5 @@
 """Hospitals that differ: per hospital, validation AUC of its local-only model, of the global
-FedAvg, SCAFFOLD and FedMedian models, and of its personalized models (FedPer and FedRep: shared
+FedAvg (plain and with logit adjustment), SCAFFOLD and FedMedian models, and of its personalized models (FedPer and FedRep: shared
 body, its own head; Ditto and APFL: its own whole model beside the global one), on
 pneumoniamnist Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch, several seeds; and
 the global models' test AUC beside the same model trained centrally on the pooled images.
@@ -9,7 +9,7 @@ npz's own val split; the average over hospitals leaves out a hospital whose vali
 are all of one class (no AUC).
 
     python -m benchmarks.personalization [--seeds 42,1,2] [--rounds 10] [--alpha 0.3] [--model cnn]
-        [--ditto-lambda 1.0] [--only local,fedavg,ditto]
+        [--ditto-lambda 1.0] [--tau 1.0] [--only local,fedavg,ditto]
 """
 
 from __future__ import annotations
@@ -58,12 +58,14 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--ditto-lambda", type=float, default=1.0)
+    ap.add_argument("--tau", type=float, default=1.0, help="train.logit_adjustment of the logit-adjusted FedAvg")
     ap.add_argument("--only", default="", help="settings whose names start with these words, e.g. local,fedavg,ditto")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = {"local only": None, "FedAvg (global)": {},
                 "SCAFFOLD (global)": {"strategy.name": "scaffold", "train.optimizer": "sgd", "train.lr": 0.01},
                 "FedMedian (global)": {"strategy.name": "fedmedian"},
+                "FedAvg + logit adjustment (global)": {"train.logit_adjustment": args.tau},
                 "FedPer (personalized)": {"strategy.personalization.method": "fedper"},
                 "FedRep (personalized)": {"strategy.personalization.method": "fedrep"},
                 "Ditto (personalized)": {"strategy.personalization.method": "ditto",
@@ -73,7 +75,7 @@ def main() -> None:
         settings = {k: v for k, v in settings.items() if k.split()[0].lower() in args.only.lower().split(",")}
     means: dict[str, list[float]] = {k: [] for k in settings}
     tests: dict[str, list[float]] = {k: [] for k in ("centralized", "FedAvg (global)", "SCAFFOLD (global)",
-                                                     "FedMedian (global)")
+                                                     "FedMedian (global)", "FedAvg + logit adjustment (global)")
                                      if k in settings or (k == "centralized" and "local only" in settings)}
     for seed in seeds:
         base = {"data.path": args.data, "sites": 5, "partition.scheme": "dirichlet", "partition.alpha": args.alpha,

@@ -75,9 +75,29 @@ class SegmentationLoss(torch.nn.Module):
         return {"none": per_image, "sum": per_image.sum()}.get(self.reduction, per_image.mean())
 
 
-def loss_for(split: Split) -> torch.nn.Module:
-    """Cross-entropy over classes, one sigmoid per finding for a multi-label task, Dice +
-    cross-entropy for segmentation."""
+class LogitAdjustedLoss(torch.nn.CrossEntropyLoss):
+    """Cross-entropy on logits + tau log(prior), the prior being this split's class shares (add-one
+    smoothed, so an absent class gets a large negative offset, not -inf). Training alone sees the
+    offset; the model's own logits are then calibrated for balanced classes (Menon et al. 2021)."""
+
+    def __init__(self, split: Split, tau: float) -> None:
+        super().__init__()
+        self.tau, self.counts = tau, torch.bincount(split.y).double() + 1
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        counts = self.counts  # classes beyond the largest label held here are absent: count 0 + 1
+        counts = torch.cat([counts, counts.new_ones(max(0, logits.shape[1] - len(counts)))])
+        offset = self.tau * torch.log(counts / counts.sum())
+        return super().forward(logits + offset.to(logits.device, logits.dtype), target)
+
+
+def loss_for(split: Split, logit_adjustment: float = 0.0) -> torch.nn.Module:
+    """Cross-entropy over classes (with `logit_adjustment` > 0: LogitAdjustedLoss), one sigmoid per
+    finding for a multi-label task, Dice + cross-entropy for segmentation."""
+    if logit_adjustment > 0:
+        if split.segmentation or split.multilabel:
+            raise ValueError("train.logit_adjustment is for single-label classification")
+        return LogitAdjustedLoss(split, logit_adjustment)
     if split.segmentation:
         return SegmentationLoss()
     return MultiLabelLoss() if split.multilabel else torch.nn.CrossEntropyLoss()
@@ -132,12 +152,12 @@ def run_epochs(
 def train_epochs(
     model: torch.nn.Module, split: Split, epochs: int, batch_size: int, lr: float, optimizer: str, seed: int,
     proximal_mu: float = 0.0, augment: AugmentConfig | None = None, precision: torch.dtype | None = None,
-    correct: Callable[[], None] | None = None,
+    correct: Callable[[], None] | None = None, logit_adjustment: float = 0.0,
 ) -> tuple[float, int]:
     """Plain (non-private) local training, in place; returns (last-epoch loss, steps)."""
     opt = make_optimizer(model, optimizer, lr)
     batches = lambda epoch: loader(split, batch_size, shuffle=True, seed=seed + epoch, device=device_of(model))  # noqa: E731
-    return run_epochs(model, opt, batches, epochs, loss_for(split), after_step=proximal_step(model, proximal_mu, lr),
+    return run_epochs(model, opt, batches, epochs, loss_for(split, logit_adjustment), after_step=proximal_step(model, proximal_mu, lr),
                       augment=augmenter(augment, seed) if augment else None, precision=precision, correct=correct)
 
 

@@ -34,6 +34,10 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0, le=10)
     optimizer: Literal["adam", "sgd"] = "adam"
+    logit_adjustment: float = Field(0.0, ge=0, le=5, description=(
+        "label skew: each hospital trains on logits + tau log(its class prior) (Menon et al. 2021; FedLC, Zhang et "
+        "al. 2022), so a hospital that holds few images of a class does not pull the shared head away from it; "
+        "0 = plain cross-entropy. Single-label classification, not with DP-SGD"))
     augment: AugmentConfig = AugmentConfig()
 
 

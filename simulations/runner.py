@@ -59,6 +59,10 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     if cfg.strategy.name == "scaffold" and any(cfg.site_policy(name).enabled for name in cfg.sites):
         raise ConfigError("strategy.name scaffold: not available with DP-SGD at the hospitals (Opacus writes the "
                           "noised gradient at its step, so the control-variate correction would not survive it)")
+    if cfg.train.logit_adjustment > 0 and (shape.task != "classification"
+                                           or any(cfg.site_policy(name).enabled for name in cfg.sites)):
+        raise ConfigError("train.logit_adjustment: for classification without DP-SGD at the hospitals (the class "
+                          "prior would be computed from the private labels outside the privacy ledger)")
     if cfg.strategy.finetune_eval and any(cfg.site_policy(name).enabled for name in cfg.sites):
         raise ConfigError("strategy.finetune_eval: not available with DP-SGD (fine-tuning would train on private "
                           "data outside the privacy ledger)")

@@ -92,6 +92,12 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float
     """Train (privately if the hospital's policy says so); the reply's records."""
     site, cfg, policy, seed = hospital.data, task.train, hospital.privacy, _site_seed(task, hospital.data.name)
     epsilon = math.nan
+    if cfg.logit_adjustment > 0 and (site.train.multilabel or site.train.segmentation):
+        raise SiteDataError("train.logit_adjustment is for single-label classification; this hospital's labels are "
+                            + ("masks" if site.train.segmentation else "findings (multi-label)"))
+    if policy.enabled and cfg.logit_adjustment > 0:  # the prior is a count of the private labels
+        raise SiteDataError("train.logit_adjustment is not available at a hospital that trains with DP-SGD: its class "
+                            "prior would be computed from the private labels outside the privacy ledger")
     if policy.enabled:
         plan = make_plan(policy, len(site.train), cfg, task.total_rounds)
         try:
@@ -117,7 +123,7 @@ def _train(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, mu: float
                                    hospital.precision, correct)
     else:
         loss, steps = train_epochs(model, site.train, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed, mu,
-                                   cfg.augment, hospital.precision, correct)
+                                   cfg.augment, hospital.precision, correct, cfg.logit_adjustment)
     metrics = TrainMetrics(num_examples=len(site.train), train_loss=loss, steps=steps, epsilon=epsilon)
     return {"metrics": metrics.record()}
 

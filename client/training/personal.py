@@ -42,10 +42,11 @@ def train_fedrep(model: torch.nn.Module, head: set[str], split: Split, cfg: Trai
     try:
         trainable(head)
         _, head_steps = train_epochs(model, split, head_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed,
-                                     augment=cfg.augment, precision=precision)
+                                     augment=cfg.augment, precision=precision, logit_adjustment=cfg.logit_adjustment)
         trainable(set(params) - head)
         loss, steps = train_epochs(model, split, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed + 10_007,
-                                   augment=cfg.augment, precision=precision, correct=correct)
+                                   augment=cfg.augment, precision=precision, correct=correct,
+                                   logit_adjustment=cfg.logit_adjustment)
     finally:
         trainable(set(params))
     return loss, head_steps + steps
