@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 
 from medimaging.config import Strict
 from protocol.messages import Personalization
@@ -66,7 +66,7 @@ class StrategyConfig(Strict):
         if not isinstance(data, dict) or "fedper" not in data:
             return data
         data = dict(data)
-        if data.pop("fedper") is True:
+        if TypeAdapter(bool).validate_python(data.pop("fedper")):  # as a bool field reads it: true, "yes", 1
             personal = data.get("personalization") or {}
             method = personal.get("method", "fedper") if isinstance(personal, dict) else personal.method
             if method != "fedper":

@@ -155,3 +155,14 @@ def test_logit_adjustment_offsets_by_the_local_prior_and_spares_an_absent_class(
     assert 0 < adjusted < plain / 10, (adjusted, plain)  # measured 0.019 against 0.5
     with pytest.raises(ValueError, match="single-label"):
         loss_for(Split(torch.zeros(4, 1, 4, 4), torch.zeros(4, 2)), 1.0)
+
+
+def test_fedper_true_is_shorthand_for_the_method_as_a_bool_field_reads_it():
+    from strategies.config import StrategyConfig
+
+    assert StrategyConfig.model_validate({"fedper": "yes"}).personalization.method == "fedper"
+    assert StrategyConfig.model_validate({"fedper": False}).personalization.method == "none"
+    assert StrategyConfig.model_validate({"fedper": True}).fedper
+    assert not StrategyConfig.model_validate({"personalization": {"method": "ditto"}}).fedper
+    with pytest.raises(ValueError, match="valid boolean"):
+        StrategyConfig.model_validate({"fedper": "maybe"})

@@ -68,8 +68,8 @@ def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
         arrays.update(context.state.array_records[LOCAL_ARRAYS].to_torch_state_dict())
     missing, extra = set(model.state_dict()) - set(arrays), set(arrays) - set(model.state_dict())
     if extra or missing - local:
-        raise ValueError(f"{'FedBN' if task.fedbn else task.personal.method}: the server's arrays do not fit this model (missing "
-                         f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+        raise ValueError(f"{'FedBN' if task.fedbn else task.personal.method}: the server's arrays do not fit this "
+                         f"model (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
     model.load_state_dict(arrays, strict=False)
     return model
 

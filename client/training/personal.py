@@ -85,6 +85,7 @@ class PersonalModel:
     def train(self, split: Split, cfg: TrainConfig, seed: int, precision=None) -> None:
         """One round of the personal model's training, as many epochs as the global model's."""
         seed += 20_011  # its own batch order and augmentation, apart from the global model's
+        # no logit adjustment here: the personal model is meant to fit this hospital's own class mix
         if self.spec.method == "ditto":
             anchors = [(p, a.detach()) for p, a in zip(self.model.parameters(), self.received.parameters(), strict=True)]
 
