@@ -44,8 +44,9 @@ def fedavg(tmp_path_factory):
 @pytest.mark.parametrize("method", ["ditto", "apfl"])
 def test_personal_models_stay_home_and_are_scored_beside_the_global_one(tmp_path, fedavg, method):
     """What leaves a hospital under Ditto/APFL is exactly FedAvg's update (the global model is
-    bitwise the FedAvg run's, the bytes are the same); each hospital also scores its personal
-    model, and that model learned (it is not the global one: its scores differ)."""
+    bitwise the FedAvg run's, the upload is FedAvg's but for two validation numbers); each
+    hospital also scores its personal model, and that model learned (it is not the global one:
+    its scores differ)."""
     base_dir, base_model = fedavg
     run_dir = simulate(_cfg(tmp_path, **ONE_ROUND, **{"strategy.personalization.method": method}))
     model = load_file(str(run_dir / "model.safetensors"))
@@ -67,7 +68,7 @@ def test_personal_models_stay_home_and_are_scored_beside_the_global_one(tmp_path
     assert "pers_val_auc" in (run_dir / "report.md").read_text()
 
 
-def test_fedrep_keeps_the_head_and_trains_it_first(tmp_path):
+def test_fedrep_keeps_the_head_at_each_hospital(tmp_path):
     """FedRep: the head never leaves (the server's head never moves; replies are the body only)
     and the hospitals' heads on the shared body validate well."""
     cfg = _cfg(tmp_path, **{"strategy.personalization.method": "fedrep", "strategy.personalization.head_epochs": 2})
@@ -80,6 +81,28 @@ def test_fedrep_keeps_the_head_and_trains_it_first(tmp_path):
     final = [r for r in rows if r["site"] == "global"][-1]
     assert float(final["val_auc"]) > 0.9, final
     assert not any(r["test_auc"] for r in rows), "no server-side test of a model without a trained head"
+
+
+def test_fedrep_trains_the_head_alone_first_then_the_body_alone(monkeypatch):
+    """Each of FedRep's passes trains only its part (what requires a gradient during the pass), for
+    its own number of epochs, and every parameter is trainable again afterwards."""
+    import client.training.personal as personal
+    from medimaging.datasets import Split
+    from protocol.messages import TrainConfig
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    head = {"3.weight", "3.bias"}
+    passes, real = [], personal.train_epochs
+
+    def recording(model, split, epochs, *args, **kwargs):
+        passes.append(({n for n, p in model.named_parameters() if p.requires_grad}, epochs))
+        return real(model, split, epochs, *args, **kwargs)
+
+    monkeypatch.setattr(personal, "train_epochs", recording)
+    split = Split(torch.randn(20, 1, 4, 4), torch.tensor([0, 1] * 10))
+    _, steps = personal.train_fedrep(model, head, split, TrainConfig(local_epochs=2, batch_size=10), 3, seed=0)
+    assert passes == [(head, 3), ({"1.weight", "1.bias"}, 2)], passes
+    assert steps == (3 + 2) * 2 and all(p.requires_grad for p in model.parameters())
 
 
 def test_apfl_mix_is_the_personal_model_at_one_and_the_global_at_zero():
