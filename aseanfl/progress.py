@@ -22,9 +22,11 @@ def _f(value) -> str:
     return "-" if value is None or value != value else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _columns(score: tuple[str, str]) -> list[tuple[str, Callable[[dict], str], int]]:
-    """(header, cell, priority): at a narrow width the highest priority numbers are dropped first."""
+def _columns(score: tuple[str, str], personal: bool = False) -> list[tuple[str, Callable[[dict], str], int]]:
+    """(header, cell, priority): at a narrow width the highest priority numbers are dropped first.
+    `personal`: the rows hold Ditto's / APFL's personalized scores too."""
     key, name = score
+    own = [(_("personal {score}", score=name), lambda r: _f(r.get(f"pers_val_{key}")), 2)] if personal else []
     return [
         (_("site"), lambda r: r["site"], 0),
         (_("status"), lambda r: "" if r["site"] == GLOBAL else status_word(r.get("status") or "ok"), 1),
@@ -32,6 +34,7 @@ def _columns(score: tuple[str, str]) -> list[tuple[str, Callable[[dict], str], i
         (_("train loss"), lambda r: _f(r.get("train_loss")), 7),
         (_("val loss"), lambda r: _f(r.get("val_loss")), 8),
         (_("val {score}", score=name), lambda r: _f(r.get(f"val_{key}")), 2),
+        *own,
         (_("test {score}", score=name), lambda r: _f(r.get(f"test_{key}")), 6),
         (_("examples"), lambda r: _f(r.get("num_train")), 4),
         (_("bytes out"), lambda r: size(r.get("bytes_from_site")), 5),
@@ -90,7 +93,7 @@ class RichProgress(Progress):
                       counts=d.counts())
             caption = _("{spread}; shown: failed, worst and best sites; every row in metrics.csv", spread=d.spread())
             rows = d.shown() + [r for r in rows if r["site"] == GLOBAL]
-        columns = _columns(score_of(rows))
+        columns = _columns(score_of(rows), any(r.get("pers_val_accuracy") is not None for r in rows))
         cells = [[cell(r) for _h, cell, _p in columns] for r in rows]
         # In a terminal, the columns that fit its width, whole; piped into a log, every column
         # (a log has no width, and a cut line is lost for good).

@@ -25,13 +25,13 @@ WARNING = ("site-x holds 12 images: too little to learn from; simulate fewer sit
 HEADERS = ["site", "status", "epsilon", "train loss", "val loss", "val AUC", "test AUC", "examples", "bytes out"]
 
 
-def _shown(width: int, terminal: bool, lang: str = "en") -> str:
+def _shown(width: int, terminal: bool, lang: str = "en", rows: list[dict] | None = None) -> str:
     set_language(lang)
     try:
         out = io.StringIO()
         progress = RichProgress(Console(file=out, width=width, force_terminal=terminal, color_system=None))
         progress.task = progress.bar.add_task("rounds", total=3)
-        progress.round_finished(1, 3, ROWS)
+        progress.round_finished(1, 3, rows or ROWS)
         progress.problem(WARNING)
         return out.getvalue()
     finally:
@@ -74,3 +74,14 @@ def test_other_scripts_fit_the_width_by_their_cells(lang):
 def test_a_wide_terminal_shows_every_column():
     text = _shown(200, terminal=True)
     assert all(h in text.splitlines()[1] for h in HEADERS) and "not shown" not in text
+
+
+def test_a_personalized_run_shows_each_hospitals_own_score_beside_the_global_models():
+    """Ditto/APFL rows carry the hospital's personalized score: a column of its own, after the
+    global model's validation score; runs without it show no such column."""
+    rows = [{**r, "pers_val_auc": 0.9312, "pers_val_accuracy": 0.9} if r.get("val_auc") else r for r in ROWS]
+    text = _shown(200, terminal=False, rows=rows)
+    header = text.splitlines()[1]
+    assert header.index("val AUC") < header.index("personal AUC") < header.index("test AUC"), header
+    assert "0.931" in text
+    assert "personal" not in _shown(200, terminal=False)
