@@ -68,6 +68,12 @@ class Personalization(Message):
     def keeps_model(self) -> bool:
         return self.method in ("ditto", "apfl")
 
+    @property
+    def extra_passes(self) -> bool:
+        """Trains more than the federated update each round (FedRep's head pass, Ditto's and APFL's
+        personal model): outside a DP-SGD ledger, and beyond SCAFFOLD's control variates."""
+        return self.method == "fedrep" or self.keeps_model
+
 
 class TaskSpec(Message):
     """What the server asks a hospital to do in one round."""

@@ -53,17 +53,17 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     if cfg.strategy.fedper and not head_keys(model):
         raise ConfigError(f"strategy.personalization.method {method}: model.name={cfg.model.name} has no classifier "
                           f"head to keep at the hospitals; {method} is for classification")
-    if method in ("fedrep", "ditto", "apfl") and any(cfg.site_policy(name).enabled for name in cfg.sites):
+    dp_sgd = any(cfg.site_policy(name).enabled for name in cfg.sites)
+    if cfg.strategy.personalization.extra_passes and dp_sgd:
         raise ConfigError(f"strategy.personalization.method {method}: not available with DP-SGD at the hospitals (its "
                           "extra local passes would train on private data outside the privacy ledger)")
-    if cfg.strategy.name == "scaffold" and any(cfg.site_policy(name).enabled for name in cfg.sites):
+    if cfg.strategy.name == "scaffold" and dp_sgd:
         raise ConfigError("strategy.name scaffold: not available with DP-SGD at the hospitals (Opacus writes the "
                           "noised gradient at its step, so the control-variate correction would not survive it)")
-    if cfg.train.logit_adjustment > 0 and (shape.task != "classification"
-                                           or any(cfg.site_policy(name).enabled for name in cfg.sites)):
+    if cfg.train.logit_adjustment > 0 and (shape.task != "classification" or dp_sgd):
         raise ConfigError("train.logit_adjustment: for classification without DP-SGD at the hospitals (the class "
                           "prior would be computed from the private labels outside the privacy ledger)")
-    if cfg.strategy.finetune_eval and any(cfg.site_policy(name).enabled for name in cfg.sites):
+    if cfg.strategy.finetune_eval and dp_sgd:
         raise ConfigError("strategy.finetune_eval: not available with DP-SGD (fine-tuning would train on private "
                           "data outside the privacy ledger)")
     if cfg.strategy.secure_aggregation is not None:

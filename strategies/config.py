@@ -83,7 +83,7 @@ class StrategyConfig(Strict):
     @model_validator(mode="after")
     def _personalization_composes(self) -> "StrategyConfig":
         method = self.personalization.method
-        if self.name == "scaffold" and method in ("fedrep", "ditto", "apfl"):
+        if self.name == "scaffold" and self.personalization.extra_passes:
             raise ValueError(f"scaffold with personalization.method {method}: not supported (its extra local passes "
                              "would need their own control variates); use fedper or none with scaffold")
         return self

@@ -184,7 +184,7 @@ def _personal(task: TaskSpec, hospital: Hospital, context: Context, model: torch
     from client.training.personal import PERSONAL_MODEL, PersonalModel
 
     method = task.personal.method
-    if method in ("fedrep", "ditto", "apfl") and hospital.privacy.enabled:  # passes outside the privacy plan
+    if task.personal.extra_passes and hospital.privacy.enabled:  # passes outside the privacy plan
         raise SiteDataError(f"personalization {method} is not available at a hospital that trains with DP-SGD: its "
                             "extra local passes would train on private data outside the privacy ledger")
     if not task.personal.keeps_model or (trained and PERSONAL_MODEL not in context.state.array_records):
