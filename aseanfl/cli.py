@@ -181,6 +181,7 @@ from aseanfl.client_cli import app as client_app  # noqa: E402
 from aseanfl.contest_cli import contest_app, leaderboard  # noqa: E402
 from aseanfl.demo import demo  # noqa: E402
 from aseanfl.server_cli import app_hash, console_cert, provision, run, server_app, status  # noqa: E402
+from aseanfl.stats_cli import stats  # noqa: E402
 
 app.add_typer(client_app, name="client")
 app.add_typer(server_app, name="server")
@@ -190,6 +191,7 @@ app.command()(provision)
 app.command()(run)
 app.command()(status)
 app.command()(demo)
+app.command()(stats)
 app.command("app-hash")(app_hash)
 app.command("console-cert")(console_cert)
 

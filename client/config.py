@@ -58,6 +58,18 @@ class EvaluationSite(Strict):
                                        "counts, medimaging/scoring.noised_score); each model scored costs it once")
 
 
+class StatisticsSite(Strict):
+    """Federated statistics (`aseanfl stats -f`): what this hospital releases about its data, at
+    what floor and with what noise. Only counts of a fixed schema leave (medimaging/stats.py)."""
+
+    release: list[Literal["classes", "modality", "size", "spacing", "slices", "intensity", "masks"]] = Field(
+        default_factory=lambda: ["classes", "modality", "size", "spacing", "slices", "intensity", "masks"],
+        description="the fields this hospital releases; the others are left out and marked withheld")
+    min_count: int = Field(10, ge=1, description="counts below this are withheld (the server may ask for more, never less)")
+    noise_epsilon: float | None = Field(
+        None, gt=0, le=10, description="release every figure with Laplace noise at this epsilon (per statistics request)")
+
+
 class SiteConfig(Strict):
     """site.yaml: what a hospital's daemon knows about itself. None of it is ever sent."""
 
@@ -68,6 +80,10 @@ class SiteConfig(Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig, description="this hospital's device and CPU threads")
     evaluation: EvaluationSite = Field(default_factory=EvaluationSite, description="scoring submitted models")
+    statistics: StatisticsSite = Field(default_factory=StatisticsSite, description="what `aseanfl stats` may learn")
+    classes: dict[str, str] = Field(
+        default_factory=dict, description="this hospital's class names (folder or manifest labels, any language) -> "
+                                          "the federation's, e.g. {clear: normal}; unmapped names stay as they are")
     connection: ConnectionConfig | None = Field(None, description="needed by `aseanfl client start`")
     require_approval: bool = Field(True, description="run only app bundles listed in approved_apps")
     approved_apps: Path = Field(Path("approved-apps.yaml"), description="sha256 allow-list of app bundles")

@@ -137,7 +137,17 @@ def _spacing(ds, frames: int) -> tuple[float, ...] | None:
     return pixel
 
 
-def _view(arr: np.ndarray, ds, cfg: DicomConfig) -> np.ndarray:
+def _hounsfield(ds, values: np.ndarray, meta: dict | None) -> None:
+    """A CT image's histogram in Hounsfield units (after the Modality LUT, before any window),
+    summed over the slices of a series, for the hospital's statistics."""
+    if meta is not None and meta.get("modality") == "CT":
+        from medimaging.stats import HU_EDGES
+
+        counts = np.bincount(np.searchsorted(HU_EDGES, values.ravel(), side="right"), minlength=len(HU_EDGES) + 1)
+        meta["hu_counts"] = meta.get("hu_counts", 0) + counts
+
+
+def _view(arr: np.ndarray, ds, cfg: DicomConfig, meta: dict | None = None) -> np.ndarray:
     """The decoded pixels as the image is to be viewed, one float32 channel per frame: colour
     (RGB, YBR already converted by pydicom, palette) as luminance; greyscale through the Modality
     LUT, then the window, with MONOCHROME1 inverted (low values are bright; the cache's
@@ -145,19 +155,24 @@ def _view(arr: np.ndarray, ds, cfg: DicomConfig) -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if meta is not None:  # for the statistics: CR, CT, DX, MR, US, ...
+        meta["modality"] = str(ds.get("Modality", "")) or "DICOM"
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return np.asarray(arr[..., :3], dtype=np.float32) @ LUMA
     if photometric == "PALETTE COLOR":
         return np.asarray(apply_color_lut(arr, ds), dtype=np.float32) @ LUMA
-    pixels = _window(np.asarray(apply_modality_lut(arr, ds), dtype=np.float32), ds, cfg)
+    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    _hounsfield(ds, values, meta)
+    pixels = _window(values, ds, cfg)
     return -pixels if photometric == "MONOCHROME1" else pixels
 
 
-def read_dicom(path: Path, spatial_dims: int, cfg: DicomConfig, notes: list[str]) -> tuple[np.ndarray, tuple[float, ...] | None]:
+def read_dicom(path: Path, spatial_dims: int, cfg: DicomConfig, notes: list[str],
+               meta: dict | None = None) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """(float32 2D image or 3D volume, spacing). ValueError with the reason."""
     with captured(notes):
         ds = read_dataset(path)
-        pixels = _view(_decode(ds), ds, cfg)
+        pixels = _view(_decode(ds), ds, cfg, meta)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         spacing = _spacing(ds, frames)
         modality = str(ds.get("Modality", "")) or "image"
@@ -171,7 +186,8 @@ def read_dicom(path: Path, spatial_dims: int, cfg: DicomConfig, notes: list[str]
     return pixels, spacing
 
 
-def read_series(folder: Path, cfg: DicomConfig, notes: list[str]) -> tuple[np.ndarray, tuple[float, ...] | None]:
+def read_series(folder: Path, cfg: DicomConfig, notes: list[str],
+                meta: dict | None = None) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """A folder of single-slice DICOM files -> (3D array in slice order, spacing); the slices are
     ordered by their position along the scan axis (else by InstanceNumber)."""
     slices = []
@@ -179,7 +195,7 @@ def read_series(folder: Path, cfg: DicomConfig, notes: list[str]) -> tuple[np.nd
         try:
             with captured(notes):
                 ds = read_dataset(path)
-                pixels = _view(_decode(ds), ds, cfg)
+                pixels = _view(_decode(ds), ds, cfg, meta)
         except ValueError as exc:
             raise Reason("slice {slice}: {reason}", slice=path.name, reason=text_of(exc)) from None
         if pixels.ndim != 2:

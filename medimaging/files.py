@@ -28,6 +28,7 @@ from medimaging.config import FilesConfig
 
 from medimaging.items import SPLITS, Inventory, Item, Problem, bad_split
 from medimaging.pixels import _resize, _to_uint8, read_mask, read_pixels
+from medimaging.stats import shares, image_meta
 
 
 NO_FINDING = "none"  # a multi-label row without findings
@@ -194,6 +195,7 @@ class Decoded:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # file -> native shape
     spacings: dict[str, tuple[float, ...]] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)  # file -> what the decoders said of it
+    meta: list[dict] = field(default_factory=list)  # per decoded image, for the statistics (medimaging/stats.py)
     cache: Path | None = None
 
 
@@ -210,7 +212,7 @@ def _stamp(path: Path | None) -> str:
 
 
 def _key(cfg: FilesConfig, inv: Inventory) -> str:
-    h = hashlib.sha256(json.dumps([cfg.image_size, cfg.test_fraction, cfg.spatial_dims, inv.classes,
+    h = hashlib.sha256(json.dumps(["stats-1", cfg.image_size, cfg.test_fraction, cfg.spatial_dims, inv.classes,
                                    cfg.dicom.model_dump(mode="json")]).encode())
     for item in inv.items:
         h.update(f"{item_name(cfg, item.path)}|{_stamp(item.path)}|{item.label}|{item.split}|{_stamp(item.mask)}\n".encode())
@@ -263,15 +265,16 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
         saved = json.loads(report.read_text())
         inv.problems += [Problem(**p) for p in saved["problems"]]
         out.shapes, out.cache = {k: tuple(v) for k, v in saved["shapes"].items()}, cache
-        out.notes = saved.get("notes", {})
+        out.notes, out.meta = saved.get("notes", {}), saved.get("meta", [])
         inv.classes = saved.get("classes", inv.classes)  # a segmentation's labels are counted when decoding
         return out
     images, labels, splits = [], [], []
     for item in inv.items:
         name = item_name(cfg, item.path)
         notes: list[str] = []
+        meta: dict = {}
         try:
-            arr, spacing = read_pixels(item.path, cfg.spatial_dims, cfg.dicom, notes)
+            arr, spacing = read_pixels(item.path, cfg.spatial_dims, cfg.dicom, notes, meta)
             target = _target(cfg, inv, item, arr.shape)
         except ValueError as exc:
             inv.problems.append(Problem.of(name, exc))
@@ -283,6 +286,9 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
         if spacing:
             out.spacings[name] = spacing
         images.append(_to_uint8(arr, cfg.image_size))
+        hu = shares(meta["hu_counts"]) if "hu_counts" in meta else None
+        out.meta.append(image_meta(meta.get("modality", "image"), arr.shape, cfg.spatial_dims, spacing, images[-1], hu,
+                                   meta.get("slice_axis", 0)))
         labels.append(target)
         splits.append(item.split)
     if labels and not isinstance(labels[0], int) and labels[0].ndim >= 2 and not inv.classes:
@@ -306,6 +312,6 @@ def decode(cfg: FilesConfig, seed: int = 0, write_cache: bool = True) -> Decoded
     tmp.replace(cache)
     report.write_text(json.dumps({"problems": [p.__dict__ for p in inv.problems],
                                   "shapes": {k: list(v) for k, v in out.shapes.items()}, "classes": inv.classes,
-                                  "notes": out.notes}))
+                                  "notes": out.notes, "meta": out.meta}))
     out.cache = cache
     return out

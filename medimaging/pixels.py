@@ -16,21 +16,24 @@ from medimaging.items import file_kind
 
 
 def read_pixels(path: Path, spatial_dims: int = 2, dicom: DicomConfig | None = None,
-                notes: list[str] | None = None) -> tuple[np.ndarray, tuple[float, ...] | None]:
+                notes: list[str] | None = None, meta: dict | None = None) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """(2D, or with spatial_dims=3 3D, float32 pixel array, spacing or None). Raises
-    ValueError with a reason; library warnings about the file are appended to `notes`."""
+    ValueError with a reason; library warnings about the file are appended to `notes`; `meta`
+    gets the modality and, for CT, the Hounsfield histogram (medimaging/stats.py)."""
     path, dicom, notes = Path(path), dicom or DicomConfig(), [] if notes is None else notes
+    meta = {} if meta is None else meta
     if path.is_dir():
         if spatial_dims != 3:
             raise Reason("a folder (DICOM series) is a volume: set data.files.spatial_dims: 3")
-        arr, spacing = read_series(path, dicom, notes)
+        arr, spacing = read_series(path, dicom, notes, meta)
         return _checked(arr, spatial_dims), spacing
     kind = file_kind(path)
     if kind is None:
         raise Reason("not an image type this reads (suffix '{suffix}')", suffix=path.suffix)
     if kind == "dicom":
-        arr, spacing = read_dicom(path, spatial_dims, dicom, notes)
+        arr, spacing = read_dicom(path, spatial_dims, dicom, notes, meta)
         return _checked(arr, spatial_dims), spacing
+    meta["modality"] = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}.get(kind, "NIfTI")  # no header names it
     try:
         if kind in ("png", "jpeg", "tiff"):
             arr, spacing = _picture(path), None
@@ -39,6 +42,7 @@ def read_pixels(path: Path, spatial_dims: int = 2, dicom: DicomConfig | None = N
 
             img = nib.load(path)
             arr = np.asarray(img.get_fdata(dtype=np.float32))
+            meta["slice_axis"] = -1  # NIfTI is (x, y, z): slices along the last axis, DICOM's along the first
             spacing = tuple(float(v) for v in img.header.get_zooms()[:spatial_dims])
     except Exception as exc:  # noqa: BLE001 - every decoder error becomes a reason
         said = " ".join(f"{type(exc).__name__}: {exc}".split())

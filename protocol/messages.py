@@ -89,6 +89,8 @@ class TaskSpec(Message):
     image_size: int = Field(ge=8)
     task: Task = Field("classification", description="classification (incl. multi-label) or segmentation")
     spatial_dims: Dims = Field(2, description="2 = images, 3 = volumes")
+    classes: list[str] | None = Field(None, description="the federation's class names in label order (a hospital "
+                                                        "whose own differ refuses); None: not checked (a simulation)")
     private: bool = Field(False, description="the federation trains with DP-SGD: DP-compatible model")
     client_clipping: Literal["none", "fixed", "adaptive"] = Field(
         "none", description="clip the update at the hospital (Flower client-side central DP)"
@@ -179,6 +181,7 @@ class EvaluationSpec(Message):
     threshold: float = Field(0.5, gt=0, lt=1, description="operating point: probability of class 1")
     split: Literal["test", "validation"] = Field("test", description="the cases asked for (a hospital's site.yaml may name its own)")
     seed: int = 0
+    classes: list[str] | None = None  # the federation's class names, agreed before the model was sent
 
     def to_config(self) -> ConfigRecord:
         return ConfigRecord({EVALUATION_KEY: self.model_dump_json()})
@@ -186,3 +189,24 @@ class EvaluationSpec(Message):
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "EvaluationSpec":
         return cls.model_validate_json(str(config[EVALUATION_KEY]))
+
+
+DESCRIBE_KEY = "describe"
+CLASSES_KEY = "classes"  # a reply's config record: "names" (the hospital's class names in label order), "task"
+STATISTICS_KEY = "statistics"  # a reply's config record: "json" (medimaging.stats.SiteStats)
+
+
+class DescribeSpec(Message):
+    """What the server asks a hospital about its data: its class names (`query.classes`, before
+    a run) or its statistics (`query.stats`, `aseanfl stats -f`). Never a per-image value."""
+
+    request: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="request id; names audit entries")
+    image_size: int = Field(64, ge=8, le=512, description="the task's side (the hospital decodes its images to it)")
+    min_count: int = Field(1, ge=1, description="counts below this are withheld (the hospital's own floor may be higher)")
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({DESCRIBE_KEY: self.model_dump_json()})
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "DescribeSpec":
+        return cls.model_validate_json(str(config[DESCRIBE_KEY]))

@@ -3,7 +3,8 @@
 run folder: status, rounds, strategy; per run a live view of the score per round and site, each
 site's status per round, epsilon and bytes, and the run folder as one zip), Start (a run from a
 federation.yaml, validated as `aseanfl run` validates it; nothing is sent when invalid; a running
-run can be stopped), Contests (each contest's leaderboard, server/evaluation/contest.py). It reads the server's folder and asks the SuperLink on its loopback port,
+run can be stopped), Contests (each contest's leaderboard, server/evaluation/contest.py), Data (the
+hospitals' statistics from `aseanfl stats -f`, server/records/statistics.py). It reads the server's folder and asks the SuperLink on its loopback port,
 as the `aseanfl` commands do; it opens no other port."""
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from server.records.outputs import IDLE
 from server.operations.provision import Federation
 from server.records.words import node_word, run_word, status_word
 
-PAGES = [("/hospitals", N_("Hospitals")), ("/runs", N_("Runs")), ("/start", N_("Start a run")), ("/contests", N_("Contests"))]
+PAGES = [("/hospitals", N_("Hospitals")), ("/runs", N_("Runs")), ("/start", N_("Start a run")), ("/contests", N_("Contests")),
+         ("/data", N_("Data"))]
 RUN_NAME = re.compile(r"^run-[0-9]{1,20}$")  # Flower run ids are 64-bit
 FIELDS = ("server.rounds", "strategy.name")  # the form's own fields; other problems go next to the config
 
@@ -278,6 +280,29 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
         except (sqlite3.Error, ValueError) as exc:  # a damaged store: say so, show nothing half-read
             boards, problems = [], [_("the contest store could not be read: {reason}", reason=exc)]
         return console.render(request, "coordinator_contests.html", boards=boards, problems=problems)
+
+    @app.get("/data")
+    def data_page(request: Request):
+        from server.engine.census import STATS
+        from server.records.statistics import data_view
+
+        folders = sorted((p for p in (fed.server_dir / STATS).glob("run-*") if (p / "stats.json").is_file()),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+        try:
+            view, problems = (data_view(folders[0]) if folders else None), []
+        except (OSError, ValueError, KeyError) as exc:  # a damaged stats.json: say so, show nothing half-read
+            view, problems = None, [_("the statistics could not be read: {reason}", reason=exc)]
+        return console.render(request, "coordinator_data.html", view=view, problems=problems,
+                              earlier=[p.name for p in folders[1:]])
+
+    @app.get("/data/{name}/{plot}")
+    def data_plot(name: str, plot: str):
+        from server.engine.census import STATS
+
+        path = fed.server_dir / STATS / name / plot
+        if not RUN_NAME.match(name) or plot not in ("stats-classes.png", "stats-intensity.png") or not path.is_file():
+            return PlainTextResponse("no such plot", status_code=404)
+        return FileResponse(path, media_type="image/png")
 
     @app.get("/runs/{name}")
     def run_page(request: Request, name: str):

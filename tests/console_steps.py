@@ -141,3 +141,12 @@ def hospitals_view(page, url: str, name: str) -> dict[str, str]:
     shot(page, name)
     return page.eval_on_selector_all("#hospitals tr[data-site]", "rows => Object.fromEntries(rows.map(r => "
                                      "[r.dataset.site, r.children[2].textContent.trim()]))")
+
+
+def data_view(page, url: str, name: str) -> dict[str, list[str]]:
+    """The Data page's cases table, as the coordinator reads it: (hospital|split) -> cells."""
+    page.goto(url + "/data")
+    shot(page, name)
+    return page.eval_on_selector_all("table.cases tr[data-site]", "rows => Object.fromEntries(rows.map(r => "
+                                     "[r.children[0].textContent.trim() + '|' + r.children[1].textContent.trim(), "
+                                     "Array.from(r.children).slice(2).map(c => c.textContent.trim())]))")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from attacks import PATHS, fleet_post, flwr_as, forged_reply, marker_app, post, raw_post, rss_mib, signed_headers
-from console_steps import hospitals_view, start_and_stop, start_consoles, steward_approves, watch_run
+from console_steps import data_view, hospitals_view, start_and_stop, start_consoles, steward_approves, watch_run
 from consoles import login
 from contest_steps import CONTEST, central, contest
 from PIL import Image
@@ -84,6 +84,10 @@ def deployed(tmp_path_factory, chromium):
         # the region's contest, while site-d has not approved the bundle: it refuses to score
         out["contest"] = contest(dep, tmp, next((tmp / "results").glob("run-*")) / "model.safetensors", coordinator,
                                  urls["console-server"])
+        # the hospitals' statistics (site-d has not approved the bundle: it refuses), then the console's Data page
+        out["stats"] = aseanfl("stats", "-f", str(dep.fed), "--wait-for-sites", "4", "--min-count", "5", "--out",
+                               str(tmp / "statistics"), timeout=300)
+        out["data page"] = data_view(coordinator, urls["console-server"], "coordinator-data")
         # the steward of the hospital that refused the bundle approves it in the page: it trains from the next run
         out["steward"] = steward_approves(chromium, urls[f"console-{UNAPPROVED}"], app_hash, shots)
         out["crash"] = _server_killed_then_resumed(dep, tmp)
@@ -679,6 +683,37 @@ def test_the_contest_ranks_two_submissions_as_the_central_figures_do(deployed):
         assert f"scored model {sha256(c['baseline'])[:12]}" in (tmp / f"{site}.log").read_text(errors="replace")
 
 
+def test_stats_describes_the_hospitals_data_with_counts_only_and_the_run_checked_their_classes(deployed):
+    """`aseanfl stats -f`: each approved hospital's cases per class and split add up to the PNG
+    files in its folder (pooled: the union's), the unapproved one refuses, the Data page shows
+    the same table; each hospital's audit log holds the statistics reply, which its own audit
+    checks against the fixed schema of counts; the training run began with the hospitals'
+    class names agreed."""
+    res, tmp = deployed["stats"], deployed["tmp"]
+    assert res.returncode == 0 and "Traceback" not in res.stderr, (res.stdout[-2000:], res.stderr[-2000:])
+    result = json.loads(next((tmp / "statistics").glob("run-*/stats.json")).read_text())
+    assert "is not approved by hospital site-d" in result["sites"][UNAPPROVED]["error"], result["sites"][UNAPPROVED]
+    files = {site: {c: len(list((tmp / "pacs" / site / c).glob("*.png"))) for c in ("lesion", "normal")} for site in APPROVED}
+    for site in APPROVED:
+        s = result["sites"][site]
+        assert s["classes"] == ["lesion", "normal"] and s["min_count"] == 10  # the kit's floor beats the 5 asked
+        for k, c in enumerate(s["classes"]):
+            assert sum(v["cases"][split][k]["value"] for v in [s] for split in v["cases"]) == files[site][c], (site, s)
+        assert s["modality"]["PNG"]["value"] == sum(files[site].values())
+    pooled = result["pooled"]
+    for k, c in enumerate(pooled["classes"]):
+        assert sum(pooled["cases"][split][k]["value"] for split in pooled["cases"]) == sum(f[c] for f in files.values())
+    page = deployed["data page"]
+    assert page["pooled|train"] == [str(int(v["value"])) for v in pooled["cases"]["train"]], page
+    for site in APPROVED:
+        logged = [json.loads(line) for line in (tmp / "hospitals" / site / "audit.jsonl").read_text().splitlines()]
+        sent = [e for e in logged if e.get("type") == "query.stats"]
+        assert len(sent) == 1 and set(sent[0]["records"]) == {"statistics", "site"}, sent
+        assert json.loads(sent[0]["records"]["statistics"]["entries"]["json"])["cases"] == result["sites"][site]["cases"]
+        assert any(e.get("type") == "query.classes" for e in logged)  # asked before the run and the evaluation
+    assert "classes agreed by" in deployed["run"].stdout, deployed["run"].stdout[-3000:]
+
+
 def test_unregistered_key_is_refused_even_with_a_valid_certificate(deployed):
     """The front refuses it first (not site-d's registered node key); Flower's node auth stands behind."""
     rogue = deployed["rogue"]
@@ -824,6 +859,7 @@ def test_every_console_page_was_photographed_with_content(deployed):
 
     names = {p.stem for p in deployed["shots"].glob("*.png")}
     for name in ("coordinator-run", "coordinator-runs", "coordinator-hospitals", "coordinator-start-errors", "coordinator-contests",
+                 "coordinator-data",
                  "hospital-data", "hospital-apps-pending", "hospital-apps", "hospital-audit", "hospital-daemon",
                  "hospital-privacy"):
         assert name in names, (name, sorted(names))

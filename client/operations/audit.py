@@ -22,7 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from common.i18n import Line, Reason
 from common.packing import STYPE, header, is_packed
 
-from protocol.messages import REFUSAL_KEY, SCORES_KEY, EvalMetrics, Refusal, TrainMetrics
+from protocol.messages import CLASSES_KEY, REFUSAL_KEY, SCORES_KEY, STATISTICS_KEY, EvalMetrics, Refusal, TrainMetrics
 
 GENESIS = "0" * 64
 _METRIC_KEYS = {f.alias or n for m in (TrainMetrics, EvalMetrics) for n, f in m.model_fields.items()}
@@ -35,6 +35,8 @@ ALLOWED = {
     "site": ("configs", {"name"}),
     REFUSAL_KEY: ("configs", _REFUSAL_KEYS),
     SCORES_KEY: ("configs", {"json", "model-sha256"}),  # federated evaluation: medimaging.scoring.SiteScores
+    CLASSES_KEY: ("configs", {"names", "task"}),  # the class names, asked before a run (not patient data)
+    STATISTICS_KEY: ("configs", {"json"}),  # `aseanfl stats -f`: medimaging.stats.SiteStats
     RECORD_KEY_CONFIGS: ("configs", _SECAGG_KEYS),  # SecAgg+: keys, shares, the masked vector
     "fitres.parameters": ("arrays", set()),  # SecAgg+ empties it before the reply leaves
     "fitres.metrics": ("metrics", set()),
@@ -184,6 +186,20 @@ def _scores_problems(entries: dict, line: int) -> list[str]:
     return problems
 
 
+def _statistics_problems(entries: dict, line: int) -> list[str]:
+    """A statistics reply must hold exactly the fixed schema of counts."""
+    from pydantic import ValidationError
+
+    from medimaging.stats import SiteStats
+
+    try:
+        SiteStats.model_validate_json(str(entries.get("json", "")))
+    except ValidationError as exc:
+        return [Line("line {line}: statistics.json is not the fixed schema of counts ({count} problem(s), first: "
+                     "{field})", line=line, count=exc.error_count(), field=exc.errors()[0]["loc"])]
+    return []
+
+
 def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
     """Check the chain and every entry's content; `forbidden`: strings that must never appear
     in a sent value (the data folder, file names)."""
@@ -231,6 +247,8 @@ def verify(path: Path, site: str, forbidden: list[str] = ()) -> AuditReport:
             if name == "site" and record.get("entries", {}).get("name") not in (None, site):
                 report.problems.append(Line("line {line}: site.name is not this hospital's id {site}", line=number,
                                             site=repr(site)))
+            if name == STATISTICS_KEY:
+                report.problems += _statistics_problems(record.get("entries", {}), number)
             if name == SCORES_KEY:
                 report.problems += _scores_problems(record.get("entries", {}), number)
                 report.models.add(str(record.get("entries", {}).get("model-sha256")))

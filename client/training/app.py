@@ -22,7 +22,8 @@ from medimaging.models import build_model, head_keys, norm_keys
 from medimaging.training import evaluate, train_epochs
 
 from client.training.hospital import Hospital, HospitalLoader
-from protocol.messages import CONTROL_KEY, REFUSAL_KEY, EvalMetrics, EvaluationSpec, Refusal, TaskSpec, TrainMetrics
+from protocol.messages import (CLASSES_KEY, CONTROL_KEY, REFUSAL_KEY, STATISTICS_KEY, DescribeSpec, EvalMetrics,
+                               EvaluationSpec, Refusal, TaskSpec, TrainMetrics)
 from client.training.mods import central_dp_mod, compression_mod, downlink_mod, packing_mod, private_errors_mod
 from client.training.secure import secure_aggregation_mod
 from client.training.site import SiteDataError, load_site_hospital
@@ -43,6 +44,10 @@ def _load(load_hospital: HospitalLoader, context: Context, task: TaskSpec) -> Ho
     if hospital.num_classes is not None and hospital.num_classes != task.num_classes:
         raise SiteDataError(f"this hospital's data has {hospital.num_classes} classes, the run's model "
                             f"{task.num_classes}")
+    if task.classes is not None and hospital.classes is not None and hospital.classes != task.classes:
+        raise SiteDataError(f"this hospital's classes are {', '.join(hospital.classes)} (in label order), the "
+                            f"federation's {', '.join(task.classes)}; map its names in site.yaml `classes:` "
+                            "(its name: the federation's)")
     return hospital
 
 
@@ -252,6 +257,28 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
         log.info("%s: scored model %s for evaluation %s on %d %s cases", hospital.data.name, spec.model_sha256[:12],
                  spec.evaluation, scores.cases, scores.split)
         return Message(content=_reply(hospital.data, {SCORES_KEY: scores_record(scores, spec)}), reply_to=msg)
+
+    @app.query("classes")
+    def classes(msg: Message, context: Context) -> Message:
+        """This hospital's class names in label order (before a run: hospitals must agree)."""
+        from client.training.describe import class_names
+
+        spec = DescribeSpec.from_config(msg.content["config"])
+        hospital = load_hospital(context, spec.image_size)
+        return Message(content=_reply(hospital.data, {CLASSES_KEY: class_names(hospital)}), reply_to=msg)
+
+    @app.query("stats")
+    def stats(msg: Message, context: Context) -> Message:
+        """This hospital's statistics (`aseanfl stats -f`): counts of a fixed schema only."""
+        from client.training.describe import statistics
+
+        spec = DescribeSpec.from_config(msg.content["config"])
+        hospital = load_hospital(context, spec.image_size)
+        released = statistics(hospital, spec)
+        log.info("%s: released statistics for request %s (floor %d%s)", hospital.data.name, spec.request,
+                 released.min_count, "" if released.noise_scale is None else f", Laplace scale {released.noise_scale:g}")
+        record = ConfigRecord({"json": released.model_dump_json()})
+        return Message(content=_reply(hospital.data, {STATISTICS_KEY: record}), reply_to=msg)
 
     return app
 

@@ -54,9 +54,14 @@ NOISE_KEY_FILE = "evaluation-noise.key"  # the hospital's secret behind its DP n
 
 
 def noise_seed(hospital, spec: EvaluationSpec, which: str, min_cases: int) -> int:
-    """The seed of this hospital's DP noise for one model: from its own secret key (made once,
-    readable by the daemon's account only) and what is scored, so the same model scored again
-    gets the same noise (asking twice tells nothing new) and nobody else can take it off."""
+    """The seed of this hospital's DP noise for one model (secret_seed of what is scored)."""
+    return secret_seed(hospital, f"{spec.model_sha256}|{which}|{min_cases}|{spec.threshold}".encode())
+
+
+def secret_seed(hospital, asked: bytes) -> int:
+    """A noise seed from the hospital's own secret key (made once, readable by the daemon's
+    account only) and what is asked, so the same question asked again gets the same noise
+    (asking twice tells nothing new) and nobody else can take it off."""
     import hmac
     import os
 
@@ -70,7 +75,6 @@ def noise_seed(hospital, spec: EvaluationSpec, which: str, min_cases: int) -> in
         else:
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(32))
-    asked = f"{spec.model_sha256}|{which}|{min_cases}|{spec.threshold}".encode()
     return int.from_bytes(hmac.new(path.read_bytes(), asked, hashlib.sha256).digest()[:8], "little")
 
 

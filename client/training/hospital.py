@@ -13,7 +13,7 @@ from flwr.app import Context
 
 from medimaging.datasets import SiteData, Split
 
-from client.config import PrivacyConfig
+from client.config import PrivacyConfig, StatisticsSite
 
 
 @dataclass
@@ -24,6 +24,9 @@ class Hospital:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ledger_root: Path = Path("privacy")  # ledgers go to <ledger_root>/<run>/privacy unless policy.ledger_dir
     num_classes: int | None = None  # a deployed site's classes, checked against the run's model
+    classes: list[str] | None = None  # their names (the federation's, after site.yaml's classes: mapping)
+    meta: list[dict] = field(default_factory=list)  # per image: modality, size, intensity (medimaging/stats.py)
+    statistics: StatisticsSite = field(default_factory=StatisticsSite)  # what `aseanfl stats` may learn
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where it trains and evaluates
     threads: int = 1  # CPU threads (a simulated hospital shares the machine: one)
     precision: torch.dtype | None = None  # autocast dtype (None: fp32), from compute.precision

@@ -40,7 +40,7 @@ def _site_config(path: str, mtime: float) -> SiteConfig:
 
 
 @lru_cache(maxsize=2)
-def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, dict[str, np.ndarray], list[str]]:
+def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, dict[str, np.ndarray], list[str], list[dict]]:
     site = _site_config(path, mtime)
     try:
         decoded = decode(site.data)
@@ -54,7 +54,36 @@ def _site_arrays(path: str, mtime: float) -> tuple[SiteConfig, dict[str, np.ndar
                             "run `aseanfl client check-data` there") from None
     for problem in decoded.inventory.problems:
         log.warning(_("{file} skipped: {reason}", file=problem.file, reason=problem.shown()))
-    return site, load_npz(str(decoded.cache)), decoded.inventory.classes
+    return site, load_npz(str(decoded.cache)), decoded.inventory.classes, decoded.meta
+
+
+def federation_classes(local: list[str], mapping: dict[str, str], explicit: bool,
+                       segmentation: bool) -> tuple[list[str], list[int]]:
+    """(the federation's names in this hospital's label order, `order`: the local index of each).
+    site.yaml `classes:` renames; without an explicit data.files.classes order the renamed
+    classes are sorted again (a label is then the index of its federation name, as at every
+    hospital), except a segmentation's labels, which are the masks' values."""
+    unknown = sorted(set(mapping) - set(local))
+    if unknown:
+        raise SiteDataError(f"site.yaml classes: {', '.join(unknown)} is not one of this hospital's classes "
+                            f"({', '.join(local)})")
+    names = [mapping.get(n, n) for n in local]
+    if len(set(names)) < len(names):
+        raise SiteDataError(f"site.yaml classes: two of this hospital's classes map onto one name ({', '.join(names)})")
+    order = list(range(len(names)))
+    if mapping and not explicit and not segmentation:
+        order = sorted(order, key=lambda i: names[i])
+    return [names[i] for i in order], order
+
+
+def _relabel(y: np.ndarray, order: list[int]) -> np.ndarray:
+    """Labels in the federation's order: a class index's new position, or the findings' columns reordered."""
+    if order == sorted(order) or y.size == 0:
+        return y
+    if y.ndim == 2 and y.shape[1] == len(order) and y.shape[1] > 1:  # findings (multi-label)
+        return y[:, order]
+    position = np.argsort(order)  # local index -> federation index
+    return position[y]
 
 
 def _check_data_folder(site: SiteConfig) -> None:
@@ -82,19 +111,22 @@ def load_site_hospital(context: Context, image_size: int):
 
 @lru_cache(maxsize=2)
 def _hospital(path: str, mtime: float, image_size: int):
-    site, arrays, classes = _site_arrays(path, mtime)
-    x, y = arrays["train_images"], arrays["train_labels"]
+    site, arrays, local, meta = _site_arrays(path, mtime)
+    segmentation = arrays["train_labels"].ndim >= 3
+    classes, order = federation_classes(local, site.classes, site.data.classes is not None, segmentation)
+    x, y = arrays["train_images"], _relabel(arrays["train_labels"], order)
     if len(y) < 2:
         raise SiteDataError("no usable training images at this hospital")
     train, val = split_train_val(to_tensor(x, image_size), targets(y, image_size), VAL_FRACTION, 0)
     test = None
     if len(arrays["test_labels"]):  # the held-out files: never trained or validated on
-        test = Split(to_tensor(arrays["test_images"], image_size), targets(arrays["test_labels"], image_size))
+        test = Split(to_tensor(arrays["test_images"], image_size), targets(_relabel(arrays["test_labels"], order), image_size))
     device = resolve_device(site.compute.device)
     return Hospital(data=SiteData(name=site.site, train=train, val=val), privacy=site.privacy, test=test,
                     evaluation_split=site.evaluation.split, min_cases=site.evaluation.min_cases,
                     noise_epsilon=site.evaluation.noise_epsilon,
-                    ledger_root=site.state_dir, num_classes=len(classes), device=device,
+                    ledger_root=site.state_dir, num_classes=len(classes), classes=classes, meta=meta,
+                    statistics=site.statistics, device=device,
                     threads=site.compute.threads or cores(),
                     precision=resolve_precision(site.compute.precision, device, site.privacy.enabled),
                     deterministic=site.compute.deterministic)

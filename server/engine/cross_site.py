@@ -57,7 +57,8 @@ def cross_site(grid, plan, arrays: ArrayRecord, local_models: dict[str, ArrayRec
         spec = EvaluationSpec(evaluation=f"{plan.run_dir.name}-cross-{name}", model_sha256=digest, model=cfg.model,
                               in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
                               task=shape.task, spatial_dims=shape.spatial_dims, private=plan.private,
-                              min_cases=cfg.server.cross_site_min_cases, split="validation", seed=cfg.seed)
+                              min_cases=cfg.server.cross_site_min_cases, split="validation", seed=cfg.seed,
+                              classes=plan.classes)
         result = evaluate_federation(grid, spec, blob, out_dir / name, known, plan.site_names, cfg.server.round_timeout_s)
         matrix[name] = {site: _figure(s) for site, s in result["sites"].items()}
         cells[name] = {"model_sha256": digest, "sites": result["sites"], "pooled": result["pooled"]}

@@ -37,6 +37,15 @@ class TaskConfig(Strict):
     image_size: int = Field(64, ge=8, le=512)
     kind: Task = Field("classification", description="classification (incl. multi-label) or segmentation")
     spatial_dims: Dims = Field(2, description="2 = images, 3 = volumes (site.yaml data.files.spatial_dims)")
+    classes: list[str] | None = Field(None, description="the federation's class names in label order; every hospital "
+                                                        "must give these (site.yaml classes: maps its own); default: "
+                                                        "the hospitals must agree among themselves")
+
+    @model_validator(mode="after")
+    def _names(self) -> "TaskConfig":
+        if self.classes is not None and (len(self.classes) != self.num_classes or len(set(self.classes)) < len(self.classes)):
+            raise ValueError(f"classes: {len(self.classes)} names for num_classes={self.num_classes}, or a name twice")
+        return self
 
 
 class DeploymentConfig(RunConfig):
@@ -154,7 +163,12 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
                             count=connected, seconds=f"{cfg.wait_timeout_s:g}", wanted=cfg.strategy.min_sites))
     log.info(_("{count} hospital(s) connected; run folder {folder}", count=connected, folder=run_dir))
     t = cfg.task
-    return Plan(config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
+    from server.engine.census import check_classes
+
+    names = registered_names(runs.parent / "registered.json")
+    classes = check_classes(grid, dict(names), t.image_size, t.classes, f"classes-{context.run_id}",
+                            cfg.server.round_timeout_s)
+    return Plan(classes=classes, config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
                 private=cfg.dp_models, sites=connected, node_names=registered_names(runs.parent / "registered.json"),
                 registry=runs.parent / "registered.json",
                 resume=bool(resume))

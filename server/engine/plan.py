@@ -89,6 +89,7 @@ class Plan:
     registry: Path | None = None  # a deployment's server/registered.json, read again each round (revocations)
     site_names: list[str] | None = None  # a simulation's hospitals, in partition-id order
     resume: bool = False  # continue the run in run_dir from its checkpoint
+    classes: list[str] | None = None  # a deployment's class names, agreed by the hospitals before round 1
     created: float = field(default_factory=time.time)  # the command's start: wall time counts start-up
 
     def __getstate__(self) -> dict:  # a copy sent to another process gets its own stop signal

@@ -341,7 +341,7 @@ def _task(run: Run, rnd: int) -> TaskSpec:
         codec=s.compression.codec, block=s.compression.block, topk=s.compression.topk,
         error_feedback=s.compression.error_feedback, model=cfg.model, train=cfg.train,
         in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
-        task=shape.task, spatial_dims=shape.spatial_dims,
+        task=shape.task, spatial_dims=shape.spatial_dims, classes=run.plan.classes,
     )
 
 

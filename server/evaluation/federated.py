@@ -158,9 +158,14 @@ def deployed_evaluation(context, grid) -> None:
     log.info(_("evaluation {evaluation} of model {model}: waiting for {count} hospital(s) (up to {seconds} s)",
                evaluation=spec.evaluation, model=spec.model_sha256[:12], count=wanted, seconds=f"{wait:g}"))
     connected = await_sites(grid, wanted, wait)
+    names = registered_names(runs.parent / "registered.json")
+    from server.engine.census import check_classes
+
+    classes = check_classes(grid, dict(names), spec.image_size, spec.classes, f"classes-{spec.evaluation}",
+                            float(rc.get("timeout-s", 600)))
+    spec = spec.model_copy(update={"classes": classes})
     log.info(_("{count} hospital(s) connected; sending the model ({bytes} bytes)", count=connected, bytes=len(blob)))
-    result = evaluate_federation(grid, spec, blob, out_dir, registered_names(runs.parent / "registered.json"), None,
-                                 float(rc.get("timeout-s", 600)))
+    result = evaluate_federation(grid, spec, blob, out_dir, names, None, float(rc.get("timeout-s", 600)))
     for site, s in result["sites"].items():
         log.info("%s: %s", site, site_line(s))
     log.info("pooled: %s", pooled_line(result["pooled"]))

@@ -1,0 +1,172 @@
+"""What the connected hospitals say about their data, never a per-image value: their class names,
+asked before every deployed run and evaluation (hospitals that name or order the classes
+differently would train against each other and learn nothing, silently), and their statistics
+(`aseanfl stats -f`: server/records/statistics.py writes them)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from pydantic import ValidationError
+
+from common.i18n import _
+from common.packing import PackedGrid
+from medimaging.stats import SiteStats
+from medimaging.yamlconfig import ConfigError
+from protocol.messages import CLASSES_KEY, STATISTICS_KEY, DescribeSpec
+
+from server.engine.exchange import exchange
+from server.engine.names import SiteOrder, site_name
+
+log = logging.getLogger("aseanfl")
+KEYS = {"classes": CLASSES_KEY, "stats": STATISTICS_KEY}
+
+
+def ask(grid, known: dict[int, str], spec: DescribeSpec, what: str, timeout: float) -> dict[str, ConfigRecord | str]:
+    """Each connected hospital's answer (its reply record), or why there is none, by the name
+    the server knows its node by."""
+    grid = SiteOrder(PackedGrid(grid), known)
+    messages = [Message(RecordDict({"config": spec.to_config()}), dst_node_id=nid, message_type=f"query.{what}")
+                for nid in grid.get_node_ids()]
+    for m in messages:
+        m.metadata.group_id = spec.request
+    out: dict[str, ConfigRecord | str] = {}
+
+    def silent(nid: int, _sent: int, why: str) -> None:
+        out[known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
+
+    def impostor(nid: int, _sent: int, _got: int, declared: str) -> None:
+        out[known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
+
+    replies, _missing = exchange(grid, messages, timeout, known, silent, threading.Event(), impostor)
+    for reply in replies:
+        site = site_name(reply, known)
+        if reply.has_error():  # Flower's "<class 'X'>:<'why'>" -> why
+            out[site] = "error: " + re.sub(r"^<class '[^']*'>:<'(.*)'>$", r"\1", str(reply.error.reason), flags=re.S)
+        else:
+            out[site] = reply.content.config_records.get(KEYS[what]) or f"error: no {KEYS[what]} record in its reply"
+    return out
+
+
+def agreed_classes(answers: dict[str, ConfigRecord | str], wanted: list[str] | None) -> list[str] | None:
+    """The federation's class names: `wanted` (federation.yaml task.classes) or, unset, the
+    names every hospital that answered gives. ConfigError naming the hospitals and their names
+    where they disagree (in the names or their order); hospitals that did not answer are left
+    to refuse their tasks, which carry the agreed names."""
+    names = {site: [str(n) for n in rec["names"]] for site, rec in sorted(answers.items()) if not isinstance(rec, str)}
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for site, got in names.items():
+        groups.setdefault(tuple(got), []).append(site)
+    said = "; ".join(f"{', '.join(sites)}: {', '.join(group)}" for group, sites in groups.items())
+    fix = _("map each hospital's names in its site.yaml `classes:` (its name: the federation's)")
+    if wanted is not None:
+        differ = {site for site, got in names.items() if got != wanted}
+        if differ:
+            raise ConfigError(_("task.classes is {wanted}; hospitals {sites} name or order their classes otherwise "
+                                "({said}); nothing was sent; {fix}", wanted=", ".join(wanted),
+                                sites=", ".join(sorted(differ)), said=said, fix=fix))
+        return wanted
+    if len(groups) > 1:
+        raise ConfigError(_("the hospitals disagree on the classes or their order ({said}); nothing was sent; {fix}, "
+                            "or set task.classes", said=said, fix=fix))
+    return list(next(iter(groups))) if groups else None
+
+
+def check_classes(grid, known: dict[int, str], image_size: int, wanted: list[str] | None, request: str,
+                  timeout: float) -> list[str] | None:
+    """Ask every connected hospital for its class names; the agreed names (agreed_classes)."""
+    answers = ask(grid, known, DescribeSpec(request=request, image_size=image_size), "classes", timeout)
+    for site, rec in answers.items():
+        if isinstance(rec, str):
+            log.warning(_("{site}: its class names are unknown ({why})", site=site, why=rec))
+    try:
+        agreed = agreed_classes(answers, wanted)
+    except ConfigError as exc:
+        log.error(_("refused: {reason}", reason=exc))  # `aseanfl run` shows the ServerApp's aseanfl: lines
+        raise
+    if agreed is not None:
+        log.info(_("classes agreed by {count} hospital(s): {names}", count=sum(not isinstance(r, str) for r in answers.values()),
+                   names=", ".join(agreed)))
+    return agreed
+
+
+def site_statistics(answers: dict[str, ConfigRecord | str]) -> dict[str, SiteStats | str]:
+    """Each hospital's statistics, checked against the fixed schema, or why there are none."""
+    out: dict[str, SiteStats | str] = {}
+    for site, rec in answers.items():
+        if isinstance(rec, str):
+            out[site] = rec
+            continue
+        try:
+            out[site] = SiteStats.model_validate_json(str(rec["json"]))
+        except (KeyError, ValidationError) as exc:
+            out[site] = f"error: its statistics break the schema ({type(exc).__name__})"
+    return out
+
+
+def deployed_statistics(context, grid) -> None:
+    """The ServerApp of `aseanfl stats -f`: every connected hospital's statistics, pooled, into
+    server/stats/run-<id>."""
+    import os
+    from pathlib import Path
+
+    from server.engine.deployment import _stream_logs, await_sites, lock_run_dir, run_folder
+    from server.engine.names import registered_names
+    from server.operations.control import RUNS_ENV
+    from server.records.statistics import write_statistics
+
+    _stream_logs()
+    rc = context.run_config
+    spec = DescribeSpec.model_validate_json(str(rc["describe"]))
+    runs = Path(os.environ.get(RUNS_ENV) or "runs")
+    out_dir = run_folder(runs.parent / STATS, context.run_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not lock_run_dir(out_dir):
+        raise ConfigError(f"{out_dir}: another server process is writing these statistics")
+    wanted, wait = int(rc.get("wait-for-sites", 1)), float(rc.get("wait-timeout-s", 120))
+    log.info(_("statistics {request}: waiting for {count} hospital(s) (up to {seconds} s)", request=spec.request,
+               count=wanted, seconds=f"{wait:g}"))
+    connected = await_sites(grid, wanted, wait)
+    log.info(_("{count} hospital(s) connected; asking for their statistics", count=connected))
+    answers = ask(grid, registered_names(runs.parent / "registered.json"), spec, "stats", float(rc.get("timeout-s", 600)))
+    result = write_statistics(out_dir, site_statistics(answers), spec.min_count, spec.request)
+    for site, s in result["sites"].items():
+        log.info("%s: %s", site, s.get("error") or _("released"))
+    log.info(_("done: {file}", file=out_dir / "stats.md"))
+
+
+STATS = "stats"  # beside runs/ on the coordinator's disk: run-<id> folders of statistics
+
+
+class StatisticsFailed(RuntimeError):
+    """`aseanfl stats -f` could not run or wrote nothing (one line, for the operator)."""
+
+
+def run_statistics(fed, min_count: int, out, wait_for_sites: int = 1, wait_timeout_s: float = 120.0,
+                   timeout_s: float = 600.0, image_size: int = 64, echo=print):
+    """`aseanfl stats -f`: the approved ServerApp asks every connected hospital; (stats.json's
+    content, the local copy of its folder)."""
+    import json
+    import time
+
+    from server.operations.bundle import app_dir
+    from server.operations.control import start_run
+
+    spec = DescribeSpec(request=f"stats-{time.strftime('%Y%m%d-%H%M%S')}", image_size=image_size, min_count=min_count)
+    run_config = {"mode": "stats", "describe": spec.model_dump_json(), "wait-for-sites": str(wait_for_sites),
+                  "wait-timeout-s": str(wait_timeout_s), "timeout-s": str(timeout_s)}
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        run_id, final, local = start_run(fed, "", [], app_dir(), out, echo, timeout=wait_timeout_s + timeout_s + 300,
+                                         run_config=run_config, folders=STATS)
+    except (PermissionError, RuntimeError) as exc:
+        raise StatisticsFailed(str(exc)) from None
+    if final == "lost":
+        raise StatisticsFailed(f"statistics run {run_id}: the server was lost (its SuperLink stopped answering)")
+    if local is None or not (local / "stats.json").is_file():
+        raise StatisticsFailed(f"statistics run {run_id}: {final or 'status unknown'}, and nothing was written "
+                               "(see the lines above)")
+    return json.loads((local / "stats.json").read_text()), local
