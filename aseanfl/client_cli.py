@@ -81,6 +81,16 @@ def check_data(config: Path = SITE_OPTION) -> None:
     for name, counts in found.rows:
         table.add_row(_("images with a mask") if name == MASKS else name, *map(number, counts))
     console.print(table)
+    if site.classes:  # site.yaml maps this hospital's names onto the federation's: show the result
+        from client.training.site import SiteDataError, federation_classes
+
+        try:
+            names, _order = federation_classes([n for n, _c in found.rows if n != MASKS], site.classes,
+                                               site.data.classes is not None, bool(found.mask_labels))
+        except SiteDataError as exc:
+            typer.echo(config_errors(exc), err=True)
+            raise typer.Exit(2) from None
+        console.print(_("the federation's classes, in this hospital's label order: {names}", names=", ".join(names)))
     if found.mask_labels:
         console.print(_("mask labels: {labels}", labels=", ".join(f"{k} = {c}" for k, c in enumerate(found.mask_labels))))
     if found.sizes:

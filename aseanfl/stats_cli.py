@@ -83,7 +83,7 @@ def _cases(s: dict) -> str:
 
 
 def _deployed(federation_dir: Path, min_count: int, out: Path, wait_for_sites: int, timeout: float) -> None:
-    from server.engine.census import StatisticsFailed, run_statistics
+    from server.evaluation.statistics import StatisticsFailed, run_statistics
 
     from aseanfl.server_cli import _federation
 

@@ -34,6 +34,10 @@ SLICE_EDGES = [16.0, 32.0, 64.0, 128.0, 256.0, 512.0]  # slices per volume
 HU_EDGES = [float(v) for v in range(-1000, 3001, 100)]  # CT, Hounsfield units
 LEVEL_EDGES = [float(v) for v in range(16, 256, 16)]  # other modalities: the training image's 0-255 scale
 UNITS = {"HU": HU_EDGES, "level": LEVEL_EDGES}
+# DICOM's defined terms for Modality (PS3.3 C.7.3.1.1.1) and the file kinds: anything else in a
+# header's Modality is free text, which could name something, and is released as "other"
+MODALITIES = {"CR", "CT", "DX", "ES", "IO", "MG", "MR", "NM", "OCT", "OP", "OT", "PT", "PX", "RF", "RG", "SC", "US",
+              "XA", "XC", "DICOM", "PNG", "JPEG", "TIFF", "NIfTI", "npz", "synthetic"}
 
 
 class Cell(Fixed):
@@ -85,7 +89,8 @@ def image_meta(modality: str, shape: tuple[int, ...], dims: int, spacing, levels
     `slice_axis`: 0 for DICOM's (slices, rows, columns), -1 for NIfTI's (x, y, z)."""
     inplane = [float(v) for v in (spacing or [])[:2] if v]
     plane = [n for i, n in enumerate(shape) if dims == 2 or i != slice_axis % len(shape)]
-    return {"modality": modality, "side": int(max(plane)), "slices": int(shape[slice_axis]) if dims == 3 else None,
+    return {"modality": modality if modality in MODALITIES else "other", "side": int(max(plane)),
+            "slices": int(shape[slice_axis]) if dims == 3 else None,
             "spacing": min(inplane) if inplane else None, "unit": "HU" if hu is not None else "level",
             "hist": hu if hu is not None else image_hist(levels, LEVEL_EDGES)}
 

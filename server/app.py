@@ -29,7 +29,7 @@ def build_server_app(make_plan: Callable[[Context], Plan] | None = None) -> Serv
 
             return deployed_evaluation(context, grid)
         if context.run_config.get("mode") == "stats":  # `aseanfl stats -f`: the hospitals' statistics, no model
-            from server.engine.census import deployed_statistics
+            from server.evaluation.statistics import deployed_statistics
 
             return deployed_statistics(context, grid)
         if context.run_config.get("mode") == "deployment":  # `aseanfl run` on real hospitals

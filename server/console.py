@@ -283,7 +283,7 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
 
     @app.get("/data")
     def data_page(request: Request):
-        from server.engine.census import STATS
+        from server.evaluation.statistics import STATS
         from server.records.statistics import data_view
 
         folders = sorted((p for p in (fed.server_dir / STATS).glob("run-*") if (p / "stats.json").is_file()),
@@ -297,7 +297,7 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
 
     @app.get("/data/{name}/{plot}")
     def data_plot(name: str, plot: str):
-        from server.engine.census import STATS
+        from server.evaluation.statistics import STATS
 
         path = fed.server_dir / STATS / name / plot
         if not RUN_NAME.match(name) or plot not in ("stats-classes.png", "stats-intensity.png") or not path.is_file():

@@ -427,16 +427,16 @@ def _worker_lines(site: str, deployed) -> list[tuple[str, str, str]]:
     """(worker pid, message type, the rest) of each task the hospital's daemon served in the run."""
     run_id = re.search(r"run (\d+): finished", deployed["run"].stdout).group(1)
     text = (deployed["tmp"] / f"{site}.log").read_text(errors="replace")
-    return re.findall(rf"aseanfl worker (\d+): run {run_id} (\w+) task: (.*)", text)
+    return re.findall(rf"aseanfl worker (\d+): run {run_id} ([\w.]+) task: (.*)", text)
 
 
 def test_each_hospital_serves_its_run_from_one_warm_worker(deployed):
     """No process per message: one worker per run at each hospital, forked from a parent that
-    imported torch/MONAI/Opacus before the run; the bundle is imported once, at the first task,
-    after its check; later tasks only check it again."""
+    imported torch/MONAI/Opacus before the run; the bundle is imported once, at the first task
+    (the server's question for the class names), after its check; later tasks only check it again."""
     for site in APPROVED:
         lines = _worker_lines(site, deployed)
-        assert [t for _, t, _ in lines] == ["train", "evaluate"] * 2, lines
+        assert [t for _, t, _ in lines] == ["query.classes"] + ["train", "evaluate"] * 2, lines
         assert len({pid for pid, _, _ in lines}) == 1, lines
         assert "bundle check + import" in lines[0][2] and all("+ import" not in rest for _, _, rest in lines[1:]), lines
         # its site.yaml's compute.threads, or every core the daemon may use (not Flower's or our old 1)
@@ -728,9 +728,9 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
         res = aseanfl("client", "audit", "-c", str(hosp / site / "site.yaml"))
         logged = [json.loads(line) for line in (hosp / site / "audit.jsonl").read_text().splitlines()]
         if site == "site-a":  # its own log shows the run its daemon answered as site-b, and only that
-            lied = [i + 1 for i, e in enumerate(logged) if e.get("run") in impostor]
+            lied = [i + 1 for i, e in enumerate(logged) if e.get("run") in impostor]  # class names, train, evaluate
             problems = [line for line in res.stdout.splitlines() if line.startswith("problem")]
-            assert res.returncode == 1 and len(lied) == 2 and problems == [
+            assert res.returncode == 1 and len(lied) == 3 and problems == [
                 f"problem line {n}: site.name is not this hospital's id 'site-a'" for n in lied], res.stdout
         else:
             assert res.returncode == 0, res.stdout
@@ -739,8 +739,13 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
         entries = [e for e in logged if "event" not in e]
         first = int(re.search(r"run (\d+): finished", deployed["run"].stdout).group(1))
         assert {(e["round"], e["type"]) for e in entries if e["run"] == first} == \
-            {(r, t) for r in ("1", "2") for t in ("train", "evaluate")}
-        assert all(set(e["records"]) <= {"arrays", "metrics", "site"} for e in entries if e["type"] != "evaluate.contest")
+            {(r, t) for r in ("1", "2") for t in ("train", "evaluate")} | {(f"classes-{first}", "query.classes")}
+        assert all(set(e["records"]) <= {"arrays", "metrics", "site"} for e in entries
+                   if e["type"] not in ("evaluate.contest", "query.classes", "query.stats"))
+        named = [e for e in entries if e["type"] == "query.classes"]  # the class names, and nothing else
+        assert named and all(set(e["records"]) == {"classes", "site"} for e in named)
+        assert all(e["records"]["classes"]["entries"] == {"names": ["lesion", "normal"], "task": "classification"}
+                   for e in named), named
         # the contest: only the fixed figures left, each for a named model (`client audit` checked the schema)
         scored = [e for e in entries if e["type"] == "evaluate.contest"]
         assert {e["records"]["scores"]["entries"]["model-sha256"] for e in scored} == \

@@ -74,3 +74,28 @@ def test_a_task_nobody_polls_for_keeps_the_node_out_no_longer_than_the_grace(lin
         _activate(gate, state)
     time.sleep(0.6)
     assert _activate(gate, state).node_id == node
+
+
+def test_a_reply_finished_after_the_supernodes_push_stage_is_sent_without_waiting_for_another_task():
+    """Flower's SuperNode pushes replies only after taking a task, until the first reply: a task
+    taken while a stopped run's task was still computing had its reply wait until the server sent
+    another task (it never does first: a deployed run's class-name question waited out its 300 s
+    timeout). With aseanfl's SuperNode, an empty pull with a reply waiting goes to the push stage."""
+    from flwr.app import Message, Metadata, RecordDict
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from client.operations.gate import _pull_then_push_what_waits, _reply_waiting
+
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    empty = _pull_then_push_what_waits(lambda **kwargs: None)  # the server has nothing new
+    assert empty(state=state) is None and not _reply_waiting(state)
+    task = Message(metadata=Metadata(run_id=7, message_id="task-1", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+                                     group_id="classes-7", created_at=time.time(), ttl=60, message_type="query.classes"),
+                   content=RecordDict())
+    state.store_message(task)
+    assert empty(state=state) is None  # a task being computed, no reply yet: wait as Flower does
+    reply = Message(RecordDict(), reply_to=task)
+    reply.metadata.__dict__["_message_id"] = "reply-1"
+    state.store_message(reply)
+    assert _reply_waiting(state) and empty(state=state) == 0  # not None: the loop pushes it now
+    assert [m.metadata.message_id for m in state.get_messages_legacy(is_reply=True)] == ["reply-1"]  # still there to push

@@ -246,3 +246,69 @@ def test_stats_command_describes_simulated_hospitals_and_names_bad_input_in_one_
         bad = subprocess.run([str(BIN / "aseanfl"), "stats", *args], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and said in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_mask_coverage_pools_exactly_and_stats_md_is_in_the_readers_language(tmp_path):
+    """Segmentation: each label's summed share of the voxels, pooled as the union's; stats.md
+    written in Vietnamese when that is the reader's language."""
+    from common.i18n import current, set_language
+    from server.records.statistics import write_statistics
+
+    cfg = load_config(None, {"sites": 2, "data.synthetic.task": "segmentation", "data.synthetic.samples_per_site": 60})
+    hospitals = [simulated_hospital(cfg, i, 32, ["background", "lesion"], StatisticsSite(min_count=1)) for i in range(2)]
+    sites = {h.data.name: statistics(h, SPEC) for h in hospitals}
+    masks = [m for h in hospitals for split in (h.data.train, h.data.val, h.test) for m in split.y.numpy()]
+    lesion = sum(float((m == 1).mean()) for m in masks)
+    assert 0 < lesion < len(masks) / 2  # real masks: some lesion, mostly background
+    before = current()
+    set_language("vi")
+    try:
+        result = write_statistics(tmp_path, sites, 1, "seg")
+    finally:
+        set_language(before)
+    pooled = result["pooled"]["masks"]
+    assert sum(c["value"] for c in pooled) == PPM * len(masks)  # every voxel of every mask, once
+    assert pooled[1]["value"] / PPM == pytest.approx(lesion, abs=1e-5 * len(masks))
+    assert all(s.task == "segmentation" for s in sites.values())
+    text = (tmp_path / "stats.md").read_text()
+    assert "## Số ca theo lớp và phần chia" in text and "## Độ phủ mặt nạ" in text, text[:500]
+
+
+def test_a_statistics_reply_holds_no_file_name_folder_or_header_text(tmp_path):
+    """The real ClientApp's reply to `query.stats`, from DICOM files whose header names a patient
+    and whose Modality is free text: counts only; the free-text modality is released as
+    'other'; no file name, folder or header string is in any value sent."""
+    from medimaging.dicomgen import write
+    from server.engine.census import ask, site_statistics
+
+    root = tmp_path / "pacs"
+    for cls in ("normal", "nodule"):
+        for i in range(12):
+            hu = np.full((32, 32), 40 if cls == "normal" else 300, np.int32)
+            hu[:8] = -1000
+            write(root / cls / f"DOE_JANE_{cls}_{i:03d}.dcm", (hu + 1024).astype(np.uint16), modality="DOE JANE ROOM 7",
+                  rescale=(1, -1024), header={"PatientName": "DOE^JANE", "PatientID": "HN-4471"})
+    path = tmp_path / "site-a" / "site.yaml"
+    path.parent.mkdir()
+    path.write_text(f"site: site-a\ndata:\n  root: {root}\n  image_size: 16\n  cache_dir: {tmp_path / 'cache'}\n"
+                    f"state_dir: {tmp_path / 'state'}\nrequire_approval: false\nstatistics:\n  min_count: 1\n")
+    grid, names = _grid([path])
+    answers = ask(grid, names, DescribeSpec(request="leak", image_size=16), "stats", 60)
+    reply = str(dict(answers["site-a"]))
+    released = site_statistics(answers)["site-a"]
+    assert released.modality["other"].value == 24 and sum(c.value for s in released.cases.values() for c in s) == 24
+    for secret in ("DOE", "JANE", "HN-4471", "ROOM", str(root), "_000", ".dcm"):
+        assert secret not in reply, secret
+
+
+def test_check_data_shows_the_federations_classes_after_the_mapping(tmp_path):
+    bahasa = _site(tmp_path, "site-d", {"sehat": 0, "pneumonia": 1}, "classes:\n  sehat: normal\n")
+    res = subprocess.run([str(BIN / "aseanfl"), "client", "check-data", "-c", str(bahasa)], capture_output=True,
+                         text=True, timeout=120, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert res.returncode == 0 and "the federation's classes, in this hospital's label order: normal, pneumonia" in \
+        res.stdout, res.stdout + res.stderr
+    bahasa.write_text(bahasa.read_text().replace("sehat: normal", "sihat: normal"))
+    res = subprocess.run([str(BIN / "aseanfl"), "client", "check-data", "-c", str(bahasa)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == "config error: site.yaml classes: sihat is not one of this " \
+        "hospital's classes (pneumonia, sehat)", res.stderr

@@ -147,6 +147,31 @@ def _stop_when_refused(call):
     return refused_at_front
 
 
+def _reply_waiting(state) -> bool:
+    """A reply in the SuperNode's state not yet sent (peeked at: it stays for the push stage)."""
+    store, lock = getattr(state, "msg_store", None), getattr(state, "lock_msg_store", None)
+    if store is None or lock is None:  # another NodeState: Flower's own behaviour
+        return False
+    with lock:
+        return any(e.message.metadata.reply_to_message_id and not e.is_retrieved for e in store.values())
+
+
+def _pull_then_push_what_waits(pull):
+    """Flower's loop pushes replies only after it took a task, and then only until the first
+    reply: a task taken while another (e.g. of a run the coordinator had just stopped) was still
+    being computed had its own reply wait until the server sent another task, which it does not
+    do before that reply comes (a run's first question waited out its whole timeout). An empty
+    pull with a reply waiting now goes on to the push stage."""
+
+    def pull_and_store(*args, **kwargs):
+        run_id = pull(*args, **kwargs)
+        if run_id is None and _reply_waiting(kwargs.get("state")):
+            return 0  # not None: the loop's push stage sends the waiting reply
+        return run_id
+
+    return pull_and_store
+
+
 def supernode_main() -> None:
     """`aseanfl-supernode`: Flower's SuperNode whose Fleet client presents the hospital's client
     certificate (Flower's own has no option for one)."""
@@ -172,6 +197,7 @@ def supernode_main() -> None:
             clock.answered()
 
     start_client_internal.time, start_client_internal._push_messages = clock, push_messages
+    start_client_internal._pull_and_store_message = _pull_then_push_what_waits(start_client_internal._pull_and_store_message)
     # A task is listed as soon as the server announced it, while its parts may still be on the way;
     # Flower then waits 1 s, 2 s, 4 s ... before asking the server again: 0.1-1 s instead.
     start_client_internal.pull_objects = functools.partial(pull_objects, initial_backoff=0.1, backoff_cap=1.0)
