@@ -76,10 +76,16 @@ def _cases(s: dict) -> str:
         return "classes withheld"
     parts = []
     for split, cells in s["cases"].items():
-        shown = ", ".join(f"{c} {'withheld' if v['value'] is None else int(v['value'])}"
-                          for c, v in zip(s["classes"], cells, strict=True))
+        shown = ", ".join(f"{c} {_count(v)}" for c, v in zip(s["classes"], cells, strict=True))
         parts.append(f"{split} ({shown})")
     return "; ".join(parts)
+
+
+def _count(cell: dict) -> str:
+    """A released count; a pooled one that some hospital withheld is a lower bound."""
+    if cell["value"] is None:
+        return "withheld"
+    return f"{'>= ' if cell['withheld'] else ''}{cell['value']:g}"
 
 
 def _deployed(federation_dir: Path, min_count: int, out: Path, wait_for_sites: int, timeout: float) -> None:

@@ -62,8 +62,8 @@ class StatisticsSite(Strict):
     """Federated statistics (`aseanfl stats -f`): what this hospital releases about its data, at
     what floor and with what noise. Only counts of a fixed schema leave (medimaging/stats.py)."""
 
-    release: list[Literal["classes", "modality", "size", "spacing", "slices", "intensity", "masks"]] = Field(
-        default_factory=lambda: ["classes", "modality", "size", "spacing", "slices", "intensity", "masks"],
+    release: list[Literal["classes", "modality", "size", "spacing", "slices", "thickness", "intensity", "masks"]] = Field(
+        default_factory=lambda: ["classes", "modality", "size", "spacing", "slices", "thickness", "intensity", "masks"],
         description="the fields this hospital releases; the others are left out and marked withheld")
     min_count: int = Field(10, ge=1, description="counts below this are withheld (the server may ask for more, never less)")
     noise_epsilon: float | None = Field(

@@ -25,12 +25,13 @@ from pydantic import Field
 
 from medimaging.scoring import Fixed
 
-FIELDS = ("classes", "modality", "size", "spacing", "slices", "intensity", "masks")
+FIELDS = ("classes", "modality", "size", "spacing", "slices", "thickness", "intensity", "masks")
 SPLITS = ("train", "validation", "test")
 PPM = 1_000_000  # an image's share is counted in millionths, so shares add up exactly
 SIZE_EDGES = [64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0]  # px, the larger in-plane side
 SPACING_EDGES = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]  # mm, the finer in-plane spacing
 SLICE_EDGES = [16.0, 32.0, 64.0, 128.0, 256.0, 512.0]  # slices per volume
+THICKNESS_EDGES = [0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0]  # mm between a volume's slices
 HU_EDGES = [float(v) for v in range(-1000, 3001, 100)]  # CT, Hounsfield units
 LEVEL_EDGES = [float(v) for v in range(16, 256, 16)]  # other modalities: the training image's 0-255 scale
 UNITS = {"HU": HU_EDGES, "level": LEVEL_EDGES}
@@ -64,6 +65,7 @@ class SiteStats(Fixed):
     size: Histogram | None = None
     spacing: Histogram | None = None
     slices: Histogram | None = None
+    thickness: Histogram | None = None  # volumes: mm between slices
     intensity: dict[str, Histogram] | None = None  # modality -> histogram
     masks: list[Cell] | None = None  # per label: summed share of voxels (millionths of an image)
 
@@ -88,10 +90,11 @@ def image_meta(modality: str, shape: tuple[int, ...], dims: int, spacing, levels
     report, never sent): modality, side, slices, spacing and its intensity histogram.
     `slice_axis`: 0 for DICOM's (slices, rows, columns), -1 for NIfTI's (x, y, z)."""
     inplane = [float(v) for v in (spacing or [])[:2] if v]
+    depth = float(spacing[2]) if dims == 3 and spacing is not None and len(spacing) > 2 and spacing[2] else None
     plane = [n for i, n in enumerate(shape) if dims == 2 or i != slice_axis % len(shape)]
     return {"modality": modality if modality in MODALITIES else "other", "side": int(max(plane)),
             "slices": int(shape[slice_axis]) if dims == 3 else None,
-            "spacing": min(inplane) if inplane else None, "unit": "HU" if hu is not None else "level",
+            "spacing": min(inplane) if inplane else None, "thickness": depth, "unit": "HU" if hu is not None else "level",
             "hist": hu if hu is not None else image_hist(levels, LEVEL_EDGES)}
 
 
@@ -104,7 +107,7 @@ def npz_meta(images: np.ndarray, dims: int, modality: str = "npz") -> list[dict]
     counts = np.bincount(idx.ravel(), minlength=n * bins).reshape(n, bins)
     shape = images.shape[1:1 + dims]
     return [{"modality": modality, "side": int(max(shape[-2:])), "slices": int(shape[0]) if dims == 3 else None,
-             "spacing": None, "unit": "level", "hist": shares(c)} for c in counts]
+             "spacing": None, "thickness": None, "unit": "level", "hist": shares(c)} for c in counts]
 
 
 def _class_counts(y: np.ndarray, task: str, k: int) -> np.ndarray:
@@ -176,6 +179,8 @@ def site_stats(task: str, classes: list[str], labels: dict[str, np.ndarray], met
         out.spacing = rel.hist([m["spacing"] for m in meta if m["spacing"]], SPACING_EDGES, "mm")
     if "slices" in fields and any(m["slices"] for m in meta):
         out.slices = rel.hist([m["slices"] for m in meta if m["slices"]], SLICE_EDGES, "slices")
+    if "thickness" in fields and any(m.get("thickness") for m in meta):
+        out.thickness = rel.hist([m["thickness"] for m in meta if m.get("thickness")], THICKNESS_EDGES, "mm")
     if "intensity" in fields:
         out.intensity = {}
         for name in sorted({m["modality"] for m in meta}):
@@ -220,7 +225,7 @@ def pool(sites: list[SiteStats]) -> SiteStats:
     if any(s.modality for s in sites):
         names = sorted({n for s in sites for n in (s.modality or {})})
         out.modality = {n: _sum([(s.modality or {}).get(n) for s in sites]) for n in names}
-    for f in ("size", "spacing", "slices"):
+    for f in ("size", "spacing", "slices", "thickness"):
         setattr(out, f, _pool_hist([getattr(s, f) for s in sites]))
     if any(s.intensity for s in sites):
         names = sorted({n for s in sites for n in (s.intensity or {})})

@@ -767,7 +767,7 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
 def test_audit_detects_an_edited_log(deployed, tmp_path):
     kit = deployed["tmp"] / "hospitals" / "site-b"
     lines = (kit / "audit.jsonl").read_text().splitlines()
-    sent = next(i for i, line in enumerate(lines) if "records" in json.loads(line))  # the first message
+    sent = next(i for i, line in enumerate(lines) if json.loads(line).get("type") == "train")  # the first update
     entry = json.loads(lines[sent])
     entry["records"]["metrics"]["entries"]["patient-name"] = "DOE^JANE"  # something that must not leave
     site_yaml = tmp_path / "site.yaml"

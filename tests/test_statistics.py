@@ -94,7 +94,7 @@ def test_noise_stays_within_its_stated_scale_and_asking_again_gives_the_same_noi
     again = {h.data.name: statistics(h, SPEC) for h in noisy_h}
     assert again == noisy
     scale = next(iter(noisy.values())).noise_scale
-    assert scale == pytest.approx(6 / 2.0)  # six fields, one cell each per image, at epsilon 2
+    assert scale == pytest.approx(7 / 2.0)  # seven fields, one cell each per image, at epsilon 2
     errors = []
     for site, s in noisy.items():
         e = exact[site]
@@ -151,6 +151,7 @@ def test_statistics_of_real_dicom_ct_png_and_nifti_files(tmp_path):
     nii = got["nii"]
     assert nii.modality["NIfTI"].value == 24 and nii.slices.counts[2].value == 24  # 36 slices (NIfTI's last axis): 32-64
     assert nii.spacing.counts[3].value == 24 and nii.size.counts[0].value == 24  # 0.8 mm: 0.75-1.0; 20 px
+    assert nii.thickness.counts[4].value == 24 and ct.thickness is None  # 2.5 mm between slices: 2-3
 
 
 def _named_pngs(root: Path, names: dict[str, int], count: int = 24) -> None:

@@ -265,6 +265,7 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
 
         spec = DescribeSpec.from_config(msg.content["config"])
         hospital = load_hospital(context, spec.image_size)
+        _hardware(hospital)  # its compute.threads, as for training (the first task decodes its images)
         return Message(content=_reply(hospital.data, {CLASSES_KEY: class_names(hospital)}), reply_to=msg)
 
     @app.query("stats")
@@ -274,6 +275,7 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
 
         spec = DescribeSpec.from_config(msg.content["config"])
         hospital = load_hospital(context, spec.image_size)
+        _hardware(hospital)
         released = statistics(hospital, spec)
         log.info("%s: released statistics for request %s (floor %d%s)", hospital.data.name, spec.request,
                  released.min_count, "" if released.noise_scale is None else f", Laplace scale {released.noise_scale:g}")

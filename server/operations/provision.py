@@ -236,7 +236,7 @@ def site_yaml(site: str, address: str) -> str:
         "  # noise_epsilon: 1.0              # release two-class figures under this epsilon-DP only (Laplace noise)\n"
         "statistics:                         # `aseanfl stats -f`: counts of classes, modality, size, intensity; nothing per image\n"
         "  min_count: 10                     # counts below this are withheld (the server may ask for more, never less)\n"
-        "  # release: [classes, modality, size, spacing, slices, intensity, masks]   # leave out what you do not release\n"
+        "  # release: [classes, modality, size, spacing, slices, thickness, intensity, masks]   # what you release\n"
         "  # noise_epsilon: 1.0              # Laplace noise on every count\n"
         "# classes:                          # your folder names -> the federation's (task.classes), in any language\n"
         "#   binh-thuong: normal\n"

@@ -103,7 +103,8 @@ def markdown(result: dict, sites: dict[str, SiteStats], pooled: SiteStats | None
         rows = [[name] + [_v((s.modality or {}).get(m)) for m in mods] for name, s in named if s.modality]
         L += [_("## Images per modality"), ""] + _table([_("hospital"), *mods], rows)
     for field, title in (("size", _("## Image side (pixels, the larger in-plane side, before decoding)")),
-                         ("spacing", _("## In-plane pixel spacing (mm)")), ("slices", _("## Slices per volume"))):
+                         ("spacing", _("## In-plane pixel spacing (mm)")), ("slices", _("## Slices per volume")),
+                         ("thickness", _("## Spacing between slices (mm)"))):
         hists = [(name, getattr(s, field)) for name, s in named if getattr(s, field) is not None]
         if hists:
             L += [title, ""] + _table([_("hospital"), *_bins(hists[0][1])], [[n, *_hist_row(h)] for n, h in hists])
