@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from inprocess import Collect, InProcessGrid, site_yaml
+from inprocess import Collect, InProcessGrid
 from PIL import Image
 
 from client.config import StatisticsSite

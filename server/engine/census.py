@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from pydantic import ValidationError
 
 from common.i18n import _
-from common.packing import PackedGrid
 from medimaging.stats import SiteStats
 from medimaging.yamlconfig import ConfigError
 from protocol.messages import CLASSES_KEY, STATISTICS_KEY, DescribeSpec
 
-from server.engine.exchange import exchange
-from server.engine.names import SiteOrder, site_name
+from server.engine.exchange import ask_every_site
+from server.engine.names import site_name
 
 log = logging.getLogger("aseanfl")
 KEYS = {"classes": CLASSES_KEY, "stats": STATISTICS_KEY}
@@ -28,20 +26,9 @@ KEYS = {"classes": CLASSES_KEY, "stats": STATISTICS_KEY}
 def ask(grid, known: dict[int, str], spec: DescribeSpec, what: str, timeout: float) -> dict[str, ConfigRecord | str]:
     """Each connected hospital's answer (its reply record), or why there is none, by the name
     the server knows its node by."""
-    grid = SiteOrder(PackedGrid(grid), known)
-    messages = [Message(RecordDict({"config": spec.to_config()}), dst_node_id=nid, message_type=f"query.{what}")
-                for nid in grid.get_node_ids()]
-    for m in messages:
-        m.metadata.group_id = spec.request
-    out: dict[str, ConfigRecord | str] = {}
-
-    def silent(nid: int, _sent: int, why: str) -> None:
-        out[known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
-
-    def impostor(nid: int, _sent: int, _got: int, declared: str) -> None:
-        out[known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
-
-    replies, _missing = exchange(grid, messages, timeout, known, silent, threading.Event(), impostor)
+    replies, missing = ask_every_site(grid, known, lambda: RecordDict({"config": spec.to_config()}), f"query.{what}",
+                                      spec.request, timeout)
+    out: dict[str, ConfigRecord | str] = dict(missing)
     for reply in replies:
         site = site_name(reply, known)
         if reply.has_error():  # Flower's "<class 'X'>:<'why'>" -> why

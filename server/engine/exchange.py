@@ -105,6 +105,31 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, known: dic
     return replies, sent
 
 
+def ask_every_site(grid: Grid, known: dict[int, str], content: Callable[[], RecordDict], message_type: str,
+                   group_id: str, timeout: float) -> tuple[list[Message], dict[str, str]]:
+    """One request to every connected hospital, outside the rounds (an evaluation, a question
+    about its data): (the replies, in site order; site -> why it has none: silent, or its reply
+    declared another hospital's name)."""
+    from common.packing import PackedGrid
+
+    from server.engine.names import SiteOrder
+
+    grid = SiteOrder(PackedGrid(grid), known)
+    messages = [Message(content(), dst_node_id=nid, message_type=message_type) for nid in grid.get_node_ids()]
+    for m in messages:
+        m.metadata.group_id = group_id
+    missing: dict[str, str] = {}
+
+    def silent(nid: int, _sent: int, why: str) -> None:
+        missing[known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
+
+    def rejected(nid: int, _sent: int, _got: int, declared: str) -> None:
+        missing[known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
+
+    replies, _sent = exchange(grid, messages, timeout, known, silent, threading.Event(), rejected)
+    return replies, missing
+
+
 def await_rejoin(grid: Grid, before: set[int], wait: float, plan: "Plan", names: dict[int, str], rnd: int) -> set[int]:
     """The connected nodes; if one connected at the round before is gone (a daemon restarting),
     first wait up to `wait` s for it to come back, so it trains in this round."""

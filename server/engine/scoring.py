@@ -6,18 +6,16 @@ by `aseanfl evaluate -f` and by the contest (server/evaluation/)."""
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
-from flwr.app import Message, RecordDict
+from flwr.app import RecordDict
 from pydantic import ValidationError
 
-from common.packing import PackedGrid
 from medimaging.scoring import SiteScores, pool
 from protocol.messages import MODEL_KEY, SCORES_KEY, model_record
 
-from server.engine.exchange import exchange
-from server.engine.names import SiteOrder, partition_names, site_name
+from server.engine.exchange import ask_every_site
+from server.engine.names import partition_names, site_name
 
 
 def _site_scores(reply, known: dict[int, str], spec) -> tuple[str, SiteScores | str]:
@@ -40,21 +38,10 @@ def evaluate_federation(grid, spec, blob: bytes, out_dir: Path, node_names: dict
     """Send the model file (`blob`, checked: check_model_file) to every connected hospital,
     collect their figures, pool them; write evaluation.json and evaluation.md into `out_dir`."""
     known = {**node_names, **partition_names(grid, site_names)}
-    grid = SiteOrder(PackedGrid(grid), known)
     model = model_record(blob)
-    messages = [Message(RecordDict({MODEL_KEY: model, "config": spec.to_config()}), dst_node_id=nid,
-                        message_type="evaluate.contest") for nid in grid.get_node_ids()]
-    for m in messages:
-        m.metadata.group_id = spec.evaluation
-    results: dict[str, SiteScores | str] = {}
-
-    def silent(nid: int, _sent: int, why: str) -> None:
-        results[known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
-
-    def impostor(nid: int, _sent: int, _got: int, declared: str) -> None:
-        results[known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
-
-    replies, _missing = exchange(grid, messages, timeout, known, silent, threading.Event(), impostor)
+    replies, missing = ask_every_site(grid, known, lambda: RecordDict({MODEL_KEY: model, "config": spec.to_config()}),
+                                      "evaluate.contest", spec.evaluation, timeout)
+    results: dict[str, SiteScores | str] = dict(missing)
     for reply in replies:
         site, got = _site_scores(reply, known, spec)
         results[site] = got
