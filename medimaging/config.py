@@ -172,6 +172,12 @@ class ModelConfig(Strict):
     norm: Literal["group", "instance", "batch"] = Field(
         "group", description="normalisation layers of smallresnet/resnet18/densenet121 (unet: instance unless batch)"
     )
+    weights: Path | None = Field(
+        None, description="start the global model from this local file: safetensors, a PyTorch state dict, a "
+                          "torchvision-layout ResNet/DenseNet checkpoint, or a MONAI bundle folder (medimaging/weights.py)")
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                                       description="the weights file's sha256: written by the run; checked when given")
+    new_head: bool = Field(False, description="with weights for another class count: start the classifier head afresh")
 
 
 NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")

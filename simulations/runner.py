@@ -35,6 +35,22 @@ from simulations.federation import (  # noqa: E402
 )
 
 
+def start_weights(cfg, shape):
+    """model.weights checked before anything is written, its sha256 kept in the config (so
+    config.yaml and the model card name the file a run started from); None without weights."""
+    if cfg.model.weights is None:
+        return None
+    from medimaging.weights import WeightsError, start_model
+
+    model = shape.model(cfg, cfg.private)
+    try:
+        loaded = start_model(model, cfg.model, head_keys(model))
+    except WeightsError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg.model.weights, cfg.model.weights_sha256 = Path(loaded.path).resolve(), loaded.sha256
+    return loaded
+
+
 def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan:
     """Resolve the config, create the run folder with config.yaml and data_distribution.json."""
     created = time.time()  # the run's wall time counts its preparation (data checks, test split)
@@ -45,6 +61,7 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
     except ValueError as exc:
         raise ConfigError(f"strategy{'.central_dp' if cfg.strategy.central_dp else ''}: {exc}") from None
     shape = task_shape(cfg)
+    started = start_weights(cfg, shape)
     model = shape.model(cfg, cfg.private) if cfg.strategy.fedbn or cfg.strategy.fedper else None
     if cfg.strategy.fedbn and not norm_keys(model):
         raise ConfigError(f"strategy.fedbn: model.name={cfg.model.name} has no normalisation weights to keep at the "
@@ -73,6 +90,8 @@ def prepare_run(cfg: SimulationConfig, progress: Progress | None = None) -> Plan
             raise ConfigError(f"strategy.secure_aggregation: {exc}") from None
     small = small_sites(cfg)
     progress = progress or Progress()
+    if started is not None:
+        progress.problem(started.line())
     for line in small[:10]:
         progress.problem(line)
     if len(small) > 10:

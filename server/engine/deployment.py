@@ -82,6 +82,16 @@ def check_run_config(text: str, sets: list[str]) -> DeploymentConfig:
     cfg = read_config(None, {**flat_overrides(tree), **parse_sets(sets)}, DeploymentConfig)
     if cfg.task.image_size < MODEL_MIN_SIZE[cfg.model.name]:
         raise ConfigError(f"task.image_size: {cfg.task.image_size} is too small for model.name={cfg.model.name}")
+    if cfg.model.weights is not None:  # the file is read and fitted to the model now, not at round 1
+        from medimaging.models import head_keys
+        from medimaging.weights import WeightsError, start_model
+
+        t = cfg.task
+        model = TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims).model(cfg, cfg.dp_models)
+        try:
+            cfg.model.weights_sha256 = start_model(model, cfg.model, head_keys(model)).sha256
+        except WeightsError as exc:
+            raise ConfigError(str(exc)) from None
     return cfg
 
 
@@ -151,6 +161,10 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not lock_run_dir(run_dir):
         raise ConfigError(f"{run_dir}: another server process is running this run")
+    t = cfg.task
+    shape = TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims)
+    if cfg.model.weights is not None:  # checked by check_run_config; its sha256 goes into config.yaml
+        log.info("start model: %s (sha256 %s)", cfg.model.weights, cfg.model.weights_sha256)
     if resume:
         log.info(_("run {run} continues run {resumed} in {folder}", run=context.run_id, resumed=resume, folder=run_dir))
     else:
@@ -162,13 +176,12 @@ def deployment_plan(context: Context, grid: Grid) -> Plan:
         raise ConfigError(_("{count} hospital(s) connected after {seconds} s, fewer than strategy.min_sites={wanted}",
                             count=connected, seconds=f"{cfg.wait_timeout_s:g}", wanted=cfg.strategy.min_sites))
     log.info(_("{count} hospital(s) connected; run folder {folder}", count=connected, folder=run_dir))
-    t = cfg.task
     from server.engine.census import check_classes
 
     names = registered_names(runs.parent / "registered.json")
     classes = check_classes(grid, dict(names), t.image_size, t.classes, f"classes-{context.run_id}",
                             cfg.server.round_timeout_s)
-    return Plan(classes=classes, config=cfg, shape=TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims), run_dir=run_dir,
+    return Plan(classes=classes, config=cfg, shape=shape, run_dir=run_dir,
                 private=cfg.dp_models, sites=connected, node_names=registered_names(runs.parent / "registered.json"),
                 registry=runs.parent / "registered.json",
                 resume=bool(resume))

@@ -133,8 +133,14 @@ def score_key(task: str) -> str:
 
 
 def initial_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> ArrayRecord:
+    """The run's start model: seeded random weights, or model.weights (medimaging/weights.py)."""
+    from medimaging.models import head_keys
+    from medimaging.weights import start_model
+
     torch.manual_seed(cfg.seed)
-    return ArrayRecord(shape.model(cfg, private).state_dict())
+    model = shape.model(cfg, private)
+    start_model(model, cfg.model, head_keys(model))
+    return ArrayRecord(model.state_dict())
 
 
 def server_evaluate(

@@ -204,6 +204,18 @@ def data_line(data: dict) -> str:
              size="x".join([str(side)] * 2), channels=data["channels"], task=data["task"])
 
 
+def _weights_line(run_dir: Path) -> list[str]:
+    """The pretrained weights the run started from (config.yaml's model.weights), if any."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    model = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}) if path.is_file() else {}
+    if not model.get("weights"):
+        return []
+    return [_("Started from pretrained weights {file} (sha256 {sha256}){head}.", file=model["weights"],
+              sha256=model.get("weights_sha256"), head=_(", with a new classifier head") if model.get("new_head") else "")]
+
+
 def _write_report(run_dir: Path) -> Path:
     rows = read_rows(run_dir)
     with labels_for():
@@ -221,6 +233,7 @@ def _write_report(run_dir: Path) -> Path:
                         setup=s["setup_seconds"])]
         if s.get("data"):
             lines += [data_line(s["data"])]
+        lines += _weights_line(run_dir)
         lines += [""]
         if s.get("trained_rounds", 1) == 0 and s["rounds"]:
             lines += [_("**Nothing was trained**: no round took in an update from the hospitals (see each site's "
