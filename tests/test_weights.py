@@ -135,9 +135,22 @@ def test_a_simulated_run_starts_from_the_file_and_names_it(tmp_path):
     started = initial_arrays(cfg.model_copy(update={"model": ModelConfig(weights=tmp_path / "start.safetensors")}),
                              task_shape(cfg)).to_torch_state_dict()
     assert not _differ(started, source.state_dict())
-    res = _simulate(tmp_path, f"model.weights={tmp_path / 'start.safetensors'}")
-    assert res.returncode == 0, res.stderr[-2000:]
-    run = next((tmp_path / "runs").iterdir())
+    # the run itself, in process (the same round loop and ClientApp as `aseanfl simulate`, without Ray's start)
+    from client.training.app import build_client_app
+    from inprocess import Collect, InProcessGrid
+    from server.engine.rounds import run_federation
+    from server.records.report import write_report
+    from simulations.federation import hospital
+    from simulations.runner import prepare_run
+
+    run_cfg = load_config(None, {"sites": 2, "server.rounds": 1, "train.local_epochs": 1,
+                                 "server.output_dir": str(tmp_path / "runs"), "model.weights": tmp_path / "start.safetensors"})
+    plan = prepare_run(run_cfg, Collect())
+    assert any(line.startswith(f"started from {tmp_path / 'start.safetensors'}") for line in plan.progress.problems)
+    load = lambda ctx, size: hospital(plan.config, int(ctx.node_config["partition-id"]), size, plan.run_dir)  # noqa: E731
+    run_federation(InProcessGrid(build_client_app(load), 2), plan)
+    write_report(plan.run_dir)
+    run = plan.run_dir
     model = yaml.safe_load((run / "config.yaml").read_text())["model"]
     assert model["weights_sha256"] == file_sha256(tmp_path / "start.safetensors")
     assert f"Started from pretrained weights {tmp_path / 'start.safetensors'} (sha256 {model['weights_sha256']})" in \
