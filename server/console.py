@@ -300,7 +300,9 @@ def build_console(fed: Federation) -> tuple[FastAPI, Console]:
         from server.evaluation.statistics import STATS
 
         path = fed.server_dir / STATS / name / plot
-        if not RUN_NAME.match(name) or plot not in ("stats-classes.png", "stats-intensity.png") or not path.is_file():
+        from server.records.statistics import PLOTS
+
+        if not RUN_NAME.match(name) or plot not in PLOTS or not path.is_file():
             return PlainTextResponse("no such plot", status_code=404)
         return FileResponse(path, media_type="image/png")
 

@@ -65,6 +65,7 @@ def test_pooled_statistics_equal_a_central_computation_on_the_union(tmp_path):
     assert sum(c["value"] for c in pooled["intensity"]["synthetic"]["counts"]) == PPM * sum(len(h.meta) for h in hospitals)
     text = (tmp_path / "stats.md").read_text()
     assert "| pooled | train |" in text and (tmp_path / "stats-classes.png").stat().st_size > 5000
+    assert (tmp_path / "stats-geometry.png").stat().st_size > 5000 and "![stats-geometry.png]" in text
 
 
 def test_small_cells_are_withheld_and_a_pooled_cell_is_then_a_lower_bound():

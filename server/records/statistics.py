@@ -18,6 +18,9 @@ from common.i18n import _  # noqa: E402
 from medimaging.stats import PPM, SPLITS, Cell, Histogram, SiteStats, pool, quantiles  # noqa: E402
 
 
+PLOTS = ("stats-classes.png", "stats-geometry.png", "stats-intensity.png")
+
+
 def _groups(sites: dict[str, SiteStats]) -> dict[tuple[str, ...], list[str]]:
     groups: dict[tuple[str, ...], list[str]] = {}
     for site, s in sites.items():
@@ -143,6 +146,20 @@ def _plots(sites: dict[str, SiteStats], pooled: SiteStats | None, out: Path) -> 
         fig.savefig(out / "stats-classes.png", dpi=100)
         plt.close(fig)
         made.append("stats-classes.png")
+    geometry = [(f, getattr(pooled, f)) for f in ("size", "spacing", "slices", "thickness")
+                if pooled is not None and getattr(pooled, f) is not None]
+    if geometry:
+        titles = {"size": _("image side (px)"), "spacing": _("pixel spacing (mm)"), "slices": _("slices per volume"),
+                  "thickness": _("spacing between slices (mm)")}
+        fig, axes = plt.subplots(1, len(geometry), figsize=(4 * len(geometry), 3), squeeze=False)
+        for ax, (f, h) in zip(axes[0], geometry, strict=True):
+            ax.bar(_bins(h), [c.value or 0 for c in h.counts], color="C2")
+            ax.set(title=titles[f], ylabel=_("images"))
+            ax.tick_params(axis="x", labelrotation=45, labelsize="small")
+        fig.tight_layout()
+        fig.savefig(out / "stats-geometry.png", dpi=100)
+        plt.close(fig)
+        made.append("stats-geometry.png")
     if pooled is not None and pooled.intensity:
         fig, axes = plt.subplots(1, len(pooled.intensity), figsize=(4 * len(pooled.intensity), 3), squeeze=False)
         for ax, (mod, h) in zip(axes[0], pooled.intensity.items(), strict=True):
@@ -171,5 +188,5 @@ def data_view(folder: Path) -> dict:
             "modality": modality, "intensity": intensity, "agree": result["classes_agree"],
             "groups": result["class_groups"], "errors": {n: r["error"] for n, r in result["sites"].items() if "error" in r},
             "withheld": {n: s.withheld_fields for n, s in sites.items() if s.withheld_fields},
-            "plots": [p for p in ("stats-classes.png", "stats-intensity.png") if (folder / p).is_file()],
+            "plots": [p for p in PLOTS if (folder / p).is_file()],
             "floor": result["min_count"]}
