@@ -16,6 +16,7 @@ from pydantic import Field
 
 from common.i18n import _
 from medimaging.config import Dims, ModelConfig, Strict, Task
+from medimaging.weights import file_sha256 as sha256  # one sha256 of a model file, for cards and start weights
 from medimaging.yamlconfig import ConfigError, read_config
 
 from server.engine.plan import TaskShape
@@ -40,14 +41,6 @@ class ModelCard(Strict):
     def build(self, run_config):
         """The card's model, untrained (its tensors' names, shapes and dtypes)."""
         return self.shape().model(run_config.model_copy(update={"model": self.model}), self.private)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_card(path: Path) -> ModelCard:
