@@ -66,6 +66,12 @@ def test_pooled_statistics_equal_a_central_computation_on_the_union(tmp_path):
     text = (tmp_path / "stats.md").read_text()
     assert "| pooled | train |" in text and (tmp_path / "stats-classes.png").stat().st_size > 5000
     assert (tmp_path / "stats-geometry.png").stat().st_size > 5000 and "![stats-geometry.png]" in text
+    from server.records.statistics import data_view
+
+    view = data_view(tmp_path)  # the console's Data page: the same rows as stats.md, columns as headed
+    assert all(f"| {' | '.join(row)} |" in text for row in view["cases"] + view["intensity"])
+    for _site, _mod, _unit, median, p5, p95 in view["intensity"]:
+        assert float(p5) <= float(median) <= float(p95), view["intensity"]
 
 
 def test_small_cells_are_withheld_and_a_pooled_cell_is_then_a_lower_bound():

@@ -74,6 +74,23 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
+def _rows(sites: dict[str, SiteStats], pooled: SiteStats | None) -> dict:
+    """The table rows stats.md and the console's Data page both show: each hospital, then pooled."""
+    named = list(sites.items()) + ([(_("pooled"), pooled)] if pooled is not None else [])
+    mods = sorted({m for _n, s in named for m in (s.modality or {})})
+    intensity = []
+    for name, s in named:
+        for mod, h in (s.intensity or {}).items():
+            p5, p50, p95 = (f"{q:.0f}" if q is not None else _("withheld") for q in quantiles(h))
+            intensity.append([name, mod, h.unit, p50, p5, p95])  # as the headers read: median, 5th, 95th
+    return {"named": named, "classes": (pooled or next(iter(sites.values()))).classes if sites else [],
+            "cases": [[name, split, *(_v(c) for c in s.cases[split])] for name, s in named if s.cases
+                      for split in SPLITS if split in s.cases],
+            "modalities": mods,
+            "modality": [[name, *(_v((s.modality or {}).get(m)) for m in mods)] for name, s in named if s.modality],
+            "intensity": intensity}
+
+
 def markdown(result: dict, sites: dict[str, SiteStats], pooled: SiteStats | None, plots: list[str]) -> str:
     L = [_("# Federated statistics `{request}`", request=result["request"]), ""]
     floors = sorted({s.min_count for s in sites.values()}) or [result["min_count"]]
@@ -95,35 +112,26 @@ def markdown(result: dict, sites: dict[str, SiteStats], pooled: SiteStats | None
         L += ["", _("**The hospitals disagree on the classes or their order** ({said}): a run would be refused; map each "
                     "hospital's names in its site.yaml `classes:`. Nothing is pooled.", said=said)]
     L += [""]
-    named = list(sites.items()) + ([(_("pooled"), pooled)] if pooled is not None else [])
-    if any(s.cases for _n, s in named):
-        classes = (pooled or next(iter(sites.values()))).classes
-        rows = [[name, split] + [_v(c) for c in s.cases[split]] for name, s in named if s.cases
-                for split in SPLITS if split in s.cases]
-        L += [_("## Cases per class and split"), ""] + _table([_("hospital"), _("split"), *classes], rows)
-    if any(s.modality for _n, s in named):
-        mods = sorted({m for _n, s in named for m in (s.modality or {})})
-        rows = [[name] + [_v((s.modality or {}).get(m)) for m in mods] for name, s in named if s.modality]
-        L += [_("## Images per modality"), ""] + _table([_("hospital"), *mods], rows)
+    rows = _rows(sites, pooled)
+    named, classes = rows["named"], rows["classes"]
+    if rows["cases"]:
+        L += [_("## Cases per class and split"), ""] + _table([_("hospital"), _("split"), *classes], rows["cases"])
+    if rows["modality"]:
+        L += [_("## Images per modality"), ""] + _table([_("hospital"), *rows["modalities"]], rows["modality"])
     for field, title in (("size", _("## Image side (pixels, the larger in-plane side, before decoding)")),
                          ("spacing", _("## In-plane pixel spacing (mm)")), ("slices", _("## Slices per volume")),
                          ("thickness", _("## Spacing between slices (mm)"))):
         hists = [(name, getattr(s, field)) for name, s in named if getattr(s, field) is not None]
         if hists:
             L += [title, ""] + _table([_("hospital"), *_bins(hists[0][1])], [[n, *_hist_row(h)] for n, h in hists])
-    if any(s.intensity for _n, s in named):
+    if rows["intensity"]:
         L += [_("## Intensity (CT in Hounsfield units; other modalities on the training image's 0-255 scale)"), ""]
-        rows = []
-        for name, s in named:
-            for mod, h in (s.intensity or {}).items():
-                p5, p50, p95 = (f"{q:.0f}" if q is not None else _("withheld") for q in quantiles(h))
-                rows.append([name, mod, h.unit, p50, p5, p95])
-        L += _table([_("hospital"), _("modality"), _("unit"), _("median"), _("5th percentile"), _("95th percentile")], rows)
+        L += _table([_("hospital"), _("modality"), _("unit"), _("median"), _("5th percentile"), _("95th percentile")],
+                    rows["intensity"])
         L += [_("Read off each histogram's released bins (stats.json), linear within a bin."), ""]
     if any(s.masks for _n, s in named):
-        classes = (pooled or next(iter(sites.values()))).classes
-        rows = [[name] + [_v(c, PPM) for c in s.masks] for name, s in named if s.masks]
-        L += [_("## Mask coverage (summed share of the voxels, in images)"), ""] + _table([_("hospital"), *classes], rows)
+        coverage = [[name] + [_v(c, PPM) for c in s.masks] for name, s in named if s.masks]
+        L += [_("## Mask coverage (summed share of the voxels, in images)"), ""] + _table([_("hospital"), *classes], coverage)
     L += [f"![{p}]({p})" for p in plots]
     return "\n".join(L) + "\n"
 
@@ -177,15 +185,10 @@ def data_view(folder: Path) -> dict:
     result = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
     sites = {n: SiteStats.model_validate(r) for n, r in result["sites"].items() if "error" not in r}
     pooled = SiteStats.model_validate(result["pooled"]) if result["pooled"] else None
-    named = list(sites.items()) + ([(_("pooled"), pooled)] if pooled is not None else [])
-    classes = (pooled or next(iter(sites.values()))).classes if sites else []
-    cases = [(n, split, [_v(c) for c in s.cases[split]]) for n, s in named if s.cases for split in SPLITS if split in s.cases]
-    mods = sorted({m for _n, s in named for m in (s.modality or {})})
-    modality = [(n, [_v((s.modality or {}).get(m)) for m in mods]) for n, s in named if s.modality]
-    intensity = [(n, mod, h.unit, *(f"{q:.0f}" if q is not None else _("withheld") for q in quantiles(h)))
-                 for n, s in named for mod, h in (s.intensity or {}).items()]
-    return {"name": folder.name, "request": result["request"], "classes": classes, "cases": cases, "modalities": mods,
-            "modality": modality, "intensity": intensity, "agree": result["classes_agree"],
+    rows = _rows(sites, pooled)
+    return {"name": folder.name, "request": result["request"], "classes": rows["classes"], "cases": rows["cases"],
+            "modalities": rows["modalities"], "modality": rows["modality"], "intensity": rows["intensity"],
+            "agree": result["classes_agree"],
             "groups": result["class_groups"], "errors": {n: r["error"] for n, r in result["sites"].items() if "error" in r},
             "withheld": {n: s.withheld_fields for n, s in sites.items() if s.withheld_fields},
             "plots": [p for p in PLOTS if (folder / p).is_file()],
