@@ -51,12 +51,6 @@ class Orthanc:
         for study in requests.get(f"{self.url}/studies", auth=(UPLOADER, UPLOADER_PASSWORD), timeout=30).json():
             requests.delete(f"{self.url}/studies/{study}", auth=(UPLOADER, UPLOADER_PASSWORD), timeout=30)
 
-    def freeze(self) -> None:
-        os.kill(self.process.pid, 19)  # SIGSTOP: it stops answering mid-retrieval, its sockets stay open
-
-    def thaw(self) -> None:
-        os.kill(self.process.pid, 18)  # SIGCONT
-
 
 def start_orthanc(folder: Path) -> Orthanc:
     missing = [str(p) for p in (ORTHANC, DICOMWEB_PLUGIN) if not p.exists()]
@@ -94,7 +88,6 @@ def start_orthanc(folder: Path) -> Orthanc:
 
 
 def stop_orthanc(pacs: Orthanc) -> None:
-    pacs.thaw()
     pacs.process.terminate()
     try:
         pacs.process.wait(timeout=20)

@@ -9,6 +9,8 @@ password nor a UID leaves."""
 from __future__ import annotations
 
 import csv
+import re
+import socket
 
 import numpy as np
 import pydicom
@@ -127,28 +129,35 @@ def test_wrong_password_absent_pacs_and_a_password_in_site_yaml_are_one_line_err
 def test_a_timeout_mid_retrieval_stores_nothing_of_that_study_and_a_changed_instance_is_read_again(tmp_path, pacs, monkeypatch):
     path = pacs_site(tmp_path, pacs, pacs.rows[:6])
     # 10 s, not the other tests' 3: on a loaded machine Orthanc may take seconds to answer a normal
-    # request, and only the frozen one may time out
+    # request, and only the one sent into the silent socket may time out
     path.write_text(path.read_text().replace("    timeout_s: 3\n", "    timeout_s: 10\n"))
     site = load_site(path)
     wado = []
     send = requests.Session.send
+    # A PACS that stops answering mid-retrieval: the fourth instance's request goes to a socket that
+    # takes the connection and the request (the kernel's backlog) and never answers. Orthanc itself
+    # answers every other request, so exactly one study times out, whatever the machine's load.
+    silent = socket.create_server(("127.0.0.1", 0), backlog=8)
 
-    def freeze_on_the_fourth_instance(self, req, **kw):
+    def silence_the_fourth_instance(self, req, **kw):
         if req.method == "GET" and "/instances/" in req.url:
             wado.append(req.url)
             if len(wado) == 4:
-                pacs.freeze()  # Orthanc stops answering with this request in flight
+                req.url = req.url.replace(pacs.url, f"http://127.0.0.1:{silent.getsockname()[1]}")
         return send(self, req, **kw)
 
-    monkeypatch.setattr(requests.Session, "send", freeze_on_the_fourth_instance)
+    monkeypatch.setattr(requests.Session, "send", silence_the_fourth_instance)
     try:
         decoded = decode(site.data)
     finally:
-        pacs.thaw()
-    stuck = pacs.rows[3]["study"]
+        silent.close()
+    assert len(wado) >= 6, wado  # every row's instance was asked for, the one after the silence too
+    stuck = re.search(r"/studies/([0-9.]+)/", wado[3]).group(1)
+    assert stuck in {r["study"] for r in pacs.rows[:6]}
     problems = {p.file: p.reason for p in decoded.inventory.problems}
     assert problems.get(f"study {stuck}", "").startswith("the PACS did not answer within 10 s"), problems
     assert "nothing of it was stored" in problems[f"study {stuck}"]
+    assert len(problems) == 1 and len(decoded.shapes) == 5, problems  # the others were read
     assert not (store_of(site.data) / f"study-{stuck}").exists()
     monkeypatch.setattr(requests.Session, "send", send)
     again = decode(site.data)
