@@ -165,6 +165,18 @@ def check_augment(cfg: AugmentConfig, task: str, dims: int) -> None:
                      field="train.augment.rotate_deg")
 
 
+class AdapterConfig(Strict):
+    """LoRA adapters (Hu et al. 2021) on the model's convolution and linear layers, through PEFT
+    (medimaging/finetune.py): the layers' own weights stay as model.weights gave them."""
+
+    kind: Literal["lora"] = "lora"
+    rank: int = Field(4, ge=1, le=64, description="the adapters' rank r: each adapted layer learns a rank-r change")
+    alpha: float | None = Field(None, gt=0, description="LoRA's alpha (the change is scaled by alpha/rank); default: rank")
+    targets: list[str] | None = Field(
+        None, min_length=1, description="the layers to adapt, by name (a name matches itself and any layer ending in "
+                                        "'.name'); default: every convolution and linear layer but the classifier head")
+
+
 class ModelConfig(Strict):
     name: Literal["cnn", "smallresnet", "resnet18", "densenet121", "unet"] = Field(
         "cnn", description="classifiers: cnn, smallresnet (0.9 M parameters in 3D: volumes at 28-64 voxels), "
@@ -178,6 +190,24 @@ class ModelConfig(Strict):
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
                                        description="the weights file's sha256: written by the run; checked when given")
     new_head: bool = Field(False, description="with weights for another class count: start the classifier head afresh")
+    freeze: list[str] = Field(
+        [], description="layers that keep model.weights' values and never travel, by state-dict name prefix (layer1, "
+                        "features.denseblock1); 'body' is every layer but the classifier head")
+    adapters: AdapterConfig | None = Field(None, description="train LoRA adapters (and the classifier head) instead of "
+                                                             "the layers' weights; only they travel")
+
+    @model_validator(mode="after")
+    def _fine_tuning_needs_weights(self) -> "ModelConfig":
+        if (self.freeze or self.adapters) and self.weights is None:
+            field = "model.freeze" if self.freeze else "model.adapters"
+            raise ValueError(f"{field}: the frozen layers would keep their random start; set model.weights (a "
+                             "pretrained file) to fine-tune from")
+        return self
+
+    @property
+    def fine_tunes_part(self) -> bool:
+        """Part of the model is frozen: only the trainable tensors travel."""
+        return bool(self.freeze or self.adapters)
 
 
 NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")

@@ -50,10 +50,13 @@ _FIXED_LOGGED: set[str] = set()
 
 def build_model(
     cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, private: bool = False, spatial_dims: int = 2,
+    bare: bool = False,
 ) -> torch.nn.Module:
     """A fresh network for images (spatial_dims=2) or volumes (3); `image_size` must be at least
     MODEL_MIN_SIZE[cfg.name]. With `private`, layers Opacus cannot train (BatchNorm) are
-    replaced by ModuleValidator.fix. unet outputs one channel per mask label."""
+    replaced by ModuleValidator.fix. unet outputs one channel per mask label. Unless `bare`,
+    model.freeze and model.adapters are applied (medimaging/finetune.py): a pretrained file is
+    loaded into the bare network, before adapters change its layers' names."""
     model = _build(cfg, in_channels, num_classes, image_size, spatial_dims)
     if private and not ModuleValidator.is_valid(model):
         model = ModuleValidator.fix(model)
@@ -62,6 +65,10 @@ def build_model(
             _FIXED_LOGGED.add(key)
             log.info("model %s (norm=%s) made DP-compatible: BatchNorm -> GroupNorm (Opacus ModuleValidator.fix)",
                      cfg.name, cfg.norm)
+    if not bare and cfg.fine_tunes_part:
+        from medimaging.finetune import fine_tune_part
+
+        model = fine_tune_part(model, cfg, head_keys(model))
     return model
 
 

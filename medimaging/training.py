@@ -29,9 +29,10 @@ SGD_MOMENTUM = 0.9
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers (model.freeze) stay as they are
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM)
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
 
 
 def proximal_step(model: torch.nn.Module, mu: float, lr: float) -> Callable[[], None] | None:

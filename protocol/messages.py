@@ -22,6 +22,10 @@ NAMES_KEY = "array-names"  # SecAgg+: legacy Parameters have no names; the serve
 MODEL_KEY = "model"  # an evaluation request's array record: the model file, bytes as one uint8 array
 CONTROL_KEY = "control"  # SCAFFOLD: the server's control variate in a task, a hospital's change of its own in the reply
 FILE_KEY = "file"
+# model.freeze / model.adapters: the frozen layers (an array record), sent to a hospital until it
+# holds them, and their digest (a config record, in every task of such a run)
+FROZEN_KEY = "frozen"
+FROZEN_DIGEST_KEY = "frozen-digest"
 
 
 def model_record(blob: bytes) -> ArrayRecord:

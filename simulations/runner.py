@@ -23,6 +23,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 from client.training.app import build_client_app  # noqa: E402
 from server.app import build_server_app  # noqa: E402
 from server.engine.plan import Plan, Progress  # noqa: E402
+from server.engine.updates import check_start  # noqa: E402
 from medimaging.models import head_keys, norm_keys  # noqa: E402
 from server.records.report import data_line  # noqa: E402
 from server.records.outputs import untrained  # noqa: E402
@@ -37,15 +38,16 @@ from simulations.federation import (  # noqa: E402
 
 def start_weights(cfg, shape):
     """model.weights checked before anything is written, its sha256 kept in the config (so
-    config.yaml and the model card name the file a run started from); None without weights."""
+    config.yaml and the model card name the file a run started from; model.freeze and
+    model.adapters are checked against the model too); None without weights."""
     if cfg.model.weights is None:
         return None
-    from medimaging.weights import WeightsError, start_model
+    from medimaging.finetune import FineTuneError
+    from medimaging.weights import WeightsError
 
-    model = shape.model(cfg, cfg.private)
     try:
-        loaded = start_model(model, cfg.model, head_keys(model))
-    except WeightsError as exc:
+        loaded = check_start(cfg, shape, cfg.private)
+    except (WeightsError, FineTuneError) as exc:
         raise ConfigError(str(exc)) from None
     cfg.model.weights, cfg.model.weights_sha256 = Path(loaded.path).resolve(), loaded.sha256
     return loaded

@@ -96,6 +96,7 @@ def deployed(tmp_path_factory, chromium):
         out.update(_attack(dep, tmp, run.stdout))
         out["console run"] = start_and_stop(coordinator, urls["console-server"], dep)
         out["impostor"] = _impostor_round(dep, tmp)
+        out["adapters"] = _adapters_round(dep, tmp)
         out["added"] = _add_while_running(dep, "site-e")
         out["front"] = _member_attacks_the_front(dep, "site-e")
         out["hospitals after adding"] = hospitals_view(coordinator, urls["console-server"], "coordinator-hospitals-added")
@@ -320,6 +321,17 @@ def _impostor_round(dep: LocalDeployment, tmp: Path) -> dict:
         site_yaml.write_text(honest)
     out["server log"] = (dep.root / "server.log").read_text(errors="replace")
     return out
+
+
+def _adapters_round(dep: LocalDeployment, tmp: Path) -> dict:
+    """One round that fine-tunes LoRA adapters (rank 2) on the first run's model, as a coordinator
+    starts it: `aseanfl run` with model.weights and model.adapters (site-a trains with DP-SGD)."""
+    start = next((tmp / "results").glob("run-*")) / "model.safetensors"
+    results = tmp / "adapters"
+    res = aseanfl("run", "-f", str(dep.fed), "--out", str(results), "--rounds", "1", "--set", "task.image_size=32",
+                  "--set", "train.local_epochs=2", "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120",
+                  "--set", f"model.weights={start}", "--set", "model.adapters.rank=2", timeout=400, cwd=tmp)
+    return {"run": res, "start": start, "folder": next(results.glob("run-*"), results)}
 
 
 def _member_attacks_the_front(dep: LocalDeployment, member: str) -> dict:
@@ -765,6 +777,35 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
     # the refusing hospital logged its error replies, which carry no data
     res = aseanfl("client", "audit", "-c", str(hosp / UNAPPROVED / "site.yaml"))
     assert res.returncode == 0, res.stdout
+
+
+def test_a_round_with_lora_adapters_sends_only_the_adapters_and_the_head(deployed):
+    """The frozen layers reach each hospital once, in its first task of the run, and never come
+    back: every hospital's audit log shows its training reply carried exactly the adapters and the
+    head; the run's model holds the start file's layers unchanged."""
+    from medimaging.config import AdapterConfig, ModelConfig
+    from medimaging.finetune import frozen_keys
+    from medimaging.models import build_model
+
+    run = deployed["adapters"]["run"]
+    assert run.returncode == 0 and "finished:completed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "fine-tuning LoRA adapters (rank 2) and the classifier head" in run.stdout, run.stdout[-3000:]
+    rows = [r for r in csv.DictReader((deployed["adapters"]["folder"] / "metrics.csv").open()) if r["round"] == "1"]
+    assert {r["site"] for r in rows if r["status"] == "ok"} == {*APPROVED, UNAPPROVED}, rows
+    start, model = load_file(str(deployed["adapters"]["start"])), load_file(str(deployed["adapters"]["folder"] /
+                                                                                  "model.safetensors"))
+    lora = build_model(ModelConfig(weights="start", adapters=AdapterConfig(rank=2)), 1, 2, 32)
+    trainable = set(lora.state_dict()) - frozen_keys(lora)
+    assert set(model) == set(lora.state_dict()) and trainable and all(".lora_" in k or k.startswith("final.")
+                                                                       for k in trainable)
+    assert all(np.array_equal(model[k], start[k.replace(".base_layer", "")]) for k in frozen_keys(lora))
+    number = int(re.search(r"run (\d+): finished", run.stdout).group(1))
+    for site in APPROVED:
+        logged = [json.loads(line) for line in (deployed["tmp"] / "hospitals" / site / "audit.jsonl").read_text().splitlines()]
+        trained = [e for e in logged if e.get("run") == number and e.get("type") == "train"]
+        assert len(trained) == 1 and set(trained[0]["records"]["arrays"]["entries"]) == trainable, trained
+    full = sum(v.nbytes for v in model.values())
+    assert all(int(r["bytes_from_site"]) < 0.2 * full for r in rows), rows
 
 
 def test_audit_detects_an_edited_log(deployed, tmp_path):

@@ -24,7 +24,8 @@ from medimaging.training import evaluate, train_epochs
 from client.training.hospital import Hospital, HospitalLoader
 from protocol.messages import (CLASSES_KEY, CONTROL_KEY, REFUSAL_KEY, STATISTICS_KEY, DescribeSpec, EvalMetrics,
                                EvaluationSpec, Refusal, TaskSpec, TrainMetrics)
-from client.training.mods import central_dp_mod, compression_mod, downlink_mod, packing_mod, private_errors_mod
+from client.training.mods import (central_dp_mod, compression_mod, downlink_mod, frozen_mod, packing_mod,
+                                  private_errors_mod)
 from client.training.secure import secure_aggregation_mod
 from client.training.site import SiteDataError, load_site_hospital
 from client.training.privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
@@ -80,8 +81,14 @@ def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
 
 
 def _outgoing(task: TaskSpec, model: torch.nn.Module, context: Context) -> ArrayRecord:
-    """What leaves: the whole model, or under FedBN/FedPer all but the arrays that stay."""
+    """What leaves: the whole model, or under FedBN/FedPer all but the arrays that stay; never
+    the frozen layers (model.freeze, model.adapters: every hospital holds them unchanged)."""
     state = model.state_dict()
+    if task.model.fine_tunes_part:
+        from medimaging.finetune import frozen_keys
+
+        frozen = frozen_keys(model)
+        state = OrderedDict((k, v) for k, v in state.items() if k not in frozen)
     local = _local(task, model)
     if not local:
         return ArrayRecord(state)
@@ -201,7 +208,7 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
     """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
     hospital: its site.yaml; a simulation hands its own). `extra_mods` run just inside the error
     guard and the wire packing, before SecAgg+ and clipping (e.g. a site's own audit)."""
-    app = ClientApp(mods=[private_errors_mod, packing_mod, downlink_mod, compression_mod, *extra_mods, secure_aggregation_mod,
+    app = ClientApp(mods=[private_errors_mod, packing_mod, downlink_mod, frozen_mod, compression_mod, *extra_mods, secure_aggregation_mod,
                           central_dp_mod])
 
     @app.train()

@@ -7,14 +7,14 @@ import errno
 import logging
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.packing import packed, unpacked
 
-from protocol.messages import REFUSAL_KEY, TASK_KEY, TaskSpec
+from protocol.messages import FROZEN_DIGEST_KEY, FROZEN_KEY, REFUSAL_KEY, TASK_KEY, TaskSpec
 from client.training.site import SiteDataError
 
 _MODS = {"fixed": fixedclipping_mod, "adaptive": adaptiveclipping_mod}
@@ -158,6 +158,40 @@ def downlink_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     if meta["kind"] != "same":
         _store(ctxt, _model_file(ctxt, run), MODEL_KEY, model, {"run": run, "version": str(meta["to"])})
     msg.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in model.items()})
+    return call_next(msg, ctxt)
+
+
+FROZEN_STATE = "aseanfl.frozen"  # Context.state: the run's frozen layers (model.freeze, model.adapters)
+
+
+def frozen_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Just inside downlink: in a run that fine-tunes part of the model, the server sends the
+    frozen layers until this hospital holds them; they are kept (in a deployed hospital beside its
+    ledgers, so a restarted daemon still has them), checked against the server's digest, and put
+    back into the model before anything reads it. The reply's arrays leave without them."""
+    from common.compression import digest
+
+    meta = msg.content.config_records.get(FROZEN_DIGEST_KEY)
+    if meta is None:
+        return call_next(msg, ctxt)
+    want, run = str(meta["sha256"]), str(meta["run"])
+    path = _model_file(ctxt, run)
+    path = path.with_name(f"{run}.frozen.safetensors") if path is not None else None
+    if FROZEN_KEY in msg.content.array_records:
+        base = {k: a.numpy() for k, a in msg.content[FROZEN_KEY].items()}
+        if digest(base) != want:
+            raise DownlinkError("the frozen layers the server sent do not match their digest")
+        _store(ctxt, path, FROZEN_STATE, base, {"run": run})
+    else:
+        base, _meta = _stored(ctxt, path, FROZEN_STATE)
+        if base is None or digest(base) != want:
+            raise DownlinkError("this hospital holds no copy of the run's frozen layers (its state was reset); the "
+                                "server sends them with its next task")
+    content = {k: v for k, v in msg.content.items() if k != FROZEN_KEY}  # a new RecordDict: the message's stays as sent
+    if "arrays" in content:
+        arrays = {k: a.numpy() for k, a in content["arrays"].items()}
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in {**base, **arrays}.items()})
+    msg.content = RecordDict(content)
     return call_next(msg, ctxt)
 
 

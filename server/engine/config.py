@@ -68,3 +68,18 @@ class RunConfig(Strict):
         if why:
             raise ValueError(f"server.cross_site does not go with strategy.{why}")
         return self
+
+    @model_validator(mode="after")
+    def _fine_tuning_composes(self) -> "RunConfig":
+        """model.freeze / model.adapters decide which arrays travel; so do these, each on its own terms."""
+        s, m = self.strategy, self.model
+        if not m.fine_tunes_part:
+            return self
+        why = ("fedbn: both decide which arrays stay at the hospitals" if s.fedbn
+               else f"personalization.method {s.personalization.method}: its head and personal models are built for a "
+               "whole trainable model" if s.personalization.method != "none"
+               else "name scaffold: its control variates are kept for every parameter" if s.name == "scaffold" else None)
+        if why:
+            raise ValueError(f"model.{'adapters' if m.adapters else 'freeze'} does not go with strategy.{why}; train "
+                             "the whole model (no model.freeze, no model.adapters) with it")
+        return self

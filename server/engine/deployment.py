@@ -83,15 +83,17 @@ def check_run_config(text: str, sets: list[str]) -> DeploymentConfig:
     if cfg.task.image_size < MODEL_MIN_SIZE[cfg.model.name]:
         raise ConfigError(f"task.image_size: {cfg.task.image_size} is too small for model.name={cfg.model.name}")
     if cfg.model.weights is not None:  # the file is read and fitted to the model now, not at round 1
-        from medimaging.models import head_keys
-        from medimaging.weights import WeightsError, start_model
+        from medimaging.finetune import FineTuneError
+        from medimaging.weights import WeightsError
+        from server.engine.updates import check_start
 
         t = cfg.task
-        model = TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims).model(cfg, cfg.dp_models)
         try:
-            cfg.model.weights_sha256 = start_model(model, cfg.model, head_keys(model)).sha256
-        except WeightsError as exc:
+            loaded = check_start(cfg, TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind,
+                                                       t.spatial_dims), cfg.dp_models)
+        except (WeightsError, FineTuneError) as exc:
             raise ConfigError(str(exc)) from None
+        cfg.model.weights_sha256 = loaded.sha256
     return cfg
 
 

@@ -35,8 +35,9 @@ class TaskShape:
     task: str = "classification"  # or "segmentation"
     spatial_dims: int = 2
 
-    def model(self, cfg: RunConfig, private: bool = False) -> torch.nn.Module:
-        return build_model(cfg.model, self.in_channels, self.num_classes, self.image_size, private, self.spatial_dims)
+    def model(self, cfg: RunConfig, private: bool = False, bare: bool = False) -> torch.nn.Module:
+        return build_model(cfg.model, self.in_channels, self.num_classes, self.image_size, private, self.spatial_dims,
+                           bare)
 
     def data(self) -> dict:
         """What the run's data are, as summary.json and config.yaml's first line say it."""

@@ -27,13 +27,14 @@ from protocol.messages import EvalMetrics, Refusal, TaskSpec, TrainMetrics
 from strategies.factory import build_secure_workflow, build_strategy, client_clipping, cohort
 
 from server.engine import checkpoint
+from server.engine.frozen import FrozenLayers
 from server.engine.exchange import await_rejoin, checked, count_traffic, exchange, in_round, reply_metrics
 from server.engine.names import SiteOrder, partition_names, registered_names, site_name
 from server.engine.plan import Plan, Progress
 from server.engine.secure import secure_phase
 from server.engine.scaffold import Controls
-from server.engine.updates import (decoded, initial_arrays, local_keys, merged, score_key, screened, server_evaluate,
-                                   without)
+from server.engine.updates import (decoded, frozen_arrays, initial_arrays, local_keys, merged, score_key, screened,
+                                   server_evaluate, without)
 from server.records.outputs import GLOBAL, RunRecorder
 
 
@@ -51,6 +52,7 @@ class Run:
     arrays: ArrayRecord
     local: set[str]  # arrays that stay at the hospitals (FedBN)
     known: dict[int, str]  # node id -> hospital
+    frozen: FrozenLayers  # arrays nobody trains (model.freeze, model.adapters): sent once, never in `shared`
     first: int = 1
     best: dict = field(default_factory=lambda: {"round": None, "score": float("-inf")})
     started: float = field(default_factory=time.time)
@@ -68,7 +70,7 @@ class Run:
 
     @property
     def shared(self) -> ArrayRecord:
-        return without(self.arrays, self.local)
+        return without(self.arrays, self.local | self.frozen.keys)
 
 
 @dataclass
@@ -131,6 +133,7 @@ def _send(run: Run, rd: Round, messages: list[Message], phase: str) -> list[Mess
                              rd.impostor(phase))
     if run.down:
         run.down.replied(messages, replies)
+    run.frozen.replied(messages, replies)
     count_traffic(replies, sent, rd.row, run.known)
     return replies
 
@@ -151,7 +154,7 @@ def _training_tasks(run: Run, rd: Round) -> list[Message]:
     rd.asked = {m.metadata.dst_node_id for m in tasks}
     if run.controls is not None:
         run.controls.attach(tasks)
-    return tasks
+    return run.frozen.outgoing(tasks)
 
 
 def _record_training(run: Run, rd: Round) -> None:
@@ -173,8 +176,10 @@ def train(run: Run, rd: Round) -> None:
 
 def train_secure(run: Run, rd: Round) -> None:
     """`train` through SecAgg+: the server gets the sum of masked updates, never one hospital's."""
-    rd.trained, rd.new_arrays, rd.train_agg = secure_phase(run.grid, run.plan, run.workflow, _training_tasks(run, rd),
+    tasks = _training_tasks(run, rd)
+    rd.trained, rd.new_arrays, rd.train_agg = secure_phase(run.grid, run.plan, run.workflow, tasks,
                                                            run.shared, rd.rnd, rd.row, rd.refusals, run.known)
+    run.frozen.replied(tasks, rd.trained)
     rd.used = rd.trained
     _record_training(run, rd)
 
@@ -188,7 +193,8 @@ def aggregate(run: Run, rd: Round) -> None:
         rd.new_arrays, rd.train_agg = run.strategy.aggregate_train(rd.rnd, rd.used) if rd.used else (None, None)
     run.aggregate_seconds[rd.rnd] = round(time.perf_counter() - start, 4)
     if rd.rnd == cfg.server.rounds and cfg.server.cross_site:  # each hospital's own model, as it came back
-        run.local_models = {site_name(r, run.known): r.content["arrays"] for r in rd.used}
+        run.local_models = {site_name(r, run.known): merged(run.arrays, r.content["arrays"]) if run.frozen.keys
+                            else r.content["arrays"] for r in rd.used}
     if len(rd.used) < cfg.strategy.min_sites:
         run.progress.problem(f"round {rd.rnd}: {len(rd.used)} usable updates, fewer than strategy.min_sites="
                              f"{cfg.strategy.min_sites}; the global model is unchanged")
@@ -209,6 +215,7 @@ def validate(run: Run, rd: Round) -> None:
     run.progress.round_started(rd.rnd, run.plan.config.server.rounds, "validating")
     random.seed(f"{run.plan.config.seed}-{rd.rnd}-evaluate")  # SecAgg+ shuffles with `random` too: it must not move this
     evals = in_round(run.strategy.configure_evaluate(rd.rnd, run.shared, rd.task.to_config(), run.grid), rd.rnd, run.known)
+    evals = run.frozen.outgoing(evals)
     replies = checked(_send(run, rd, evals, "validation"), EvalMetrics, run.progress, rd.rnd, "validation", {}, run.known)
     for reply in replies:
         m, r = reply_metrics(reply), rd.row(site_name(reply, run.known))
@@ -305,16 +312,18 @@ def _start(plan: Plan, grid: Grid) -> Run:
         plan.progress.problem("update validation is off under SecAgg+: the server never sees one hospital's update")
     ckpt = checkpoint.load(plan.run_dir, cfg, strategy) if plan.resume else None
     arrays = ckpt.arrays if ckpt else initial_arrays(cfg, plan.shape, plan.private)
-    local = local_keys(cfg, plan.shape, plan.private)
+    local, frozen = local_keys(cfg, plan.shape, plan.private), frozen_arrays(cfg, plan.shape, plan.private)
     known = {**(ckpt.names if ckpt else {}), **plan.node_names, **partition_names(grid, plan.site_names)}
+    if frozen:
+        plan.progress.problem(FrozenLayers.line(arrays, frozen, cfg.model))
     down = None
     if cfg.strategy.compression.downlink != "none":
         from server.engine.downlink import Downlink
 
-        down = Downlink(cfg.strategy.compression.downlink, cfg.strategy.compression.block, without(arrays, local))
+        down = Downlink(cfg.strategy.compression.downlink, cfg.strategy.compression.block, without(arrays, local | frozen))
     run = Run(plan=plan, grid=SiteOrder(PackedGrid(grid), known), raw_grid=grid, strategy=strategy, workflow=workflow,
               down=down, recorder=RunRecorder(plan.run_dir, keep_rounds=ckpt.round if ckpt else None), arrays=arrays,
-              local=local, known=known)
+              local=local, known=known, frozen=FrozenLayers(arrays, frozen, plan.run_dir.name))
     if cfg.strategy.name == "scaffold":
         parameters = {name for name, _ in plan.shape.model(cfg, plan.private).named_parameters()}
         run.controls = Controls(run.shared, parameters, plan.run_dir, plan.sites or len(known), resume=ckpt is not None)

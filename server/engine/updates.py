@@ -31,6 +31,16 @@ def local_keys(cfg: RunConfig, shape: TaskShape, private: bool = False) -> set[s
     return (norm_keys(model) if s.fedbn else set()) | (head_keys(model) if s.fedper else set())
 
 
+def frozen_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> set[str]:
+    """Arrays nobody trains (model.freeze, model.adapters): each hospital gets them once and keeps
+    them; rounds send and take back the rest (medimaging/finetune.py)."""
+    if not cfg.model.fine_tunes_part:
+        return set()
+    from medimaging.finetune import frozen_keys
+
+    return frozen_keys(shape.model(cfg, private))
+
+
 def without(arrays: ArrayRecord, keys: set[str]) -> ArrayRecord:
     return ArrayRecord({k: v for k, v in arrays.items() if k not in keys}) if keys else arrays
 
@@ -132,15 +142,31 @@ def score_key(task: str) -> str:
     return "val_dice" if task == "segmentation" else "val_auc"
 
 
+def check_start(cfg: RunConfig, shape: TaskShape, private: bool = False):
+    """model.weights read and fitted, model.freeze/adapters applied to it, before a run starts:
+    the file's medimaging.weights.Loaded (None without weights); WeightsError or FineTuneError."""
+    from medimaging.finetune import fine_tune_part
+    from medimaging.weights import start_model
+
+    model = shape.model(cfg, private, bare=True)
+    head = head_keys(model)
+    loaded = start_model(model, cfg.model, head)
+    fine_tune_part(model, cfg.model, head)
+    return loaded
+
+
 def initial_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> ArrayRecord:
     """The run's start model: seeded random weights, or model.weights (medimaging/weights.py)."""
     from medimaging.models import head_keys
     from medimaging.weights import start_model
 
+    from medimaging.finetune import fine_tune_part
+
     torch.manual_seed(cfg.seed)
-    model = shape.model(cfg, private)
-    start_model(model, cfg.model, head_keys(model))
-    return ArrayRecord(model.state_dict())
+    model = shape.model(cfg, private, bare=True)  # the file fits the network as it is, before adapters
+    head = head_keys(model)
+    start_model(model, cfg.model, head)
+    return ArrayRecord(fine_tune_part(model, cfg.model, head).state_dict())
 
 
 def server_evaluate(
