@@ -196,14 +196,6 @@ class ModelConfig(Strict):
     adapters: AdapterConfig | None = Field(None, description="train LoRA adapters (and the classifier head) instead of "
                                                              "the layers' weights; only they travel")
 
-    @model_validator(mode="after")
-    def _fine_tuning_needs_weights(self) -> "ModelConfig":
-        if (self.freeze or self.adapters) and self.weights is None:
-            field = "model.freeze" if self.freeze else "model.adapters"
-            raise ValueError(f"{field}: the frozen layers would keep their random start; set model.weights (a "
-                             "pretrained file) to fine-tune from")
-        return self
-
     @property
     def fine_tunes_part(self) -> bool:
         """Part of the model is frozen: only the trainable tensors travel."""

@@ -13,6 +13,7 @@ hospital to know what it trains and sends):
 
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -40,6 +41,7 @@ def _add_lora(model: torch.nn.Module, cfg: ModelConfig, head: set[str]) -> torch
     # are maintained and tested, and Opacus computes their per-sample gradients (they are made of
     # plain Conv/Linear modules). inject_adapter_in_model adds the layers in place, without
     # PeftModel's wrapper, so the network keeps its own forward and state-dict names.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hospitals are offline: PEFT's Hugging Face libraries never ask the hub
     from peft import LoraConfig, inject_adapter_in_model
 
     a = cfg.adapters

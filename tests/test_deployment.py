@@ -804,8 +804,8 @@ def test_a_round_with_lora_adapters_sends_only_the_adapters_and_the_head(deploye
         logged = [json.loads(line) for line in (deployed["tmp"] / "hospitals" / site / "audit.jsonl").read_text().splitlines()]
         trained = [e for e in logged if e.get("run") == number and e.get("type") == "train"]
         assert len(trained) == 1 and set(trained[0]["records"]["arrays"]["entries"]) == trainable, trained
-    full = sum(v.nbytes for v in model.values())
-    assert all(int(r["bytes_from_site"]) < 0.2 * full for r in rows), rows
+    full = sum(v.nbytes for v in model.values())  # each hospital's training and validation replies together
+    assert all(int(r["bytes_from_site"]) < 0.2 * full for r in rows if r["site"] != "global"), rows
 
 
 def test_audit_detects_an_edited_log(deployed, tmp_path):

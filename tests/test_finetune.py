@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import math
 import subprocess
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
@@ -66,12 +66,13 @@ def test_fine_tuning_errors_are_one_line_each():
         with pytest.raises(FineTuneError) as err:
             build_model(_cfg(name="smallresnet", **kw), 1, 2, 28)
         assert str(err.value).startswith(said) and len(str(err.value).splitlines()) == 1, str(err.value)
-    with pytest.raises(ValueError, match="model.adapters: the frozen layers would keep their random start"):
-        ModelConfig(adapters=AdapterConfig())
+    with pytest.raises(Exception, match="model.freeze: the frozen layers would keep their random start"):
+        load_config(None, {"model.freeze": ["body"]})
     weights = {"model.weights": "w.safetensors", "model.adapters": {"rank": 2}}
     for sets, said in (({"strategy.fedbn": True}, "strategy.fedbn"),
                        ({"strategy.personalization.method": "ditto"}, "strategy.personalization.method ditto"),
-                       ({"strategy.name": "scaffold", "train.optimizer": "sgd"}, "strategy.name scaffold")):
+                       ({"strategy.name": "scaffold", "train.optimizer": "sgd"}, "strategy.name scaffold"),
+                       ({"strategy.secure_aggregation": {"num_shares": 3}}, "strategy.secure_aggregation")):
         with pytest.raises(Exception) as err:
             load_config(None, {**weights, **sets})
         assert f"model.adapters does not go with {said}" in str(err.value), str(err.value)
@@ -121,6 +122,7 @@ class Recording(InProcessGrid):
 def test_a_dp_federation_trains_only_the_adapters_and_sends_nothing_else(tmp_path, pretrained):
     from client.training.app import build_client_app
     from server.engine.rounds import run_federation
+    from server.records.report import write_report
     from simulations.federation import hospital
     from simulations.runner import prepare_run
 
@@ -169,12 +171,55 @@ def test_a_dp_federation_trains_only_the_adapters_and_sends_nothing_else(tmp_pat
     assert all(int(r["bytes_from_site"]) < 0.2 * full for r in site_rows)  # training reply + validation reply
     final = [r for r in rows if r["site"] == "global"][-1]
     assert float(final["val_auc"]) > 0.8 and not math.isnan(float(final["test_auc"])), final
+    write_report(plan.run_dir)
+    assert "Trained: LoRA adapters (rank 2) and the classifier head. The frozen layers were sent to each hospital " \
+           "once; only the trained tensors travelled in the rounds." in (plan.run_dir / "report.md").read_text()
 
 
 def test_the_command_line_says_a_fine_tuning_misfit_in_one_line(tmp_path):
     res = subprocess.run([str(BIN / "aseanfl"), "simulate", "--sites", "2", "--rounds", "1", "--out", str(tmp_path / "runs"),
                           "--set", "model.adapters.rank=2"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr and not (tmp_path / "runs").exists()
-    assert "model.adapters: the frozen layers would keep their random start; set model.weights" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    np.testing.assert_equal(res.stdout.count("round"), 0)
+    line = res.stderr.strip()
+    assert line.startswith("config error: model.adapters: the frozen layers would keep their random start; set "
+                           "model.weights") and len(line.splitlines()) == 1, res.stderr
+    assert line in (Path(__file__).parents[1] / "docs" / "researcher.md").read_text()  # the guide shows it as printed
+
+
+@pytest.mark.parametrize("clipping, codec", [("client-fixed", "none"), ("server-fixed", "int8")])
+def test_clipping_and_compression_both_ways_work_on_the_trainable_tensors(tmp_path, pretrained, clipping, codec):
+    """Central DP's clipping (at the hospital, or at the server) and int8 compression, up and
+    down, see only the trainable tensors: each round's step of the global model (a mean of
+    clipped updates) is within the clipping bound, and the frozen layers end as they started.
+    (Compression with clipping at the hospital is refused on its own account.)"""
+    from client.training.app import build_client_app
+    from server.engine.rounds import run_federation
+    from simulations.federation import hospital
+    from simulations.runner import prepare_run
+
+    bound = 0.05
+    cfg = load_config(None, {
+        "sites": 2, "server.rounds": 2, "train.local_epochs": 1, "seed": 5, "data.image_size": 28,
+        "data.path": str(medmnist_file("pneumoniamnist")), "model.name": "cnn", "model.weights": str(pretrained),
+        "model.adapters": {"rank": 2}, "strategy.central_dp.clipping": clipping,
+        "strategy.central_dp.noise_multiplier": 0.0, "strategy.central_dp.clipping_norm": bound,
+        "strategy.compression.codec": codec, "strategy.compression.downlink": codec,
+        "server.output_dir": str(tmp_path / "runs")})
+    plan = prepare_run(cfg, Collect())
+    load = lambda ctx, size: hospital(plan.config, int(ctx.node_config["partition-id"]), size, plan.run_dir)  # noqa: E731
+    grid = Recording(build_client_app(load), 2)
+    run_federation(grid, plan)
+    rows = list(csv.DictReader((plan.run_dir / "metrics.csv").open()))
+    assert all(r["status"] == "ok" for r in rows if r["site"] not in ("global",) and r["round"] != "0"), rows
+    lora = build_model(plan.config.model, 1, 2, 28)
+    trainable = set(lora.state_dict()) - frozen_keys(lora)
+    named = [{k.split(":", 1)[1] if codec != "none" else k for k in a} for _, kind, a in grid.got if kind == "train"]
+    assert len(named) == 4 and all(n == trainable for n in named), named  # compressed: q:/s: per tensor, of these only
+    start, model = load_file(str(pretrained)), load_file(str(plan.run_dir / "model.safetensors"))
+    assert all(torch.equal(model[k], start[k.replace(".base_layer", "")]) for k in frozen_keys(lora))
+    from server.engine.updates import initial_arrays
+    from simulations.federation import task_shape
+
+    first = initial_arrays(plan.config, task_shape(plan.config)).to_torch_state_dict()
+    moved = torch.cat([(model[k].float() - first[k].float()).flatten() for k in sorted(trainable)])
+    assert 0 < moved.norm() <= 2 * bound * 1.1  # two rounds, each a mean of updates clipped to the bound (+ int8)

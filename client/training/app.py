@@ -24,8 +24,8 @@ from medimaging.training import evaluate, train_epochs
 from client.training.hospital import Hospital, HospitalLoader
 from protocol.messages import (CLASSES_KEY, CONTROL_KEY, REFUSAL_KEY, STATISTICS_KEY, DescribeSpec, EvalMetrics,
                                EvaluationSpec, Refusal, TaskSpec, TrainMetrics)
-from client.training.mods import (central_dp_mod, compression_mod, downlink_mod, frozen_mod, packing_mod,
-                                  private_errors_mod)
+from client.training.mods import (DownlinkError, central_dp_mod, compression_mod, downlink_mod, frozen_layers,
+                                  frozen_mod, packing_mod, private_errors_mod)
 from client.training.secure import secure_aggregation_mod
 from client.training.site import SiteDataError, load_site_hospital
 from client.training.privacy import BudgetExceeded, LedgerError, PrivacyLedger, ledger_path, make_plan, train_private
@@ -66,6 +66,12 @@ def _model(task: TaskSpec, msg: Message, context: Context) -> torch.nn.Module:
     (kept in the node's state between rounds; freshly initialised in its first round)."""
     model = build_model(task.model, task.in_channels, task.num_classes, task.image_size, task.private, task.spatial_dims)
     arrays = msg.content["arrays"].to_torch_state_dict()
+    if task.model.fine_tunes_part:  # the frozen layers, as frozen_mod checked and kept them
+        base = frozen_layers(context, task.run)
+        if base is None:
+            raise DownlinkError("this hospital holds no copy of the run's frozen layers; the server sends them with "
+                                "its next task")
+        arrays = {**{k: torch.from_numpy(v.copy()) for k, v in base.items()}, **arrays}
     local = _local(task, model)
     if not local:
         model.load_state_dict(arrays)

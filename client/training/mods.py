@@ -164,35 +164,45 @@ def downlink_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
 FROZEN_STATE = "aseanfl.frozen"  # Context.state: the run's frozen layers (model.freeze, model.adapters)
 
 
+def _frozen_file(ctxt: Context, run: str):
+    path = _model_file(ctxt, run)
+    return path.with_name(f"{run}.frozen.safetensors") if path is not None else None
+
+
+def frozen_layers(ctxt: Context, run: str) -> dict[str, np.ndarray] | None:
+    """The run's frozen layers as this hospital keeps them (frozen_mod checked them); None if none."""
+    return _stored(ctxt, _frozen_file(ctxt, run), FROZEN_STATE)[0]
+
+
 def frozen_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Just inside downlink: in a run that fine-tunes part of the model, the server sends the
-    frozen layers until this hospital holds them; they are kept (in a deployed hospital beside its
-    ledgers, so a restarted daemon still has them), checked against the server's digest, and put
-    back into the model before anything reads it. The reply's arrays leave without them."""
+    frozen layers until this hospital holds them. They are kept (in a deployed hospital beside
+    its ledgers, so a restarted daemon still has them) and checked against the digest every task
+    carries; the task then goes on without both records, as any other task looks (central DP's
+    clipping wants one array record), and the model is put together where it is built
+    (app.py: _model). The reply's arrays leave without the frozen layers."""
     from common.compression import digest
 
     meta = msg.content.config_records.get(FROZEN_DIGEST_KEY)
     if meta is None:
         return call_next(msg, ctxt)
-    want, run = str(meta["sha256"]), str(meta["run"])
-    path = _model_file(ctxt, run)
-    path = path.with_name(f"{run}.frozen.safetensors") if path is not None else None
+    run = TaskSpec.from_config(msg.content["config"]).run
     if FROZEN_KEY in msg.content.array_records:
         base = {k: a.numpy() for k, a in msg.content[FROZEN_KEY].items()}
-        if digest(base) != want:
+        if digest(base) != str(meta["sha256"]):
             raise DownlinkError("the frozen layers the server sent do not match their digest")
-        _store(ctxt, path, FROZEN_STATE, base, {"run": run})
+        _store(ctxt, _frozen_file(ctxt, run), FROZEN_STATE, base, {"run": run})
     else:
-        base, _meta = _stored(ctxt, path, FROZEN_STATE)
-        if base is None or digest(base) != want:
+        base = frozen_layers(ctxt, run)
+        if base is None or digest(base) != str(meta["sha256"]):
             raise DownlinkError("this hospital holds no copy of the run's frozen layers (its state was reset); the "
                                 "server sends them with its next task")
-    content = {k: v for k, v in msg.content.items() if k != FROZEN_KEY}  # a new RecordDict: the message's stays as sent
-    if "arrays" in content:
-        arrays = {k: a.numpy() for k, a in content["arrays"].items()}
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in {**base, **arrays}.items()})
-    msg.content = RecordDict(content)
-    return call_next(msg, ctxt)
+    sent = msg.content
+    msg.content = RecordDict({k: v for k, v in sent.items() if k not in (FROZEN_KEY, FROZEN_DIGEST_KEY)})
+    try:
+        return call_next(msg, ctxt)
+    finally:  # the mods around it see the message as the server sent it
+        msg.content = sent
 
 
 class DownlinkError(ValueError):

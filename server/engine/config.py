@@ -75,11 +75,17 @@ class RunConfig(Strict):
         s, m = self.strategy, self.model
         if not m.fine_tunes_part:
             return self
+        field = "model.adapters" if m.adapters else "model.freeze"
+        if m.weights is None:
+            raise ValueError(f"{field}: the frozen layers would keep their random start; set model.weights (a "
+                             "pretrained file) to fine-tune from")
         why = ("fedbn: both decide which arrays stay at the hospitals" if s.fedbn
                else f"personalization.method {s.personalization.method}: its head and personal models are built for a "
                "whole trainable model" if s.personalization.method != "none"
-               else "name scaffold: its control variates are kept for every parameter" if s.name == "scaffold" else None)
+               else "name scaffold: its control variates are kept for every parameter" if s.name == "scaffold"
+               else "secure_aggregation: SecAgg+ carries the model as Flower's legacy parameters, without the record "
+               "that brings the frozen layers" if s.secure_aggregation is not None else None)
         if why:
-            raise ValueError(f"model.{'adapters' if m.adapters else 'freeze'} does not go with strategy.{why}; train "
+            raise ValueError(f"{field} does not go with strategy.{why}; train "
                              "the whole model (no model.freeze, no model.adapters) with it")
         return self

@@ -15,10 +15,10 @@ from protocol.messages import FROZEN_DIGEST_KEY, FROZEN_KEY
 class FrozenLayers:
     """`keys` empty (the whole model trains): nothing is added to any message."""
 
-    def __init__(self, arrays: ArrayRecord, keys: set[str], run: str) -> None:
+    def __init__(self, arrays: ArrayRecord, keys: set[str]) -> None:
         self.keys = keys
         self.base = ArrayRecord({k: arrays[k] for k in sorted(keys)})
-        self.meta = {"sha256": digest({k: a.numpy() for k, a in self.base.items()}), "run": run}
+        self.meta = {"sha256": digest({k: a.numpy() for k, a in self.base.items()})}
         self.holders: set[int] = set()  # node ids
 
     @staticmethod

@@ -323,7 +323,7 @@ def _start(plan: Plan, grid: Grid) -> Run:
         down = Downlink(cfg.strategy.compression.downlink, cfg.strategy.compression.block, without(arrays, local | frozen))
     run = Run(plan=plan, grid=SiteOrder(PackedGrid(grid), known), raw_grid=grid, strategy=strategy, workflow=workflow,
               down=down, recorder=RunRecorder(plan.run_dir, keep_rounds=ckpt.round if ckpt else None), arrays=arrays,
-              local=local, known=known, frozen=FrozenLayers(arrays, frozen, plan.run_dir.name))
+              local=local, known=known, frozen=FrozenLayers(arrays, frozen))
     if cfg.strategy.name == "scaffold":
         parameters = {name for name, _ in plan.shape.model(cfg, plan.private).named_parameters()}
         run.controls = Controls(run.shared, parameters, plan.run_dir, plan.sites or len(known), resume=ckpt is not None)

@@ -212,8 +212,16 @@ def _weights_line(run_dir: Path) -> list[str]:
     model = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}) if path.is_file() else {}
     if not model.get("weights"):
         return []
-    return [_("Started from pretrained weights {file} (sha256 {sha256}){head}.", file=model["weights"],
-              sha256=model.get("weights_sha256"), head=_(", with a new classifier head") if model.get("new_head") else "")]
+    lines = [_("Started from pretrained weights {file} (sha256 {sha256}){head}.", file=model["weights"],
+               sha256=model.get("weights_sha256"), head=_(", with a new classifier head") if model.get("new_head") else "")]
+    adapters, frozen = model.get("adapters"), model.get("freeze")
+    if adapters or frozen:
+        what = (_("LoRA adapters (rank {rank}) and the classifier head", rank=adapters.get("rank")) if adapters
+                else _("the classifier head only") if "body" in frozen
+                else _("every layer but {layers}", layers=", ".join(frozen)))
+        lines.append(_("Trained: {what}. The frozen layers were sent to each hospital once; only the trained tensors "
+                       "travelled in the rounds.", what=what))
+    return lines
 
 
 def _write_report(run_dir: Path) -> Path:
