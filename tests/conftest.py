@@ -45,3 +45,40 @@ def simulate_plan(plan, before_load=None, mods=()) -> Path:
     run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=build_client_app(load_hospital, mods),
                    num_supernodes=len(cfg.sites), backend_config=backend_config(cfg))
     return plan.run_dir
+
+
+def run_plan_here(plan, before_load=None, mods=()) -> Path:
+    """simulate_plan without Ray: the same ServerApp round loop, ClientApp, mods and report,
+    with the hospitals answering in this process one after the other (tests/inprocess.py). Ray's
+    start costs ~13 s a run on 2 cores; the tests that are about the engine (test_simulate,
+    test_ray_cluster, SecAgg+, a straggler's timeout) keep it."""
+    from inprocess import InProcessGrid
+
+    from client.training.app import build_client_app
+    from server.engine.rounds import run_federation
+    from server.records.report import write_report
+    from simulations.federation import hospital
+    from simulations.runner import nothing_trained
+
+    cfg = plan.config
+
+    def load_hospital(context, image_size):
+        index = int(context.node_config["partition-id"])
+        if before_load is not None:
+            before_load(index)
+        return hospital(cfg, index, image_size, plan.run_dir.parent)
+
+    grid = InProcessGrid(build_client_app(load_hospital, mods), len(cfg.sites))
+    if plan.site_names:  # as the engine registers them: node i is partition i (names.partition_names)
+        plan.node_names = {**dict(zip(grid.get_node_ids(), plan.site_names, strict=True)), **plan.node_names}
+    run_federation(grid, plan)
+    write_report(plan.run_dir)
+    nothing_trained(plan.run_dir)
+    return plan.run_dir
+
+
+def simulate_here(cfg, progress=None) -> Path:
+    """simulations.runner.simulate without Ray (see run_plan_here)."""
+    from simulations.runner import prepare_run
+
+    return run_plan_here(prepare_run(cfg, progress))

@@ -10,6 +10,7 @@ from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.engine.plan import Progress
@@ -48,6 +49,13 @@ class Wire(Collect):
             self.blobs += [str(v).encode() for v in rec.values()]
 
 
+def _wire(message: Message) -> Message:
+    """The message as the other side gets it over the wire (Flower's protobuf, there and back): a
+    copy of its own, as a real transport gives, so that nothing one side changes reaches the other
+    (a strategy sends one RecordDict to every hospital)."""
+    return message_from_proto(message_to_proto(message))
+
+
 class InProcessGrid:
     pull_interval = 0.0
 
@@ -68,12 +76,17 @@ class InProcessGrid:
             if self.crash is not None:
                 self.crash(message)
             message.metadata.__dict__["_message_id"] = uuid4().hex
-            self.replies[message.metadata.message_id] = self.app(message, self.contexts[message.metadata.dst_node_id])
+            reply = self.app(_wire(message), self.contexts[message.metadata.dst_node_id])
+            self.replies[message.metadata.message_id] = _wire(reply)
             ids.append(message.metadata.message_id)
         return ids
 
     def pull_messages(self, ids) -> list[Message]:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        """Grid.send_and_receive, which SecAgg+'s legacy workflow calls: every reply is here at once."""
+        return self.pull_messages(self.push_messages(messages))
 
 
 def site_yaml(root: Path, name: str, index: int, state: Path, dp: bool = False, extra: str = "",

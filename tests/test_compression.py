@@ -288,7 +288,7 @@ def test_a_federation_learns_with_compressed_models_both_ways(tmp_path):
     uncompressed run does, and after the first contact each hospital downloads ~a quarter."""
     def run(name, **sets):
         from simulations.config import load_config
-        from simulations.runner import simulate
+        from conftest import simulate_here as simulate  # the round loop without Ray's start
 
         cfg = load_config(None, {"sites": 5, "server.rounds": 3, "data.synthetic.samples_per_site": 200,
                                  "strategy.fraction_train": 0.6, "server.output_dir": str(tmp_path / name), **sets})

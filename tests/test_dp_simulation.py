@@ -7,7 +7,8 @@ import json
 import pytest
 
 from simulations.config import load_config
-from simulations.runner import SimulationFailed, simulate
+from conftest import simulate_here as simulate  # the round loop without Ray's start
+from simulations.runner import SimulationFailed
 
 
 def _rows(run_dir):

@@ -78,7 +78,7 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
     from medimaging.scoring import GRID, _rank_auc
     from simulations.config import load_config
     from simulations.federation import site_data, task_shape
-    from simulations.runner import simulate
+    from conftest import simulate_here as simulate  # the round loop without Ray's start
 
     data = medmnist_file("pneumoniamnist")
     fed = {"data.path": str(data), "sites": 3, "partition.scheme": "quantity", "data.val_fraction": 0.1}

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from aseanfl.cli import app
-from conftest import simulate_plan
+from conftest import run_plan_here
 from medimaging.config import FilesConfig
 from medimaging.files import decode
 from medimaging.pixels import read_pixels
@@ -128,7 +128,7 @@ def test_federation_on_dicom_files_learns_and_no_header_leaves(tmp_path):
     cfg = load_config(None, {"data.files.root": str(root), "data.files.image_size": 32,
                              "data.files.cache_dir": str(tmp_path / "cache"), "sites": 3, "server.rounds": 3,
                              "server.output_dir": str(tmp_path / "runs")})
-    run_dir = simulate_plan(prepare_run(cfg, wire))
+    run_dir = run_plan_here(prepare_run(cfg, wire))
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert float([r for r in rows if r["site"] == "global"][-1]["test_auc"]) > 0.6
     assert wire.blobs

@@ -19,7 +19,7 @@ from protocol.messages import Personalization, TaskSpec
 from server.engine.updates import initial_arrays
 from simulations.config import ConfigError, load_config
 from simulations.federation import task_shape
-from simulations.runner import simulate
+from conftest import simulate_here as simulate  # the round loop without Ray's start
 
 
 def _cfg(tmp_path, **sets):

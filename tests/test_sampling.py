@@ -14,7 +14,8 @@ from aseanfl.progress import RichProgress
 from server.records.digest import digest
 from server.records.report import write_report
 from simulations.config import ConfigError, load_config
-from simulations.runner import prepare_run, simulate
+from conftest import simulate_here as simulate  # the round loop without Ray's start
+from simulations.runner import prepare_run
 
 SITES = 8
 

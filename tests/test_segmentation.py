@@ -14,7 +14,8 @@ from medimaging.config import FilesConfig
 from medimaging.files import decode
 from medimaging.synthetic import generate_masks, site_profile
 from simulations.config import ConfigError, load_config
-from simulations.runner import prepare_run, simulate
+from conftest import simulate_here as simulate  # the round loop without Ray's start
+from simulations.runner import prepare_run
 
 from test_simulate import Recorder
 

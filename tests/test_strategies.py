@@ -11,12 +11,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, MessageType
 from safetensors.torch import load_file
 
-from conftest import medmnist_file, simulate_plan
+from conftest import medmnist_file, run_plan_here, simulate_plan
+from conftest import simulate_here as simulate  # the round loop without Ray's start; the straggler keeps Ray
 from medimaging.models import head_keys
 from server.engine.updates import initial_arrays
 from simulations.config import ConfigError, load_config
 from simulations.federation import task_shape
-from simulations.runner import prepare_run, simulate
+from simulations.runner import prepare_run
 
 POISONED = 0  # partition 0 (nanning) is the attacker
 
@@ -54,7 +55,7 @@ def _poison(kind, nan_site=None):
 def _run(tmp_path, name, poison=None, nan_site=None, **sets):
     overrides = {"sites": 5, "server.rounds": 3, "train.local_epochs": 1, "server.output_dir": str(tmp_path / name),
                  **sets}
-    run_dir = simulate_plan(prepare_run(load_config(None, overrides)), mods=[_poison(poison, nan_site)] if poison else [])
+    run_dir = run_plan_here(prepare_run(load_config(None, overrides)), mods=[_poison(poison, nan_site)] if poison else [])
     rows = _rows(run_dir)
     final = [r for r in rows if r["site"] == "global"][-1]
     return float(final["test_auc"]), rows

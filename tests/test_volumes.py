@@ -18,7 +18,7 @@ from medimaging.pixels import read_pixels
 from medimaging.models import build_model
 from medimaging.synthetic import generate_volumes, site_profile, synthetic_dicom
 from simulations.config import load_config
-from simulations.runner import simulate
+from conftest import simulate_here as simulate  # the round loop without Ray's start
 
 PATIENT = {"PatientName": "Tran^Van Minh", "PatientID": "HCM-3318-0027", "InstitutionName": "Cho Ray Hospital"}
 
