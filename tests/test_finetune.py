@@ -223,3 +223,28 @@ def test_clipping_and_compression_both_ways_work_on_the_trainable_tensors(tmp_pa
     first = initial_arrays(plan.config, task_shape(plan.config)).to_torch_state_dict()
     moved = torch.cat([(model[k].float() - first[k].float()).flatten() for k in sorted(trainable)])
     assert 0 < moved.norm() <= 2 * bound * 1.1  # two rounds, each a mean of updates clipped to the bound (+ int8)
+
+
+def test_cross_site_evaluation_and_evaluate_score_models_with_adapters(tmp_path, pretrained):
+    """After the last round each hospital's own model is its trained tensors on the run's frozen
+    layers; the global and both hospitals' models are scored at every hospital. `aseanfl
+    evaluate` scores the run's model file as it scores any other."""
+    import json
+
+    from conftest import simulate_here
+
+    run_dir = simulate_here(load_config(None, {
+        "sites": 2, "server.rounds": 1, "train.local_epochs": 1, "seed": 9, "data.image_size": 28,
+        "data.path": str(medmnist_file("pneumoniamnist")), "model.name": "cnn", "model.weights": str(pretrained),
+        "model.adapters": {"rank": 2}, "server.cross_site": True, "server.cross_site_min_cases": 20,
+        "server.output_dir": str(tmp_path / "runs")}))
+    cross = json.loads((run_dir / "cross_site.json").read_text())
+    assert cross["rows"] == ["global", "hanoi", "nanning"] and cross["sites"] == ["hanoi", "nanning"]
+    shas = {m: cross["models"][m]["model_sha256"] for m in cross["rows"]}
+    assert len(set(shas.values())) == 3, shas  # three models: the global one and each hospital's own
+    assert all(0.6 < cross["matrix"][m][s] <= 1 for m in cross["rows"] for s in cross["sites"]), cross["matrix"]
+    # `aseanfl evaluate` reads the run's model card (config.yaml: the adapters) and scores the model file
+    res = subprocess.run([str(BIN / "aseanfl"), "evaluate", "--data", str(medmnist_file("pneumoniamnist")), "--sites", "2",
+                          "--set", "data.image_size=28", "--model", str(run_dir / "model.safetensors"), "--min-cases",
+                          "20", "--out", str(tmp_path / "eval")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "pooled over 2 hospitals" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
