@@ -214,8 +214,8 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
     """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
     hospital: its site.yaml; a simulation hands its own). `extra_mods` run just inside the error
     guard and the wire packing, before SecAgg+ and clipping (e.g. a site's own audit)."""
-    app = ClientApp(mods=[private_errors_mod, packing_mod, downlink_mod, frozen_mod, compression_mod, *extra_mods, secure_aggregation_mod,
-                          central_dp_mod])
+    app = ClientApp(mods=[private_errors_mod, packing_mod, downlink_mod, frozen_mod, compression_mod, *extra_mods,
+                          secure_aggregation_mod, central_dp_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -142,31 +142,28 @@ def score_key(task: str) -> str:
     return "val_dice" if task == "segmentation" else "val_auc"
 
 
-def check_start(cfg: RunConfig, shape: TaskShape, private: bool = False):
-    """model.weights read and fitted, model.freeze/adapters applied to it, before a run starts:
-    the file's medimaging.weights.Loaded (None without weights); WeightsError or FineTuneError."""
+def _start(cfg: RunConfig, shape: TaskShape, private: bool):
+    """(the start network with model.weights loaded and model.freeze/adapters applied, the file's
+    medimaging.weights.Loaded or None): the file fits the network as it is, before adapters."""
     from medimaging.finetune import fine_tune_part
     from medimaging.weights import start_model
 
     model = shape.model(cfg, private, bare=True)
     head = head_keys(model)
     loaded = start_model(model, cfg.model, head)
-    fine_tune_part(model, cfg.model, head)
-    return loaded
+    return fine_tune_part(model, cfg.model, head), loaded
+
+
+def check_start(cfg: RunConfig, shape: TaskShape, private: bool = False):
+    """model.weights read and fitted, model.freeze/adapters applied to it, before a run starts:
+    the file's medimaging.weights.Loaded (None without weights); WeightsError or FineTuneError."""
+    return _start(cfg, shape, private)[1]
 
 
 def initial_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> ArrayRecord:
     """The run's start model: seeded random weights, or model.weights (medimaging/weights.py)."""
-    from medimaging.models import head_keys
-    from medimaging.weights import start_model
-
-    from medimaging.finetune import fine_tune_part
-
     torch.manual_seed(cfg.seed)
-    model = shape.model(cfg, private, bare=True)  # the file fits the network as it is, before adapters
-    head = head_keys(model)
-    start_model(model, cfg.model, head)
-    return ArrayRecord(fine_tune_part(model, cfg.model, head).state_dict())
+    return ArrayRecord(_start(cfg, shape, private)[0].state_dict())
 
 
 def server_evaluate(
