@@ -42,13 +42,7 @@ def start_weights(cfg, shape):
     model.adapters are checked against the model too); None without weights."""
     if cfg.model.weights is None:
         return None
-    from medimaging.finetune import FineTuneError
-    from medimaging.weights import WeightsError
-
-    try:
-        loaded = check_start(cfg, shape, cfg.private)
-    except (WeightsError, FineTuneError) as exc:
-        raise ConfigError(str(exc)) from None
+    loaded = check_start(cfg, shape, cfg.private)
     cfg.model.weights, cfg.model.weights_sha256 = Path(loaded.path).resolve(), loaded.sha256
     return loaded
 

@@ -29,22 +29,27 @@ def simulate_plan(plan, before_load=None, mods=()) -> Path:
     straggles), `mods` are client mods (e.g. one that poisons the update)."""
     from flwr.simulation import run_simulation
 
-    from client.training.app import build_client_app
     from server.app import build_server_app
-    from simulations.federation import hospital
     from simulations.runner import backend_config
 
-    cfg = plan.config
+    run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=_client_app(plan, before_load, mods),
+                   num_supernodes=len(plan.config.sites), backend_config=backend_config(plan.config))
+    return plan.run_dir
+
+
+def _client_app(plan, before_load, mods):
+    """The simulated hospitals' ClientApp, as simulations.runner.simulate builds it, with the
+    tests' hook and mods."""
+    from client.training.app import build_client_app
+    from simulations.federation import hospital
 
     def load_hospital(context, image_size):
         index = int(context.node_config["partition-id"])
         if before_load is not None:
             before_load(index)
-        return hospital(cfg, index, image_size, plan.run_dir.parent)
+        return hospital(plan.config, index, image_size, plan.run_dir.parent)
 
-    run_simulation(server_app=build_server_app(lambda _ctx: plan), client_app=build_client_app(load_hospital, mods),
-                   num_supernodes=len(cfg.sites), backend_config=backend_config(cfg))
-    return plan.run_dir
+    return build_client_app(load_hospital, mods)
 
 
 def run_plan_here(plan, before_load=None, mods=()) -> Path:
@@ -54,21 +59,11 @@ def run_plan_here(plan, before_load=None, mods=()) -> Path:
     test_ray_cluster, SecAgg+, a straggler's timeout) keep it."""
     from inprocess import InProcessGrid
 
-    from client.training.app import build_client_app
     from server.engine.rounds import run_federation
     from server.records.report import write_report
-    from simulations.federation import hospital
     from simulations.runner import nothing_trained
 
-    cfg = plan.config
-
-    def load_hospital(context, image_size):
-        index = int(context.node_config["partition-id"])
-        if before_load is not None:
-            before_load(index)
-        return hospital(cfg, index, image_size, plan.run_dir.parent)
-
-    grid = InProcessGrid(build_client_app(load_hospital, mods), len(cfg.sites))
+    grid = InProcessGrid(_client_app(plan, before_load, mods), len(plan.config.sites))
     if plan.site_names:  # as the engine registers them: node i is partition i (names.partition_names)
         plan.node_names = {**dict(zip(grid.get_node_ids(), plan.site_names, strict=True)), **plan.node_names}
     run_federation(grid, plan)

@@ -83,17 +83,11 @@ def check_run_config(text: str, sets: list[str]) -> DeploymentConfig:
     if cfg.task.image_size < MODEL_MIN_SIZE[cfg.model.name]:
         raise ConfigError(f"task.image_size: {cfg.task.image_size} is too small for model.name={cfg.model.name}")
     if cfg.model.weights is not None:  # the file is read and fitted to the model now, not at round 1
-        from medimaging.finetune import FineTuneError
-        from medimaging.weights import WeightsError
         from server.engine.updates import check_start
 
         t = cfg.task
-        try:
-            loaded = check_start(cfg, TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind,
-                                                       t.spatial_dims), cfg.dp_models)
-        except (WeightsError, FineTuneError) as exc:
-            raise ConfigError(str(exc)) from None
-        cfg.model.weights_sha256 = loaded.sha256
+        shape = TaskShape(t.in_channels, t.num_classes, t.image_size, t.kind, t.spatial_dims)
+        cfg.model.weights_sha256 = check_start(cfg, shape, cfg.dp_models).sha256
     return cfg
 
 

@@ -155,9 +155,17 @@ def _start(cfg: RunConfig, shape: TaskShape, private: bool):
 
 
 def check_start(cfg: RunConfig, shape: TaskShape, private: bool = False):
-    """model.weights read and fitted, model.freeze/adapters applied to it, before a run starts:
-    the file's medimaging.weights.Loaded (None without weights); WeightsError or FineTuneError."""
-    return _start(cfg, shape, private)[1]
+    """model.weights read and fitted, model.freeze/adapters applied to it, before a run starts
+    (`aseanfl simulate`, `aseanfl run` and the ServerApp): the file's medimaging.weights.Loaded
+    (None without weights); ConfigError with the one line that says what does not fit."""
+    from medimaging.finetune import FineTuneError
+    from medimaging.weights import WeightsError
+    from medimaging.yamlconfig import ConfigError
+
+    try:
+        return _start(cfg, shape, private)[1]
+    except (WeightsError, FineTuneError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def initial_arrays(cfg: RunConfig, shape: TaskShape, private: bool = False) -> ArrayRecord:
