@@ -35,6 +35,14 @@ def _data_line(data) -> str:
     return f"{data.path} ({kind}, {info.classes} classes)"
 
 
+def _model_line(cfg) -> str:
+    if cfg.bundle is None:
+        return cfg.model.name
+    from medimaging.bundles import read_bundle
+
+    return read_bundle(cfg.bundle).line()
+
+
 @app.callback()
 def _root(lang: Optional[str] = typer.Option(
         None, "--lang", help="language of what aseanfl prints: en, vi, th, zh_Hans, id, ms, km, my (default: "
@@ -55,6 +63,8 @@ def simulate(
     sites: Optional[str] = typer.Option(None, help="number of hospitals or comma-separated names"),
     data: Optional[Path] = typer.Option(None, help="MedMNIST-style .npz (default: synthetic images)"),
     model: Optional[str] = typer.Option(None, help="cnn | resnet18 | densenet121 (classification); unet (segmentation)"),
+    bundle: Optional[Path] = typer.Option(None, help="a MONAI bundle folder as the task: its network, weights and "
+                                                     "inputs/outputs (docs/researcher.md)"),
     partition: Optional[str] = typer.Option(None, help="iid | dirichlet | quantity (npz data)"),
     alpha: Optional[float] = typer.Option(None, help="Dirichlet alpha (partition.alpha)"),
     local_epochs: Optional[int] = typer.Option(None, help="train.local_epochs"),
@@ -73,7 +83,7 @@ def simulate(
         _fail(f"--set {exc}")
     named = {
         "server.rounds": rounds, "sites": _sites(sites) if sites else None, "data.path": data,
-        "model.name": model, "partition.scheme": partition, "partition.alpha": alpha,
+        "model.name": model, "bundle": bundle, "partition.scheme": partition, "partition.alpha": alpha,
         "train.local_epochs": local_epochs, "seed": seed, "server.output_dir": out,
         "engine.verbose": verbose or None,
         "privacy.enabled": True if epsilon is not None else None, "privacy.target_epsilon": epsilon,
@@ -94,7 +104,7 @@ def simulate(
     console = Console()
     names = ", ".join(cfg.sites) if len(cfg.sites) <= 12 else f"{', '.join(cfg.sites[:3])}, ..., {cfg.sites[-1]}"
     console.print(f"[bold]aseanfl simulate[/]: {len(cfg.sites)} hospitals ({names}), "
-                  f"{cfg.server.rounds} rounds, model {cfg.model.name}, "
+                  f"{cfg.server.rounds} rounds, model {_model_line(cfg)}, "
                   f"data {_data_line(cfg.data)}", soft_wrap=True)  # paths whole, however narrow
     try:
         with RichProgress(console) as progress:

@@ -170,6 +170,8 @@ def run(
     except ConfigError as exc:
         typer.echo(config_errors(exc), err=True)
         raise typer.Exit(2) from None
+    if cfg.task.bundle is not None:  # the ServerApp runs elsewhere: the folder by its full path
+        named += [f"task.bundle={cfg.task.bundle.resolve()}"]
     if cfg.model.weights is not None:  # the ServerApp runs elsewhere: the file by its full path, pinned by its hash
         named += [f"model.weights={cfg.model.weights.resolve()}", f"model.weights_sha256={cfg.model.weights_sha256}"]
     if old is not None:

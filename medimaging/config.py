@@ -10,13 +10,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from common.i18n import Reason
 
-MODEL_MIN_SIZE = {"cnn": 16, "smallresnet": 8, "resnet18": 16, "densenet121": 32, "unet": 16}
+MODEL_MIN_SIZE = {"cnn": 16, "smallresnet": 8, "resnet18": 16, "densenet121": 32, "unet": 16, "monai": 8}
+# MONAI networks a bundle's network_def may name (model.name=monai), with the task each does. Hospitals
+# build them from literal arguments only: no bundle code runs anywhere (medimaging/bundles.py).
+NETWORKS = {"Classifier": "classification", "DenseNet121": "classification", "DenseNet169": "classification",
+            "DenseNet201": "classification", "ResNet": "classification", "UNet": "segmentation",
+            "BasicUNet": "segmentation", "SegResNet": "segmentation", "AttentionUnet": "segmentation"}
 Task = Literal["classification", "segmentation"]
 Dims = Literal[2, 3]
 
 
-def check_model_task(model: str, task: str, image_size: int | None = None) -> None:
+def check_model_task(cfg: "ModelConfig", task: str, image_size: int | None = None) -> None:
     """ValueError naming the fields where the network cannot do the task."""
+    model = cfg.name
+    if model == "monai":
+        does = NETWORKS[cfg.network.target]
+        if does != task:
+            raise Reason("model.network {target} is a {does} network; the data's task is {task}",
+                         target=cfg.network.target, does=does, task=task)
+        return
     if (model == "unet") != (task == "segmentation"):
         want = "model.name=unet" if task == "segmentation" else "model.name=cnn, smallresnet, resnet18 or densenet121"
         raise Reason("model.name={model} does not fit the {task} task of the data; use {want}", model=model, task=task,
@@ -177,10 +189,47 @@ class AdapterConfig(Strict):
                                         "'.name'); default: every convolution and linear layer but the classifier head")
 
 
+def _literal(value, where: str, depth: int = 0) -> None:
+    """A network argument is data: numbers, strings, lists and mappings of them. MONAI's config
+    syntax ($ code, @ references, % macros, nested _target_) and downloads (pretrained) are not."""
+    if depth > 8:
+        raise ValueError(f"{where}: nested too deep")
+    if isinstance(value, str) and value[:1] in ("$", "@", "%"):
+        raise ValueError(f"{where}: {value[:40]!r} is MONAI config code or a reference, not a value (bundle code "
+                         "is never run)")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _literal(item, f"{where}.{i}", depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key.startswith("_") or (key == "pretrained" and item):
+                raise ValueError(f"{where}.{key}: not allowed (a nested component, or weights downloaded at run "
+                                 "time)")
+            _literal(item, f"{where}.{key}", depth + 1)
+    elif value is not None and not isinstance(value, (bool, int, float, str)):
+        raise ValueError(f"{where}: {type(value).__name__} is not a plain value")
+
+
+class NetworkSpec(Strict):
+    """A MONAI network by class name and literal arguments (a bundle's network_def, read by
+    medimaging/bundles.py): what the task tells hospitals to build."""
+
+    target: Literal[tuple(NETWORKS)] = Field(description="the monai.networks.nets class")
+    args: dict[str, object] = Field(default_factory=dict, description="its constructor's arguments, values only")
+
+    @field_validator("args")
+    @classmethod
+    def _values(cls, args: dict) -> dict:
+        _literal(args, "args")
+        return args
+
+
 class ModelConfig(Strict):
-    name: Literal["cnn", "smallresnet", "resnet18", "densenet121", "unet"] = Field(
+    name: Literal["cnn", "smallresnet", "resnet18", "densenet121", "unet", "monai"] = Field(
         "cnn", description="classifiers: cnn, smallresnet (0.9 M parameters in 3D: volumes at 28-64 voxels), "
-                           "resnet18, densenet121; segmentation: unet (MONAI UNet)")
+                           "resnet18, densenet121; segmentation: unet (MONAI UNet); monai: model.network (a "
+                           "bundle's network, set by --bundle / task.bundle)")
+    network: NetworkSpec | None = Field(None, description="model.name=monai: the MONAI network and its arguments")
     norm: Literal["group", "instance", "batch"] = Field(
         "group", description="normalisation layers of smallresnet/resnet18/densenet121 (unet: instance unless batch)"
     )
@@ -195,6 +244,12 @@ class ModelConfig(Strict):
                         "features.denseblock1); 'body' is every layer but the classifier head")
     adapters: AdapterConfig | None = Field(None, description="train LoRA adapters (and the classifier head) instead of "
                                                              "the layers' weights; only they travel")
+
+    @model_validator(mode="after")
+    def _network(self) -> "ModelConfig":
+        if (self.name == "monai") != (self.network is not None):
+            raise ValueError("model.network is given with model.name=monai, and only then (a bundle sets both)")
+        return self
 
     @property
     def fine_tunes_part(self) -> bool:

@@ -75,6 +75,10 @@ def build_model(
 def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, dims: int) -> torch.nn.Module:
     if image_size < MODEL_MIN_SIZE[cfg.name]:
         raise ValueError(f"model.name={cfg.name} needs images of at least {MODEL_MIN_SIZE[cfg.name]} px")
+    if cfg.name == "monai":  # a bundle's network, from literal arguments (checked at the coordinator)
+        from medimaging.bundles import build_network
+
+        return _enforce(build_network(cfg.network), "batch", dims)  # its own norms; out-of-place for Opacus
     if cfg.name == "unet":
         # Three down/up levels with one residual unit each; ReLU (out-of-place) as Opacus needs.
         # Its last layers have as few channels as labels, too few for 8 groups: instance norm.

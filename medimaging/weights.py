@@ -50,25 +50,25 @@ def file_sha256(path: Path) -> str:
 
 
 def _bundle(folder: Path, model: torch.nn.Module) -> Path:
-    """A MONAI bundle's weights file, once its network definition is checked against `model`."""
-    from monai.bundle import ConfigParser
+    """A MONAI bundle's weights file, once its network definition is checked against `model`
+    (read as data by medimaging/bundles.py: no bundle code runs)."""
+    from medimaging.bundles import WEIGHTS, BundleError, build_network, network_spec
 
-    configs = [p for p in (folder / "configs" / n for n in ("inference.json", "inference.yaml", "train.json",
-                                                            "train.yaml")) if p.is_file()]
-    weights = [p for p in (folder / "models" / n for n in ("model.safetensors", "model.pt")) if p.is_file()]
-    if not configs or not weights:
+    weights = [p for p in (folder / "models" / n for n in WEIGHTS) if p.is_file()]
+    if not weights:
         raise WeightsError(f"model.weights {folder}: not a MONAI bundle this reads (needs configs/inference.json or "
                            "train.json with a network_def, and models/model.pt or models/model.safetensors)")
-    parser = ConfigParser()
-    parser.read_config(str(configs[0]))
     try:
-        network = parser.get_parsed_content("network_def", instantiate=True)
+        spec, config = network_spec(folder)
+        network = build_network(spec)
+    except BundleError as exc:
+        raise WeightsError(f"model.weights {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any error of the bundle's own definition is the bundle's
-        raise WeightsError(f"model.weights {folder}: its network_def in {configs[0].name} does not build "
+        raise WeightsError(f"model.weights {folder}: its network_def does not build "
                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     theirs, ours = network.state_dict(), model.state_dict()
     differ = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape][:3]
-    if differ or len(theirs) != len(ours):
+    if differ or any(k not in ours and not k.endswith(_STATS) for k in theirs):  # BatchNorm's statistics: _adapt
         raise WeightsError(f"model.weights {folder}: the bundle's network ({type(network).__name__}) is not the run's "
                            f"model.name (first tensors that differ: {', '.join(differ) or 'extra tensors'}); set "
                            "model.name to the bundle's network")

@@ -44,6 +44,18 @@ class SimulationConfig(RunConfig):
     engine: EngineConfig = EngineConfig()
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="every hospital's DP policy")
     site_privacy: dict[str, dict] = Field(default_factory=dict, description="per-hospital overrides of `privacy`")
+    bundle: Path | None = Field(None, description="a MONAI bundle folder as the task: its network and weights become "
+                                                  "model.*, its inputs and outputs are checked against the data "
+                                                  "(medimaging/bundles.py)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bundle(cls, data):
+        if isinstance(data, dict) and data.get("bundle"):
+            from medimaging.bundles import bundle_model, read_bundle
+
+            data = {**data, "model": bundle_model(data.get("model"), read_bundle(Path(data["bundle"])), "bundle")}
+        return data
 
     def site_policy(self, site: str) -> PrivacyConfig:
         return PrivacyConfig.model_validate({**self.privacy.model_dump(), **self.site_privacy.get(site, {})})

@@ -44,11 +44,30 @@ def task_shape(cfg: SimulationConfig) -> TaskShape:
     if cfg.model.name == "unet" and cfg.data.image_size is None:
         size = -(-size // 8) * 8  # the next multiple of 8
     try:
-        check_model_task(cfg.model.name, task, size)
+        if cfg.bundle is not None:
+            size = _bundle_fits(cfg, (channels, classes, task, dims), native)
+        check_model_task(cfg.model, task, size)
         check_augment(cfg.train.augment, task, dims)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return TaskShape(in_channels=channels, num_classes=classes, image_size=size, task=task, spatial_dims=dims)
+
+
+def _bundle_fits(cfg: SimulationConfig, data: tuple, native: int) -> int:
+    """The side images are resized to for the bundle; BundleError where the data is not its task."""
+    from medimaging.bundles import BundleError, check_network, read_bundle
+
+    bundle = read_bundle(cfg.bundle)
+    what = "the synthetic data" if cfg.data.path is None else cfg.data.path.name
+    wanted = (bundle.in_channels, bundle.num_classes, bundle.kind, bundle.spatial_dims)
+    for name, theirs, ours in zip(("input channels", "output channels (classes)", "task", "spatial dims"), wanted, data):
+        if theirs != ours:
+            raise BundleError(f"bundle {bundle.path}: its {name} is {theirs}, {what} has {ours} (metadata.json "
+                              "network_data_format)")
+    size = cfg.data.image_size or bundle.size_for(native)
+    bundle.check_size(size, "data.image_size")
+    check_network(bundle, size)
+    return size
 
 
 def resolved(cfg: SimulationConfig) -> SimulationConfig:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 import pytest
 from attacks import PATHS, fleet_post, flwr_as, forged_reply, marker_app, post, raw_post, rss_mib, signed_headers
 from console_steps import data_view, hospitals_view, start_and_stop, start_consoles, steward_approves, watch_run
@@ -325,12 +326,27 @@ def _impostor_round(dep: LocalDeployment, tmp: Path) -> dict:
 
 def _adapters_round(dep: LocalDeployment, tmp: Path) -> dict:
     """One round that fine-tunes LoRA adapters (rank 2) on the first run's model, as a coordinator
-    starts it: `aseanfl run` with model.weights and model.adapters (site-a trains with DP-SGD)."""
+    starts it from a MONAI bundle: `aseanfl run` with task.bundle (a bundle made here with
+    monai.bundle of that model: its network_def is the cnn's Classifier) and model.adapters
+    (site-a trains with DP-SGD)."""
+    import shutil
+
+    from monai.bundle import init_bundle
+
     start = next((tmp / "results").glob("run-*")) / "model.safetensors"
+    bundle = tmp / "bundles" / "cxr_cnn"
+    bundle.parent.mkdir()
+    net = {"_target_": "Classifier", "in_shape": [1, 32, 32], "classes": 2, "channels": [16, 32, 64],
+           "strides": [2, 2, 2], "num_res_units": 0, "dropout": 0.1}
+    io = {"inputs": {"image": {"type": "image", "num_channels": 1, "spatial_shape": [32, 32]}},
+          "outputs": {"pred": {"type": "probabilities", "format": "classification", "num_channels": 2}}}
+    init_bundle(bundle, metadata_str={"version": "1.0.0", "network_data_format": io},
+                inference_str={"network_def": net})
+    shutil.copy(start, bundle / "models" / "model.safetensors")
     results = tmp / "adapters"
-    res = aseanfl("run", "-f", str(dep.fed), "--out", str(results), "--rounds", "1", "--set", "task.image_size=32",
+    res = aseanfl("run", "-f", str(dep.fed), "--out", str(results), "--rounds", "1", "--set", f"task.bundle={bundle}",
                   "--set", "train.local_epochs=2", "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120",
-                  "--set", f"model.weights={start}", "--set", "model.adapters.rank=2", timeout=400, cwd=tmp)
+                  "--set", "model.adapters.rank=2", timeout=400, cwd=tmp)
     return {"run": res, "start": start, "folder": next(results.glob("run-*"), results)}
 
 
@@ -790,6 +806,8 @@ def test_a_round_with_lora_adapters_sends_only_the_adapters_and_the_head(deploye
     run = deployed["adapters"]["run"]
     assert run.returncode == 0 and "finished:completed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
     assert "fine-tuning LoRA adapters (rank 2) and the classifier head" in run.stdout, run.stdout[-3000:]
+    card = yaml.safe_load((deployed["adapters"]["folder"] / "config.yaml").read_text())
+    assert card["model"]["name"] == "monai" and card["task"]["image_size"] == 32 and card["task"]["bundle"]
     rows = [r for r in csv.DictReader((deployed["adapters"]["folder"] / "metrics.csv").open()) if r["round"] == "1"]
     assert {r["site"] for r in rows if r["status"] == "ok"} == {*APPROVED, UNAPPROVED}, rows
     start, model = load_file(str(deployed["adapters"]["start"])), load_file(str(deployed["adapters"]["folder"] /

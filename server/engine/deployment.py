@@ -40,6 +40,9 @@ class TaskConfig(Strict):
     classes: list[str] | None = Field(None, description="the federation's class names in label order; every hospital "
                                                         "must give these (site.yaml classes: maps its own); default: "
                                                         "the hospitals must agree among themselves")
+    bundle: Path | None = Field(None, description="a MONAI bundle folder on the coordinator as the task: it sets the "
+                                                  "fields above and model.* (medimaging/bundles.py); only its network's "
+                                                  "arguments and weights reach hospitals")
 
     @model_validator(mode="after")
     def _names(self) -> "TaskConfig":
@@ -54,14 +57,41 @@ class DeploymentConfig(RunConfig):
     wait_timeout_s: float = Field(300.0, gt=0, description="how long to wait for them; then start with those connected")
     dp_models: bool = Field(True, description="DP-SGD-compatible layers, so any hospital may train privately")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bundle(cls, data):
+        task = data.get("task") if isinstance(data, dict) else None
+        if isinstance(task, dict) and task.get("bundle"):
+            data = {**data, **bundle_task(task, data.get("model"))}
+        return data
+
     @model_validator(mode="after")
     def _fits_task(self) -> "DeploymentConfig":
         try:
-            check_model_task(self.model.name, self.task.kind, self.task.image_size)
+            check_model_task(self.model, self.task.kind, self.task.image_size)
             check_augment(self.train.augment, self.task.kind, self.task.spatial_dims)
         except ValueError as exc:
             raise ValueError(f"task.kind={self.task.kind}: {exc}") from None
         return self
+
+
+def bundle_task(task: dict, model) -> dict:
+    """task: and model: as the bundle sets them; a field given in federation.yaml must agree."""
+    from medimaging.bundles import BundleError, bundle_model, check_network, read_bundle
+
+    bundle = read_bundle(Path(task["bundle"]))
+    wanted = {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes, "kind": bundle.kind,
+              "spatial_dims": bundle.spatial_dims}
+    for key, value in wanted.items():
+        if task.get(key) is not None and str(task[key]) != str(value):
+            raise BundleError(f"task.{key}: {task[key]}, but bundle {bundle.path} says {value} (metadata.json "
+                              "network_data_format); leave it out")
+    size = task.get("image_size") or bundle.side
+    if size is None:
+        raise BundleError(f"task.image_size: bundle {bundle.path} takes any multiple of {bundle.multiple}; set one")
+    bundle.check_size(int(size), "task.image_size")
+    check_network(bundle, int(size))
+    return {"task": {**task, **wanted, "image_size": int(size)}, "model": bundle_model(model, bundle, "task.bundle")}
 
 
 def config_from_run_config(run_config: dict) -> DeploymentConfig:

@@ -209,10 +209,13 @@ def _weights_line(run_dir: Path) -> list[str]:
     import yaml
 
     path = run_dir / "config.yaml"
-    model = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}) if path.is_file() else {}
+    tree = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    model, bundle = tree.get("model") or {}, tree.get("bundle") or (tree.get("task") or {}).get("bundle")
+    lines = [_("The task came from the MONAI bundle {folder}: network {network}, its inputs and outputs checked "
+               "against the data.", folder=bundle, network=(model.get("network") or {}).get("target"))] if bundle else []
     if not model.get("weights"):
-        return []
-    lines = [_("Started from pretrained weights {file} (sha256 {sha256}){head}.", file=model["weights"],
+        return lines
+    lines += [_("Started from pretrained weights {file} (sha256 {sha256}){head}.", file=model["weights"],
                sha256=model.get("weights_sha256"), head=_(", with a new classifier head") if model.get("new_head") else "")]
     adapters, frozen = model.get("adapters"), model.get("freeze")
     if adapters or frozen:
