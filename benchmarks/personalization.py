@@ -9,7 +9,7 @@ npz's own val split; the average over hospitals leaves out a hospital whose vali
 are all of one class (no AUC).
 
     python -m benchmarks.personalization [--seeds 42,1,2] [--rounds 10] [--alpha 0.3] [--model cnn]
-        [--ditto-lambda 1.0] [--tau 1.0] [--only local,fedavg,ditto]
+        [--ditto-lambda 1.0] [--ditto-epochs 2] [--tau 1.0] [--only local,fedavg,ditto]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 import statistics
 import tempfile
 
-from benchmarks.common import PNEUMONIA, centralized, final_global, fresh_model, sites
+from benchmarks.common import PNEUMONIA, centralized, centralized_selected, fresh_model, selected, sites
 from medimaging.training import evaluate, train_epochs
 from server.records.outputs import read_rows
 from simulations.config import load_config
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--ditto-lambda", type=float, default=1.0)
+    ap.add_argument("--ditto-epochs", type=int, default=None, help="the personal model's epochs a round (default: 1)")
     ap.add_argument("--tau", type=float, default=1.0, help="train.logit_adjustment of the logit-adjusted FedAvg")
     ap.add_argument("--only", default="", help="settings whose names start with these words, e.g. local,fedavg,ditto")
     args = ap.parse_args()
@@ -66,17 +67,19 @@ def main() -> None:
                 "SCAFFOLD (global)": {"strategy.name": "scaffold", "train.optimizer": "sgd", "train.lr": 0.01},
                 "FedMedian (global)": {"strategy.name": "fedmedian"},
                 "FedAvg + logit adjustment (global)": {"train.logit_adjustment": args.tau},
+                "FedMedian + logit adjustment (global)": {"strategy.name": "fedmedian",
+                                                          "train.logit_adjustment": args.tau},
                 "FedPer (personalized)": {"strategy.personalization.method": "fedper"},
                 "FedRep (personalized)": {"strategy.personalization.method": "fedrep"},
                 "Ditto (personalized)": {"strategy.personalization.method": "ditto",
-                                         "strategy.personalization.ditto_lambda": args.ditto_lambda},
+                                         "strategy.personalization.ditto_lambda": args.ditto_lambda,
+                                         "strategy.personalization.ditto_epochs": args.ditto_epochs},
                 "APFL (personalized)": {"strategy.personalization.method": "apfl"}}
     if args.only:
         settings = {k: v for k, v in settings.items() if k.split()[0].lower() in args.only.lower().split(",")}
     means: dict[str, list[float]] = {k: [] for k in settings}
-    tests: dict[str, list[float]] = {k: [] for k in ("centralized", "FedAvg (global)", "SCAFFOLD (global)",
-                                                     "FedMedian (global)", "FedAvg + logit adjustment (global)")
-                                     if k in settings or (k == "centralized" and "local only" in settings)}
+    globals_ = [k for k in settings if k.endswith("(global)")]
+    tests: dict[str, list[tuple[float, float]]] = {k: [] for k in ["centralized"] * ("local only" in settings) + globals_}
     for seed in seeds:
         base = {"data.path": args.data, "sites": 5, "partition.scheme": "dirichlet", "partition.alpha": args.alpha,
                 "server.rounds": args.rounds, "train.local_epochs": 1, "seed": seed, "model.name": args.model}
@@ -86,13 +89,14 @@ def main() -> None:
                 cfg = load_config(None, {**base, **(sets or {}), "server.output_dir": out})
                 if sets is None:
                     per_site[label] = _local_only(cfg, args.rounds)
-                    tests["centralized"].append(centralized(cfg, args.rounds)[0]["auc"])
+                    best, _, _, _ = centralized_selected(cfg, args.rounds)  # the epoch with the best validation AUC
+                    tests["centralized"].append((best, centralized(cfg, args.rounds)[0]["auc"]))
                 else:
                     run_dir = simulate(cfg)
                     per_site[label] = _final_site_auc(run_dir, "pers_val_auc" if label[:4] in ("Ditt", "APFL")
                                                       else "val_auc")
-                    if label in tests:
-                        tests[label].append(final_global(run_dir)["test_auc"])
+                    if label in tests:  # (at the round with the best federated validation AUC, at the last)
+                        tests[label].append(selected(run_dir)[:2])
             means[label].append(_mean(per_site[label]))
         print(f"seed {seed}: " + "; ".join(f"{k} {means[k][-1]:.3f}" for k in settings), flush=True)
         if seed == seeds[0]:
@@ -106,9 +110,13 @@ def main() -> None:
     print("| setting | mean validation AUC over hospitals |\n|---|---|")
     for label, values in means.items():
         print(f"| {label} | {statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f} |")
-    print("\n| model | test AUC, final round (centralized: as many epochs) |\n|---|---|")
-    for label, values in tests.items():
-        print(f"| {label} | {statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f} |")
+    print("\n| model | test AUC, best-validation round | test AUC, final round |\n|---|---|---|")
+    for label, pairs in tests.items():
+        cells = [[p[i] for p in pairs] for i in (0, 1)]
+        print(f"| {label} | " + " | ".join(f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
+                                          for v in cells) + " |")
+    print("(centralized: as many epochs; best-validation: a fresh optimiser each epoch, as each round's, the epoch "
+          "with the best pooled validation AUC; final: one run of all epochs)")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ class Personalization(Message):
     method: Literal[PERSONAL_METHODS] = "none"  # type: ignore[valid-type]
     head_epochs: int = Field(1, ge=1, le=100, description="fedrep: epochs on the head (body frozen) before the body's")
     ditto_lambda: float = Field(1.0, ge=0, description="ditto: pull of the personal model towards the global one")
+    ditto_epochs: int | None = Field(None, ge=1, le=100, description="ditto: the personal model's epochs each round "
+                                                                      "(Li et al.'s local personal steps); default: "
+                                                                      "train.local_epochs")
     apfl_alpha: float = Field(0.25, ge=0, le=1, description="apfl: starting weight of the personal model in the mix "
                                                             "(then learned by each hospital)")
 

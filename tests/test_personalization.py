@@ -105,6 +105,33 @@ def test_fedrep_trains_the_head_alone_first_then_the_body_alone(monkeypatch):
     assert steps == (3 + 2) * 2 and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("ditto_epochs, expected", [(None, 2), (3, 3)])
+def test_dittos_personal_model_trains_its_own_epochs(monkeypatch, ditto_epochs, expected):
+    """personalization.ditto_epochs sets the personal model's epochs a round (default: the global
+    model's)."""
+    import client.training.personal as personal
+    from medimaging.datasets import Split
+    from protocol.messages import TrainConfig
+
+    torch.manual_seed(0)
+    received = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    epochs, real = [], personal.train_epochs
+
+    def recording(model, split, n, *args, **kwargs):
+        epochs.append(n)
+        return real(model, split, n, *args, **kwargs)
+
+    monkeypatch.setattr(personal, "train_epochs", recording)
+    split = Split(torch.randn(20, 1, 4, 4), torch.tensor([0, 1] * 10))
+    spec = Personalization(method="ditto", ditto_lambda=1.0, ditto_epochs=ditto_epochs)
+    own = personal.PersonalModel(spec, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
+                                 received)
+    own.train(split, TrainConfig(local_epochs=2, batch_size=10, optimizer="sgd", lr=0.1), seed=0)
+    assert epochs == [expected]
+    moved = sum((p - q).abs().sum() for p, q in zip(own.model.parameters(), received.parameters()))
+    assert moved > 0  # it trained
+
+
 def test_apfl_mix_is_the_personal_model_at_one_and_the_global_at_zero():
     from client.training.personal import Mixed
 

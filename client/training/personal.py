@@ -83,7 +83,8 @@ class PersonalModel:
             self.alpha = float(context.state.config_records[PERSONAL_MIX]["alpha"])
 
     def train(self, split: Split, cfg: TrainConfig, seed: int, precision=None) -> None:
-        """One round of the personal model's training, as many epochs as the global model's."""
+        """One round of the personal model's training: as many epochs as the global model's (Ditto:
+        personalization.ditto_epochs where set)."""
         seed += 20_011  # its own batch order and augmentation, apart from the global model's
         # no logit adjustment here: the personal model is meant to fit this hospital's own class mix
         if self.spec.method == "ditto":
@@ -95,7 +96,8 @@ class PersonalModel:
                     if p.grad is not None:
                         p.grad.add_(p - a, alpha=self.spec.ditto_lambda)
 
-            train_epochs(self.model, split, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed,
+            epochs = self.spec.ditto_epochs or cfg.local_epochs
+            train_epochs(self.model, split, epochs, cfg.batch_size, cfg.lr, cfg.optimizer, seed,
                          augment=cfg.augment, precision=precision, correct=pull)
             return
         mixed = Mixed(self.model, self.received, self.alpha)
