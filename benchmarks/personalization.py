@@ -1,15 +1,16 @@
 """Hospitals that differ: per hospital, validation AUC of its local-only model, of the global
-FedAvg (plain and with logit adjustment), SCAFFOLD and FedMedian models, and of its personalized models (FedPer and FedRep: shared
-body, its own head; Ditto and APFL: its own whole model beside the global one), on
-pneumoniamnist Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch, several seeds; and
-the global models' test AUC beside the same model trained centrally on the pooled images.
-SCAFFOLD needs SGD (lr 0.01, momentum 0.9; at 0.05 it diverged on the single-class hospitals);
-the others train with the default Adam (lr 0.001). Each hospital validates on its share of the
-npz's own val split; the average over hospitals leaves out a hospital whose validation images
-are all of one class (no AUC).
+FedAvg, SCAFFOLD and FedMedian models (FedAvg and FedMedian also with logit adjustment), and of
+its personalized models (FedPer and FedRep: shared body, its own head; Ditto, over FedAvg or over
+FedMedian, and APFL: its own whole model beside the global one), on pneumoniamnist
+Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch, several seeds; and the global models'
+test AUC (at the round with the best federated validation AUC, and at the last) beside the same
+model trained centrally on the pooled images. SCAFFOLD needs SGD (lr 0.01, momentum 0.9; at 0.05
+it diverged on the single-class hospitals); the others train with the default Adam (lr 0.001).
+Each hospital validates on its share of the npz's own val split; the average over hospitals
+leaves out a hospital whose validation images are all of one class (no AUC).
 
     python -m benchmarks.personalization [--seeds 42,1,2] [--rounds 10] [--alpha 0.3] [--model cnn]
-        [--ditto-lambda 1.0] [--ditto-epochs 2] [--tau 1.0] [--only local,fedavg,ditto]
+        [--ditto-lambda 1.0] [--ditto-epochs 2] [--tau 1.0] [--set train.augment.flip=true] [--only local,fedavg,ditto]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 from benchmarks.common import PNEUMONIA, centralized, centralized_selected, fresh_model, selected, sites
 from medimaging.training import evaluate, train_epochs
 from server.records.outputs import read_rows
-from simulations.config import load_config
+from simulations.config import load_config, parse_sets
 from simulations.federation import task_shape
 from simulations.runner import simulate
 
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--ditto-lambda", type=float, default=1.0)
     ap.add_argument("--ditto-epochs", type=int, default=None, help="the personal model's epochs a round (default: 1)")
     ap.add_argument("--tau", type=float, default=1.0, help="train.logit_adjustment of the logit-adjusted FedAvg")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every run and the "
+                                                                           "centralized model, e.g. train.augment.flip=true")
     ap.add_argument("--only", default="", help="settings whose names start with these words, e.g. local,fedavg,ditto")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -74,7 +77,12 @@ def main() -> None:
                 "Ditto (personalized)": {"strategy.personalization.method": "ditto",
                                          "strategy.personalization.ditto_lambda": args.ditto_lambda,
                                          "strategy.personalization.ditto_epochs": args.ditto_epochs},
-                "APFL (personalized)": {"strategy.personalization.method": "apfl"}}
+                "Ditto over FedMedian (personalized)": {"strategy.name": "fedmedian",
+                                                        "strategy.personalization.method": "ditto",
+                                                        "strategy.personalization.ditto_lambda": args.ditto_lambda,
+                                                        "strategy.personalization.ditto_epochs": args.ditto_epochs},
+                "APFL (personalized)": {"strategy.personalization.method": "apfl"},
+                "FedAvg + fine-tuning (personalized)": {"strategy.finetune_eval": True}}
     if args.only:
         settings = {k: v for k, v in settings.items() if k.split()[0].lower() in args.only.lower().split(",")}
     means: dict[str, list[float]] = {k: [] for k in settings}
@@ -82,7 +90,8 @@ def main() -> None:
     tests: dict[str, list[tuple[float, float]]] = {k: [] for k in ["centralized"] * ("local only" in settings) + globals_}
     for seed in seeds:
         base = {"data.path": args.data, "sites": 5, "partition.scheme": "dirichlet", "partition.alpha": args.alpha,
-                "server.rounds": args.rounds, "train.local_epochs": 1, "seed": seed, "model.name": args.model}
+                "server.rounds": args.rounds, "train.local_epochs": 1, "seed": seed, "model.name": args.model,
+                **parse_sets(args.sets)}
         per_site = {}
         for label, sets in settings.items():
             with tempfile.TemporaryDirectory() as out:
@@ -93,8 +102,9 @@ def main() -> None:
                     tests["centralized"].append((best, centralized(cfg, args.rounds)[0]["auc"]))
                 else:
                     run_dir = simulate(cfg)
-                    per_site[label] = _final_site_auc(run_dir, "pers_val_auc" if label[:4] in ("Ditt", "APFL")
-                                                      else "val_auc")
+                    column = ("pers_val_auc" if label[:4] in ("Ditt", "APFL") else
+                              "ft_val_auc" if "fine-tuning" in label else "val_auc")
+                    per_site[label] = _final_site_auc(run_dir, column)
                     if label in tests:  # (at the round with the best federated validation AUC, at the last)
                         tests[label].append(selected(run_dir)[:2])
             means[label].append(_mean(per_site[label]))
