@@ -28,6 +28,8 @@ from medimaging.config import NETWORKS, NetworkSpec
 
 CONFIGS = ("inference.json", "inference.yaml", "inference.yml", "train.json", "train.yaml", "train.yml")
 WEIGHTS = ("model.safetensors", "model.pt")
+# how the Model Zoo's classification bundles name their output's format
+CLASSIFICATION = {"classification": "classification", "classes": "classification", "labels": "classification"}
 _MULTIPLE = re.compile(r"^\s*(\d*)\s*\*?\s*n\s*$")  # "16*n", "n": any multiple of 16 (of 1)
 
 
@@ -191,7 +193,7 @@ def _read(folder: Path, _stamp: tuple) -> Bundle:  # noqa: C901 - one check afte
         raise BundleError(f"{where} no network_data_format (inputs and outputs), so the task cannot be checked")
     inp, out = _one(formats.get("inputs"), "inputs", where), _one(formats.get("outputs"), "outputs", where)
     channels, classes = inp.get("num_channels"), out.get("num_channels")
-    kind = out.get("format")
+    kind = CLASSIFICATION.get(out.get("format"), out.get("format"))
     if kind not in ("classification", "segmentation"):
         raise BundleError(f"{where} outputs format {kind!r}: aseanfl trains classification and segmentation "
                           "bundles (detection, regression and generative bundles need their own losses)")

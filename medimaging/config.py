@@ -14,7 +14,8 @@ MODEL_MIN_SIZE = {"cnn": 16, "smallresnet": 8, "resnet18": 16, "densenet121": 32
 # MONAI networks a bundle's network_def may name (model.name=monai), with the task each does. Hospitals
 # build them from literal arguments only: no bundle code runs anywhere (medimaging/bundles.py).
 NETWORKS = {"Classifier": "classification", "DenseNet121": "classification", "DenseNet169": "classification",
-            "DenseNet201": "classification", "ResNet": "classification", "UNet": "segmentation",
+            "DenseNet201": "classification", "ResNet": "classification", "SEResNet50": "classification",
+            "SEResNet101": "classification", "UNet": "segmentation",
             "BasicUNet": "segmentation", "SegResNet": "segmentation", "AttentionUnet": "segmentation"}
 Task = Literal["classification", "segmentation"]
 Dims = Literal[2, 3]

@@ -190,3 +190,23 @@ def test_a_hospital_refuses_a_task_whose_network_is_code(cxr_bundle, network):
     task["model"]["network"] = network
     with pytest.raises(ValidationError):
         TaskSpec.model_validate(task)
+
+
+ZOO = Path(__file__).parent / "data" / "monai_zoo"
+
+
+def test_the_model_zoos_own_layouts_are_read_past_their_code():
+    """Two bundles' configs as the MONAI Model Zoo ships them (tests/data/monai_zoo: `$` code,
+    transforms, an evaluator around the network_def; 'classes' as a classifier's output format)."""
+    spleen = check_run_config(f"task:\n  bundle: {ZOO / 'spleen_ct_segmentation'}\n", [])  # its UNet run on 96^3
+    t = spleen.task
+    assert (t.kind, t.spatial_dims, t.image_size, t.in_channels, t.num_classes) == ("segmentation", 3, 96, 1, 2)
+    assert spleen.model.network.args["channels"] == [16, 32, 64, 128, 256] and spleen.model.weights is None
+    spleen_bundle = read_bundle(ZOO / "spleen_ct_segmentation")
+    assert spleen_bundle.labels == ("background", "spleen") and "trained on patches" in spleen_bundle.line()
+    endoscopy = read_bundle(ZOO / "endoscopic_inbody_classification")
+    assert (endoscopy.kind, endoscopy.in_channels, endoscopy.side, endoscopy.network.target) == \
+        ("classification", 3, 256, "SEResNet50")
+    cfg = load_config(None, {"bundle": str(endoscopy.path), "data.path": str(medmnist_file("pneumoniamnist"))})
+    with pytest.raises(ConfigError, match="its input channels is 3, pneumoniamnist.npz has 1"):
+        task_shape(cfg)
