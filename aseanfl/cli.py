@@ -187,6 +187,38 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder (simulated or 
     typer.echo(f"done: {path}")
 
 
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="a model file (safetensors), e.g. a run folder's model_best.safetensors"),
+    bundle: Path = typer.Option(..., "--bundle", help="the MONAI bundle folder to write (must not exist)"),
+    card: Optional[Path] = typer.Option(None, help="its model card (YAML); default: config.yaml beside the model file"),
+) -> None:
+    """Write a model as a MONAI bundle (network_def, metadata, weights; LoRA adapters merged in):
+    the next federation starts from it with --bundle or task.bundle."""
+    from medimaging.export import ExportError, export_bundle
+    from medimaging.weights import file_sha256
+    from medimaging.yamlconfig import ConfigError
+
+    from aseanfl.contest_cli import model_card
+
+    if not model.is_file():
+        _fail(f"{model}: no such model file")
+    try:
+        found, _where = model_card(model, card)
+        from safetensors.torch import load_file
+
+        state = load_file(str(model))
+        written = export_bundle(bundle, model, state, found.model, task=found.task, in_channels=found.in_channels,
+                                num_classes=found.num_classes, image_size=found.image_size,
+                                spatial_dims=found.spatial_dims, private=found.private, sha256=file_sha256(model),
+                                name=f"aseanfl-{model.parent.name}")
+    except (ConfigError, ExportError) as exc:
+        _fail(str(exc))
+    except (OSError, ValueError) as exc:  # an unreadable safetensors file
+        _fail(f"{model}: not a readable model file ({type(exc).__name__}: {exc})", "error", 1)
+    typer.echo(f"done: {bundle}  ({written.line()})")
+
+
 from aseanfl.client_cli import app as client_app  # noqa: E402
 from aseanfl.contest_cli import contest_app, leaderboard  # noqa: E402
 from aseanfl.demo import demo  # noqa: E402

@@ -6,11 +6,11 @@ import logging
 
 import torch
 from monai.networks.layers.utils import get_norm_layer
-from monai.networks.nets import UNet, Classifier, DenseNet121, ResNet, resnet18
+from monai.networks.nets import ResNet, resnet18
 from monai.networks.nets.resnet import ResNetBlock
 from opacus.validators import ModuleValidator
 
-from medimaging.config import MODEL_MIN_SIZE, ModelConfig
+from medimaging.config import MODEL_MIN_SIZE, ModelConfig, NetworkSpec
 
 log = logging.getLogger("aseanfl")
 
@@ -72,31 +72,43 @@ def build_model(
     return model
 
 
-def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, dims: int) -> torch.nn.Module:
-    if image_size < MODEL_MIN_SIZE[cfg.name]:
-        raise ValueError(f"model.name={cfg.name} needs images of at least {MODEL_MIN_SIZE[cfg.name]} px")
-    if cfg.name == "monai":  # a bundle's network, from literal arguments (checked at the coordinator)
-        from medimaging.bundles import build_network
+def network_spec(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, dims: int) -> NetworkSpec | None:
+    """The MONAI class and arguments of model.name, where MONAI's own constructor builds it whole
+    (cnn, unet, densenet121, a bundle's network): what a MONAI bundle's network_def says
+    (medimaging/export.py). None for smallresnet/resnet18, whose layers _enforce changes after."""
+    def value(norm: str):  # a bundle's arguments are JSON values: tuples as lists
+        return list(_norm(norm)) if isinstance(_norm(norm), tuple) else _norm(norm)
 
-        return _enforce(build_network(cfg.network), "batch", dims)  # its own norms; out-of-place for Opacus
+    relu = ["relu", {"inplace": False}]
+    if cfg.name == "monai":
+        return cfg.network
     if cfg.name == "unet":
         # Three down/up levels with one residual unit each; ReLU (out-of-place) as Opacus needs.
         # Its last layers have as few channels as labels, too few for 8 groups: instance norm.
-        return UNet(
-            spatial_dims=dims, in_channels=in_channels, out_channels=num_classes,
-            channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1,
-            act=("relu", {"inplace": False}), norm=_norm("batch" if cfg.norm == "batch" else "instance"),
-        )
+        return NetworkSpec(target="UNet", args=dict(
+            spatial_dims=dims, in_channels=in_channels, out_channels=num_classes, channels=[16, 32, 64, 128],
+            strides=[2, 2, 2], num_res_units=1, act=relu,
+            norm=value("batch" if cfg.norm == "batch" else "instance")))
     if cfg.name == "cnn":
         # Small and fast: three strided conv blocks with instance norm, then a linear head.
-        return Classifier(
-            in_shape=(in_channels, *(image_size,) * dims),
-            classes=num_classes,
-            channels=(16, 32, 64),
-            strides=(2, 2, 2),
-            num_res_units=0,
-            dropout=0.1,
-        )
+        return NetworkSpec(target="Classifier", args=dict(
+            in_shape=[in_channels, *(image_size,) * dims], classes=num_classes, channels=[16, 32, 64],
+            strides=[2, 2, 2], num_res_units=0, dropout=0.1))
+    if cfg.name == "densenet121":
+        return NetworkSpec(target="DenseNet121", args=dict(
+            spatial_dims=dims, in_channels=in_channels, out_channels=num_classes, norm=value(cfg.norm), act=relu))
+    return None
+
+
+def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int, dims: int) -> torch.nn.Module:
+    if image_size < MODEL_MIN_SIZE[cfg.name]:
+        raise ValueError(f"model.name={cfg.name} needs images of at least {MODEL_MIN_SIZE[cfg.name]} px")
+    spec = network_spec(cfg, in_channels, num_classes, image_size, dims)
+    if spec is not None:
+        from medimaging.bundles import build_network
+
+        built = build_network(spec)  # a bundle's own norms are kept; every operation made out-of-place (Opacus)
+        return _enforce(built, "batch", dims) if cfg.name == "monai" else built
     if cfg.name == "smallresnet":
         # MONAI's ResNet, one basic block per stage and widths 16-128 (resnet18: two blocks, 64-512):
         # 0.9 M parameters in 3D against resnet18's 33 M. The first convolution keeps full
@@ -107,15 +119,10 @@ def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
             n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, num_classes=num_classes,
             norm=_norm(cfg.norm), act=("relu", {"inplace": False}),
         ), cfg.norm, dims)
-    if cfg.name == "resnet18":
-        return _enforce(resnet18(
-            spatial_dims=dims, n_input_channels=in_channels, num_classes=num_classes,
-            norm=_norm(cfg.norm), act=("relu", {"inplace": False}),
-        ), cfg.norm, dims)
-    return DenseNet121(
-        spatial_dims=dims, in_channels=in_channels, out_channels=num_classes,
+    return _enforce(resnet18(
+        spatial_dims=dims, n_input_channels=in_channels, num_classes=num_classes,
         norm=_norm(cfg.norm), act=("relu", {"inplace": False}),
-    )
+    ), cfg.norm, dims)
 
 
 def head_keys(model: torch.nn.Module) -> set[str]:

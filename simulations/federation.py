@@ -44,7 +44,7 @@ def task_shape(cfg: SimulationConfig) -> TaskShape:
     if cfg.model.name == "unet" and cfg.data.image_size is None:
         size = -(-size // 8) * 8  # the next multiple of 8
     try:
-        if cfg.bundle is not None:
+        if cfg.bundle is not None and cfg.bundle.is_dir():  # (a run's config.yaml is read without its bundle too)
             size = _bundle_fits(cfg, (channels, classes, task, dims), native)
         check_model_task(cfg.model, task, size)
         check_augment(cfg.train.augment, task, dims)

@@ -5,6 +5,7 @@ bundle's file and field; a task whose network is not plain MONAI data is refused
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def cxr_bundle(tmp_path_factory):
 
 
 def test_a_classification_bundle_is_the_task_of_a_federation(cxr_bundle, tmp_path):
-    folder, trained = cxr_bundle
+    folder, trained = Path(shutil.copytree(cxr_bundle[0], tmp_path / "cxr_demo")), cxr_bundle[1]
     data = medmnist_file("pneumoniamnist")
     cfg = load_config(None, {"bundle": str(folder), "data.path": str(data), "sites": 3, "server.rounds": 2,
                              "server.output_dir": str(tmp_path)})
@@ -81,6 +82,10 @@ def test_a_classification_bundle_is_the_task_of_a_federation(cxr_bundle, tmp_pat
     assert f"The task came from the MONAI bundle {folder}: network Classifier" in report
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["test_auc"] > 0.85, summary  # pneumonia vs normal: well above chance (0.5)
+    shutil.rmtree(folder)  # the run's own config.yaml is read as its model card without the bundle
+    result = CliRunner().invoke(app, ["export", str(run_dir / "model.safetensors"), "--bundle", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert read_bundle(tmp_path / "out").network == cfg.model.network  # the trained model, a bundle again
 
 
 def test_a_segmentation_bundle_with_any_multiple_of_16_trains_on_masks(tmp_path):

@@ -59,9 +59,10 @@ class DeploymentConfig(RunConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _from_bundle(cls, data):
+    def _from_bundle(cls, data):  # not again for a run's config.yaml, whose model holds the network
         task = data.get("task") if isinstance(data, dict) else None
-        if isinstance(task, dict) and task.get("bundle"):
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(task, dict) and task.get("bundle") and not (isinstance(model, dict) and model.get("network")):
             data = {**data, **bundle_task(task, data.get("model"))}
         return data
 
