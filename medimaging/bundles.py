@@ -193,7 +193,8 @@ def _read(folder: Path, _stamp: tuple) -> Bundle:  # noqa: C901 - one check afte
         raise BundleError(f"{where} no network_data_format (inputs and outputs), so the task cannot be checked")
     inp, out = _one(formats.get("inputs"), "inputs", where), _one(formats.get("outputs"), "outputs", where)
     channels, classes = inp.get("num_channels"), out.get("num_channels")
-    kind = CLASSIFICATION.get(out.get("format"), out.get("format"))
+    kind = out.get("format")
+    kind = CLASSIFICATION.get(kind, kind) if isinstance(kind, str) else kind
     if kind not in ("classification", "segmentation"):
         raise BundleError(f"{where} outputs format {kind!r}: aseanfl trains classification and segmentation "
                           "bundles (detection, regression and generative bundles need their own losses)")
