@@ -1,6 +1,6 @@
 """Hospitals that differ: per hospital, validation AUC of its local-only model, of the global
 FedAvg, SCAFFOLD and FedMedian models (FedAvg and FedMedian also with logit adjustment), and of
-its personalized models (FedPer and FedRep: shared body, its own head; Ditto, over FedAvg or over
+its personalized models (FedPer and FedRep: shared body, its own head; Ditto, over FedAvg, FedProx or
 FedMedian, and APFL: its own whole model beside the global one), on pneumoniamnist
 Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch, several seeds; and the global models'
 test AUC (at the round with the best federated validation AUC, and at the last) beside the same
@@ -10,7 +10,7 @@ Each hospital validates on its share of the npz's own val split; the average ove
 leaves out a hospital whose validation images are all of one class (no AUC).
 
     python -m benchmarks.personalization [--seeds 42,1,2] [--rounds 10] [--alpha 0.3] [--model cnn]
-        [--ditto-lambda 1.0] [--ditto-epochs 2] [--tau 1.0] [--set train.augment.flip=true] [--only local,fedavg,ditto]
+        [--ditto-lambda 1.0] [--ditto-epochs 2] [--prox-mu 10] [--tau 1.0] [--set train.augment.flip=true] [--only local,fedavg,ditto]
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--ditto-lambda", type=float, default=1.0)
     ap.add_argument("--ditto-epochs", type=int, default=None, help="the personal model's epochs a round (default: 1)")
+    ap.add_argument("--prox-mu", type=float, default=10.0, help="FedProx's mu under Ditto over FedProx (a pull of "
+                                                                   "lr x mu per step)")
     ap.add_argument("--tau", type=float, default=1.0, help="train.logit_adjustment of the logit-adjusted FedAvg")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every run and the "
                                                                            "centralized model, e.g. train.augment.flip=true")
@@ -77,6 +79,10 @@ def main() -> None:
                 "Ditto (personalized)": {"strategy.personalization.method": "ditto",
                                          "strategy.personalization.ditto_lambda": args.ditto_lambda,
                                          "strategy.personalization.ditto_epochs": args.ditto_epochs},
+                "Ditto over FedProx (personalized)": {"strategy.name": "fedprox", "strategy.proximal_mu": args.prox_mu,
+                                                      "strategy.personalization.method": "ditto",
+                                                      "strategy.personalization.ditto_lambda": args.ditto_lambda,
+                                                      "strategy.personalization.ditto_epochs": args.ditto_epochs},
                 "Ditto over FedMedian (personalized)": {"strategy.name": "fedmedian",
                                                         "strategy.personalization.method": "ditto",
                                                         "strategy.personalization.ditto_lambda": args.ditto_lambda,
@@ -108,7 +114,7 @@ def main() -> None:
                     if label in tests:  # (at the round with the best federated validation AUC, at the last)
                         tests[label].append(selected(run_dir)[:2])
             means[label].append(_mean(per_site[label]))
-        print(f"seed {seed}: " + "; ".join(f"{k} {means[k][-1]:.3f}" for k in settings), flush=True)
+        print(f"seed {seed}: " + "; ".join(f"{k} {means[k][-1]:.4f}" for k in settings), flush=True)
         if seed == seeds[0]:
             print("| hospital | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
             for name in cfg.sites:
@@ -119,7 +125,7 @@ def main() -> None:
           f"seeds {seeds}, mean ± sd")
     print("| setting | mean validation AUC over hospitals |\n|---|---|")
     for label, values in means.items():
-        print(f"| {label} | {statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f} |")
+        print(f"| {label} | {statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f} |")
     print("\n| model | test AUC, best-validation round | test AUC, final round |\n|---|---|---|")
     for label, pairs in tests.items():
         cells = [[p[i] for p in pairs] for i in (0, 1)]
