@@ -227,6 +227,13 @@ def _read(folder: Path, _stamp: tuple) -> Bundle:  # noqa: C901 - one check afte
                   notes=tuple(notes))
 
 
+def holds_network(model) -> bool:
+    """A config's model section already holds a bundle's network (a run's config.yaml): the
+    bundle need not be read again, nor be there (the config is read as a model card)."""
+    network = model.get("network") if isinstance(model, dict) else getattr(model, "network", None)
+    return network is not None
+
+
 def bundle_model(model, bundle: Bundle, field: str) -> dict:
     """A config's model section with the bundle's network and weights filled in (a file given
     as model.weights stays: e.g. last year's fine-tune of the same network)."""

@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+import monai
 import torch
 
 from medimaging.bundles import Bundle, BundleError, build_network, check_network, read_bundle
@@ -83,7 +84,7 @@ def export_bundle(out: Path, model_file: Path, state: dict[str, torch.Tensor], c
         (part / "models").mkdir()
         meta = {"name": name, "version": "1.0.0", "task": f"{task}, trained by a federation (aseanfl)",
                 "description": f"exported by aseanfl from {model_file.name} (sha256 {sha256})",
-                "monai_version": __import__("monai").__version__, "pytorch_version": torch.__version__,
+                "monai_version": monai.__version__, "pytorch_version": torch.__version__,
                 "network_data_format": _format(task, in_channels, num_classes, image_size, spatial_dims)}
         (part / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
         network_def = {"_target_": spec.target, **spec.args}

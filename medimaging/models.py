@@ -15,8 +15,9 @@ from medimaging.config import MODEL_MIN_SIZE, ModelConfig, NetworkSpec
 log = logging.getLogger("aseanfl")
 
 
-def _norm(name: str) -> str | tuple:
-    return {"group": ("group", {"num_groups": 8}), "instance": ("instance", {"affine": True})}.get(name, name)
+def _norm(name: str) -> str | list:
+    """MONAI's norm argument for model.norm (a list, not a tuple: it is also a bundle's JSON value)."""
+    return {"group": ["group", {"num_groups": 8}], "instance": ["instance", {"affine": True}]}.get(name, name)
 
 
 class _OutOfPlaceResNetBlock(ResNetBlock):
@@ -76,9 +77,6 @@ def network_spec(cfg: ModelConfig, in_channels: int, num_classes: int, image_siz
     """The MONAI class and arguments of model.name, where MONAI's own constructor builds it whole
     (cnn, unet, densenet121, a bundle's network): what a MONAI bundle's network_def says
     (medimaging/export.py). None for smallresnet/resnet18, whose layers _enforce changes after."""
-    def value(norm: str):  # a bundle's arguments are JSON values: tuples as lists
-        return list(_norm(norm)) if isinstance(_norm(norm), tuple) else _norm(norm)
-
     relu = ["relu", {"inplace": False}]
     if cfg.name == "monai":
         return cfg.network
@@ -88,7 +86,7 @@ def network_spec(cfg: ModelConfig, in_channels: int, num_classes: int, image_siz
         return NetworkSpec(target="UNet", args=dict(
             spatial_dims=dims, in_channels=in_channels, out_channels=num_classes, channels=[16, 32, 64, 128],
             strides=[2, 2, 2], num_res_units=1, act=relu,
-            norm=value("batch" if cfg.norm == "batch" else "instance")))
+            norm=_norm("batch" if cfg.norm == "batch" else "instance")))
     if cfg.name == "cnn":
         # Small and fast: three strided conv blocks with instance norm, then a linear head.
         return NetworkSpec(target="Classifier", args=dict(
@@ -96,7 +94,7 @@ def network_spec(cfg: ModelConfig, in_channels: int, num_classes: int, image_siz
             strides=[2, 2, 2], num_res_units=0, dropout=0.1))
     if cfg.name == "densenet121":
         return NetworkSpec(target="DenseNet121", args=dict(
-            spatial_dims=dims, in_channels=in_channels, out_channels=num_classes, norm=value(cfg.norm), act=relu))
+            spatial_dims=dims, in_channels=in_channels, out_channels=num_classes, norm=_norm(cfg.norm), act=relu))
     return None
 
 

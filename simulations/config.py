@@ -50,13 +50,14 @@ class SimulationConfig(RunConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _from_bundle(cls, data):
-        model = data.get("model") if isinstance(data, dict) else None
-        if isinstance(data, dict) and data.get("bundle") and not _resolved(model):
-            from medimaging.bundles import bundle_model, read_bundle
+    def _from_bundle(cls, data):  # not again for a run's config.yaml, whose model holds the network
+        if not (isinstance(data, dict) and data.get("bundle")):
+            return data
+        from medimaging.bundles import bundle_model, holds_network, read_bundle
 
-            data = {**data, "model": bundle_model(data.get("model"), read_bundle(Path(data["bundle"])), "bundle")}
-        return data
+        if holds_network(data.get("model")):
+            return data
+        return {**data, "model": bundle_model(data.get("model"), read_bundle(Path(data["bundle"])), "bundle")}
 
     def site_policy(self, site: str) -> PrivacyConfig:
         return PrivacyConfig.model_validate({**self.privacy.model_dump(), **self.site_privacy.get(site, {})})
@@ -105,13 +106,6 @@ class SimulationConfig(RunConfig):
                 f"(needs >= {MODEL_MIN_SIZE[self.model.name]})"
             )
         return self
-
-
-def _resolved(model) -> bool:
-    """A config written by a run (config.yaml): its model section already holds the bundle's
-    network, so the bundle folder need not be there to read it again (a model card)."""
-    network = model.get("network") if isinstance(model, dict) else getattr(model, "network", None)
-    return network is not None
 
 
 def load_config(path: Path | None = None, overrides: dict | None = None, schema: type[BaseModel] | None = None):

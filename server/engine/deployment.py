@@ -61,10 +61,11 @@ class DeploymentConfig(RunConfig):
     @classmethod
     def _from_bundle(cls, data):  # not again for a run's config.yaml, whose model holds the network
         task = data.get("task") if isinstance(data, dict) else None
-        model = data.get("model") if isinstance(data, dict) else None
-        if isinstance(task, dict) and task.get("bundle") and not (isinstance(model, dict) and model.get("network")):
-            data = {**data, **bundle_task(task, data.get("model"))}
-        return data
+        if not (isinstance(task, dict) and task.get("bundle")):
+            return data
+        from medimaging.bundles import holds_network
+
+        return data if holds_network(data.get("model")) else {**data, **bundle_task(task, data.get("model"))}
 
     @model_validator(mode="after")
     def _fits_task(self) -> "DeploymentConfig":
