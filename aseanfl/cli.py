@@ -195,6 +195,9 @@ def export(
 ) -> None:
     """Write a model as a MONAI bundle (network_def, metadata, weights; LoRA adapters merged in):
     the next federation starts from it with --bundle or task.bundle."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     from medimaging.export import ExportError, export_bundle
     from medimaging.weights import file_sha256
     from medimaging.yamlconfig import ConfigError
@@ -205,8 +208,6 @@ def export(
         _fail(f"{model}: no such model file")
     try:
         found, _where = model_card(model, card)
-        from safetensors.torch import load_file
-
         state = load_file(str(model))
         written = export_bundle(bundle, model, state, found.model, task=found.task, in_channels=found.in_channels,
                                 num_classes=found.num_classes, image_size=found.image_size,
@@ -214,7 +215,7 @@ def export(
                                 name=f"aseanfl-{model.parent.name}")
     except (ConfigError, ExportError) as exc:
         _fail(str(exc))
-    except (OSError, ValueError) as exc:  # an unreadable safetensors file
+    except (OSError, ValueError, SafetensorError) as exc:  # an unreadable safetensors file
         _fail(f"{model}: not a readable model file ({type(exc).__name__}: {exc})", "error", 1)
     typer.echo(f"done: {bundle}  ({written.line()})")
 

@@ -70,6 +70,10 @@ def test_what_cannot_be_exported_is_one_line_and_leaves_nothing(tmp_path):
     cnn = ModelConfig(name="cnn")
     result = _export(tmp_path / "model.safetensors", "--bundle", tmp_path / "out", "--card", _card(tmp_path, cnn))
     assert result.exit_code == 2 and "its tensors are not the card's model" in result.output  # a resnet file
+    (tmp_path / "model.safetensors").write_text("not a model")
+    result = _export(tmp_path / "model.safetensors", "--bundle", tmp_path / "out", "--card", _card(tmp_path, cnn))
+    assert result.exit_code == 1 and "not a readable model file" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     save_file(build_model(cnn, 1, 2, 28).state_dict(), str(tmp_path / "model.safetensors"))
     (tmp_path / "taken").mkdir()
     result = _export(tmp_path / "model.safetensors", "--bundle", tmp_path / "taken", "--card", _card(tmp_path, cnn))
