@@ -64,7 +64,8 @@ def centralized_selected(cfg: SimulationConfig, epochs: int) -> tuple[float, flo
     model, test, classes, tr = fresh_model(cfg), global_test(cfg), task_shape(cfg).num_classes, cfg.train
     best, last, start = (-1.0, math.nan, 0), math.nan, time.perf_counter()
     for epoch in range(1, epochs + 1):  # one epoch at a time: the optimiser restarts, as a round's does
-        train_epochs(model, pooled, 1, tr.batch_size, tr.lr, tr.optimizer, cfg.seed + epoch, augment=tr.augment)
+        lr = tr.lr * tr.lr_factor(epoch - 1, epochs)  # train.lr_schedule, as the federation's rounds have it
+        train_epochs(model, pooled, 1, tr.batch_size, lr, tr.optimizer, cfg.seed + epoch, augment=tr.augment)
         v, last = evaluate(model, val, classes)["auc"], evaluate(model, test, classes)["auc"]
         if v > best[0]:
             best = (v, last, epoch)
@@ -77,6 +78,11 @@ def centralized(cfg: SimulationConfig, epochs: int) -> tuple[dict[str, float], f
     pooled = Split(torch.cat([s.train.x for s in data]), torch.cat([s.train.y for s in data]))
     model, t = fresh_model(cfg), time.perf_counter()
     tr = cfg.train
-    train_epochs(model, pooled, epochs, tr.batch_size, tr.lr, tr.optimizer, cfg.seed, augment=tr.augment)
+    if tr.lr_schedule == "constant":
+        train_epochs(model, pooled, epochs, tr.batch_size, tr.lr, tr.optimizer, cfg.seed, augment=tr.augment)
+    else:  # a scheduled lr: epoch by epoch, the optimiser restarting as each round's does
+        for epoch in range(epochs):
+            train_epochs(model, pooled, 1, tr.batch_size, tr.lr * tr.lr_factor(epoch, epochs), tr.optimizer,
+                         cfg.seed + epoch + 1, augment=tr.augment)
     seconds = time.perf_counter() - t
     return evaluate(model, global_test(cfg), task_shape(cfg).num_classes), seconds

@@ -216,3 +216,26 @@ def test_fedper_true_is_shorthand_for_the_method_as_a_bool_field_reads_it():
     assert not StrategyConfig.model_validate({"personalization": {"method": "ditto"}}).fedper
     with pytest.raises(ValueError, match="valid boolean"):
         StrategyConfig.model_validate({"fedper": "maybe"})
+
+
+def test_the_server_sends_each_rounds_scheduled_learning_rate(tmp_path, monkeypatch):
+    """train.lr_schedule: step is MedMNIST v2's (x0.1 from half the rounds, x0.01 from three
+    quarters); the server sends each round's lr and the hospitals train with it; the benchmarks'
+    centralized model follows the same schedule epoch by epoch."""
+    import client.training.app as app
+    from protocol.messages import TrainConfig
+
+    seen, real = [], app.train_epochs
+
+    def recording(model, split, epochs, batch_size, lr, *args, **kwargs):
+        seen.append(lr)
+        return real(model, split, epochs, batch_size, lr, *args, **kwargs)
+
+    monkeypatch.setattr(app, "train_epochs", recording)
+    run_dir = simulate(_cfg(tmp_path, **{"server.rounds": 4, "sites": 2, "train.lr": 0.002,
+                                         "train.lr_schedule": "step"}))
+    assert seen == pytest.approx([0.002] * 4 + [0.0002] * 2 + [0.00002] * 2), seen  # 2 hospitals a round
+    assert "lr_schedule: step" in (run_dir / "config.yaml").read_text()
+    cosine = TrainConfig(lr=0.01, lr_schedule="cosine")
+    assert [cosine.at_round(r, 4).lr for r in (1, 3, 4)] == pytest.approx([0.01, 0.005, 0.01 * (1 - 2 ** -0.5) / 2])
+    assert cosine.at_round(0, 4) is cosine and TrainConfig(lr=0.01).at_round(3, 4).lr == 0.01

@@ -348,7 +348,7 @@ def _task(run: Run, rnd: int) -> TaskSpec:
         private=run.plan.private, client_clipping=client_clipping(s), fedbn=s.fedbn, personal=s.personalization,
         scaffold=s.name == "scaffold", finetune_eval=s.finetune_eval,
         codec=s.compression.codec, block=s.compression.block, topk=s.compression.topk,
-        error_feedback=s.compression.error_feedback, model=cfg.model, train=cfg.train,
+        error_feedback=s.compression.error_feedback, model=cfg.model, train=cfg.train.at_round(rnd, cfg.server.rounds),
         in_channels=shape.in_channels, num_classes=shape.num_classes, image_size=shape.image_size,
         task=shape.task, spatial_dims=shape.spatial_dims, classes=run.plan.classes,
     )
