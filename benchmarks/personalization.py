@@ -2,7 +2,7 @@
 FedAvg, SCAFFOLD and FedMedian models (FedAvg and FedMedian also with logit adjustment), and of
 its personalized models (FedPer and FedRep: shared body, its own head; Ditto, over FedAvg, FedProx or
 FedMedian, and APFL: its own whole model beside the global one), on pneumoniamnist
-Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch, several seeds; and the global models'
+Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch (or --local-epochs), several seeds; and the global models'
 test AUC (at the round with the best federated validation AUC, and at the last) beside the same
 model trained centrally on the pooled images. SCAFFOLD needs SGD (lr 0.01, momentum 0.9; at 0.05
 it diverged on the single-class hospitals); the others train with the default Adam (lr 0.001).
@@ -10,7 +10,7 @@ Each hospital validates on its share of the npz's own val split; the average ove
 leaves out a hospital whose validation images are all of one class (no AUC).
 
     python -m benchmarks.personalization [--seeds 42,1,2] [--rounds 10] [--alpha 0.3] [--model cnn]
-        [--ditto-lambda 1.0] [--ditto-epochs 2] [--prox-mu 10] [--tau 1.0] [--set train.augment.flip=true] [--only local,fedavg,ditto]
+        [--local-epochs 2] [--ditto-lambda 1.0] [--ditto-epochs 2] [--prox-mu 10] [--tau 1.0] [--set train.augment.flip=true] [--only local,fedavg,ditto]
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _local_only(cfg, epochs: int) -> dict[str, float]:
     for name, site in zip(cfg.sites, sites(cfg), strict=True):
         model = fresh_model(cfg)
         for epoch in range(epochs):
-            train_epochs(model, site.train, 1, tr.batch_size, tr.lr, tr.optimizer, cfg.seed + epoch, augment=tr.augment)
+            train_epochs(model, site.train, 1, tr.batch_size, tr.lr * tr.lr_factor(epoch, epochs), tr.optimizer,
+                         cfg.seed + epoch, augment=tr.augment)
         out[name] = evaluate(model, site.val, classes)["auc"]
     return out
 
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--model", default="cnn")
+    ap.add_argument("--local-epochs", type=int, default=1, help="each round's local epochs (aseanfl's default: 2); "
+                                                                 "local-only and centralized train rounds x this")
     ap.add_argument("--ditto-lambda", type=float, default=1.0)
     ap.add_argument("--ditto-epochs", type=int, default=None, help="the personal model's epochs a round (default: 1)")
     ap.add_argument("--prox-mu", type=float, default=10.0, help="FedProx's mu under Ditto over FedProx (a pull of "
@@ -96,16 +99,17 @@ def main() -> None:
     tests: dict[str, list[tuple[float, float]]] = {k: [] for k in ["centralized"] * ("local only" in settings) + globals_}
     for seed in seeds:
         base = {"data.path": args.data, "sites": 5, "partition.scheme": "dirichlet", "partition.alpha": args.alpha,
-                "server.rounds": args.rounds, "train.local_epochs": 1, "seed": seed, "model.name": args.model,
+                "server.rounds": args.rounds, "train.local_epochs": args.local_epochs, "seed": seed, "model.name": args.model,
                 **parse_sets(args.sets)}
         per_site = {}
         for label, sets in settings.items():
             with tempfile.TemporaryDirectory() as out:
                 cfg = load_config(None, {**base, **(sets or {}), "server.output_dir": out})
                 if sets is None:
-                    per_site[label] = _local_only(cfg, args.rounds)
-                    best, _, _, _ = centralized_selected(cfg, args.rounds)  # the epoch with the best validation AUC
-                    tests["centralized"].append((best, centralized(cfg, args.rounds)[0]["auc"]))
+                    epochs = args.rounds * cfg.train.local_epochs  # as many epochs as the federation's
+                    per_site[label] = _local_only(cfg, epochs)
+                    best, _, _, _ = centralized_selected(cfg, epochs)  # the epoch with the best validation AUC
+                    tests["centralized"].append((best, centralized(cfg, epochs)[0]["auc"]))
                 else:
                     run_dir = simulate(cfg)
                     column = ("pers_val_auc" if label[:4] in ("Ditt", "APFL") else
@@ -115,22 +119,27 @@ def main() -> None:
                         tests[label].append(selected(run_dir)[:2])
             means[label].append(_mean(per_site[label]))
         print(f"seed {seed}: " + "; ".join(f"{k} {means[k][-1]:.4f}" for k in settings), flush=True)
+        print(f"seed {seed}, test AUC at the final round: " + "; ".join(f"{k} {v[-1][1]:.4f}" for k, v in tests.items()),
+              flush=True)
         if seed == seeds[0]:
             print("| hospital | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
             for name in cfg.sites:
                 cells = [per_site[k].get(name) for k in settings]
                 print(f"| {name} | " + " | ".join("-" if v is None or math.isnan(v) else f"{v:.3f}" for v in cells) + " |")
-    print(f"\n{args.data.split('/')[-1]}: 5 hospitals, Dirichlet({args.alpha:g}), {args.rounds} rounds x 1 local epoch "
+    print(f"\n{args.data.split('/')[-1]}: 5 hospitals, Dirichlet({args.alpha:g}), {args.rounds} rounds x {cfg.train.local_epochs} local epoch(s) "
           f"(local only: as many epochs), {args.model}; validation AUC averaged over hospitals, final round; "
           f"seeds {seeds}, mean ± sd")
     print("| setting | mean validation AUC over hospitals |\n|---|---|")
     for label, values in means.items():
         print(f"| {label} | {statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f} |")
-    print("\n| model | test AUC, best-validation round | test AUC, final round |\n|---|---|---|")
+    print("\n| model | test AUC, best-validation round | test AUC, final round | centralized - this, final round |"
+          "\n|---|---|---|---|")
+    central = statistics.mean(p[1] for p in tests["centralized"]) if "centralized" in tests else math.nan
     for label, pairs in tests.items():
         cells = [[p[i] for p in pairs] for i in (0, 1)]
-        print(f"| {label} | " + " | ".join(f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
-                                          for v in cells) + " |")
+        gap = "" if label == "centralized" else f"{central - statistics.mean(cells[1]):+.4f}"
+        print(f"| {label} | " + " | ".join(f"{statistics.mean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0:.4f}"
+                                          for v in cells) + f" | {gap} |")
     print("(centralized: as many epochs; best-validation: a fresh optimiser each epoch, as each round's, the epoch "
           "with the best pooled validation AUC; final: one run of all epochs)")
 
