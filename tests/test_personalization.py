@@ -220,8 +220,8 @@ def test_fedper_true_is_shorthand_for_the_method_as_a_bool_field_reads_it():
 
 def test_the_server_sends_each_rounds_scheduled_learning_rate(tmp_path, monkeypatch):
     """train.lr_schedule: step is MedMNIST v2's (x0.1 from half the rounds, x0.01 from three
-    quarters); the server sends each round's lr and the hospitals train with it; the benchmarks'
-    centralized model follows the same schedule epoch by epoch."""
+    quarters); the server sends each round's lr and the hospitals train with it; cosine's values,
+    and constant (or round 0, a validation task) leaves the lr as it is."""
     import client.training.app as app
     from protocol.messages import TrainConfig
 
