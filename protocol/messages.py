@@ -25,6 +25,7 @@ FILE_KEY = "file"
 # model.freeze / model.adapters: the frozen layers (an array record), sent to a hospital until it
 # holds them, and their digest (a config record, in every task of such a run)
 FROZEN_KEY = "frozen"
+FEATURES_KEY = "feature-sums"  # head calibration: a hospital's feature sums (medimaging/calibration.py)
 FROZEN_DIGEST_KEY = "frozen-digest"
 
 

@@ -54,6 +54,9 @@ class StrategyConfig(Strict):
         default_factory=Personalization, description="each hospital's own model: fedper/fedrep (its own classifier "
         "head, never sent; the body is federated), ditto/apfl (its own whole model beside the global one)")
     finetune_eval: bool = Field(False, description="also validate the global model after 1 local epoch")
+    calibrate_head: bool = Field(False, description=(
+        "after the last round, refit the classifier head from the hospitals' feature sums (label skew: the body is "
+        "better than the head; CCVR's idea in closed form, medimaging/calibration.py): model_calibrated.safetensors"))
     validation: UpdateValidation = Field(default_factory=UpdateValidation)
     central_dp: "CentralDPConfig | None" = Field(None, description="hospital-level DP wrapper (Flower)")
     secure_aggregation: "SecAggConfig | None" = Field(None, description="Flower's SecAgg+: the server sees only the sum")
@@ -86,6 +89,19 @@ class StrategyConfig(Strict):
         if self.name == "scaffold" and self.personalization.extra_passes:
             raise ValueError(f"scaffold with personalization.method {method}: not supported (its extra local passes "
                              "would need their own control variates); use fedper or none with scaffold")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_composes(self) -> "StrategyConfig":
+        if not self.calibrate_head:
+            return self
+        why = ("secure_aggregation: each hospital's feature sums would reach the server on their own"
+               if self.secure_aggregation is not None
+               else "central_dp: the feature sums would leave without clipping or noise" if self.central_dp is not None
+               else f"personalization.method {self.personalization.method}: the head stays at each hospital"
+               if self.fedper else None)
+        if why:
+            raise ValueError(f"calibrate_head does not go with {why}")
         return self
 
     @model_validator(mode="after")

@@ -10,8 +10,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -22,7 +23,7 @@ from medimaging.models import build_model, head_keys, norm_keys
 from medimaging.training import evaluate, train_epochs
 
 from client.training.hospital import Hospital, HospitalLoader
-from protocol.messages import (CLASSES_KEY, CONTROL_KEY, REFUSAL_KEY, STATISTICS_KEY, DescribeSpec, EvalMetrics,
+from protocol.messages import (CLASSES_KEY, CONTROL_KEY, FEATURES_KEY, REFUSAL_KEY, STATISTICS_KEY, DescribeSpec, EvalMetrics,
                                EvaluationSpec, Refusal, TaskSpec, TrainMetrics)
 from client.training.mods import (DownlinkError, central_dp_mod, compression_mod, downlink_mod, frozen_layers,
                                   frozen_mod, packing_mod, private_errors_mod)
@@ -280,6 +281,30 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
         hospital = load_hospital(context, spec.image_size)
         _hardware(hospital)  # its compute.threads, as for training (the first task decodes its images)
         return Message(content=_reply(hospital.data, {CLASSES_KEY: class_names(hospital)}), reply_to=msg)
+
+    @app.query("features")
+    def features(msg: Message, context: Context) -> Message:
+        """Head calibration (strategy.calibrate_head; medimaging/calibration.py): with the final
+        global model, sums of this hospital's training features over classes it holds at least
+        its `min_cases` images of. Never a per-image value; not where DP-SGD guards the data."""
+        from medimaging.calibration import CalibrationError, feature_sums
+
+        task = TaskSpec.from_config(msg.content["config"])
+        hospital = _load(load_hospital, context, task)
+        if hospital.privacy.enabled:  # the sums would leave outside the privacy ledger
+            raise SiteDataError("head calibration is not available at a hospital that trains with DP-SGD: its feature "
+                                "sums would leave outside the privacy ledger")
+        _hardware(hospital)
+        model = _model(task, msg, context).to(hospital.device)
+        with _device_memory(task, hospital):
+            try:
+                sums = feature_sums(model, hospital.data.train, task.num_classes, hospital.min_cases)
+            except CalibrationError as exc:
+                raise SiteDataError(str(exc)) from None
+        log.info("%s: released feature sums for head calibration of run %s (%d images, floor %d per class)",
+                 hospital.data.name, task.run, int(sums["count"].sum()), hospital.min_cases)
+        return Message(content=_reply(hospital.data, {FEATURES_KEY: ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in sums.items()})}), reply_to=msg)
 
     @app.query("stats")
     def stats(msg: Message, context: Context) -> Message:

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,16 @@ def cross_site(grid, plan, arrays: ArrayRecord, local_models: dict[str, ArrayRec
                    "whose cases scored it; empty: withheld (small-cell rule) or no reply"}
     _write(plan.run_dir, out)
     return out
+
+
+def after_run(run, summary: dict) -> None:
+    """After the last round (server/engine/rounds.py): the global model and each hospital's own,
+    scored at every hospital; its time in summary["cross_site_seconds"]."""
+    rounds = run.plan.config.server.rounds
+    run.progress.round_started(rounds, rounds, "cross-site evaluation")
+    started = time.time()
+    cross_site(run.raw_grid, run.plan, run.arrays, run.local_models, run.known)
+    summary["cross_site_seconds"] = round(time.time() - started, 2)
 
 
 def _write(run_dir: Path, out: dict) -> None:

@@ -24,7 +24,7 @@ from server.records.words import refusal_line, status_word
 
 log = logging.getLogger("aseanfl")
 PHASES = {"training": N_("training"), "validating": N_("validating"),
-          "cross-site evaluation": N_("cross-site evaluation")}
+          "cross-site evaluation": N_("cross-site evaluation"), "head calibration": N_("head calibration")}
 
 
 @dataclass(frozen=True)

@@ -354,17 +354,6 @@ def _task(run: Run, rnd: int) -> TaskSpec:
     )
 
 
-def _cross_site(run: Run, summary: dict) -> None:
-    """After the last round: the global model and each hospital's own, scored at every hospital."""
-    from server.engine.cross_site import cross_site
-
-    rounds = run.plan.config.server.rounds
-    run.progress.round_started(rounds, rounds, "cross-site evaluation")
-    started = time.time()
-    cross_site(run.raw_grid, run.plan, run.arrays, run.local_models, run.known)
-    summary["cross_site_seconds"] = round(time.time() - started, 2)
-
-
 def run_federation(grid: Grid, plan: Plan) -> dict:
     """Run all rounds; write rows and checkpoints into plan.run_dir; return the summary. With
     plan.resume, continue the run in plan.run_dir after its last checkpointed round."""
@@ -393,8 +382,14 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     }
     if run.resumed:
         summary["resumed_after_round"] = run.resumed.round
+    if cfg.strategy.calibrate_head and run.trained_rounds and run.first <= rounds:
+        from server.engine.calibration import calibrate  # after the last round, before cross-site
+
+        calibrate(run, _task(run, rounds), summary)
     if cfg.server.cross_site and run.trained_rounds and run.first <= rounds:
-        _cross_site(run, summary)
+        from server.engine.cross_site import after_run
+
+        after_run(run, summary)
     run.recorder.write_summary(summary)
     run.recorder.close()
     return summary

@@ -1,0 +1,110 @@
+"""Head calibration after the last round (`strategy.calibrate_head`; the method, and what leaves a
+hospital: medimaging/calibration.py). The server sends the final global model to every connected
+hospital as `query.features`, checks each release (shapes, finite values, counts), adds them up,
+refits the classifier head, and writes model_calibrated.safetensors beside model.safetensors,
+which stays as it was. The calibrated model is then validated at the hospitals as a round's
+model is, and on the server's test split where there is one; summary.json's `calibration` says
+what each hospital released (its image count, or why not) and both models' figures.
+
+A hospital that replies with an error, or with sums that fail the checks, is left out of the
+refit and named. A hostile hospital can still skew the head with well-formed sums, as it can
+skew a round with a well-formed update: the refit is reported beside the uncalibrated model,
+never put in its place."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+from medimaging.calibration import CalibrationError, check_sums, head_layer, pooled, refit_head
+from protocol.messages import FEATURES_KEY, EvalMetrics, TaskSpec
+
+from server.engine.exchange import checked, exchange, in_round, reply_metrics
+from server.engine.names import site_name
+from server.engine.updates import merged, server_evaluate, without
+
+log = logging.getLogger("aseanfl")
+FILE = "model_calibrated.safetensors"
+
+
+def _ask(run, task: TaskSpec, out: dict) -> list[dict[str, np.ndarray]]:
+    """Every connected hospital's feature sums that pass the checks; out["sites"] says why not."""
+    messages = [Message(RecordDict({"arrays": run.shared, "config": task.to_config()}), dst_node_id=nid,
+                        message_type="query.features") for nid in run.grid.get_node_ids()]
+    messages = run.frozen.outgoing(in_round(messages, task.server_round, run.known))
+    sites: dict[str, str] = out["sites"]
+
+    def silent(nid: int, _sent: int, why: str) -> None:
+        sites[run.known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
+
+    def impostor(nid: int, _sent: int, _got: int, declared: str) -> None:
+        sites[run.known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
+
+    replies, _ = exchange(run.grid, messages, run.plan.config.server.round_timeout_s, run.known, silent,
+                          run.plan.stop, impostor)
+    model = run.plan.shape.model(run.plan.config, run.plan.private)
+    _, head = head_layer(model)
+    releases = []
+    for reply in replies:
+        site = site_name(reply, run.known)
+        record = None if reply.has_error() else reply.content.array_records.get(FEATURES_KEY)
+        if record is None:
+            sites[site] = f"error: {reply.error.reason}" if reply.has_error() else "error: no feature sums in its reply"
+            continue
+        got = {k: a.numpy() for k, a in record.items()}
+        why = check_sums(got, run.plan.shape.num_classes, head.in_features)
+        if why:
+            sites[site] = f"rejected: {why}"
+            continue
+        sites[site] = f"released: {int(got['count'].sum())} images"
+        releases.append(got)
+    return releases
+
+
+def _validate(run, task: TaskSpec, arrays: ArrayRecord) -> dict:
+    """The calibrated model scored at the hospitals on their validation cases, as a round's is."""
+    shared = without(arrays, run.local | run.frozen.keys)
+    evals = in_round(run.strategy.configure_evaluate(task.server_round, shared, task.to_config(), run.grid),
+                     task.server_round, run.known)
+    replies, _ = exchange(run.grid, run.frozen.outgoing(evals), run.plan.config.server.round_timeout_s, run.known,
+                          lambda *_: None, run.plan.stop)
+    replies = checked(replies, EvalMetrics, run.progress, task.server_round, "calibration", {}, run.known)
+    agg = run.strategy.aggregate_evaluate(task.server_round, replies) if replies else None
+    sites = {site_name(r, run.known): {"val_auc": reply_metrics(r)["val-auc"],
+                                       "val_accuracy": reply_metrics(r)["val-accuracy"]} for r in replies}
+    return {"val_auc": (agg or {}).get("val-auc"), "val_accuracy": (agg or {}).get("val-accuracy"), "sites": sites}
+
+
+def calibrate(run, task: TaskSpec, summary: dict) -> None:
+    """Refit the final global model's head from the hospitals' feature sums; summary["calibration"]."""
+    plan, rounds = run.plan, task.server_round
+    out: dict = {"sites": {}}
+    summary["calibration"] = out
+    if plan.private:
+        out["status"] = "skipped: hospitals train with DP-SGD; their feature sums would leave outside the ledger"
+        plan.progress.problem(f"head calibration {out['status']}")
+        return
+    run.progress.round_started(rounds, rounds, "head calibration")
+    try:
+        releases = _ask(run, task, out)
+        if not releases:
+            raise CalibrationError("no hospital released feature sums")
+        weight, bias, shrinkage = refit_head(*pooled(releases))
+    except CalibrationError as exc:
+        out["status"] = f"skipped: {exc}"
+        plan.progress.problem(f"head calibration {out['status']} ({'; '.join(f'{k}: {v}' for k, v in out['sites'].items())})")
+        return
+    name, _ = head_layer(plan.shape.model(plan.config, plan.private))
+    arrays = merged(run.arrays, ArrayRecord({f"{name}.weight": Array(np.ascontiguousarray(weight)),
+                                             f"{name}.bias": Array(np.ascontiguousarray(bias))}))
+    run.recorder.save_model(arrays, FILE, round=rounds, calibrated="head refit from the hospitals' feature sums")
+    out.update(status="calibrated", file=FILE, shrinkage=round(shrinkage, 6), images=int(sum(r["count"].sum() for r in releases)),
+               hospitals=len(releases), uncalibrated=summary.get("final", {}).get("val_auc"),
+               calibrated=_validate(run, task, arrays))
+    if plan.test is not None:
+        out["test"] = {"uncalibrated": summary.get("final", {}).get("test_auc"),
+                       "calibrated": server_evaluate(plan.config, plan.shape, arrays, plan.test, plan.private)["auc"]}
+    log.info("head calibration: %d hospitals, %d images; federated validation AUC %s (uncalibrated: %s); %s",
+             len(releases), out["images"], out["calibrated"]["val_auc"], out["uncalibrated"], FILE)
