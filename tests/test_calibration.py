@@ -138,6 +138,8 @@ def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
     assert cal["images"] == sum(int(g["count"].sum()) for g in sent)
     assert cal["test"]["uncalibrated"] > 0.7, "the federation did not learn: nothing to calibrate"
     assert 0.5 < cal["test"]["calibrated"] <= 1 and 0.5 < cal["calibrated"]["val_auc"] <= 1
+    report = (run_dir / "report.md").read_text()
+    assert "## Head calibration" in report and f"`{cal['file']}`" in report and f"{cal['test']['calibrated']:.3f}" in report
 
 
 def _hostile(site_index: int, how: str):

@@ -227,6 +227,26 @@ def _weights_line(run_dir: Path) -> list[str]:
     return lines
 
 
+def _calibration_lines(run_dir: Path) -> list[str]:
+    """strategy.calibrate_head: what the refit head scored beside the model as trained."""
+    summary = run_dir / "summary.json"
+    cal = json.loads(summary.read_text()).get("calibration") if summary.exists() else None
+    if not cal:
+        return []
+    lines = ["## " + _("Head calibration"), ""]
+    if cal["status"] != "calibrated":
+        return lines + [_("Not done: {why}", why=cal["status"]), ""]
+    lines += [_("After the last round the classifier head was refit from the feature sums of {hospitals} hospitals "
+                "({images} training images): federated validation AUC {calibrated}, the model as trained {plain}. "
+                "The refit model is `{file}`; `model.safetensors` is the model as trained.", hospitals=cal["hospitals"],
+                images=cal["images"], calibrated=_fmt(cal["calibrated"]["val_auc"]), plain=_fmt(cal["uncalibrated"]),
+                file=cal["file"])]
+    if cal.get("test"):
+        lines += [_("On the test split: {calibrated} refit, {plain} as trained.",
+                    calibrated=_fmt(cal["test"]["calibrated"]), plain=_fmt(cal["test"]["uncalibrated"]))]
+    return lines + [""]
+
+
 def _write_report(run_dir: Path) -> Path:
     rows = read_rows(run_dir)
     with labels_for():
@@ -298,6 +318,7 @@ def _write_report(run_dir: Path) -> Path:
             "validation cases (only the figures left the hospitals; withheld: fewer than min_cases positives or "
             "negatives). `cross_site.csv` has the matrix, `cross_site.json` every released figure with its 95 % "
             "interval."), "", "![cross-site matrix](cross_site.png)", ""]
+    lines += _calibration_lines(run_dir)
     trained = (run_dir / "model.safetensors").exists()
     lines += [_("Files: `config.yaml` (resolved), `metrics.csv`/`metrics.jsonl` (one row per round x site and per round "
                 "`global`), `model.safetensors` (final), `model_best.safetensors`.") if trained else
