@@ -4,7 +4,9 @@ its personalized models (FedPer and FedRep: shared body, its own head; Ditto, ov
 FedMedian, and APFL: its own whole model beside the global one), on pneumoniamnist
 Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch (or --local-epochs), several seeds; and the global models'
 test AUC (at the round with the best federated validation AUC, and at the last) beside the same
-model trained centrally on the pooled images. SCAFFOLD needs SGD (lr 0.01, momentum 0.9; at 0.05
+model trained centrally on the pooled images; each global model also with its head refit after the
+last round from the hospitals' feature sums (strategy.calibrate_head, medimaging/calibration.py).
+SCAFFOLD needs SGD (lr 0.01, momentum 0.9; at 0.05
 it diverged on the single-class hospitals); the others train with the default Adam (lr 0.001).
 Each hospital validates on its share of the npz's own val split; the average over hospitals
 leaves out a hospital whose validation images are all of one class (no AUC).
@@ -16,6 +18,7 @@ leaves out a hospital whose validation images are all of one class (no AUC).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
@@ -24,7 +27,7 @@ from benchmarks.common import PNEUMONIA, centralized, centralized_selected, fres
 from medimaging.training import evaluate, train_epochs
 from server.records.outputs import read_rows
 from simulations.config import load_config, parse_sets
-from simulations.federation import task_shape
+from simulations.federation import global_test, task_shape
 from simulations.runner import simulate
 
 
@@ -35,16 +38,19 @@ def _final_site_auc(run_dir, column: str = "val_auc") -> dict[str, float]:
             and r.get(column) is not None}
 
 
-def _local_only(cfg, epochs: int) -> dict[str, float]:
-    """Each hospital alone: the same start model trained on its own images for as many epochs."""
-    out, classes, tr = {}, task_shape(cfg).num_classes, cfg.train
+def _local_only(cfg, epochs: int) -> tuple[dict[str, float], dict[str, str]]:
+    """Each hospital alone: the same start model trained on its own images for as many epochs;
+    (its validation AUC, "its training images per class: its model's test AUC")."""
+    out, alone, classes, tr, test = {}, {}, task_shape(cfg).num_classes, cfg.train, global_test(cfg)
     for name, site in zip(cfg.sites, sites(cfg), strict=True):
         model = fresh_model(cfg)
         for epoch in range(epochs):
             train_epochs(model, site.train, 1, tr.batch_size, tr.lr * tr.lr_factor(epoch, epochs), tr.optimizer,
                          cfg.seed + epoch, augment=tr.augment)
         out[name] = evaluate(model, site.val, classes)["auc"]
-    return out
+        counts = "/".join(str(int((site.train.y == c).sum())) for c in range(classes))
+        alone[name] = f"{counts}: {evaluate(model, test, classes)['auc']:.4f}"
+    return out, alone
 
 
 def _mean(aucs: dict[str, float]) -> float:
@@ -94,9 +100,13 @@ def main() -> None:
                 "FedAvg + fine-tuning (personalized)": {"strategy.finetune_eval": True}}
     if args.only:
         settings = {k: v for k, v in settings.items() if k.split()[0].lower() in args.only.lower().split(",")}
-    means: dict[str, list[float]] = {k: [] for k in settings}
     globals_ = [k for k in settings if k.endswith("(global)")]
-    tests: dict[str, list[tuple[float, float]]] = {k: [] for k in ["centralized"] * ("local only" in settings) + globals_}
+    for label in globals_:  # the same run also refits its final model's head (strategy.calibrate_head)
+        settings[label] = {**settings[label], "strategy.calibrate_head": True}
+    means: dict[str, list[float]] = {k: [] for k in settings}
+    calibrated = [f"{k[:-len(' (global)')]}, head calibrated (global)" for k in globals_]
+    tests: dict[str, list[tuple[float, float]]] = {k: [] for k in ["centralized"] * ("local only" in settings) + globals_
+                                                    + calibrated}
     for seed in seeds:
         base = {"data.path": args.data, "sites": 5, "partition.scheme": "dirichlet", "partition.alpha": args.alpha,
                 "server.rounds": args.rounds, "train.local_epochs": args.local_epochs, "seed": seed, "model.name": args.model,
@@ -107,7 +117,10 @@ def main() -> None:
                 cfg = load_config(None, {**base, **(sets or {}), "server.output_dir": out})
                 if sets is None:
                     epochs = args.rounds * cfg.train.local_epochs  # as many epochs as the federation's
-                    per_site[label] = _local_only(cfg, epochs)
+                    per_site[label], alone = _local_only(cfg, epochs)
+                    # a hospital that holds one class teaches the shared model little: which do, and how well alone
+                    print(f"seed {seed}, each hospital's training images per class and its own model's test AUC: "
+                          + "; ".join(f"{k} {v}" for k, v in alone.items()), flush=True)
                     best, _, _, _ = centralized_selected(cfg, epochs)  # the epoch with the best validation AUC
                     tests["centralized"].append((best, centralized(cfg, epochs)[0]["auc"]))
                 else:
@@ -117,6 +130,8 @@ def main() -> None:
                     per_site[label] = _final_site_auc(run_dir, column)
                     if label in tests:  # (at the round with the best federated validation AUC, at the last)
                         tests[label].append(selected(run_dir)[:2])
+                        refit = json.loads((run_dir / "summary.json").read_text())["calibration"]["test"]["calibrated"]
+                        tests[calibrated[globals_.index(label)]].append((math.nan, refit))  # after the last round only
             means[label].append(_mean(per_site[label]))
         print(f"seed {seed}: " + "; ".join(f"{k} {means[k][-1]:.4f}" for k in settings), flush=True)
         print(f"seed {seed}, test AUC at the final round: " + "; ".join(f"{k} {v[-1][1]:.4f}" for k, v in tests.items()),
@@ -138,8 +153,8 @@ def main() -> None:
     for label, pairs in tests.items():
         cells = [[p[i] for p in pairs] for i in (0, 1)]
         gap = "" if label == "centralized" else f"{central - statistics.mean(cells[1]):+.4f}"
-        print(f"| {label} | " + " | ".join(f"{statistics.mean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0:.4f}"
-                                          for v in cells) + f" | {gap} |")
+        print(f"| {label} | " + " | ".join("-" if math.isnan(v[0]) else f"{statistics.mean(v):.4f} ± "
+                                          f"{statistics.stdev(v) if len(v) > 1 else 0:.4f}" for v in cells) + f" | {gap} |")
     print("(centralized: as many epochs; best-validation: a fresh optimiser each epoch, as each round's, the epoch "
           "with the best pooled validation AUC; final: one run of all epochs)")
 
