@@ -239,3 +239,28 @@ def test_the_server_sends_each_rounds_scheduled_learning_rate(tmp_path, monkeypa
     cosine = TrainConfig(lr=0.01, lr_schedule="cosine")
     assert [cosine.at_round(r, 4).lr for r in (1, 3, 4)] == pytest.approx([0.01, 0.005, 0.01 * (1 - 2 ** -0.5) / 2])
     assert cosine.at_round(0, 4) is cosine and TrainConfig(lr=0.01).at_round(3, 4).lr == 0.01
+
+
+def test_fine_tuning_evaluation_does_not_depend_on_what_the_worker_ran_before():
+    """strategy.finetune_eval: the tuned copy's dropout is seeded by the task and site, so a
+    simulated hospital's figure does not depend on which task its Ray worker ran before."""
+    from types import SimpleNamespace
+
+    from client.training.app import _finetuned
+    from medimaging.datasets import Split
+    from medimaging.training import evaluate
+    from protocol.messages import TrainConfig
+
+    torch.manual_seed(0)
+    data = SimpleNamespace(name="hanoi", train=Split(torch.randn(40, 1, 4, 4), torch.tensor([0, 1] * 20)),
+                           val=Split(torch.randn(20, 1, 4, 4), torch.tensor([0, 1] * 10)))
+    hospital = SimpleNamespace(data=data, privacy=SimpleNamespace(enabled=False), precision=None)
+    task = SimpleNamespace(train=TrainConfig(local_epochs=1, batch_size=8, lr=0.05), seed=1, server_round=3, num_classes=2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2))
+    scores = []
+    for state in (1, 2):  # two different histories of the worker's random generator
+        torch.manual_seed(state)
+        scores.append(_finetuned(task, hospital, model))
+    assert scores[0]["loss"] == scores[1]["loss"] and scores[0]["auc"] == scores[1]["auc"]
+    plain = evaluate(model, data.val, 2)
+    assert plain["loss"] != scores[0]["loss"], "the copy did not train: the test proves nothing"
