@@ -136,6 +136,8 @@ def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
     assert released == sorted(tuple(np.where(h >= 20, h, 0)) for h in held)
     assert any(0 < h.min() < 20 or h.min() == 0 for h in held), "no hospital here lacks a class: the test proves less"
     assert cal["images"] == sum(int(g["count"].sum()) for g in sent)
+    sums_bytes = 3 * 8 * (2 + 2 * 1024 + 1024 * 1024)  # float64, three hospitals; the rest: names and headers
+    assert sums_bytes <= cal["bytes_from_sites"] < sums_bytes + 3000 and cal["bytes_to_sites"] > 0 and cal["seconds"] > 0
     assert cal["test"]["uncalibrated"] > 0.7, "the federation did not learn: nothing to calibrate"
     assert 0.5 < cal["test"]["calibrated"] <= 1 and 0.5 < cal["calibrated"]["val_auc"] <= 1
     report = (run_dir / "report.md").read_text()

@@ -14,6 +14,7 @@ never put in its place."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
@@ -21,7 +22,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from medimaging.calibration import CalibrationError, check_sums, head_layer, pooled, refit_head
 from protocol.messages import FEATURES_KEY, EvalMetrics, TaskSpec
 
-from server.engine.exchange import checked, exchange, in_round, reply_metrics
+from server.engine.exchange import checked, exchange, in_round, payload_bytes, reply_metrics
 from server.engine.names import site_name
 from server.engine.updates import merged, server_evaluate, without
 
@@ -42,8 +43,10 @@ def _ask(run, task: TaskSpec, out: dict) -> list[dict[str, np.ndarray]]:
     def impostor(nid: int, _sent: int, _got: int, declared: str) -> None:
         sites[run.known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
 
-    replies, _ = exchange(run.grid, messages, run.plan.config.server.round_timeout_s, run.known, silent,
-                          run.plan.stop, impostor)
+    replies, sent = exchange(run.grid, messages, run.plan.config.server.round_timeout_s, run.known, silent,
+                             run.plan.stop, impostor)
+    out["bytes_to_sites"] = sum(sent.values())
+    out["bytes_from_sites"] = sum(payload_bytes(r.content) for r in replies if r.has_content())
     model = run.plan.shape.model(run.plan.config, run.plan.private)
     _, head = head_layer(model)
     releases = []
@@ -79,7 +82,7 @@ def _validate(run, task: TaskSpec, arrays: ArrayRecord) -> dict:
 
 def calibrate(run, task: TaskSpec, summary: dict) -> None:
     """Refit the final global model's head from the hospitals' feature sums; summary["calibration"]."""
-    plan, rounds = run.plan, task.server_round
+    plan, rounds, started = run.plan, task.server_round, time.time()
     out: dict = {"sites": {}}
     summary["calibration"] = out
     if plan.private:
@@ -106,5 +109,6 @@ def calibrate(run, task: TaskSpec, summary: dict) -> None:
     if plan.test is not None:
         out["test"] = {"uncalibrated": summary.get("final", {}).get("test_auc"),
                        "calibrated": server_evaluate(plan.config, plan.shape, arrays, plan.test, plan.private)["auc"]}
+    out["seconds"] = round(time.time() - started, 2)  # the exchange, the refit and the validation
     log.info("head calibration: %d hospitals, %d images; federated validation AUC %s (uncalibrated: %s); %s",
              len(releases), out["images"], out["calibrated"]["val_auc"], out["uncalibrated"], FILE)
