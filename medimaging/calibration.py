@@ -80,6 +80,8 @@ def feature_sums(model: torch.nn.Module, split: Split, num_classes: int, min_cou
 def check_sums(got: dict[str, np.ndarray], num_classes: int, d: int) -> str | None:
     """Why one hospital's release cannot be used (shapes, finite values, counts), or None."""
     want = {"count": (num_classes,), "sum": (num_classes, d), "moment": (d, d)}
+    if set(got) - set(want):
+        return f"unexpected arrays {sorted(set(got) - set(want))[:3]}"
     for key, shape in want.items():
         if key not in got:
             return f"no {key!r} array"

@@ -153,6 +153,8 @@ def _hostile(site_index: int, how: str):
         got = {k: a.numpy().copy() for k, a in reply.content[FEATURES_KEY].items()}
         if how == "nan":
             got["moment"][0, 0] = np.nan
+        elif how == "extra":  # a reply that carries more than the three sums
+            got["images"] = np.zeros((4, 28, 28))
         else:
             got["sum"] = got["sum"][:, :10]
         reply.content[FEATURES_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in got.items()})
@@ -160,7 +162,8 @@ def _hostile(site_index: int, how: str):
     return mod
 
 
-@pytest.mark.parametrize("how, why", [("nan", "'moment' holds NaN or Inf"), ("shape", "'sum' has shape (2, 10)")])
+@pytest.mark.parametrize("how, why", [("nan", "'moment' holds NaN or Inf"), ("shape", "'sum' has shape (2, 10)"),
+                                      ("extra", "unexpected arrays ['images']")])
 def test_a_hospitals_malformed_sums_are_refused_and_named(tmp_path, how, why):
     plan = prepare_run(_cfg(tmp_path, **{"server.rounds": 1}))
     run_dir = run_plan_here(plan, mods=(_hostile(0, how),))
