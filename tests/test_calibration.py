@@ -144,34 +144,43 @@ def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
     assert "## Head calibration" in report and f"`{cal['file']}`" in report and f"{cal['test']['calibrated']:.3f}" in report
 
 
-def _hostile(site_index: int, how: str):
-    """A member hospital that answers the feature query with malformed sums."""
-    def mod(msg, ctxt, call_next):
-        reply = call_next(msg, ctxt)
-        if msg.metadata.message_type != "query.features" or int(ctxt.node_config["partition-id"]) != site_index:
-            return reply
-        got = {k: a.numpy().copy() for k, a in reply.content[FEATURES_KEY].items()}
-        if how == "nan":
-            got["moment"][0, 0] = np.nan
-        elif how == "extra":  # a reply that carries more than the three sums
-            got["images"] = np.zeros((4, 28, 28))
-        else:
-            got["sum"] = got["sum"][:, :10]
-        reply.content[FEATURES_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in got.items()})
+HOSTILE = {0: ("nan", "'moment' holds NaN or Inf"), 1: ("shape", "'sum' has shape (2, 10), not (2, 1024)"),
+           2: ("extra", "unexpected arrays ['images']")}  # partition index: (what it does, what the server says)
+
+
+def _hostile(ctxt_index, got: dict) -> None:
+    """What three member hospitals do to their feature sums before replying."""
+    how = HOSTILE.get(ctxt_index, (None,))[0]
+    if how == "nan":
+        got["moment"][0, 0] = np.nan
+    elif how == "shape":
+        got["sum"] = got["sum"][:, :10]
+    elif how == "extra":  # a reply that carries more than the three sums
+        got["images"] = np.zeros((4, 28, 28))
+
+
+def _hostile_mod(msg, ctxt, call_next):
+    reply = call_next(msg, ctxt)
+    if msg.metadata.message_type != "query.features" or reply.has_error():
         return reply
-    return mod
+    got = {k: a.numpy().copy() for k, a in reply.content[FEATURES_KEY].items()}
+    _hostile(int(ctxt.node_config["partition-id"]), got)
+    reply.content[FEATURES_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in got.items()})
+    return reply
 
 
-@pytest.mark.parametrize("how, why", [("nan", "'moment' holds NaN or Inf"), ("shape", "'sum' has shape (2, 10)"),
-                                      ("extra", "unexpected arrays ['images']")])
-def test_a_hospitals_malformed_sums_are_refused_and_named(tmp_path, how, why):
-    plan = prepare_run(_cfg(tmp_path, **{"server.rounds": 1}))
-    run_dir = run_plan_here(plan, mods=(_hostile(0, how),))
+def test_malformed_sums_are_refused_and_each_hospital_named(tmp_path):
+    """Five hospitals, three of them sending malformed sums (NaN, a wrong shape, an extra array):
+    each is refused with its reason, and the head is refit from the two others."""
+    plan = prepare_run(_cfg(tmp_path, **{"server.rounds": 1, "sites": 5}))
+    run_dir = run_plan_here(plan, mods=(_hostile_mod,))
     cal = json.loads((run_dir / "summary.json").read_text())["calibration"]
-    victim = plan.config.sites[0]
-    assert cal["sites"][victim].startswith("rejected: ") and why in cal["sites"][victim], cal["sites"]
-    assert cal["status"] == "calibrated" and cal["hospitals"] == 2
-    assert all(v.startswith("released: ") for s, v in cal["sites"].items() if s != victim)
+    for index, (_how, why) in HOSTILE.items():
+        site = plan.config.sites[index]
+        assert cal["sites"][site] == f"rejected: {why}", cal["sites"]
+    honest = [s for i, s in enumerate(plan.config.sites) if i not in HOSTILE]
+    assert all(cal["sites"][s].startswith("released: ") for s in honest), cal["sites"]
+    assert cal["status"] == "calibrated" and cal["hospitals"] == 2, cal
 
 
 @pytest.mark.parametrize("sets, expected", [
