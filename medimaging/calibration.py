@@ -23,6 +23,7 @@ import torch
 
 from medimaging.datasets import Split
 from medimaging.compute import device_of
+from medimaging.models import last_linear
 from medimaging.training import loader
 
 MAX_FEATURES = 4096  # a d x d moment in float64: 128 MiB at this width; wider heads are refused
@@ -34,10 +35,10 @@ class CalibrationError(ValueError):
 
 def head_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
     """The classifier's last linear layer and its name in the state dict."""
-    linear = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    if not linear:
+    head = last_linear(model)
+    if head is None:
         raise CalibrationError("the model has no linear classifier head to calibrate")
-    name, layer = linear[-1]
+    name, layer = head
     if layer.in_features > MAX_FEATURES:
         raise CalibrationError(f"the classifier head takes {layer.in_features} features, more than the {MAX_FEATURES} "
                                "a calibration moment allows")

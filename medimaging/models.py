@@ -123,14 +123,17 @@ def _build(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int
     ), cfg.norm, dims)
 
 
+def last_linear(model: torch.nn.Module) -> tuple[str, torch.nn.Linear] | None:
+    """The classifier's head: the last linear layer and its name, or None (unet)."""
+    linear = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    return linear[-1] if linear else None
+
+
 def head_keys(model: torch.nn.Module) -> set[str]:
     """state_dict names of the classifier's last linear layer (FedPer keeps it at each hospital);
     empty for a network without one (unet)."""
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    if not linear:
-        return set()
-    last = linear[-1]
-    return {f"{last}.{key}" for key in dict(model.named_modules())[last].state_dict()}
+    head = last_linear(model)
+    return set() if head is None else {f"{head[0]}.{key}" for key in head[1].state_dict()}
 
 
 _NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
