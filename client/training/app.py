@@ -180,9 +180,9 @@ def _finetuned(task: TaskSpec, hospital: Hospital, model: torch.nn.Module) -> di
     """Validation scores of the global model after one local epoch (the copy is discarded)."""
     if hospital.privacy.enabled:  # it would train on private data outside the ledger
         raise ValueError("finetune_eval is not available for a hospital that trains with DP-SGD")
-    tuned, cfg = copy.deepcopy(model), task.train
-    torch.manual_seed(_site_seed(task, hospital.data.name))  # dropout: not whatever task this worker ran before
-    train_epochs(tuned, hospital.data.train, 1, cfg.batch_size, cfg.lr, cfg.optimizer, _site_seed(task, hospital.data.name),
+    tuned, cfg, seed = copy.deepcopy(model), task.train, _site_seed(task, hospital.data.name)
+    torch.manual_seed(seed)  # dropout: not whatever task this worker ran before
+    train_epochs(tuned, hospital.data.train, 1, cfg.batch_size, cfg.lr, cfg.optimizer, seed,
                  augment=cfg.augment, precision=hospital.precision)
     return evaluate(tuned, hospital.data.val, task.num_classes, precision=hospital.precision)
 

@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from medimaging.calibration import CalibrationError, check_sums, head_layer, pooled, refit_head
 from protocol.messages import FEATURES_KEY, EvalMetrics, TaskSpec
 
-from server.engine.exchange import checked, exchange, in_round, payload_bytes, reply_metrics
+from server.engine.exchange import checked, exchange, in_round, noted_in, payload_bytes, reply_metrics
 from server.engine.names import site_name
 from server.engine.updates import merged, server_evaluate, without
 
@@ -30,25 +30,18 @@ log = logging.getLogger("aseanfl")
 FILE = "model_calibrated.safetensors"
 
 
-def _ask(run, task: TaskSpec, out: dict) -> list[dict[str, np.ndarray]]:
-    """Every connected hospital's feature sums that pass the checks; out["sites"] says why not."""
+def _ask(run, task: TaskSpec, features: int, out: dict) -> list[dict[str, np.ndarray]]:
+    """Every connected hospital's feature sums that pass the checks (`features`: the head's
+    width); out["sites"] says why not."""
     messages = [Message(RecordDict({"arrays": run.shared, "config": task.to_config()}), dst_node_id=nid,
                         message_type="query.features") for nid in run.grid.get_node_ids()]
     messages = run.frozen.outgoing(in_round(messages, task.server_round, run.known))
     sites: dict[str, str] = out["sites"]
-
-    def silent(nid: int, _sent: int, why: str) -> None:
-        sites[run.known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
-
-    def impostor(nid: int, _sent: int, _got: int, declared: str) -> None:
-        sites[run.known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
-
+    silent, impostor = noted_in(sites, run.known)
     replies, sent = exchange(run.grid, messages, run.plan.config.server.round_timeout_s, run.known, silent,
                              run.plan.stop, impostor)
     out["bytes_to_sites"] = sum(sent.values())
     out["bytes_from_sites"] = sum(payload_bytes(r.content) for r in replies if r.has_content())
-    model = run.plan.shape.model(run.plan.config, run.plan.private)
-    _, head = head_layer(model)
     releases = []
     for reply in replies:
         site = site_name(reply, run.known)
@@ -57,7 +50,7 @@ def _ask(run, task: TaskSpec, out: dict) -> list[dict[str, np.ndarray]]:
             sites[site] = f"error: {reply.error.reason}" if reply.has_error() else "error: no feature sums in its reply"
             continue
         got = {k: a.numpy() for k, a in record.items()}
-        why = check_sums(got, run.plan.shape.num_classes, head.in_features)
+        why = check_sums(got, run.plan.shape.num_classes, features)
         if why:
             sites[site] = f"rejected: {why}"
             continue
@@ -91,7 +84,8 @@ def calibrate(run, task: TaskSpec, summary: dict) -> None:
         return
     run.progress.round_started(rounds, rounds, "head calibration")
     try:
-        releases = _ask(run, task, out)
+        name, head = head_layer(plan.shape.model(plan.config, plan.private))
+        releases = _ask(run, task, head.in_features, out)
         if not releases:
             raise CalibrationError("no hospital released feature sums")
         weight, bias, shrinkage = refit_head(*pooled(releases))
@@ -99,7 +93,6 @@ def calibrate(run, task: TaskSpec, summary: dict) -> None:
         out["status"] = f"skipped: {exc}"
         plan.progress.problem(f"head calibration {out['status']} ({'; '.join(f'{k}: {v}' for k, v in out['sites'].items())})")
         return
-    name, _ = head_layer(plan.shape.model(plan.config, plan.private))
     arrays = merged(run.arrays, ArrayRecord({f"{name}.weight": Array(np.ascontiguousarray(weight)),
                                              f"{name}.bias": Array(np.ascontiguousarray(bias))}))
     run.recorder.save_model(arrays, FILE, round=rounds, calibrated="head refit from the hospitals' feature sums")

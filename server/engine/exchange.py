@@ -119,15 +119,21 @@ def ask_every_site(grid: Grid, known: dict[int, str], content: Callable[[], Reco
     for m in messages:
         m.metadata.group_id = group_id
     missing: dict[str, str] = {}
+    silent, rejected = noted_in(missing, known)
+    replies, _sent = exchange(grid, messages, timeout, known, silent, threading.Event(), rejected)
+    return replies, missing
 
+
+def noted_in(missing: dict[str, str], known: dict[int, str]) -> tuple[Callable, Callable]:
+    """`exchange`'s (silent, rejected) callbacks for a request outside the rounds: each writes
+    why a hospital has no reply into `missing`, by the name the server knows its node by."""
     def silent(nid: int, _sent: int, why: str) -> None:
         missing[known.get(nid, f"node-{nid}")] = f"no-reply: {why}"
 
     def rejected(nid: int, _sent: int, _got: int, declared: str) -> None:
         missing[known.get(nid, f"node-{nid}")] = f"rejected: identity: its reply declares itself as {declared}"
 
-    replies, _sent = exchange(grid, messages, timeout, known, silent, threading.Event(), rejected)
-    return replies, missing
+    return silent, rejected
 
 
 def await_rejoin(grid: Grid, before: set[int], wait: float, plan: "Plan", names: dict[int, str], rnd: int) -> set[int]:

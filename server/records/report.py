@@ -227,10 +227,9 @@ def _weights_line(run_dir: Path) -> list[str]:
     return lines
 
 
-def _calibration_lines(run_dir: Path) -> list[str]:
+def _calibration_lines(summary: dict) -> list[str]:
     """strategy.calibrate_head: what the refit head scored beside the model as trained."""
-    summary = run_dir / "summary.json"
-    cal = json.loads(summary.read_text()).get("calibration") if summary.exists() else None
+    cal = summary.get("calibration")
     if not cal:
         return []
     lines = ["## " + _("Head calibration"), ""]
@@ -253,7 +252,7 @@ def _write_report(run_dir: Path) -> Path:
         _plot_global(rows, run_dir / "global_auc.png")
         _plot_sites(rows, run_dir / "site_auc.png")
     lines = [_("# Federated run `{run}`", run=run_dir.name), ""]
-    summary_path = run_dir / "summary.json"
+    summary_path, s = run_dir / "summary.json", {}
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         lines += [_("Rounds: {rounds}; best round by federated validation {name}: {best}; wall time {seconds} s.",
@@ -318,7 +317,7 @@ def _write_report(run_dir: Path) -> Path:
             "validation cases (only the figures left the hospitals; withheld: fewer than min_cases positives or "
             "negatives). `cross_site.csv` has the matrix, `cross_site.json` every released figure with its 95 % "
             "interval."), "", "![cross-site matrix](cross_site.png)", ""]
-    lines += _calibration_lines(run_dir)
+    lines += _calibration_lines(s)
     trained = (run_dir / "model.safetensors").exists()
     lines += [_("Files: `config.yaml` (resolved), `metrics.csv`/`metrics.jsonl` (one row per round x site and per round "
                 "`global`), `model.safetensors` (final), `model_best.safetensors`.") if trained else
