@@ -5,7 +5,9 @@ FedMedian, and APFL: its own whole model beside the global one), on pneumoniamni
 Dirichlet(0.3) at 5 hospitals, 10 rounds x 1 local epoch (or --local-epochs), several seeds; and the global models'
 test AUC (at the round with the best federated validation AUC, and at the last) beside the same
 model trained centrally on the pooled images; each global model also with its head refit after the
-last round from the hospitals' feature sums (strategy.calibrate_head, medimaging/calibration.py).
+last round from the hospitals' feature sums (strategy.calibrate_head, medimaging/calibration.py),
+validated at the hospitals beside each hospital's own head fit from the same sums
+(strategy.personal_heads).
 SCAFFOLD needs SGD (lr 0.01, momentum 0.9; at 0.05
 it diverged on the single-class hospitals); the others train with the default Adam (lr 0.001).
 Each hospital validates on its share of the npz's own val split; the average over hospitals
@@ -101,10 +103,11 @@ def main() -> None:
     if args.only:
         settings = {k: v for k, v in settings.items() if k.split()[0].lower() in args.only.lower().split(",")}
     globals_ = [k for k in settings if k.endswith("(global)")]
-    for label in globals_:  # the same run also refits its final model's head (strategy.calibrate_head)
-        settings[label] = {**settings[label], "strategy.calibrate_head": True}
-    means: dict[str, list[float]] = {k: [] for k in settings}
+    for label in globals_:  # the same run also refits its final model's head, and each hospital's own
+        settings[label] = {**settings[label], "strategy.calibrate_head": True, "strategy.personal_heads": True}
     calibrated = [f"{k[:-len(' (global)')]}, head calibrated (global)" for k in globals_]
+    own_heads = [f"{k[:-len(' (global)')]}, personal heads (personalized)" for k in globals_]
+    means: dict[str, list[float]] = {k: [] for k in [*settings, *calibrated, *own_heads]}
     tests: dict[str, list[tuple[float, float]]] = {k: [] for k in ["centralized"] * ("local only" in settings) + globals_
                                                     + calibrated}
     for seed in seeds:
@@ -130,16 +133,21 @@ def main() -> None:
                     per_site[label] = _final_site_auc(run_dir, column)
                     if label in tests:  # (at the round with the best federated validation AUC, at the last)
                         tests[label].append(selected(run_dir)[:2])
-                        refit = json.loads((run_dir / "summary.json").read_text())["calibration"]["test"]["calibrated"]
-                        tests[calibrated[globals_.index(label)]].append((math.nan, refit))  # after the last round only
+                        cal = json.loads((run_dir / "summary.json").read_text())["calibration"]
+                        i = globals_.index(label)
+                        tests[calibrated[i]].append((math.nan, cal["test"]["calibrated"]))  # after the last round only
+                        at = cal["calibrated"]["sites"]  # the refit model and each hospital's own head, validated
+                        per_site[calibrated[i]] = {k: v["val_auc"] for k, v in at.items()}
+                        per_site[own_heads[i]] = {k: v["pers_val_auc"] for k, v in at.items()}
+        for label in means:
             means[label].append(_mean(per_site[label]))
-        print(f"seed {seed}: " + "; ".join(f"{k} {means[k][-1]:.4f}" for k in settings), flush=True)
+        print(f"seed {seed}: " + "; ".join(f"{k} {means[k][-1]:.4f}" for k in means), flush=True)
         print(f"seed {seed}, test AUC at the final round: " + "; ".join(f"{k} {v[-1][1]:.4f}" for k, v in tests.items()),
               flush=True)
         if seed == seeds[0]:
-            print("| hospital | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
+            print("| hospital | " + " | ".join(means) + " |\n|---|" + "---|" * len(means))
             for name in cfg.sites:
-                cells = [per_site[k].get(name) for k in settings]
+                cells = [per_site[k].get(name) for k in means]
                 print(f"| {name} | " + " | ".join("-" if v is None or math.isnan(v) else f"{v:.3f}" for v in cells) + " |")
     print(f"\n{args.data.split('/')[-1]}: 5 hospitals, Dirichlet({args.alpha:g}), {args.rounds} rounds x {cfg.train.local_epochs} local epoch(s) "
           f"(local only: as many epochs), {args.model}; validation AUC averaged over hospitals, final round; "

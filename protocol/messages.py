@@ -26,6 +26,7 @@ FILE_KEY = "file"
 # holds them, and their digest (a config record, in every task of such a run)
 FROZEN_KEY = "frozen"
 FEATURES_KEY = "feature-sums"  # head calibration: a hospital's feature sums (medimaging/calibration.py)
+PERSONAL_HEAD_KEY = "personal-head"  # strategy.personal_heads: the head fit for the one hospital a message goes to
 FROZEN_DIGEST_KEY = "frozen-digest"
 
 

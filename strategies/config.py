@@ -57,6 +57,10 @@ class StrategyConfig(Strict):
     calibrate_head: bool = Field(False, description=(
         "after the last round, refit the classifier head from the hospitals' feature sums (label skew: the body is "
         "better than the head; CCVR's idea in closed form, medimaging/calibration.py): model_calibrated.safetensors"))
+    personal_heads: bool = Field(False, description=(
+        "with calibrate_head: also fit each hospital its own head from the same sums (the federation's covariance, its "
+        "own class means and shares shrunk towards the federation's) and send it only to that hospital, which keeps it "
+        "as its personalized model; nothing more leaves a hospital"))
     validation: UpdateValidation = Field(default_factory=UpdateValidation)
     central_dp: "CentralDPConfig | None" = Field(None, description="hospital-level DP wrapper (Flower)")
     secure_aggregation: "SecAggConfig | None" = Field(None, description="Flower's SecAgg+: the server sees only the sum")
@@ -93,6 +97,11 @@ class StrategyConfig(Strict):
 
     @model_validator(mode="after")
     def _calibration_composes(self) -> "StrategyConfig":
+        if self.personal_heads and not self.calibrate_head:
+            raise ValueError("personal_heads needs calibrate_head: true (the heads are fit from its feature sums)")
+        if self.personal_heads and self.personalization.method != "none":
+            raise ValueError(f"personal_heads with personalization.method {self.personalization.method}: choose one "
+                             "personalized model per hospital")
         if not self.calibrate_head:
             return self
         why = ("secure_aggregation: each hospital's feature sums would reach the server on their own"

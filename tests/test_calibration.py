@@ -14,9 +14,8 @@ from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
 from conftest import medmnist_file, run_plan_here
-from medimaging.calibration import CalibrationError, feature_sums, head_layer, pooled, refit_head
-from medimaging.datasets import Split
-from protocol.messages import FEATURES_KEY
+from medimaging.calibration import CalibrationError, _shared_covariance, feature_sums, head_layer, personal_heads, pooled, refit_head
+from protocol.messages import FEATURES_KEY, PERSONAL_HEAD_KEY
 from simulations.config import ConfigError, load_config
 from simulations.federation import site_data, task_shape
 from simulations.runner import prepare_run
@@ -100,12 +99,64 @@ def test_refit_refuses_a_class_nobody_released():
         head_layer(torch.nn.Sequential(torch.nn.Linear(5000, 2)))
 
 
-def _recorder(seen: list):
-    """A client mod that keeps what each hospital's feature-sums reply carries."""
+def test_each_hospital_s_own_head_is_the_lda_head_of_its_own_means(real):
+    """strategy.personal_heads: with no pull towards the federation a hospital's head is the
+    shared-covariance classifier of its own class means and shares; with an endless pull it is
+    the federation's head; a hospital that released one class keeps the federation's means (the
+    same weights) and only its class shares change the bias."""
+    model, sites = real
+    both = next(s for s in sites if torch.bincount(s.y, minlength=2).min() >= 20)
+    own = feature_sums(model, both, 2, min_count=20)
+    one = {**own, "count": own["count"] * [1, 0], "sum": own["sum"] * [[1], [0]]}  # as a hospital with one class
+    total = pooled([feature_sums(model, s, 2, min_count=20) for s in sites])
+    weight, bias, _ = refit_head(*total)
+    (w0, b0), = personal_heads(*total, [own], prior_images=0)
+    (w1, b1), = personal_heads(*total, [one])
+    means = own["sum"] / own["count"][:, None]
+    _, shrunk, _ = _shared_covariance(*total)  # checked against the paper's form above
+    assert np.allclose(w0, np.linalg.solve(shrunk, means.T).T)
+    prior = own["count"] / own["count"].sum()
+    assert np.allclose(b0, -0.5 * np.sum(w0 * means, 1) + np.log(prior))
+    assert np.allclose(w1, weight) and not np.allclose(b1, bias)
+    assert (b1 - bias)[0] > (b1 - bias)[1], "a hospital with one class leans towards it"
+    (wf, bf), = personal_heads(*total, [own], prior_images=1e12)
+    assert np.allclose(wf, weight, rtol=1e-6) and np.allclose(bf, bias, rtol=1e-6)
+    assert not np.allclose(w0, weight, rtol=1e-3), "the hospital's means are the federation's: the test proves less"
+
+
+def test_a_hospital_refuses_a_personal_head_that_is_not_a_head(real):
+    """The server may replace the classifier head, nothing else: a 'personal head' that carries a
+    body layer, or a head of another shape, is refused and nothing is kept."""
+    from flwr.app import Context, RecordDict
+    from client.training.personal import PERSONAL_HEAD, with_own_head
+
+    model, _ = real
+    state = model.state_dict()
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    head = {k: state[k].numpy() for k in ("final.1.weight", "final.1.bias")}
+    body = next(k for k in state if not k.startswith("final."))
+    for bad in ({**head, body: state[body].numpy()}, {**head, "final.1.bias": np.zeros(3, np.float32)},
+                {**head, "final.1.weight": np.full_like(head["final.1.weight"], np.nan)}):
+        record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in bad.items()})
+        with pytest.raises(ValueError, match="does not fit this model's classifier head"):
+            with_own_head(model, record, context)
+    assert PERSONAL_HEAD not in context.state.array_records
+    own = with_own_head(model, ArrayRecord({k: Array(-v) for k, v in head.items()}), context)
+    assert torch.equal(own.state_dict()["final.1.bias"], -state["final.1.bias"])
+    assert torch.equal(model.state_dict()["final.1.bias"], state["final.1.bias"]), "the global model is untouched"
+    assert PERSONAL_HEAD in context.state.array_records
+
+
+def _recorder(seen: dict, heads: dict | None = None):
+    """A client mod that keeps what each hospital's feature-sums reply carries (and the personal
+    head it is sent), by partition."""
     def mod(msg, ctxt, call_next):
+        pid = int(ctxt.node_config["partition-id"])
+        if heads is not None and PERSONAL_HEAD_KEY in msg.content.array_records:
+            heads[pid] = {k: a.numpy().copy() for k, a in msg.content[PERSONAL_HEAD_KEY].items()}
         reply = call_next(msg, ctxt)
         if msg.metadata.message_type == "query.features" and not reply.has_error():
-            seen.append({k: a.numpy().copy() for k, a in reply.content[FEATURES_KEY].items()})
+            seen[pid] = {k: a.numpy().copy() for k, a in reply.content[FEATURES_KEY].items()}
         return reply
     return mod
 
@@ -115,9 +166,9 @@ def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
     model_calibrated.safetensors differs from model.safetensors in the head only; what each
     hospital sent is its class counts (at least its min_cases, 20, per class), the class sums and
     the moment, nothing else; both models are scored (server test, federated validation)."""
-    plan = prepare_run(_cfg(tmp_path))
-    sent: list = []
-    run_dir = run_plan_here(plan, mods=(_recorder(sent),))
+    plan = prepare_run(_cfg(tmp_path, **{"strategy.personal_heads": True}))
+    sent, heads = {}, {}
+    run_dir = run_plan_here(plan, mods=(_recorder(sent, heads),))
     summary = json.loads((run_dir / "summary.json").read_text())
     cal = summary["calibration"]
     assert cal["status"] == "calibrated" and cal["hospitals"] == 3, cal
@@ -129,19 +180,29 @@ def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
     shape = task_shape(plan.config)
     held = [torch.bincount(site_data(plan.config, i, shape.image_size).train.y, minlength=2).numpy() for i in range(3)]
     assert len(sent) == 3
-    for got in sent:
+    for got in sent.values():
         assert set(got) == {"count", "sum", "moment"}
         assert got["count"].shape == (2,) and got["sum"].shape == (2, 1024) and got["moment"].shape == (1024, 1024)
-    released = sorted(tuple(g["count"].astype(int)) for g in sent)
-    assert released == sorted(tuple(np.where(h >= 20, h, 0)) for h in held)
+    assert all(tuple(sent[i]["count"].astype(int)) == tuple(np.where(h >= 20, h, 0)) for i, h in enumerate(held))
     assert any(0 < h.min() < 20 or h.min() == 0 for h in held), "no hospital here lacks a class: the test proves less"
-    assert cal["images"] == sum(int(g["count"].sum()) for g in sent)
+    assert cal["images"] == sum(int(g["count"].sum()) for g in sent.values())
     sums_bytes = 3 * 8 * (2 + 2 * 1024 + 1024 * 1024)  # float64, three hospitals; the rest: names and headers
     assert sums_bytes <= cal["bytes_from_sites"] < sums_bytes + 3000 and cal["bytes_to_sites"] > 0 and cal["seconds"] > 0
     assert cal["test"]["uncalibrated"] > 0.7, "the federation did not learn: nothing to calibrate"
     assert 0.5 < cal["test"]["calibrated"] <= 1 and 0.5 < cal["calibrated"]["val_auc"] <= 1
+    # strategy.personal_heads: each hospital was sent the head fit from its own release, no other's
+    order = sorted(sent)
+    expected = personal_heads(*pooled([sent[i] for i in order]), [sent[i] for i in order])
+    assert sorted(heads) == order
+    for i, (w, b) in zip(order, expected):
+        assert set(heads[i]) == head and np.allclose(heads[i]["final.1.weight"], w) and np.allclose(heads[i]["final.1.bias"], b)
+    assert len({heads[i]["final.1.bias"].tobytes() for i in order}) == 3, "the hospitals got the same head"
+    scored = [v["pers_val_auc"] for v in cal["calibrated"]["sites"].values() if v["val_auc"] == v["val_auc"]]
+    assert scored and all(0.5 < a <= 1 for a in scored) and 0.5 < cal["calibrated"]["pers_val_auc"] <= 1, cal
     report = (run_dir / "report.md").read_text()
     assert "## Head calibration" in report and f"`{cal['file']}`" in report and f"{cal['test']['calibrated']:.3f}" in report
+    assert f"own head, fit from the same sums and kept at the hospital: federated validation AUC " \
+           f"{cal['calibrated']['pers_val_auc']:.3f}" in report
 
 
 HOSTILE = {0: ("nan", "'moment' holds NaN or Inf"), 1: ("shape", "'sum' has shape (2, 10), not (2, 1024)"),
@@ -187,6 +248,9 @@ def test_malformed_sums_are_refused_and_each_hospital_named(tmp_path):
     ({"strategy.secure_aggregation": {}}, "calibrate_head does not go with secure_aggregation"),
     ({"strategy.central_dp": {"noise_multiplier": 0.1, "clipping": "server-fixed"}}, "calibrate_head does not go with central_dp"),
     ({"strategy.personalization.method": "fedper"}, "calibrate_head does not go with personalization.method fedper"),
+    ({"strategy.calibrate_head": False, "strategy.personal_heads": True}, "personal_heads needs calibrate_head: true"),
+    ({"strategy.personal_heads": True, "strategy.personalization.method": "ditto"},
+     "personal_heads with personalization.method ditto: choose one"),
 ])
 def test_calibration_refuses_what_would_expose_or_has_no_global_head(tmp_path, sets, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -198,10 +262,10 @@ def test_hospitals_under_dp_sgd_are_not_asked(tmp_path):
     the server does not ask (and a DP hospital refuses the query; client/training/app.py)."""
     plan = prepare_run(_cfg(tmp_path, **{"server.rounds": 1, "privacy.enabled": True, "privacy.target_epsilon": 8.0,
                                          "train.logit_adjustment": 0.0}))
-    sent: list = []
+    sent: dict = {}
     run_dir = run_plan_here(plan, mods=(_recorder(sent),))
     cal = json.loads((run_dir / "summary.json").read_text())["calibration"]
-    assert cal["status"].startswith("skipped: hospitals train with DP-SGD") and sent == []
+    assert cal["status"].startswith("skipped: hospitals train with DP-SGD") and sent == {}
     assert not (run_dir / "model_calibrated.safetensors").exists()
 
 
@@ -212,10 +276,10 @@ def test_a_dp_sgd_hospital_refuses_the_query_when_asked(tmp_path):
                                          "train.logit_adjustment": 0.0}))
     assert plan.private
     plan.private = False  # the hospitals still hold their DP-SGD policy (site config), the server forgets it
-    sent: list = []
+    sent: dict = {}
     run_dir = run_plan_here(plan, mods=(_recorder(sent),))
     cal = json.loads((run_dir / "summary.json").read_text())["calibration"]
-    assert sent == [] and cal["status"] == "skipped: no hospital released feature sums", cal
+    assert sent == {} and cal["status"] == "skipped: no hospital released feature sums", cal
     assert len(cal["sites"]) == 3
     assert all("not available at a hospital that trains with DP-SGD" in v for v in cal["sites"].values()), cal["sites"]
     assert not (run_dir / "model_calibrated.safetensors").exists()

@@ -23,8 +23,8 @@ from medimaging.models import build_model, head_keys, norm_keys
 from medimaging.training import evaluate, train_epochs
 
 from client.training.hospital import Hospital, HospitalLoader
-from protocol.messages import (CLASSES_KEY, CONTROL_KEY, FEATURES_KEY, REFUSAL_KEY, STATISTICS_KEY, DescribeSpec, EvalMetrics,
-                               EvaluationSpec, Refusal, TaskSpec, TrainMetrics)
+from protocol.messages import (CLASSES_KEY, CONTROL_KEY, FEATURES_KEY, PERSONAL_HEAD_KEY, REFUSAL_KEY, STATISTICS_KEY,
+                               DescribeSpec, EvalMetrics, EvaluationSpec, Refusal, TaskSpec, TrainMetrics)
 from client.training.mods import (DownlinkError, central_dp_mod, compression_mod, downlink_mod, frozen_layers,
                                   frozen_mod, packing_mod, private_errors_mod)
 from client.training.secure import secure_aggregation_mod
@@ -212,6 +212,19 @@ def _personal(task: TaskSpec, hospital: Hospital, context: Context, model: torch
     return PersonalModel(task.personal, context, model)
 
 
+def _own_head(msg: Message, context: Context, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The global model with this hospital's own head, where the server sent one (strategy.personal_heads)."""
+    from client.training.personal import with_own_head
+
+    record = msg.content.array_records.get(PERSONAL_HEAD_KEY)
+    if record is None:
+        return None
+    try:
+        return with_own_head(model, record, context)
+    except ValueError as exc:
+        raise SiteDataError(str(exc)) from None
+
+
 def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
     hospital: its site.yaml; a simulation hands its own). `extra_mods` run just inside the error
@@ -246,11 +259,12 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
         hospital = _load(load_hospital, context, task)
         _hardware(hospital)
         site, model = hospital.data, _model(task, msg, context).to(hospital.device)
-        personal = _personal(task, hospital, context, model, trained=True)
+        personal, own_head = _personal(task, hospital, context, model, trained=True), _own_head(msg, context, model)
         with _device_memory(task, hospital):
             scores = evaluate(model, site.val, task.num_classes, precision=hospital.precision)
             tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}
-            own = personal.score(model, site.val, task.num_classes, hospital.precision) if personal else {}
+            own = (personal.score(model, site.val, task.num_classes, hospital.precision) if personal else
+                   evaluate(own_head, site.val, task.num_classes, precision=hospital.precision) if own_head else {})
         metrics = EvalMetrics(
             num_examples=len(site.val), val_loss=scores["loss"], val_accuracy=scores["accuracy"], val_auc=scores["auc"],
             ft_val_accuracy=tuned.get("accuracy"), ft_val_auc=tuned.get("auc"),

@@ -9,7 +9,11 @@ model, which lives in the node's own state and is never sent (strategy.personali
   with the received global w, alpha learned by the hospital; the mix is its personalized model.
 
 Both personal passes train on the hospital's data outside DP-SGD's accounting, so they are
-refused where the hospital trains with DP-SGD (app.py), as fine-tuning evaluation is."""
+refused where the hospital trains with DP-SGD (app.py), as fine-tuning evaluation is.
+
+- Personal heads (strategy.personal_heads): after the last round the server fits each
+  hospital a head from the federation's feature sums (medimaging/calibration.py) and sends it
+  with the calibrated model's validation; the hospital checks it, scores it and keeps it."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from medimaging.training import evaluate, loader, loss_for, make_optimizer, run_
 from medimaging.augment import augmenter
 from medimaging.compute import device_of
 from medimaging.datasets import Split
+from medimaging.models import head_keys
 from protocol.messages import Personalization, TrainConfig
 
 PERSONAL_MODEL = "personal-model"  # the node's state: Ditto's / APFL's own model, never in a message
@@ -126,3 +131,22 @@ class PersonalModel:
         state = OrderedDict((k, v.detach().cpu()) for k, v in self.model.state_dict().items())
         context.state[PERSONAL_MODEL] = ArrayRecord(state)
         context.state[PERSONAL_MIX] = ConfigRecord({"alpha": self.alpha})
+
+
+PERSONAL_HEAD = "personal-head"  # the node's state: the head strategy.personal_heads fit for this hospital
+
+
+def with_own_head(model: torch.nn.Module, record: ArrayRecord, context: Context) -> torch.nn.Module:
+    """The received global model with the head the server fit for this hospital from the
+    federation's feature sums (strategy.personal_heads, medimaging/calibration.py), kept in the
+    node's state as its personalized model. Anything but the head's own arrays, in its shapes and
+    finite, is refused: the server may replace the head, nothing else."""
+    arrays = record.to_torch_state_dict()
+    expected = {k: v.shape for k, v in model.state_dict().items() if k in head_keys(model)}
+    got = {k: v.shape for k, v in arrays.items()}
+    if not expected or got != expected or not all(torch.isfinite(v).all() for v in arrays.values()):
+        raise ValueError(f"the server's personal head does not fit this model's classifier head {sorted(expected)}")
+    own = copy.deepcopy(model)
+    own.load_state_dict(arrays, strict=False)
+    context.state[PERSONAL_HEAD] = ArrayRecord(OrderedDict((k, v.detach().cpu()) for k, v in arrays.items()))
+    return own

@@ -19,8 +19,8 @@ import time
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from medimaging.calibration import CalibrationError, check_sums, head_layer, pooled, refit_head
-from protocol.messages import FEATURES_KEY, EvalMetrics, TaskSpec
+from medimaging.calibration import CalibrationError, check_sums, head_layer, personal_heads, pooled, refit_head
+from protocol.messages import FEATURES_KEY, PERSONAL_HEAD_KEY, EvalMetrics, TaskSpec
 
 from server.engine.exchange import checked, exchange, in_round, noted_in, payload_bytes, reply_metrics
 from server.engine.names import site_name
@@ -30,9 +30,9 @@ log = logging.getLogger("aseanfl")
 FILE = "model_calibrated.safetensors"
 
 
-def _ask(run, task: TaskSpec, features: int, out: dict) -> list[dict[str, np.ndarray]]:
-    """Every connected hospital's feature sums that pass the checks (`features`: the head's
-    width); out["sites"] says why not."""
+def _ask(run, task: TaskSpec, features: int, out: dict) -> dict[int, dict[str, np.ndarray]]:
+    """Every connected hospital's feature sums that pass the checks, by the node they came from
+    (`features`: the head's width); out["sites"] says why not."""
     messages = [Message(RecordDict({"arrays": run.shared, "config": task.to_config()}), dst_node_id=nid,
                         message_type="query.features") for nid in run.grid.get_node_ids()]
     messages = run.frozen.outgoing(in_round(messages, task.server_round, run.known))
@@ -42,7 +42,7 @@ def _ask(run, task: TaskSpec, features: int, out: dict) -> list[dict[str, np.nda
                              run.plan.stop, impostor)
     out["bytes_to_sites"] = sum(sent.values())
     out["bytes_from_sites"] = sum(payload_bytes(r.content) for r in replies if r.has_content())
-    releases = []
+    releases = {}
     for reply in replies:
         site = site_name(reply, run.known)
         record = None if reply.has_error() else reply.content.array_records.get(FEATURES_KEY)
@@ -55,22 +55,33 @@ def _ask(run, task: TaskSpec, features: int, out: dict) -> list[dict[str, np.nda
             sites[site] = f"rejected: {why}"
             continue
         sites[site] = f"released: {int(got['count'].sum())} images"
-        releases.append(got)
+        releases[reply.metadata.src_node_id] = got
     return releases
 
 
-def _validate(run, task: TaskSpec, arrays: ArrayRecord) -> dict:
-    """The calibrated model scored at the hospitals on their validation cases, as a round's is."""
+def _validate(run, task: TaskSpec, arrays: ArrayRecord, personal: dict[int, ArrayRecord]) -> dict:
+    """The calibrated model scored at the hospitals on their validation cases, as a round's is;
+    each hospital in `personal` also gets its own head (and scores it: pers-val-*)."""
     shared = without(arrays, run.local | run.frozen.keys)
     evals = in_round(run.strategy.configure_evaluate(task.server_round, shared, task.to_config(), run.grid),
                      task.server_round, run.known)
+    for message in evals:  # its own head only: no hospital learns another's class means
+        if message.metadata.dst_node_id in personal:  # a RecordDict of its own (the strategy's messages share one)
+            message.content = RecordDict({**message.content, PERSONAL_HEAD_KEY: personal[message.metadata.dst_node_id]})
     replies, _ = exchange(run.grid, run.frozen.outgoing(evals), run.plan.config.server.round_timeout_s, run.known,
                           lambda *_: None, run.plan.stop)
     replies = checked(replies, EvalMetrics, run.progress, task.server_round, "calibration", {}, run.known)
     agg = run.strategy.aggregate_evaluate(task.server_round, replies) if replies else None
-    sites = {site_name(r, run.known): {"val_auc": reply_metrics(r)["val-auc"],
-                                       "val_accuracy": reply_metrics(r)["val-accuracy"]} for r in replies}
-    return {"val_auc": (agg or {}).get("val-auc"), "val_accuracy": (agg or {}).get("val-accuracy"), "sites": sites}
+    keys = ("val-auc", "val-accuracy") + ("pers-val-auc", "pers-val-accuracy") * bool(personal)
+    sites = {site_name(r, run.known): {k.replace("-", "_"): reply_metrics(r).get(k) for k in keys} for r in replies}
+    return {k.replace("-", "_"): (agg or {}).get(k) for k in keys} | {"sites": sites}
+
+
+def _personal(name: str, releases: dict[int, dict[str, np.ndarray]], total) -> dict[int, ArrayRecord]:
+    """strategy.personal_heads: each releasing hospital's own head, by its node."""
+    heads = personal_heads(*total, list(releases.values()))
+    return {nid: ArrayRecord({f"{name}.weight": Array(np.ascontiguousarray(w)), f"{name}.bias": Array(np.ascontiguousarray(b))})
+            for nid, (w, b) in zip(releases, heads, strict=True)}
 
 
 def calibrate(run, task: TaskSpec, summary: dict) -> None:
@@ -88,7 +99,9 @@ def calibrate(run, task: TaskSpec, summary: dict) -> None:
         releases = _ask(run, task, head.in_features, out)
         if not releases:
             raise CalibrationError("no hospital released feature sums")
-        weight, bias, shrinkage = refit_head(*pooled(releases))
+        total = pooled(list(releases.values()))
+        weight, bias, shrinkage = refit_head(*total)
+        personal = _personal(name, releases, total) if plan.config.strategy.personal_heads else {}
     except CalibrationError as exc:
         out["status"] = f"skipped: {exc}"
         plan.progress.problem(f"head calibration {out['status']} ({'; '.join(f'{k}: {v}' for k, v in out['sites'].items())})")
@@ -96,9 +109,9 @@ def calibrate(run, task: TaskSpec, summary: dict) -> None:
     arrays = merged(run.arrays, ArrayRecord({f"{name}.weight": Array(np.ascontiguousarray(weight)),
                                              f"{name}.bias": Array(np.ascontiguousarray(bias))}))
     run.recorder.save_model(arrays, FILE, round=rounds, calibrated="head refit from the hospitals' feature sums")
-    out.update(status="calibrated", file=FILE, shrinkage=round(shrinkage, 6), images=int(sum(r["count"].sum() for r in releases)),
+    out.update(status="calibrated", file=FILE, shrinkage=round(shrinkage, 6), images=int(total[0].sum()),
                hospitals=len(releases), uncalibrated=summary.get("final", {}).get("val_auc"),
-               calibrated=_validate(run, task, arrays))
+               calibrated=_validate(run, task, arrays, personal))
     if plan.test is not None:
         out["test"] = {"uncalibrated": summary.get("final", {}).get("test_auc"),
                        "calibrated": server_evaluate(plan.config, plan.shape, arrays, plan.test, plan.private)["auc"]}

@@ -240,6 +240,9 @@ def _calibration_lines(summary: dict) -> list[str]:
                 "The refit model is `{file}`; `model.safetensors` is the model as trained.", hospitals=cal["hospitals"],
                 images=cal["images"], calibrated=_fmt(cal["calibrated"]["val_auc"]), plain=_fmt(cal["uncalibrated"]),
                 file=cal["file"])]
+    if "pers_val_auc" in cal["calibrated"]:  # strategy.personal_heads
+        lines += [_("Each hospital also got its own head, fit from the same sums and kept at the hospital: federated "
+                    "validation AUC {personal}.", personal=_fmt(cal["calibrated"]["pers_val_auc"]))]
     if cal.get("test"):
         lines += [_("On the test split: {calibrated} refit, {plain} as trained.",
                     calibrated=_fmt(cal["test"]["calibrated"]), plain=_fmt(cal["test"]["uncalibrated"]))]
