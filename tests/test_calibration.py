@@ -147,9 +147,9 @@ def test_a_hospital_refuses_a_personal_head_that_is_not_a_head(real):
     assert PERSONAL_HEAD in context.state.array_records
 
 
-def _recorder(seen: dict, heads: dict | None = None):
+def _recorder(seen: dict, heads: dict | None = None, replies: list | None = None):
     """A client mod that keeps what each hospital's feature-sums reply carries (and the personal
-    head it is sent), by partition."""
+    head it is sent), by partition; `replies`: the replies themselves."""
     def mod(msg, ctxt, call_next):
         pid = int(ctxt.node_config["partition-id"])
         if heads is not None and PERSONAL_HEAD_KEY in msg.content.array_records:
@@ -157,8 +157,22 @@ def _recorder(seen: dict, heads: dict | None = None):
         reply = call_next(msg, ctxt)
         if msg.metadata.message_type == "query.features" and not reply.has_error():
             seen[pid] = {k: a.numpy().copy() for k, a in reply.content[FEATURES_KEY].items()}
+            if replies is not None:
+                replies.append(reply)
         return reply
     return mod
+
+
+def _audited(replies: list, path) -> list:
+    """The problems `aseanfl client audit` finds in a log of these replies."""
+    from client.operations.audit import AuditLog, describe, verify
+
+    problems = []
+    for i, reply in enumerate(replies):
+        log = AuditLog(path / f"{i}.jsonl")
+        log.append(describe(reply))
+        problems += [str(p) for p in verify(log.path, str(reply.content["site"]["name"])).problems]
+    return problems
 
 
 def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
@@ -167,8 +181,8 @@ def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
     hospital sent is its class counts (at least its min_cases, 20, per class), the class sums and
     the moment, nothing else; both models are scored (server test, federated validation)."""
     plan = prepare_run(_cfg(tmp_path, **{"strategy.personal_heads": True}))
-    sent, heads = {}, {}
-    run_dir = run_plan_here(plan, mods=(_recorder(sent, heads),))
+    sent, heads, replies = {}, {}, []
+    run_dir = run_plan_here(plan, mods=(_recorder(sent, heads, replies),))
     summary = json.loads((run_dir / "summary.json").read_text())
     cal = summary["calibration"]
     assert cal["status"] == "calibrated" and cal["hospitals"] == 3, cal
@@ -186,6 +200,11 @@ def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
     assert all(tuple(sent[i]["count"].astype(int)) == tuple(np.where(h >= 20, h, 0)) for i, h in enumerate(held))
     assert any(0 < h.min() < 20 or h.min() == 0 for h in held), "no hospital here lacks a class: the test proves less"
     assert cal["images"] == sum(int(g["count"].sum()) for g in sent.values())
+    # the hospital's own audit accepts the release as it is, and names an array slipped in beside it
+    assert _audited(replies, tmp_path / "audit") == []
+    doctored = {**next(iter(sent.values())), "images": np.zeros((4, 28, 28))}
+    replies[0].content[FEATURES_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in doctored.items()})
+    assert _audited(replies[:1], tmp_path / "doctored") == ["line 1: feature-sums.images is not an allowed key"]
     sums_bytes = 3 * 8 * (2 + 2 * 1024 + 1024 * 1024)  # float64, three hospitals; the rest: names and headers
     assert sums_bytes <= cal["bytes_from_sites"] < sums_bytes + 3000 and cal["bytes_to_sites"] > 0 and cal["seconds"] > 0
     assert cal["test"]["uncalibrated"] > 0.7, "the federation did not learn: nothing to calibrate"

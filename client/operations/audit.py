@@ -22,7 +22,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from common.i18n import Line, Reason
 from common.packing import STYPE, header, is_packed
 
-from protocol.messages import CLASSES_KEY, REFUSAL_KEY, SCORES_KEY, STATISTICS_KEY, EvalMetrics, Refusal, TrainMetrics
+from protocol.messages import (CLASSES_KEY, FEATURES_KEY, REFUSAL_KEY, SCORES_KEY, STATISTICS_KEY, EvalMetrics, Refusal,
+                               TrainMetrics)
 
 GENESIS = "0" * 64
 _METRIC_KEYS = {f.alias or n for m in (TrainMetrics, EvalMetrics) for n, f in m.model_fields.items()}
@@ -37,6 +38,9 @@ ALLOWED = {
     SCORES_KEY: ("configs", {"json", "model-sha256"}),  # federated evaluation: medimaging.scoring.SiteScores
     CLASSES_KEY: ("configs", {"names", "task"}),  # the class names, asked before a run (not patient data)
     STATISTICS_KEY: ("configs", {"json"}),  # `aseanfl stats -f`: medimaging.stats.SiteStats
+    # head calibration: per class image counts and feature sums, a feature moment, each summed over
+    # at least min_cases images of a class (medimaging/calibration.py)
+    FEATURES_KEY: ("arrays", {"count", "sum", "moment"}),
     RECORD_KEY_CONFIGS: ("configs", _SECAGG_KEYS),  # SecAgg+: keys, shares, the masked vector
     "fitres.parameters": ("arrays", set()),  # SecAgg+ empties it before the reply leaves
     "fitres.metrics": ("metrics", set()),
