@@ -163,7 +163,8 @@ def train_epochs(
 
 
 def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """ROC AUC: binary, or macro one-vs-rest for several classes; NaN where undefined."""
+    """ROC AUC: binary, or macro one-vs-rest for several classes; NaN where undefined. `probs` may
+    be any per-class scores that rank the images as the probabilities do (`ranking_scores`)."""
     present = torch.unique(labels)
     if len(present) < 2:
         return math.nan
@@ -172,6 +173,15 @@ def auc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     onehot = torch.nn.functional.one_hot(labels, num_classes)
     keep = [c for c in range(num_classes) if c in present]  # classes absent locally have no AUC
     return float(compute_roc_auc(probs[:, keep], onehot[:, keep], average="macro"))
+
+
+def ranking_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Per-class scores that rank images as softmax probabilities do, without their ties: a float32
+    softmax rounds every probability above 1 - 6e-8 to exactly 1 (a logit gap above ~17, common in a
+    confident model), so a positive and a negative image there tie and AUC counts half a pair.
+    log-softmax in float64 keeps the order down to gaps of ~700 (seed 2's FedAvg model in
+    docs/benchmarks.md: 251 tied validation images at one hospital; its mean AUC 0.9339 -> 0.9378)."""
+    return torch.log_softmax(logits.double(), dim=1)
 
 
 def _one_vs_rest(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -185,9 +195,10 @@ def multilabel_scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
     probs = torch.sigmoid(logits)
     hits = ((probs > 0.5).float() == y).float()
     keep = [k for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
-    value = float(compute_roc_auc(probs[:, keep], y[:, keep], average="macro")) if keep else math.nan
+    ranks = logits.double()  # sigmoid is monotone: the logits rank as the probabilities do, without ties at 0 and 1
+    value = float(compute_roc_auc(ranks[:, keep], y[:, keep], average="macro")) if keep else math.nan
     return {"loss": loss, "accuracy": hits.mean().item(), "auc": value,
-            "auc_per_class": [_one_vs_rest(probs[:, k], y[:, k]) for k in range(y.shape[1])],
+            "auc_per_class": [_one_vs_rest(ranks[:, k], y[:, k]) for k in range(y.shape[1])],
             "accuracy_per_class": hits.mean(0).tolist()}
 
 
@@ -235,9 +246,9 @@ def evaluate(model: torch.nn.Module, split: Split, num_classes: int, batch_size:
         return multilabel_scores(logits, split.y)
     loss = torch.nn.functional.cross_entropy(logits, split.y).item()
     probs = torch.softmax(logits, dim=1)
-    correct = (probs.argmax(1) == split.y).float()
-    return {"loss": loss, "accuracy": correct.mean().item(), "auc": auc(probs, split.y, num_classes),
+    correct, ranks = (probs.argmax(1) == split.y).float(), ranking_scores(logits)
+    return {"loss": loss, "accuracy": correct.mean().item(), "auc": auc(ranks, split.y, num_classes),
             # one vs rest per class; accuracy per class = the share of its images called that class
-            "auc_per_class": [_one_vs_rest(probs[:, c], split.y == c) for c in range(num_classes)],
+            "auc_per_class": [_one_vs_rest(ranks[:, c], split.y == c) for c in range(num_classes)],
             "accuracy_per_class": [correct[split.y == c].mean().item() if (split.y == c).any() else math.nan
                                    for c in range(num_classes)]}

@@ -66,7 +66,6 @@ def contest(dep, tmp: Path, model: Path, page, url: str) -> dict:
 def central(hospitals: Path, sites: list[str], model: Path, private: bool = True) -> dict[str, tuple]:
     """Each hospital's test cases scored centrally: site -> (probability of class 1, labels). The
     test reads the hospitals' own decoded files here; the server never does."""
-    import numpy as np
     from safetensors.torch import load_file
 
     from client.config import load_site
@@ -87,5 +86,5 @@ def central(hospitals: Path, sites: list[str], model: Path, private: bool = True
         x, y = to_tensor(arrays["test_images"], 32), targets(arrays["test_labels"], 32).numpy().astype(int)
         assert len(y) >= 40 and 0 < y.sum() < len(y) and x.std() > 0.1, site  # real, labelled, both classes
         with torch.no_grad():
-            out[site] = (torch.softmax(net(x), 1)[:, 1].numpy().astype(np.float64), y)
+            out[site] = (torch.softmax(net(x).double(), 1)[:, 1].numpy(), y)
     return out

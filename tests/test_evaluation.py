@@ -108,7 +108,7 @@ def test_a_trained_model_scored_at_three_hospitals_pools_as_on_the_union(tmp_pat
         for i, name in enumerate(cfg.sites):
             val = site_data(cfg, i, shape.image_size).val
             assert len(val) > 50 and 0 < int(val.y.sum()) < len(val)  # real, labelled, both classes
-            probs[name] = torch.softmax(model(val.x), 1)[:, 1].numpy().astype(np.float64)
+            probs[name] = torch.softmax(model(val.x).double(), 1)[:, 1].numpy()
             labels[name] = val.y.numpy()
     sites = result["sites"]
     small = min(sites, key=lambda s: sites[s]["cases"])

@@ -162,3 +162,27 @@ def test_multilabel_npz_end_to_end(tmp_path):
     assert {r["site"] for r in rows if r["round"] == "3" and r["status"] == "ok"} == {"nanning", "hanoi", "bangkok"}
     dist = json.loads((run_dir / "data_distribution.json").read_text())
     assert all(len(d["train"]) == 2 for d in dist.values())  # images with each finding, per site
+
+
+def test_auc_ranks_a_confident_models_scores_without_float32_ties():
+    """A confident model: every logit gap is 20-30, where a float32 softmax gives exactly 1.0 to
+    all images. The positives' gaps are the larger ones, so AUC is 1; tied it would be 0.5. The
+    same for several classes (one vs rest) and for findings (sigmoid)."""
+    from medimaging.datasets import Split
+
+    gap = torch.tensor([20.0, 21, 22, 23, 27, 28, 29, 30])
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    binary = torch.stack([-gap / 2, gap / 2], 1)
+    assert (torch.softmax(binary, 1)[:, 1] == 1).all()  # the input really ties in float32
+
+    def model(k):  # the "images" are the logits
+        net = torch.nn.Linear(k, k, bias=False)
+        torch.nn.init.eye_(net.weight)
+        return net
+
+    assert evaluate(model(2), Split(binary, y), 2)["auc"] == 1.0
+    three = torch.cat([binary, torch.full((8, 1), -40.0)], 1)
+    scores = evaluate(model(3), Split(three, y), 3)
+    assert scores["auc"] == 1.0 and scores["auc_per_class"][:2] == [1.0, 1.0]
+    findings = evaluate(model(2), Split(torch.stack([gap, -gap], 1), torch.stack([y, 1 - y], 1).float()), 2)
+    assert findings["auc"] == 1.0 and torch.sigmoid(gap).eq(1).all()
