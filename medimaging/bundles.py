@@ -140,6 +140,7 @@ def network_spec(folder: Path) -> tuple[NetworkSpec, Path]:
 
 def build_network(spec: NetworkSpec) -> torch.nn.Module:
     """The network a NetworkSpec names (same code at the coordinator and every hospital)."""
+    import medimaging.monai_loader  # noqa: F401  (MONAI without BERT)
     import monai.networks.nets as nets
 
     return getattr(nets, spec.target)(**spec.args)

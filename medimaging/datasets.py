@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import medimaging.monai_loader  # noqa: F401  (MONAI without BERT: before any monai import)
 from monai.transforms import Compose, Resize, ScaleIntensityRange
 from monai.utils import convert_to_tensor
 

@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+import medimaging.monai_loader  # noqa: F401  (MONAI without BERT: before any monai import)
 import monai
 import torch
 

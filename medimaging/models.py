@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import medimaging.monai_loader  # noqa: F401  (MONAI without BERT: before any monai import)
 from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import ResNet, resnet18
 from monai.networks.nets.resnet import ResNetBlock

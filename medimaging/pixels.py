@@ -93,6 +93,7 @@ def read_mask(path: Path, spatial_dims: int = 2) -> np.ndarray:
 
 def _resize(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
     import torch  # here, not at the top: `client audit` and `check-data --help` need neither
+    import medimaging.monai_loader  # noqa: F401  (MONAI without BERT)
     from monai.transforms import Resize
 
     out = Resize((size,) * arr.ndim, mode=mode, anti_aliasing=mode != "nearest")(torch.from_numpy(arr)[None].float())

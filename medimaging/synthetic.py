@@ -140,6 +140,7 @@ def generate_masks(
     """`n` images (n, 1, R, R[, R]) in [0, 1] with 1-5 round lesions each (MONAI's
     create_test_image_2d/3d: bright discs/balls on uniform noise), then this hospital's scanner;
     masks (n, R, R[, R]) int64, 1 = lesion."""
+    import medimaging.monai_loader  # noqa: F401  (MONAI without BERT)
     from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 
     res = profile.resolution if dims == 2 else volume_side(profile)

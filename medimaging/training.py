@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+import medimaging.monai_loader  # noqa: F401  (MONAI without BERT: before any monai import)
 from monai.losses import DiceLoss
 from monai.metrics import compute_dice, compute_roc_auc
 from torch.utils.data import DataLoader, TensorDataset

@@ -144,3 +144,28 @@ def test_no_page_calls_a_command_that_exists_not_yet_there():
                         stale.append(f"{page.name}: 'not yet' beside `aseanfl {called}`")
     assert not stale, stale
     assert "evaluate" in commands, "the check sees the command line's commands"
+
+
+def test_monai_loads_without_bert_and_adapters_still_get_transformers():
+    """`import monai` would import transformers' BERT (2.3 s in every hospital process):
+    medimaging/monai_loader.py loads MONAI without it. Every monai import in the packages comes
+    right after the loader's; a hospital worker and a simulation load no transformers; PEFT,
+    imported afterwards in the same process, still gets the real one."""
+    late = []
+    for name in PACKAGES:
+        for path in (ROOT / name).rglob("*.py"):
+            if path == ROOT / "medimaging" / "monai_loader.py":
+                continue
+            lines = path.read_text().splitlines()
+            for i, line in enumerate(lines):
+                if re.match(r"\s*(import monai\b|from monai\b)", line) and not re.match(
+                        r"\s*(import medimaging\.monai_loader\b|import monai\b|from monai\b)", lines[i - 1]):
+                    late.append(f"{path.relative_to(ROOT)}:{i + 1}")
+    assert not late, f"import medimaging.monai_loader on the line before: {late}"
+    code = ("import sys, client.training.app, simulations.runner, monai.networks.nets as nets\n"
+            "assert 'transformers' not in sys.modules, 'transformers loaded'\n"
+            "assert nets.resnet18 and nets.Transchex\n"
+            "import peft, transformers\n"
+            "print(type(transformers.PreTrainedModel).__name__, peft.LoraConfig.__name__)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "LoraConfig" in res.stdout, res.stderr[-2000:]
