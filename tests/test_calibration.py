@@ -277,25 +277,33 @@ def test_calibration_refuses_what_would_expose_or_has_no_global_head(tmp_path, s
         _cfg(tmp_path, **sets)
 
 
-def test_hospitals_under_dp_sgd_are_not_asked(tmp_path):
-    """DP-SGD guards the hospitals' data: their feature sums would leave outside the ledger, so
-    the server does not ask (and a DP hospital refuses the query; client/training/app.py)."""
-    plan = prepare_run(_cfg(tmp_path, **{"server.rounds": 1, "privacy.enabled": True, "privacy.target_epsilon": 8.0,
-                                         "train.logit_adjustment": 0.0}))
-    sent: dict = {}
-    run_dir = run_plan_here(plan, mods=(_recorder(sent),))
+def test_a_hospital_under_dp_sgd_refuses_and_the_others_calibrate(tmp_path):
+    """One hospital of three trains with DP-SGD (site_privacy), as one in a deployed federation
+    may: the server asks all three (it cannot know a deployed hospital's policy). The DP-SGD
+    hospital refuses, is named and releases nothing; the head is refit from the other two, and
+    only they get a head of their own."""
+    dp_site = _cfg(tmp_path).sites[0]
+    plan = prepare_run(_cfg(tmp_path, **{"server.rounds": 1, "strategy.personal_heads": True, "train.logit_adjustment": 0.0,
+                                         f"site_privacy.{dp_site}.enabled": True,
+                                         f"site_privacy.{dp_site}.target_epsilon": 8.0}))
+    assert plan.private and plan.config.site_policy(dp_site).enabled
+    sent, heads = {}, {}
+    run_dir = run_plan_here(plan, mods=(_recorder(sent, heads),))
     cal = json.loads((run_dir / "summary.json").read_text())["calibration"]
-    assert cal["status"].startswith("skipped: hospitals train with DP-SGD") and sent == {}
-    assert not (run_dir / "model_calibrated.safetensors").exists()
+    assert cal["status"] == "calibrated" and cal["hospitals"] == 2, cal
+    assert "not available at a hospital that trains with DP-SGD" in cal["sites"][dp_site], cal["sites"]
+    assert sorted(sent) == [1, 2] and sorted(heads) == [1, 2], (sorted(sent), sorted(heads))
+    assert cal["images"] == sum(int(g["count"].sum()) for g in sent.values())
+    assert (run_dir / "model_calibrated.safetensors").exists()
+    # the DP-SGD hospital still scores the calibrated model (a round's validation), with no head of its own
+    assert cal["calibrated"]["sites"][dp_site]["pers_val_auc"] is None, cal["calibrated"]["sites"]
 
 
-def test_a_dp_sgd_hospital_refuses_the_query_when_asked(tmp_path):
-    """A server that asks anyway (here: one told its hospitals train without DP) gets a refusal
-    from each DP-SGD hospital, named in the summary, and no calibrated model."""
+def test_when_every_hospital_trains_with_dp_sgd_none_releases_and_nothing_is_calibrated(tmp_path):
+    """Every hospital refuses the query, each named in the summary; no calibrated model."""
     plan = prepare_run(_cfg(tmp_path, **{"server.rounds": 1, "privacy.enabled": True, "privacy.target_epsilon": 8.0,
                                          "train.logit_adjustment": 0.0}))
     assert plan.private
-    plan.private = False  # the hospitals still hold their DP-SGD policy (site config), the server forgets it
     sent: dict = {}
     run_dir = run_plan_here(plan, mods=(_recorder(sent),))
     cal = json.loads((run_dir / "summary.json").read_text())["calibration"]

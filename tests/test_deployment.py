@@ -70,7 +70,7 @@ def deployed(tmp_path_factory, chromium):
         started, before, done = time.monotonic(), set((dep.fed / "server" / "runs").glob("run-*")), {}
         running = threading.Thread(target=lambda: done.update(run=dep.run(
             "--rounds", "2", "--set", "task.image_size=32", "--set", "train.local_epochs=5",
-            "--set", "strategy.calibrate_head=true", "--set", "strategy.personal_heads=true",  # not asked: DP-SGD hospitals
+            "--set", "strategy.calibrate_head=true", "--set", "strategy.personal_heads=true",  # site-a (DP-SGD) refuses
             "--set", "wait_for_sites=4", "--set", "wait_timeout_s=120", timeout=600)))
         running.start()
         watched = watch_run(coordinator, urls["console-server"], dep, before)
@@ -466,12 +466,19 @@ def test_two_rounds_complete_and_the_federation_learns(deployed):
     print(f"deployed: federated val AUC by round {auc}; round seconds {summary['round_seconds']}, "
           f"whole run incl. waiting {deployed['seconds']:.1f} s")
     assert auc["2"] > 0.65, auc  # chance is 0.5 (blank images gave exactly 0.5)
-    # head calibration asked for, but these hospitals train with DP-SGD (their kits' policy): their
-    # feature sums would leave outside the ledger, so the server does not ask and says why
+    # head calibration, deployed: every hospital is asked; site-a trains with DP-SGD (its kit's policy)
+    # and refuses, site-d has not approved the bundle; site-b and site-c release their sums through
+    # the front (4.2 MB each) and get their own heads
     cal = summary["calibration"]
-    assert cal == {"sites": {}, "status": "skipped: hospitals train with DP-SGD; their feature sums would leave "
-                                          "outside the ledger"}, cal
-    assert not (run_dir / "model_calibrated.safetensors").exists()
+    assert cal["status"] == "calibrated" and cal["hospitals"] == 2, cal
+    assert "not available at a hospital that trains with DP-SGD" in cal["sites"]["site-a"], cal["sites"]
+    assert {s: cal["sites"][s].split(":")[0] for s in ("site-b", "site-c")} == {"site-b": "released", "site-c": "released"}
+    assert cal["sites"][UNAPPROVED].startswith("error"), cal["sites"]
+    assert cal["bytes_from_sites"] > 2 * 8 * 1024 * 1025 // 2, cal  # both moments came through the front
+    assert (run_dir / "model_calibrated.safetensors").exists()
+    scored = cal["calibrated"]["sites"]
+    assert {s for s, v in scored.items() if v["pers_val_auc"] is not None} == {"site-b", "site-c"}, scored
+    assert scored["site-a"]["val_auc"] is not None, scored  # site-a still validates the calibrated model
 
 
 def _worker_lines(site: str, deployed) -> list[tuple[str, str, str]]:
@@ -487,7 +494,8 @@ def test_each_hospital_serves_its_run_from_one_warm_worker(deployed):
     (the server's question for the class names), after its check; later tasks only check it again."""
     for site in APPROVED:
         lines = _worker_lines(site, deployed)
-        assert [t for _, t, _ in lines] == ["query.classes"] + ["train", "evaluate"] * 2, lines
+        # then the head calibration's question (site-a refuses it: DP-SGD) and its validation
+        assert [t for _, t, _ in lines] == ["query.classes"] + ["train", "evaluate"] * 2 + ["query.features", "evaluate"], lines
         assert len({pid for pid, _, _ in lines}) == 1, lines
         assert "bundle check + import" in lines[0][2] and all("+ import" not in rest for _, _, rest in lines[1:]), lines
         # its site.yaml's compute.threads, or every core the daemon may use (not Flower's or our old 1)
@@ -789,11 +797,16 @@ def test_audit_log_covers_every_round_and_holds_nothing_forbidden(deployed):
         assert logged[0]["event"] == "app approved" and logged[0]["sha256"] == deployed["hash"], logged[0]
         entries = [e for e in logged if "event" not in e]
         first = int(re.search(r"run (\d+): finished", deployed["run"].stdout).group(1))
-        assert {(e["round"], e["type"]) for e in entries if e["run"] == first} == \
+        assert {(e["round"], e["type"]) for e in entries if e["run"] == first and e["type"] != "query.features"} == \
             {(r, t) for r in ("1", "2") for t in ("train", "evaluate")} | {(f"classes-{first}", "query.classes")}
         assert all(set(e["records"]) <= {"arrays", "metrics", "site"} for e in entries
-                   if e["type"] not in ("evaluate.contest", "query.classes", "query.stats"))
-        assert not any(e["type"] == "query.features" for e in entries), "a DP-SGD hospital released feature sums"
+                   if e["type"] not in ("evaluate.contest", "query.classes", "query.stats", "query.features"))
+        released = [e for e in entries if e["type"] == "query.features"]  # the head calibration's sums
+        if site == "site-a":  # its refusal is logged, with nothing sent
+            assert [e["run"] for e in released] == [first] and released[0]["bytes"] == 0 and \
+                "DP-SGD" in released[0]["error"]["reason"] and "feature-sums" not in released[0].get("records", {}), released
+        else:
+            assert [e["run"] for e in released] == [first] and set(released[0]["records"]) == {"feature-sums", "site"}, released
         named = [e for e in entries if e["type"] == "query.classes"]  # the class names, and nothing else
         assert named and all(set(e["records"]) == {"classes", "site"} for e in named)
         assert all(e["records"]["classes"]["entries"] == {"names": ["lesion", "normal"], "task": "classification"}

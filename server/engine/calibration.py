@@ -25,6 +25,7 @@ from protocol.messages import FEATURES_KEY, PERSONAL_HEAD_KEY, EvalMetrics, Task
 from server.engine.exchange import checked, exchange, in_round, noted_in, payload_bytes, reply_metrics
 from server.engine.names import site_name
 from server.engine.updates import merged, server_evaluate, without
+from strategies.factory import weighted_mean
 
 log = logging.getLogger("aseanfl")
 FILE = "model_calibrated.safetensors"
@@ -71,7 +72,9 @@ def _validate(run, task: TaskSpec, arrays: ArrayRecord, personal: dict[int, Arra
     replies, _ = exchange(run.grid, run.frozen.outgoing(evals), run.plan.config.server.round_timeout_s, run.known,
                           lambda *_: None, run.plan.stop)
     replies = checked(replies, EvalMetrics, run.progress, task.server_round, "calibration", {}, run.known)
-    agg = run.strategy.aggregate_evaluate(task.server_round, replies) if replies else None
+    # per metric over the hospitals that report it: one under DP-SGD released no sums, got no head of
+    # its own and reports no pers-val-* (Flower's aggregate_evaluate wants the same keys from all)
+    agg = weighted_mean([r.content for r in replies], run.strategy.weighted_by_key) if replies else None
     keys = ("val-auc", "val-accuracy") + ("pers-val-auc", "pers-val-accuracy") * bool(personal)
     sites = {site_name(r, run.known): {k.replace("-", "_"): reply_metrics(r).get(k) for k in keys} for r in replies}
     return {k.replace("-", "_"): (agg or {}).get(k) for k in keys} | {"sites": sites}
@@ -89,10 +92,10 @@ def calibrate(run, task: TaskSpec, summary: dict) -> None:
     plan, rounds, started = run.plan, task.server_round, time.time()
     out: dict = {"sites": {}}
     summary["calibration"] = out
-    if plan.private:
-        out["status"] = "skipped: hospitals train with DP-SGD; their feature sums would leave outside the ledger"
-        plan.progress.problem(f"head calibration {out['status']}")
-        return
+    # Every hospital is asked, under DP-SGD or not: the server cannot know which train privately (a
+    # deployed hospital's site.yaml decides; DP-compatible models only say that any may). A hospital
+    # under DP-SGD refuses (client/training/app.py), is named in out["sites"], and the head is refit
+    # from the others' sums; when none releases, nothing is calibrated.
     run.progress.round_started(rounds, rounds, "head calibration")
     try:
         name, head = head_layer(plan.shape.model(plan.config, plan.private))
