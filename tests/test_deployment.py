@@ -240,7 +240,8 @@ def _supernode_without_client_certificate(dep: LocalDeployment, timeout: float =
     def read() -> None:
         for line in proc.stdout:
             said.append(line)
-            if "403 Forbidden" in "".join(said) and "activate-node" in "".join(said):
+            text = "".join(said)  # the two words may come on different lines
+            if "403 Forbidden" in text and "activate-node" in text:
                 refused.set()
 
     reader = threading.Thread(target=read, daemon=True)
