@@ -28,6 +28,9 @@ from flwr.serverapp.strategy import (
 from strategies.config import SecAggConfig, StrategyConfig
 
 
+WEIGHT_KEY = "num-examples"  # each reply's example count: what every strategy here weighs by
+
+
 def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Example-weighted mean of each metric, skipping sites where a metric is NaN (e.g. AUC
     of a site whose validation split holds one class)."""
@@ -61,7 +64,7 @@ def _base(cfg: StrategyConfig, num_sites: int) -> Strategy:
         min_train_nodes=cfg.min_sites,
         min_evaluate_nodes=cfg.min_sites if cfg.fraction_evaluate > 0 else 0,
         min_available_nodes=cfg.min_sites,
-        weighted_by_key="num-examples",
+        weighted_by_key=WEIGHT_KEY,
         train_metrics_aggr_fn=weighted_mean,
         evaluate_metrics_aggr_fn=weighted_mean,
     )

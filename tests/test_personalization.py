@@ -68,6 +68,26 @@ def test_personal_models_stay_home_and_are_scored_beside_the_global_one(tmp_path
     assert "pers_val_auc" in (run_dir / "report.md").read_text()
 
 
+def test_a_round_with_hospitals_that_have_no_personal_model_yet(tmp_path):
+    """Ditto with one hospital of three sampled to train: all three validate, and only the one that
+    trained has a personal model to score. The round goes on (it stopped with Flower's
+    "All MetricRecords must have the same keys"): the federation's pers_val_* are the trained
+    hospital's own, the others report none."""
+    run_dir = simulate(_cfg(tmp_path, **ONE_ROUND, **{"strategy.personalization.method": "ditto",
+                                                       "strategy.fraction_train": 0.34, "strategy.min_sites": 1}))
+    rows = [r for r in _rows(run_dir) if r["round"] == "1"]
+    sites = {r["site"]: r for r in rows if r["site"] != "global"}
+    trained = [s for s, r in sites.items() if r["status"] == "ok"]
+    assert len(sites) == 3 and len(trained) == 1, rows
+    assert sorted(r["status"] for r in sites.values()) == ["eval-only", "eval-only", "ok"], rows
+    assert all(r["val_accuracy"] for r in sites.values()), "every hospital validated the global model"
+    assert [bool(r["pers_val_accuracy"]) for r in sites.values()] == [s in trained for s in sites], rows
+    final = [r for r in rows if r["site"] == "global"][0]
+    assert float(final["pers_val_accuracy"]) == pytest.approx(float(sites[trained[0]]["pers_val_accuracy"]))
+    accuracies = [float(r["val_accuracy"]) for r in sites.values()]
+    assert min(accuracies) <= float(final["val_accuracy"]) <= max(accuracies), "the global model: all three"
+
+
 def test_fedrep_keeps_the_head_at_each_hospital(tmp_path):
     """FedRep: the head never leaves (the server's head never moves; replies are the body only)
     and the hospitals' heads on the shared body validate well."""

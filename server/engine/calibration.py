@@ -25,7 +25,7 @@ from protocol.messages import FEATURES_KEY, PERSONAL_HEAD_KEY, EvalMetrics, Task
 from server.engine.exchange import checked, exchange, in_round, noted_in, payload_bytes, reply_metrics
 from server.engine.names import site_name
 from server.engine.updates import merged, server_evaluate, without
-from strategies.factory import weighted_mean
+from strategies.factory import WEIGHT_KEY, weighted_mean
 
 log = logging.getLogger("aseanfl")
 FILE = "model_calibrated.safetensors"
@@ -74,7 +74,7 @@ def _validate(run, task: TaskSpec, arrays: ArrayRecord, personal: dict[int, Arra
     replies = checked(replies, EvalMetrics, run.progress, task.server_round, "calibration", {}, run.known)
     # per metric over the hospitals that report it: one under DP-SGD released no sums, got no head of
     # its own and reports no pers-val-* (Flower's aggregate_evaluate wants the same keys from all)
-    agg = weighted_mean([r.content for r in replies], run.strategy.weighted_by_key) if replies else None
+    agg = weighted_mean([r.content for r in replies], WEIGHT_KEY) if replies else None
     keys = ("val-auc", "val-accuracy") + ("pers-val-auc", "pers-val-accuracy") * bool(personal)
     sites = {site_name(r, run.known): {k.replace("-", "_"): reply_metrics(r).get(k) for k in keys} for r in replies}
     return {k.replace("-", "_"): (agg or {}).get(k) for k in keys} | {"sites": sites}

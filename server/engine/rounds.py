@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from common.packing import PackedGrid
 from protocol.messages import EvalMetrics, Refusal, TaskSpec, TrainMetrics
-from strategies.factory import build_secure_workflow, build_strategy, client_clipping, cohort
+from strategies.factory import WEIGHT_KEY, build_secure_workflow, build_strategy, client_clipping, cohort, weighted_mean
 
 from server.engine import checkpoint
 from server.engine.frozen import FrozenLayers
@@ -223,7 +223,10 @@ def validate(run: Run, rd: Round) -> None:
                  ft_val_accuracy=m.get("ft-val-accuracy"), ft_val_auc=m.get("ft-val-auc"), val_dice=m.get("val-dice"),
                  ft_val_dice=m.get("ft-val-dice"), pers_val_accuracy=m.get("pers-val-accuracy"),
                  pers_val_auc=m.get("pers-val-auc"), pers_val_dice=m.get("pers-val-dice"))
-    rd.eval_agg = run.strategy.aggregate_evaluate(rd.rnd, replies) if replies else None
+    # per metric over the hospitals that report it, not the strategy's aggregate_evaluate: Flower's
+    # refuses replies whose keys differ, and a Ditto/APFL hospital that has not trained yet (sampled
+    # to validate only) has no personal model to report pers-val-* for
+    rd.eval_agg = weighted_mean([r.content for r in replies], WEIGHT_KEY) if replies else None
     _sampling(run, rd)
 
 
