@@ -77,3 +77,31 @@ def simulate_here(cfg, progress=None) -> Path:
     from simulations.runner import prepare_run
 
     return run_plan_here(prepare_run(cfg, progress))
+
+
+def assert_own_models_kept(run_dir, rows: dict, kind: str, column: str = "pers_val_accuracy") -> None:
+    """Each hospital in `rows` kept its own model on its disk (client/training/own_model.py): the
+    plain network in the run's model card, scoring on its validation cases what its row reported."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from medimaging.training import evaluate
+    from server.evaluation.federated import read_card
+    from simulations.config import load_config
+    from simulations.federation import hospital
+
+    cfg, names = load_config(run_dir / "config.yaml", {}), sorted(rows)
+    assert sorted(p.name for p in (run_dir / "personal").iterdir()) == names
+    for name in names:
+        folder = run_dir / "personal" / name
+        card, scores = read_card(folder / "card.yaml"), json.loads((folder / "scores.json").read_text())
+        assert scores["kind"] == kind and scores["round"] == int(rows[name]["round"]), scores
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert f.metadata()["kind"] == kind
+        model = card.build(cfg)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))  # every tensor, nothing else
+        val = hospital(cfg, cfg.sites.index(name), card.image_size, run_dir.parent).data.val
+        accuracy = evaluate(model, val, card.num_classes)["accuracy"]
+        assert accuracy == pytest.approx(float(rows[name][column]), abs=1e-6) == scores["accuracy"], (name, scores)

@@ -13,7 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file
 
-from conftest import medmnist_file, run_plan_here
+from conftest import assert_own_models_kept, medmnist_file, run_plan_here
 from medimaging.calibration import CalibrationError, _shared_covariance, feature_sums, head_layer, personal_heads, pooled, refit_head
 from protocol.messages import FEATURES_KEY, PERSONAL_HEAD_KEY
 from simulations.config import ConfigError, load_config
@@ -223,6 +223,10 @@ def test_a_federation_refits_its_head_beside_the_uncalibrated_model(tmp_path):
     assert "## Head calibration" in report and f"`{cal['file']}`" in report and f"{cal['test']['calibrated']:.3f}" in report
     assert f"own head, fit from the same sums and kept at the hospital: federated validation AUC " \
            f"{cal['calibrated']['pers_val_auc']:.3f}" in report
+    # ... and on its own disk: the global body with its own head, as it scored it
+    rounds = str(plan.config.server.rounds)
+    assert_own_models_kept(run_dir, {s: {"round": rounds, **v} for s, v in cal["calibrated"]["sites"].items()},
+                           "personal-head")
 
 
 HOSTILE = {0: ("nan", "'moment' holds NaN or Inf"), 1: ("shape", "'sum' has shape (2, 10), not (2, 1024)"),
@@ -297,6 +301,8 @@ def test_a_hospital_under_dp_sgd_refuses_and_the_others_calibrate(tmp_path):
     assert (run_dir / "model_calibrated.safetensors").exists()
     # the DP-SGD hospital still scores the calibrated model (a round's validation), with no head of its own
     assert cal["calibrated"]["sites"][dp_site]["pers_val_auc"] is None, cal["calibrated"]["sites"]
+    assert_own_models_kept(run_dir, {s: {"round": "1", **v} for s, v in cal["calibrated"]["sites"].items() if s != dp_site},
+                           "personal-head")  # and none at the DP-SGD hospital
 
 
 def test_when_every_hospital_trains_with_dp_sgd_none_releases_and_nothing_is_calibrated(tmp_path):

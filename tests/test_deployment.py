@@ -480,6 +480,16 @@ def test_two_rounds_complete_and_the_federation_learns(deployed):
     scored = cal["calibrated"]["sites"]
     assert {s for s, v in scored.items() if v["pers_val_auc"] is not None} == {"site-b", "site-c"}, scored
     assert scored["site-a"]["val_auc"] is not None, scored  # site-a still validates the calibrated model
+    # b and c keep the model with their own head on their own disks, with its card; site-a has none
+    for site in APPROVED:
+        own = deployed["tmp"] / "hospitals" / site / "state" / run_dir.name / "personal" / site
+        if site == "site-a":
+            assert not own.exists(), own
+            continue
+        assert sorted(p.name for p in own.iterdir()) == ["card.yaml", "model.safetensors", "scores.json"], own
+        kept = json.loads((own / "scores.json").read_text())
+        assert kept["kind"] == "personal-head" and kept["accuracy"] == pytest.approx(scored[site]["pers_val_accuracy"])
+        assert load_file(str(own / "model.safetensors")).keys() == load_file(str(run_dir / "model.safetensors")).keys()
 
 
 def _worker_lines(site: str, deployed) -> list[tuple[str, str, str]]:
@@ -536,6 +546,10 @@ def test_the_crash_runs_compressed_updates_are_decoded_and_their_residuals_stay_
         # resumed server sends it in full once (it forgot what each holds), then deltas or nothing
         ids_kept = [p for p in (hosp / site / "state" / "compression").glob("run-*.model.safetensors")]
         assert ids_kept, site
+        # its own model (the shared body with its FedPer head) stays on its disk, head and all
+        own = hosp / site / "state" / name / "personal" / site
+        assert json.loads((own / "scores.json").read_text())["kind"] == "fedper", own
+        assert HEAD <= set(load_file(str(own / "model.safetensors"))), own
         last = [r for r in rows if r["site"] == site and r["round"] == "3"]
         assert last and int(last[0]["bytes_to_site"]) < 0.6 * fp32, (site, last)
 

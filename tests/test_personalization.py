@@ -10,7 +10,9 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from aseanfl.cli import app
 from conftest import medmnist_file
 from client.training.app import _personal
 from client.training.site import SiteDataError
@@ -19,7 +21,7 @@ from protocol.messages import Personalization, TaskSpec
 from server.engine.updates import initial_arrays
 from simulations.config import ConfigError, load_config
 from simulations.federation import task_shape
-from conftest import simulate_here as simulate  # the round loop without Ray's start
+from conftest import assert_own_models_kept, simulate_here as simulate  # simulate: the round loop without Ray's start
 
 
 def _cfg(tmp_path, **sets):
@@ -66,6 +68,15 @@ def test_personal_models_stay_home_and_are_scored_beside_the_global_one(tmp_path
     assert any(r["pers_val_accuracy"] != r["val_accuracy"] for r in sites), "the personal model is its own"
     assert float(final["test_auc"]) > 0.85, final  # the global model is tested as under FedAvg
     assert "pers_val_auc" in (run_dir / "report.md").read_text()
+    assert_own_models_kept(run_dir, {r["site"]: r for r in sites}, method)
+    # a hospital makes its own model a MONAI bundle with its card, as the docs show
+    mine = run_dir / "personal" / sites[0]["site"]
+    result = CliRunner().invoke(app, ["export", str(mine / "model.safetensors"), "--card", str(mine / "card.yaml"),
+                                      "--bundle", str(tmp_path / "mine")])
+    assert result.exit_code == 0, result.output
+    kept, bundled = load_file(str(mine / "model.safetensors")), load_file(str(tmp_path / "mine/models/model.safetensors"))
+    assert kept.keys() == bundled.keys() and all(torch.equal(kept[k], bundled[k]) for k in kept)
+
 
 
 def test_a_round_with_hospitals_that_have_no_personal_model_yet(tmp_path):
@@ -82,6 +93,7 @@ def test_a_round_with_hospitals_that_have_no_personal_model_yet(tmp_path):
     assert sorted(r["status"] for r in sites.values()) == ["eval-only", "eval-only", "ok"], rows
     assert all(r["val_accuracy"] for r in sites.values()), "every hospital validated the global model"
     assert [bool(r["pers_val_accuracy"]) for r in sites.values()] == [s in trained for s in sites], rows
+    assert_own_models_kept(run_dir, {trained[0]: sites[trained[0]]}, "ditto")  # and no global model as another's own
     final = [r for r in rows if r["site"] == "global"][0]
     assert float(final["pers_val_accuracy"]) == pytest.approx(float(sites[trained[0]]["pers_val_accuracy"]))
     accuracies = [float(r["val_accuracy"]) for r in sites.values()]
@@ -101,6 +113,8 @@ def test_fedrep_keeps_the_head_at_each_hospital(tmp_path):
     final = [r for r in rows if r["site"] == "global"][-1]
     assert float(final["val_auc"]) > 0.9, final
     assert not any(r["test_auc"] for r in rows), "no server-side test of a model without a trained head"
+    last = {r["site"]: r for r in rows if r["round"] == final["round"] and r["site"] != "global"}
+    assert_own_models_kept(run_dir, last, "fedrep", "val_accuracy")  # the shared body with its own head
 
 
 def test_fedrep_trains_the_head_alone_first_then_the_body_alone(monkeypatch):

@@ -225,6 +225,25 @@ def _own_head(msg: Message, context: Context, model: torch.nn.Module) -> torch.n
         raise SiteDataError(str(exc)) from None
 
 
+def _own_layers(task: TaskSpec) -> str | None:
+    """What makes the validated model this hospital's own: its head (FedPer, FedRep), its
+    normalisation layers (FedBN), or nothing (a plain global model)."""
+    return task.personal.method if task.personal.keeps_head else "fedbn" if task.fedbn else None
+
+
+def _keep_own(task: TaskSpec, hospital: Hospital, model: torch.nn.Module, scores: dict, kind: str | None) -> None:
+    """This hospital's own model, where it has one, on its own disk (client/training/own_model.py)."""
+    from client.training.own_model import keep_own_model
+
+    if kind is None:
+        return
+    try:
+        folder = keep_own_model(hospital.ledger_root, task, hospital.data.name, model, kind, scores)
+        log.info("%s: its own model (%s) of round %d kept in %s", hospital.data.name, kind, task.server_round, folder)
+    except OSError as exc:  # the federation's validation goes on; the hospital's own copy is what failed
+        log.warning("%s: its own model could not be written (%s); the last one written stays", hospital.data.name, exc)
+
+
 def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp reading its hospital's data and policy through `load_hospital` (a deployed
     hospital: its site.yaml; a simulation hands its own). `extra_mods` run just inside the error
@@ -260,11 +279,15 @@ def build_client_app(load_hospital: HospitalLoader, extra_mods: Sequence[Mod] = 
         _hardware(hospital)
         site, model = hospital.data, _model(task, msg, context).to(hospital.device)
         personal, own_head = _personal(task, hospital, context, model, trained=True), _own_head(msg, context, model)
+        mine = personal.personalized(model) if personal else own_head  # its personalized model, if any
         with _device_memory(task, hospital):
             scores = evaluate(model, site.val, task.num_classes, precision=hospital.precision)
             tuned = _finetuned(task, hospital, model) if task.finetune_eval else {}
-            own = (personal.score(model, site.val, task.num_classes, hospital.precision) if personal else
-                   evaluate(own_head, site.val, task.num_classes, precision=hospital.precision) if own_head else {})
+            own = evaluate(mine, site.val, task.num_classes, precision=hospital.precision) if mine is not None else {}
+        if mine is not None:
+            _keep_own(task, hospital, mine, own, task.personal.method if personal else "personal-head")
+        else:  # FedPer's, FedRep's or FedBN's model is the hospital's own; a plain global one is not
+            _keep_own(task, hospital, model, scores, _own_layers(task))
         metrics = EvalMetrics(
             num_examples=len(site.val), val_loss=scores["loss"], val_accuracy=scores["accuracy"], val_auc=scores["auc"],
             ft_val_accuracy=tuned.get("accuracy"), ft_val_auc=tuned.get("auc"),

@@ -119,13 +119,15 @@ class PersonalModel:
         self.alpha = float(mixed.alpha)
 
     def personalized(self, global_model: torch.nn.Module) -> torch.nn.Module:
-        """What the hospital would use: Ditto's personal model, or APFL's mix with `global_model`."""
+        """What the hospital uses: Ditto's personal model, or APFL's mix with `global_model` written
+        into a plain network (alpha v + (1 - alpha) w, the personal model's buffers)."""
         if self.spec.method == "ditto":
             return self.model
-        return Mixed(self.model, global_model, self.alpha)
-
-    def score(self, global_model: torch.nn.Module, split: Split, num_classes: int, precision=None) -> dict:
-        return evaluate(self.personalized(global_model), split, num_classes, precision=precision)
+        mixed, fixed = copy.deepcopy(self.model), dict(global_model.named_parameters())
+        with torch.no_grad():
+            for name, p in mixed.named_parameters():
+                p.copy_(self.alpha * p + (1 - self.alpha) * fixed[name])
+        return mixed
 
     def keep(self, context: Context) -> None:
         state = OrderedDict((k, v.detach().cpu()) for k, v in self.model.state_dict().items())
