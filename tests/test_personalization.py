@@ -63,6 +63,7 @@ def test_personal_models_stay_home_and_are_scored_beside_the_global_one(tmp_path
     assert all(r["pers_val_accuracy"] for r in sites), "each hospital scored its own model"
     assert all(bool(r["pers_val_auc"]) == bool(r["val_auc"]) for r in sites), "AUC where its validation has both classes"
     assert not any(r["pers_val_auc"] for r in base), "FedAvg reports no personal scores"
+    assert not (base_dir / "personal").exists(), "a plain global model is no hospital's own"
     final = [r for r in rows if r["site"] == "global"][-1]
     assert float(final["pers_val_auc"]) > 0.9, final  # well above chance (0.5) after one round
     assert any(r["pers_val_accuracy"] != r["val_accuracy"] for r in sites), "the personal model is its own"
