@@ -25,13 +25,6 @@ import yaml
 
 from protocol.messages import TaskSpec
 
-FILES = ("model.safetensors", "card.yaml", "scores.json")
-
-
-def own_model_dir(root: Path, run: str, site: str) -> Path:
-    return root / run / "personal" / site
-
-
 def card(task: TaskSpec) -> dict:
     """The model card of the run's model (server/evaluation/federated.ModelCard's fields). Its start
     weights are left out: the file holds every weight, and their path was the server's."""
@@ -44,7 +37,7 @@ def keep_own_model(root: Path, task: TaskSpec, site: str, model: torch.nn.Module
     """Write the hospital's own model, its card and its scores; each file whole or not at all."""
     from safetensors.torch import save_file
 
-    folder = own_model_dir(root, task.run, site)
+    folder = root / task.run / "personal" / site
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     about = {"run": task.run, "round": task.server_round, "kind": kind,  # NaN (one class here): null

@@ -24,7 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch.func import functional_call
 
-from medimaging.training import evaluate, loader, loss_for, make_optimizer, run_epochs, train_epochs
+from medimaging.training import loader, loss_for, make_optimizer, run_epochs, train_epochs
 from medimaging.augment import augmenter
 from medimaging.compute import device_of
 from medimaging.datasets import Split
