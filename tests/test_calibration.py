@@ -5,6 +5,7 @@ closed form and its shrinkage agree with independent computations, a small class
 real federation writes a calibrated model beside the uncalibrated one, and a hospital's malformed
 sums are refused and named."""
 
+import csv
 import json
 
 import numpy as np
@@ -303,6 +304,21 @@ def test_a_hospital_under_dp_sgd_refuses_and_the_others_calibrate(tmp_path):
     assert cal["calibrated"]["sites"][dp_site]["pers_val_auc"] is None, cal["calibrated"]["sites"]
     assert_own_models_kept(run_dir, {s: {"round": "1", **v} for s, v in cal["calibrated"]["sites"].items() if s != dp_site},
                            "personal-head")  # and none at the DP-SGD hospital
+
+
+def test_every_hospital_gets_its_own_head_when_validation_samples_fewer(tmp_path):
+    """strategy.fraction_evaluate samples one hospital of three to validate each round; the
+    calibration's validation still reaches all three, since each one's head travels in it."""
+    plan = prepare_run(_cfg(tmp_path, **{"server.rounds": 1, "strategy.personal_heads": True,
+                                         "strategy.fraction_evaluate": 0.34, "strategy.min_sites": 1}))
+    sent, heads = {}, {}
+    run_dir = run_plan_here(plan, mods=(_recorder(sent, heads),))
+    rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["round"] == "1" and r["site"] != "global"]
+    assert len(rows) == 3 and sum(bool(r["val_accuracy"]) for r in rows) == 1, rows  # the round: one validated
+    cal = json.loads((run_dir / "summary.json").read_text())["calibration"]
+    assert cal["status"] == "calibrated" and sorted(sent) == sorted(heads) == [0, 1, 2], (cal, sorted(heads))
+    assert_own_models_kept(run_dir, {s: {"round": "1", **v} for s, v in cal["calibrated"]["sites"].items()},
+                           "personal-head")
 
 
 def test_when_every_hospital_trains_with_dp_sgd_none_releases_and_nothing_is_calibrated(tmp_path):

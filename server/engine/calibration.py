@@ -17,7 +17,7 @@ import logging
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
 from medimaging.calibration import CalibrationError, check_sums, head_layer, personal_heads, pooled, refit_head
 from protocol.messages import FEATURES_KEY, PERSONAL_HEAD_KEY, EvalMetrics, TaskSpec
@@ -63,9 +63,14 @@ def _ask(run, task: TaskSpec, features: int, out: dict) -> dict[int, dict[str, n
 def _validate(run, task: TaskSpec, arrays: ArrayRecord, personal: dict[int, ArrayRecord]) -> dict:
     """The calibrated model scored at the hospitals on their validation cases, as a round's is;
     each hospital in `personal` also gets its own head (and scores it: pers-val-*)."""
-    shared = without(arrays, run.local | run.frozen.keys)
-    evals = in_round(run.strategy.configure_evaluate(task.server_round, shared, task.to_config(), run.grid),
-                     task.server_round, run.known)
+    shared, config = without(arrays, run.local | run.frozen.keys), task.to_config()
+    evals = list(run.strategy.configure_evaluate(task.server_round, shared, config, run.grid))
+    # a hospital's own head reaches it in this message only: it is asked whether or not
+    # strategy.fraction_evaluate sampled it
+    asked, config["server-round"] = {m.metadata.dst_node_id for m in evals}, task.server_round
+    evals += [Message(RecordDict({"arrays": shared, "config": config}), dst_node_id=nid, message_type=MessageType.EVALUATE)
+              for nid in personal if nid not in asked]
+    evals = in_round(evals, task.server_round, run.known)
     for message in evals:  # its own head only: no hospital learns another's class means
         if message.metadata.dst_node_id in personal:  # a RecordDict of its own (the strategy's messages share one)
             message.content = RecordDict({**message.content, PERSONAL_HEAD_KEY: personal[message.metadata.dst_node_id]})
