@@ -106,7 +106,8 @@ class Personalization(Message):
 class TaskSpec(Message):
     """What the server asks a hospital to do in one round."""
 
-    run: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run id; names ledger entries")
+    run: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",  # never "." or "..": it names folders at the hospital
+                     description="run id; names ledger entries and the hospital's state/<run>/ folder")
     server_round: int = Field(ge=0)
     total_rounds: int = Field(ge=1, description="planned rounds; DP noise is calibrated for them")
     seed: int

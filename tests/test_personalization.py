@@ -299,3 +299,19 @@ def test_fine_tuning_evaluation_does_not_depend_on_what_the_worker_ran_before():
     assert scores[0]["loss"] == scores[1]["loss"] and scores[0]["auc"] == scores[1]["auc"]
     plain = evaluate(model, data.val, 2)
     assert plain["loss"] != scores[0]["loss"], "the copy did not train: the test proves nothing"
+
+
+@pytest.mark.parametrize("run", ["..", ".", ".hidden"])
+def test_a_run_name_from_the_server_cannot_leave_the_hospitals_state_folder(run):
+    """The hospital writes its own model under state/<run>/: a task naming its run ".." (or any
+    name starting with a dot) is refused as malformed before anything is written."""
+    from pydantic import ValidationError
+    from protocol.messages import TrainConfig
+    from medimaging.config import ModelConfig
+
+    fields = dict(server_round=1, total_rounds=1, seed=0, model=ModelConfig(name="cnn"), train=TrainConfig(),
+                  in_channels=1, num_classes=2, image_size=28)
+    assert TaskSpec(run="run-12", **fields).run == "run-12"
+    with pytest.raises(ValidationError, match="run"):
+        TaskSpec(run=run, **fields)
+
