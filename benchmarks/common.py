@@ -46,30 +46,42 @@ def fresh_model(cfg: SimulationConfig) -> torch.nn.Module:
     return model
 
 
-def selected(run_dir: Path) -> tuple[float, float, int]:
-    """(test AUC of the round with the best federated validation AUC, last round's test AUC, that
-    round): MedMNIST's protocol selects the model on the validation split."""
+def selected(run_dir: Path, by: str = "auc") -> tuple[float, float, int]:
+    """(test AUC of the round with the best federated validation AUC (by="loss": the lowest
+    validation loss), last round's test AUC, that round): MedMNIST's protocol selects the model on
+    the validation split. The federation's validation loss is the pooled one (a mean weighted by
+    cases), where its AUC is a weighted mean of each hospital's AUC on its few cases."""
     rows = [r for r in read_rows(run_dir) if r["site"] == "global" and r["round"] > 0]
-    best = max(rows, key=lambda r: (r.get("val_auc") if r.get("val_auc") is not None else -1.0, -r["round"]))
+    if by == "loss":
+        best = min(rows, key=lambda r: (r["val_loss"] if r.get("val_loss") is not None else math.inf, r["round"]))
+    else:
+        best = max(rows, key=lambda r: (r.get("val_auc") if r.get("val_auc") is not None else -1.0, -r["round"]))
     return best["test_auc"], rows[-1]["test_auc"], best["round"]
 
 
-def centralized_selected(cfg: SimulationConfig, epochs: int) -> tuple[float, float, int, float]:
-    """The same model trained on the pooled training images for `epochs` epochs, validated each
-    epoch on the pooled validation images: (test AUC at the best validation epoch, at the last
-    epoch, that epoch, seconds)."""
+def centralized_history(cfg: SimulationConfig, epochs: int) -> list[dict[str, float]]:
+    """The same model trained on the pooled training images for `epochs` epochs; after each epoch
+    its pooled validation AUC and loss and its test AUC (val_auc, val_loss, test_auc)."""
     data = sites(cfg)
     pooled = Split(torch.cat([s.train.x for s in data]), torch.cat([s.train.y for s in data]))
     val = Split(torch.cat([s.val.x for s in data]), torch.cat([s.val.y for s in data]))
     model, test, classes, tr = fresh_model(cfg), global_test(cfg), task_shape(cfg).num_classes, cfg.train
-    best, last, start = (-1.0, math.nan, 0), math.nan, time.perf_counter()
+    history = []
     for epoch in range(1, epochs + 1):  # one epoch at a time: the optimiser restarts, as a round's does
         lr = tr.lr * tr.lr_factor(epoch - 1, epochs)  # train.lr_schedule, as the federation's rounds have it
         train_epochs(model, pooled, 1, tr.batch_size, lr, tr.optimizer, cfg.seed + epoch, augment=tr.augment)
-        v, last = evaluate(model, val, classes)["auc"], evaluate(model, test, classes)["auc"]
-        if v > best[0]:
-            best = (v, last, epoch)
-    return best[1], last, best[2], time.perf_counter() - start
+        v = evaluate(model, val, classes)
+        history.append({"val_auc": v["auc"], "val_loss": v["loss"], "test_auc": evaluate(model, test, classes)["auc"]})
+    return history
+
+
+def centralized_selected(cfg: SimulationConfig, epochs: int) -> tuple[float, float, int, float]:
+    """centralized_history's (test AUC at the best validation AUC's epoch, at the last epoch, that
+    epoch, seconds)."""
+    start = time.perf_counter()
+    history = centralized_history(cfg, epochs)
+    epoch = max(range(epochs), key=lambda e: (history[e]["val_auc"], -e))
+    return history[epoch]["test_auc"], history[-1]["test_auc"], epoch + 1, time.perf_counter() - start
 
 
 def centralized(cfg: SimulationConfig, epochs: int) -> tuple[dict[str, float], float]:
