@@ -24,14 +24,40 @@ PATIENT = {"PatientName": "Tran^Van Minh", "PatientID": "HCM-3318-0027", "Instit
 
 
 def test_federated_3d_classification_beats_chance(tmp_path):
+    """Also server.select_by: loss, the model_best that suits few validation volumes a hospital."""
+    from safetensors import safe_open
+
     cfg = load_config(None, {"data.synthetic.spatial_dims": 3, "data.synthetic.samples_per_site": 160,
                              "data.synthetic.test_per_site": 40, "sites": 3, "server.rounds": 4,
-                             "server.output_dir": str(tmp_path)})
+                             "server.select_by": "loss", "server.output_dir": str(tmp_path)})
     run_dir = simulate(cfg)
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     final = [r for r in rows if r["site"] == "global"][-1]
     assert float(final["test_auc"]) > 0.75, final  # measured 0.799 (0.604 untrained)
     assert {r["site"] for r in rows if r["round"] == "4" and r["status"] == "ok"} == {"nanning", "hanoi", "bangkok"}
+
+    trained = [r for r in rows if r["site"] == "global" and r["round"] != "0"]
+    lowest = min(trained, key=lambda r: float(r["val_loss"]))["round"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["select_by"] == "loss" and str(summary["best_round"]) == lowest
+    with safe_open(str(run_dir / "model_best.safetensors"), "pt") as f:
+        assert f.metadata() == {"round": lowest, "selected_by": "federated val_loss"}
+    assert f"best round by federated validation loss: {lowest}" in (run_dir / "report.md").read_text()
+
+
+def test_the_best_round_is_picked_by_the_configured_figure():
+    """round_score: higher is better; by loss the lowest loss wins even where the AUC says
+    otherwise; a round whose validation gave no AUC falls back on its loss."""
+    from server.engine.updates import best_key, round_score
+
+    noisy_auc = {"val_auc": 0.90, "val_loss": 0.60}  # a lucky AUC on 20 volumes a hospital
+    pooled_fit = {"val_auc": 0.85, "val_loss": 0.45}
+    by_auc, by_loss = best_key("score", "classification"), best_key("loss", "classification")
+    assert (by_auc, by_loss, best_key("score", "segmentation")) == ("val_auc", "val_loss", "val_dice")
+    assert round_score(noisy_auc, by_auc) > round_score(pooled_fit, by_auc)
+    assert round_score(pooled_fit, by_loss) > round_score(noisy_auc, by_loss)
+    assert round_score({"val_auc": float("nan"), "val_loss": 0.5}, by_auc) == -0.5
+    assert round_score({"val_auc": None, "val_loss": None}, by_loss) == float("-inf")
 
 
 @pytest.mark.parametrize("name", ["cnn", "smallresnet", "resnet18", "densenet121"])

@@ -23,6 +23,10 @@ class ServerConfig(Strict):
     tracking: Literal["none", "tensorboard", "mlflow"] = Field(
         "none", description="also write metrics.csv's values to TensorBoard (run folder) or MLflow (server/records/tracking.py)")
     tracking_uri: str | None = Field(None, description="MLflow's tracking URI; default a SQLite file beside the run folders")
+    select_by: Literal["score", "loss"] = Field("score", description=(
+        "the federated validation figure that picks model_best.safetensors: score = AUC (Dice for segmentation), "
+        "loss = the validation loss, which pools exactly over hospitals where their AUCs are averaged; with few "
+        "validation cases a hospital (AdrenalMNIST3D: ~20) the averaged AUC picks noisy rounds (docs/benchmarks.md)"))
     cross_site: bool = Field(False, description="after the last round, score the global model and each hospital's "
                                                 "final-round model at every hospital (server/engine/cross_site.py)")
     cross_site_min_cases: int = Field(20, ge=1, description="cross-site figures on fewer positives or negatives are withheld")

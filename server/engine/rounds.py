@@ -33,8 +33,8 @@ from server.engine.names import SiteOrder, partition_names, registered_names, si
 from server.engine.plan import Plan, Progress
 from server.engine.secure import secure_phase
 from server.engine.scaffold import Controls
-from server.engine.updates import (decoded, frozen_arrays, initial_arrays, local_keys, merged, score_key, screened,
-                                   server_evaluate, without)
+from server.engine.updates import (best_key, decoded, frozen_arrays, initial_arrays, local_keys, merged, round_score,
+                                   screened, server_evaluate, without)
 from server.records.outputs import GLOBAL, RunRecorder
 
 
@@ -273,8 +273,8 @@ def record(run: Run, rd: Round) -> None:
 
 def save(run: Run, rd: Round) -> None:
     """The checkpoint, the model and the best model so far; then the round is shown as finished."""
-    glob, key = rd.glob, score_key(run.plan.shape.task)
-    score = glob[key] if glob[key] is not None and not math.isnan(glob[key]) else -(glob["val_loss"] or float("inf"))
+    glob, key = rd.glob, best_key(run.plan.config.server.select_by, run.plan.shape.task)
+    score = round_score(glob, key)
     improved = run.trained_rounds > 0 and score > run.best["score"]  # the best model is a trained one
     if improved:
         run.best = {"round": rd.rnd, "score": score}
@@ -338,7 +338,7 @@ def _start(plan: Plan, grid: Grid) -> Run:
     run.recorder.save_model(ckpt.arrays, "model.safetensors", round=ckpt.round)
     if ckpt.best.get("round") == ckpt.round:  # the crash may have come before the best model was written
         run.recorder.save_model(ckpt.arrays, "model_best.safetensors", round=ckpt.round,
-                                selected_by=f"federated {score_key(plan.shape.task)}")
+                                selected_by=f"federated {best_key(cfg.server.select_by, plan.shape.task)}")
     plan.progress.problem(f"resuming {plan.run_dir.name} at round {ckpt.round + 1}/{cfg.server.rounds}: rounds "
                           f"1-{ckpt.round} are kept from its checkpoint; an interrupted round runs again")
     return run
@@ -374,6 +374,7 @@ def run_federation(grid: Grid, plan: Plan) -> dict:
     summary = {
         "rounds": rounds,
         "best_round": run.best["round"],
+        "select_by": cfg.server.select_by,
         # from the command's start (a resumed run: from its first start), so start-up is counted
         "seconds": round(time.time() - min(plan.created, run.started), 2),
         "setup_seconds": None if run.resumed else round(max(run.started - plan.created, 0.0), 2),

@@ -138,8 +138,22 @@ def screened(replies: list[Message], sent: ArrayRecord, cfg: UpdateValidation, p
 
 
 def score_key(task: str) -> str:
-    """The federated validation score that picks the best round: AUC, or Dice for segmentation."""
+    """The federated validation score: AUC, or Dice for segmentation."""
     return "val_dice" if task == "segmentation" else "val_auc"
+
+
+def best_key(select_by: str, task: str) -> str:
+    """The federated validation figure that picks the best round (server.select_by)."""
+    return "val_loss" if select_by == "loss" else score_key(task)
+
+
+def round_score(glob: dict, key: str) -> float:
+    """How good a round's global model is by `key` (best_key), higher is better: the score, or the
+    negated validation loss (also when a round's validation gave no score)."""
+    loss = glob.get("val_loss")
+    loss = loss if loss is not None and not math.isnan(loss) else math.inf
+    score = glob.get(key)
+    return -loss if key == "val_loss" or score is None or math.isnan(score) else score
 
 
 def _start(cfg: RunConfig, shape: TaskShape, private: bool):

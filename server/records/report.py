@@ -259,7 +259,8 @@ def _write_report(run_dir: Path) -> Path:
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         lines += [_("Rounds: {rounds}; best round by federated validation {name}: {best}; wall time {seconds} s.",
-                    rounds=s["rounds"], name=_score(rows)[1], best=s["best_round"], seconds=s["seconds"])]
+                    rounds=s["rounds"], best=s["best_round"],
+                    name=_("loss") if s.get("select_by") == "loss" else _score(rows)[1], seconds=s["seconds"])]
         if s.get("setup_seconds") is not None:
             lines += [_("The wall time counts the run's set-up ({setup} s before round 1: data checks, test split, "
                         "start model); round 1 also includes the hospitals' processes starting.",
