@@ -5,6 +5,7 @@ real server processes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -128,3 +129,21 @@ def test_a_checkpoint_that_cannot_be_used_is_refused_and_nothing_is_changed(tmp_
     with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
         _federate(plan)
     assert {p.name: p.read_bytes() for p in plan.run_dir.iterdir() if p.is_file()} == cut
+
+
+def test_a_setting_added_later_at_its_default_keeps_older_checkpoints_resumable():
+    """server.select_by came after runs were checkpointed: at its default the settings digest is
+    the one written before it existed; set otherwise, the run has other settings."""
+    cfg = load_config(None, {"sites": 3})
+    tree = cfg.model_dump(mode="json")
+    del tree["server"]["select_by"]
+    for path in checkpoint.FREE:  # the digest as the code before select_by computed it
+        node = tree
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    if tree["strategy"]["compression"] == checkpoint.LATER[("strategy", "compression")]:
+        tree["strategy"].pop("compression")
+    before = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+    assert checkpoint.settings_digest(cfg) == before
+    assert checkpoint.settings_digest(load_config(None, {"sites": 3, "server.select_by": "loss"})) != before

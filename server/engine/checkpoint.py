@@ -31,7 +31,8 @@ STATE = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
 FREE = {("server", "round_timeout_s"), ("server", "rejoin_wait_s"), ("server", "output_dir"), ("wait_for_sites",),
         ("wait_timeout_s",), ("server", "tracking"), ("server", "tracking_uri")}
 # settings added later, left out of the digest while at their default (checkpoints from before still resume)
-LATER = {("strategy", "compression"): {"codec": "none", "block": 256, "topk": None, "error_feedback": True}}
+LATER = {("strategy", "compression"): {"codec": "none", "block": 256, "topk": None, "error_feedback": True},
+         ("server", "select_by"): "score"}
 
 
 class CheckpointError(ValueError):
