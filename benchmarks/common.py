@@ -46,16 +46,23 @@ def fresh_model(cfg: SimulationConfig) -> torch.nn.Module:
     return model
 
 
+def best_index(entries: list[dict], by: str = "auc") -> int:
+    """The index of the entry (a round's global row, an epoch of centralized_history) with the
+    best validation AUC (by="loss": the lowest validation loss); the earliest of equals."""
+    if by == "loss":
+        return min(range(len(entries)), key=lambda i: (entries[i]["val_loss"] if entries[i].get("val_loss") is not None
+                                                       else math.inf, i))
+    return max(range(len(entries)), key=lambda i: (entries[i]["val_auc"] if entries[i].get("val_auc") is not None
+                                                   else -1.0, -i))
+
+
 def selected(run_dir: Path, by: str = "auc") -> tuple[float, float, int]:
     """(test AUC of the round with the best federated validation AUC (by="loss": the lowest
     validation loss), last round's test AUC, that round): MedMNIST's protocol selects the model on
     the validation split. The federation's validation loss is the pooled one (a mean weighted by
     cases), where its AUC is a weighted mean of each hospital's AUC on its few cases."""
     rows = [r for r in read_rows(run_dir) if r["site"] == "global" and r["round"] > 0]
-    if by == "loss":
-        best = min(rows, key=lambda r: (r["val_loss"] if r.get("val_loss") is not None else math.inf, r["round"]))
-    else:
-        best = max(rows, key=lambda r: (r.get("val_auc") if r.get("val_auc") is not None else -1.0, -r["round"]))
+    best = rows[best_index(rows, by)]
     return best["test_auc"], rows[-1]["test_auc"], best["round"]
 
 
@@ -80,7 +87,7 @@ def centralized_selected(cfg: SimulationConfig, epochs: int) -> tuple[float, flo
     epoch, seconds)."""
     start = time.perf_counter()
     history = centralized_history(cfg, epochs)
-    epoch = max(range(epochs), key=lambda e: (history[e]["val_auc"], -e))
+    epoch = best_index(history)
     return history[epoch]["test_auc"], history[-1]["test_auc"], epoch + 1, time.perf_counter() - start
 
 

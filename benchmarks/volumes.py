@@ -21,7 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import centralized_history, fresh_model, selected
+from benchmarks.common import best_index, centralized_history, fresh_model, selected
 from simulations.config import load_config
 from simulations.runner import simulate
 
@@ -69,8 +69,7 @@ def main() -> None:
         line = f"seed {seed}: federated {sel:.3f} (round {rnd}), by loss {by_loss:.3f} (round {loss_rnd}), last {last:.3f}"
         if not args.no_central:
             hist = centralized_history(cfg, args.rounds)
-            e_auc = max(range(len(hist)), key=lambda e: (hist[e]["val_auc"], -e))
-            e_loss = min(range(len(hist)), key=lambda e: (hist[e]["val_loss"], e))
+            e_auc, e_loss = best_index(hist), best_index(hist, by="loss")
             cen_sel.append(hist[e_auc]["test_auc"])
             cen_loss.append(hist[e_loss]["test_auc"])
             cen_last.append(hist[-1]["test_auc"])
